@@ -1,0 +1,111 @@
+"""Frontends turn a model source into an :class:`~graphpress.ir.graph.Graph`.
+
+:func:`load` picks one from what it is given:
+
+==================================  ===========================================
+source                              frontend
+==================================  ===========================================
+``nn.Module``                       :func:`from_module` (example inputs needed)
+``package.module:factory``          the factory's module (e.g. ``graphpress.zoo:resnet20``)
+folder with ``config.json``         Hugging Face (:func:`load_hf_folder`)
+``*.onnx``                          graphpress's ONNX importer (:func:`load_onnx`)
+``*.safetensors``                   weights + ``arch`` (:func:`load_safetensors`)
+``*.bin`` with a llama2.c header    llama2.c (:func:`load_llama2c_graph`)
+``*.pt *.pth *.th *.ckpt *.bin``    ``torch.load(weights_only=True)`` + ``arch``
+==================================  ===========================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from graphpress.errors import FrontendError
+from graphpress.frontends.checkpoint import load_checkpoint
+from graphpress.frontends.huggingface import is_hf_folder, load_hf_folder
+from graphpress.frontends.llama2c import is_llama2c, load_llama2c_graph
+from graphpress.frontends.onnx import load_onnx
+from graphpress.frontends.safetensors import load_safetensors
+from graphpress.frontends.torch_module import build_from_factory, from_module, parse_shape
+from graphpress.ir.graph import Graph
+
+CHECKPOINT_SUFFIXES = {".pt", ".pth", ".th", ".ckpt", ".bin", ".tar"}
+
+
+def looks_like_factory(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]
+
+
+def load(
+    source: Any,
+    *,
+    arch: str | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    input_shape: Sequence[int] | str | None = None,
+    dynamic_batch: bool = True,
+) -> Graph:
+    """Capture ``source`` (a module, a factory spec, or a path) as a :class:`Graph`.
+
+    Parameters
+    ----------
+    source : nn.Module, str or Path
+        See the module docstring for what is accepted.
+    arch : str, optional
+        ``'package.module:factory'`` for weight-only files (checkpoints, safetensors).
+    example_inputs : sequence of Tensor, optional
+        Inputs to trace with; defaults come from the model (``example_inputs(batch)``),
+        ``input_shape``, or the format (ONNX input specs, token ids for language models).
+    input_shape : sequence of int or str, optional
+        Shape of a single float input, e.g. ``"1x3x32x32"``.
+    """
+    if isinstance(input_shape, str):
+        input_shape = parse_shape(input_shape)
+    if isinstance(source, torch.nn.Module):
+        return from_module(source, example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
+    text = str(source)
+    if looks_like_factory(text):
+        module = build_from_factory(text)
+        return from_module(
+            module,
+            example_inputs,
+            input_shape=input_shape,
+            name=text.partition(":")[2],
+            dynamic_batch=dynamic_batch,
+            source={"frontend": "factory", "arch": text},
+        )
+    path = Path(text)
+    if not path.exists():
+        raise FrontendError(f"{path}: file not found")
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            raise FrontendError(f"{path}: is a graphpress artifact, not a model source; run it with graphpress.runtime.load or 'compress bench'")
+        if is_hf_folder(path):
+            return load_hf_folder(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+        raise FrontendError(f"{path}: folder has no config.json; expected a Hugging Face model folder")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return load_onnx(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+    if suffix == ".safetensors":
+        return load_safetensors(path, arch or "", example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
+    if suffix == ".bin" and not arch and is_llama2c(path):
+        return load_llama2c_graph(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+    if suffix in CHECKPOINT_SUFFIXES or arch:
+        return load_checkpoint(path, arch or "", example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
+    raise FrontendError(
+        f"{path}: unknown model format '{suffix or path.name}': expected .onnx, .safetensors, .pt/.pth/.th/.ckpt/.bin, "
+        "a llama2.c .bin, or a Hugging Face folder"
+    )
+
+
+__all__ = [
+    "load",
+    "from_module",
+    "load_checkpoint",
+    "load_safetensors",
+    "load_hf_folder",
+    "load_onnx",
+    "load_llama2c_graph",
+    "parse_shape",
+]

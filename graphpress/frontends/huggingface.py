@@ -1,0 +1,101 @@
+"""Frontend: a Hugging Face model folder (``config.json`` + weights) -> :class:`Graph`.
+
+The model is built with ``transformers`` from its config (``from_config``; nothing is
+downloaded) and its weights are read by graphpress's own safe readers: safetensors files
+(single or sharded with ``model.safetensors.index.json``) or ``pytorch_model.bin`` through
+``torch.load(weights_only=True)``. The captured graph takes ``input_ids`` (batch, seq) and
+returns the model's logits (or last hidden state for headless models).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from graphpress.errors import FrontendError
+from graphpress.frontends.checkpoint import read_state_dict
+from graphpress.frontends.safetensors import read_safetensors
+from graphpress.frontends.state_dict import load_into
+from graphpress.frontends.torch_module import from_module
+from graphpress.ir.graph import Graph
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise FrontendError(f"{index}: invalid shard index: {err}") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(folder / shard))
+        return state
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return read_state_dict(folder / "pytorch_model.bin")
+    raise FrontendError(f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
+
+
+def build_hf_model(folder: str | Path) -> torch.nn.Module:
+    """Instantiate the folder's architecture from its config and load its weights (strict)."""
+    try:
+        import transformers
+    except ImportError:
+        raise FrontendError(f"{folder}: Hugging Face folders need transformers: pip install 'graphpress[hf]'") from None
+    folder = Path(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FrontendError(f"{folder / 'config.json'}: cannot read config: {first[:200]}") from None
+    # Eager attention exports cleanly with a dynamic batch; sdpa paths add mask code that may not.
+    config._attn_implementation = "eager"
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with torch.device("cpu"):
+        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    state = read_hf_weights(folder)
+    load_into(model, state, path=str(folder), arch=type(model).__name__)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def load_hf_folder(
+    folder: str | Path,
+    *,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    seq_len: int = 16,
+    dynamic_batch: bool = True,
+) -> Graph:
+    """Capture a HF model folder; example input: seeded ``input_ids`` of shape (2, seq_len)."""
+    from graphpress.zoo.hf_tiny import wrap_hf_model
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise FrontendError(f"{folder}: folder not found")
+    if not is_hf_folder(folder):
+        raise FrontendError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    hf = build_hf_model(folder)
+    wrapper = wrap_hf_model(hf)
+    if example_inputs is None:
+        vocab = int(getattr(hf.config, "vocab_size", 100))
+        seq = min(seq_len, int(getattr(hf.config, "max_position_embeddings", seq_len) or seq_len))
+        gen = torch.Generator().manual_seed(0)
+        example_inputs = (torch.randint(0, vocab, (2, seq), generator=gen),)
+    return from_module(
+        wrapper,
+        example_inputs,
+        name=folder.name,
+        dynamic_batch=dynamic_batch,
+        source={"frontend": "huggingface", "path": str(folder), "architecture": type(hf).__name__},
+    )

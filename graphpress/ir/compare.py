@@ -1,0 +1,103 @@
+"""Numeric comparison of model outputs: allclose with dtype-aware tolerance, SQNR, KL.
+
+Exact passes are held to :func:`tolerance` (relative to the reference's magnitude, so a logit
+of 30 and an activation of 0.01 are judged alike); lossy passes to an SQNR floor in dB,
+``10 log10(sum(ref^2) / sum((ref - test)^2))``, or a KL budget on logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+# (rtol, atol-relative-to-max|ref|) per dtype: fp32 rounding after a fold or a reassociation of
+# sums lands near 1e-6 relative; half precisions near 1e-3.
+_TOL = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, ref_absmax: float = 1.0) -> tuple[float, float]:
+    """``(rtol, atol)`` for comparing outputs of ``dtype``; atol scales with the reference magnitude."""
+    rtol, atol = _TOL.get(dtype, (0.0, 0.0))
+    return rtol, atol * max(1.0, ref_absmax)
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; ``inf`` when equal."""
+    ref, test = ref.double(), test.double()
+    noise = (ref - test).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def kl_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Mean KL(P_ref || P_test) in nats over all positions (softmax over the last dim)."""
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(test_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def top1_agreement(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Share of positions whose argmax over the last dim agrees."""
+    return float((ref_logits.argmax(-1) == test_logits.argmax(-1)).double().mean())
+
+
+@dataclass
+class OutputDiff:
+    """How one output differs from its reference."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    sqnr_db: float
+    within_tol: bool
+    atol: float
+    rtol: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sqnr_db"] = _json_float(self.sqnr_db)
+        return d
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def compare_outputs(
+    refs: Sequence[torch.Tensor], tests: Sequence[torch.Tensor], names: Sequence[str] | None = None
+) -> list[OutputDiff]:
+    """Compare paired outputs; integer/bool outputs must be equal exactly."""
+    if len(refs) != len(tests):
+        raise ValueError(f"{len(tests)} outputs, expected {len(refs)}")
+    names = list(names or [f"output_{i}" for i in range(len(refs))])
+    diffs = []
+    for name, r, t in zip(names, refs, tests):
+        if r.shape != t.shape:
+            diffs.append(OutputDiff(name, math.inf, math.inf, -math.inf, False, 0.0, 0.0))
+            continue
+        if not r.dtype.is_floating_point:
+            bad = float((r != t).sum())
+            diffs.append(OutputDiff(name, bad, bad, math.inf if bad == 0 else -math.inf, bad == 0, 0.0, 0.0))
+            continue
+        r64, t64 = r.double(), t.double()
+        absmax = float(r64.abs().max()) if r64.numel() else 0.0
+        rtol, atol = tolerance(r.dtype, absmax)
+        err = (r64 - t64).abs()
+        max_abs = float(err.max()) if err.numel() else 0.0
+        max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
+        finite = bool(torch.isfinite(t64).all()) or not bool(torch.isfinite(r64).all())
+        ok = finite and bool(torch.all(err <= atol + rtol * r64.abs()))
+        diffs.append(OutputDiff(name, max_abs, max_rel, sqnr_db(r, t), ok, atol, rtol))
+    return diffs

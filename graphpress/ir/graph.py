@@ -1,0 +1,392 @@
+"""The graphpress IR: an ATen-level ``torch.fx.GraphModule`` from ``torch.export``, plus context.
+
+A :class:`Graph` holds
+
+* ``gm`` -- the *unlifted* module of an ``ExportedProgram`` (``ep.module()``), the same form
+  PT2E quantization rewrites: parameters and buffers are ``get_attr`` nodes, operators are
+  ``call_function`` nodes on ``torch.ops.aten`` (training IR: ``aten.conv2d``, ``aten.linear``,
+  ``aten.batch_norm`` ...) or on graphpress custom ops;
+* the example inputs it was captured with, and names/specs of its inputs and outputs;
+* per-node annotations under ``node.meta["graphpress"]`` (source module, compression state).
+
+Passes mutate ``gm`` in place on a :meth:`Graph.clone`; backends re-export it with
+:meth:`Graph.export_program`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from graphpress.errors import FrontendError
+
+ANNOTATION_KEY = "graphpress"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a graph input or output.
+
+    ``shape`` holds ints, or ``"batch"`` for the dynamic batch dimension.
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    leaves, _ = pytree.tree_flatten(out)
+    return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+
+def _sanitize(name: str) -> str:
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", name)
+    return name if name and not name[0].isdigit() else f"t_{name}"
+
+
+class Graph:
+    """A captured model: FX graph module + example inputs + annotations.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        The unlifted module of an ``ExportedProgram``.
+    example_inputs : tuple of Tensor
+        Inputs used for capture, verification and calibration.
+    input_names, output_names : list of str, optional
+        Names used in reports and by backends (ONNX input/output names).
+    name : str
+        Model name for reports.
+    dynamic_batch : bool
+        Whether dim 0 of every input was exported as a dynamic dimension.
+    source : dict
+        Where the model came from (frontend, path), stored in the artifact manifest.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        name: str = "model",
+        dynamic_batch: bool = True,
+        source: dict[str, Any] | None = None,
+    ):
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.name = name
+        self.dynamic_batch = dynamic_batch
+        self.source = dict(source or {})
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.input_names = list(input_names or [n.name for n in placeholders])
+        if len(self.input_names) != len(self.example_inputs):
+            raise FrontendError(
+                f"{name}: {len(self.input_names)} input names for {len(self.example_inputs)} example inputs"
+            )
+        outs = self.run(*self.example_inputs)
+        self.output_names = list(output_names or ([f"output_{i}" for i in range(len(outs))] if len(outs) > 1 else ["output"]))
+        self.input_specs = [self._spec(n, t) for n, t in zip(self.input_names, self.example_inputs)]
+        self.output_specs = [self._spec(n, t) for n, t in zip(self.output_names, outs)]
+        for node in gm.graph.nodes:
+            self._init_annotations(node)
+
+    # ------------------------------------------------------------------ capture
+    @classmethod
+    def capture(
+        cls,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        name: str | None = None,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        dynamic_batch: bool = True,
+        source: dict[str, Any] | None = None,
+    ) -> "Graph":
+        """Capture ``module`` with ``torch.export`` and return its unlifted graph.
+
+        The module is put in eval mode. With ``dynamic_batch`` dim 0 of every tensor input is
+        exported as one shared dynamic dimension; an example batch of 1 is traced at batch 2
+        (export specializes size-1 dims) while the given examples are kept. When a dynamic batch
+        cannot be exported the capture falls back to static shapes and says so in ``source``.
+        """
+        module = module.eval()
+        example_inputs = tuple(example_inputs)
+        name = name or type(module).__name__
+        source = dict(source or {})
+        ep, dynamic = None, False
+        if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
+            trace_inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            try:
+                ep = torch.export.export(module, trace_inputs, dynamic_shapes=tuple({0: batch} for _ in trace_inputs))
+                dynamic = True
+            except Exception as err:  # noqa: BLE001 -- any export failure falls back to static
+                source["dynamic_batch_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        if ep is None:
+            try:
+                ep = torch.export.export(module, example_inputs)
+            except Exception as err:  # noqa: BLE001
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise FrontendError(f"{name}: torch.export failed: {first[:300]}") from err
+        return cls(
+            ep.module(),
+            example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            name=name,
+            dynamic_batch=dynamic,
+            source=source,
+        )
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the graph and return its outputs flattened to a tuple of tensors."""
+        return _flatten_outputs(self.gm(*inputs))
+
+    __call__ = run
+
+    def clone(self) -> "Graph":
+        """Deep copy: passes work on a clone so the original stays as the reference."""
+        new = copy.copy(self)
+        new.gm = copy.deepcopy(self.gm)
+        new.source = dict(self.source)
+        new.input_specs = list(self.input_specs)
+        new.output_specs = list(self.output_specs)
+        return new
+
+    def random_inputs(self, seed: int, batch: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Seeded random inputs shaped like the examples (floats ~ N(0,1) scaled to the examples' std;
+        integers uniform in the examples' observed range, e.g. token ids)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for x in self.example_inputs:
+            shape = list(x.shape)
+            if batch is not None and self.dynamic_batch and shape:
+                shape[0] = batch
+            if x.dtype.is_floating_point:
+                std = float(x.float().std()) if x.numel() > 1 else 1.0
+                mean = float(x.float().mean())
+                out.append((torch.randn(shape, generator=gen) * (std or 1.0) + mean).to(x.dtype))
+            elif x.dtype == torch.bool:
+                out.append(torch.randint(0, 2, shape, generator=gen).bool())
+            else:
+                lo, hi = int(x.min()), int(x.max())
+                out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ nodes
+    @property
+    def nodes(self) -> Iterable[fx.Node]:
+        return self.gm.graph.nodes
+
+    def call_nodes(self, *targets: Any) -> Iterator[fx.Node]:
+        """``call_function`` nodes, optionally only those whose target is one of ``targets``
+        (an ``OpOverload`` or an ``OpOverloadPacket`` such as ``torch.ops.aten.conv2d``)."""
+        for node in list(self.gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if not targets or node.target in targets or getattr(node.target, "overloadpacket", None) in targets:
+                yield node
+
+    def _init_annotations(self, node: fx.Node) -> None:
+        ann = node.meta.setdefault(ANNOTATION_KEY, {})
+        if "module" not in ann:
+            ann["module"] = self._source_module(node)
+
+    @staticmethod
+    def _source_module(node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [path for path, _cls in stack.values() if path]
+        if paths:
+            return paths[-1]
+        if node.op == "get_attr":
+            return str(node.target).rpartition(".")[0]
+        return ""
+
+    def annotations(self, node: fx.Node) -> dict[str, Any]:
+        """Mutable per-node annotations: ``module`` (source nn.Module path) and pass state."""
+        return node.meta.setdefault(ANNOTATION_KEY, {})
+
+    def source_module(self, node: fx.Node) -> str:
+        """Dotted path of the nn.Module that produced ``node`` ('' at top level)."""
+        return self.annotations(node).get("module") or self._source_module(node)
+
+    # ------------------------------------------------------------------ tensors
+    def get_tensor(self, target: str) -> torch.Tensor:
+        """The parameter/buffer/constant at a ``get_attr`` target such as ``'layer1.0.conv1.weight'``."""
+        obj: Any = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, torch.Tensor):
+            raise KeyError(f"{target} is not a tensor attribute")
+        return obj
+
+    def tensor_of(self, node: fx.Node) -> torch.Tensor | None:
+        """The constant tensor behind a ``get_attr`` node, else None."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            try:
+                return self.get_tensor(str(node.target))
+            except (AttributeError, KeyError):
+                return None
+        return None
+
+    def set_tensor(self, target: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:
+        """Replace (or create) the tensor at ``target``; keeps parameter-vs-buffer unless told."""
+        owner_path, _, attr = target.rpartition(".")
+        owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+        old = getattr(owner, attr, None)
+        if parameter is None:
+            parameter = isinstance(old, torch.nn.Parameter)
+        value = value.detach()
+        if hasattr(owner, attr):
+            delattr(owner, attr)
+        if parameter:
+            owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            owner.register_buffer(attr, value)
+
+    def add_tensor(self, hint: str, value: torch.Tensor, *, parameter: bool = True) -> str:
+        """Register a new tensor on the root module under a unique name derived from ``hint``."""
+        base = _sanitize(hint)
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.set_tensor(name, value, parameter=parameter)
+        return name
+
+    def tensor_users(self, target: str) -> list[fx.Node]:
+        """All nodes that read tensor ``target`` (through any get_attr node for it)."""
+        return [u for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
+
+    def remove_unused_tensors(self) -> tuple[int, int]:
+        """Delete parameters/buffers no ``get_attr`` node reads; returns (count, bytes) removed."""
+        used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        count = nbytes = 0
+        named = list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False))
+        for target, tensor in named:
+            if target in used:
+                continue
+            owner_path, _, attr = target.rpartition(".")
+            owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+            if hasattr(owner, attr):
+                delattr(owner, attr)
+                count += 1
+                nbytes += tensor.numel() * tensor.element_size()
+        return count, nbytes
+
+    def recompile(self) -> None:
+        """Lint and regenerate code after a rewrite."""
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    # ------------------------------------------------------------------ stats
+    def parameter_count(self) -> int:
+        seen, total = set(), 0
+        for n in self.gm.graph.nodes:
+            t = self.tensor_of(n) if n.op == "get_attr" else None
+            if t is not None and n.target not in seen and t.dtype.is_floating_point:
+                seen.add(n.target)
+                total += t.numel()
+        return total
+
+    def parameter_bytes(self) -> int:
+        seen, total = set(), 0
+        for n in self.gm.graph.nodes:
+            t = self.tensor_of(n) if n.op == "get_attr" else None
+            if t is not None and n.target not in seen:
+                seen.add(n.target)
+                total += t.numel() * t.element_size()
+        return total
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.call_nodes():
+            key = op_name(n)
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    # ------------------------------------------------------------------ views
+    def verify(self, inputs: Sequence[torch.Tensor] | None = None) -> None:
+        """Structural check; raises :class:`VerificationError`. See :mod:`graphpress.ir.verify`."""
+        from graphpress.ir.verify import verify_structure
+
+        verify_structure(self, inputs)
+
+    def summary(self):
+        """Per-layer table (op, module, shape, params, FLOPs). See :mod:`graphpress.ir.summary`."""
+        from graphpress.ir.summary import summarize
+
+        return summarize(self)
+
+    def to_networkx(self):
+        """Data-flow view as a ``networkx.DiGraph``. See :mod:`graphpress.ir.nxview`."""
+        from graphpress.ir.nxview import to_networkx
+
+        return to_networkx(self)
+
+    # ------------------------------------------------------------------ export
+    def export_program(self, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.export.ExportedProgram:
+        """Re-export the (possibly rewritten) graph, with the dynamic batch when it was captured with one.
+
+        Backends call this; an example batch of 1 is traced at batch 2 (see :meth:`capture`).
+        """
+        inputs = tuple(example_inputs or self.example_inputs)
+        if self.dynamic_batch:
+            inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            return torch.export.export(self.gm, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        return torch.export.export(self.gm, inputs)
+
+    def __repr__(self) -> str:
+        n_ops = sum(1 for _ in self.call_nodes())
+        return f"Graph({self.name!r}, {n_ops} ops, {self.parameter_count():,} params, inputs={[s.shape for s in self.input_specs]})"
+
+    def _spec(self, name: str, t: torch.Tensor) -> TensorSpec:
+        shape: list[int | str] = list(t.shape)
+        if self.dynamic_batch and shape:
+            shape[0] = "batch"
+        return TensorSpec(name, tuple(shape), dtype_name(t.dtype))
+
+
+def op_name(node: fx.Node) -> str:
+    """Short readable op name: ``aten.conv2d`` for ``torch.ops.aten.conv2d.default``."""
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return str(packet).replace("torch.ops.", "")
+    return getattr(target, "__name__", str(target))
+
+
+def replace_all_uses(old: fx.Node, new: fx.Node, *, keep: Callable[[fx.Node], bool] | None = None) -> None:
+    """Redirect users of ``old`` to ``new`` (except the users ``keep`` excludes)."""
+    old.replace_all_uses_with(new, delete_user_cb=(lambda u: not keep(u)) if keep else (lambda u: True))
+
+
+__all__ = ["Graph", "TensorSpec", "op_name", "dtype_name", "ANNOTATION_KEY", "replace_all_uses"]

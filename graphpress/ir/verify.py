@@ -1,0 +1,96 @@
+"""Structural verification of a :class:`~graphpress.ir.graph.Graph`.
+
+Checks, in order, each failure a one-line :class:`VerificationError` naming the node:
+
+1. FX lint: every use refers to a node defined earlier in the same graph (no dangling uses).
+2. Every ``get_attr`` target resolves to a tensor or module on the graph module.
+3. No ``call_function`` node is left without users unless it may have side effects.
+4. Fake-tensor propagation on the example inputs succeeds (every op accepts its input shapes
+   and dtypes), and the outputs' shapes and dtypes equal the recorded output specs.
+
+Numeric checks (does the graph still compute the same function?) live in the Pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from graphpress.errors import VerificationError
+
+if TYPE_CHECKING:
+    from graphpress.ir.graph import Graph
+
+
+def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = None) -> None:
+    """Raise :class:`VerificationError` if ``graph`` is malformed; also refreshes ``meta['val']``."""
+    gm = graph.gm
+    defined: set = set()
+    for node in gm.graph.nodes:
+        for used in node.all_input_nodes:
+            if used.graph is not gm.graph:
+                raise VerificationError(f"{graph.name}: node '{node.name}' uses '{used.name}' from another graph")
+            if used not in defined:
+                raise VerificationError(f"{graph.name}: node '{node.name}' uses '{used.name}' before it is defined")
+        defined.add(node)
+        if node.op == "get_attr":
+            try:
+                obj = gm
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                raise VerificationError(
+                    f"{graph.name}: node '{node.name}' reads missing attribute '{node.target}'"
+                ) from None
+    try:
+        gm.graph.lint()
+    except Exception as err:  # noqa: BLE001 -- lint raises RuntimeError/AssertionError variously
+        raise VerificationError(f"{graph.name}: graph lint failed: {str(err).splitlines()[0]}") from err
+
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise VerificationError(f"{graph.name}: expected one output node, found {len(outputs)}")
+
+    inputs = tuple(inputs if inputs is not None else graph.example_inputs)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    current = None
+    try:
+        prop = _TrackingProp(gm, mode)
+        prop.propagate(*fake_inputs)
+    except Exception as err:  # noqa: BLE001 -- any shape/dtype error in any op
+        current = getattr(prop, "current", None) if "prop" in locals() else None
+        where = f"node '{current.name}' ({current.target})" if current is not None else "propagation"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VerificationError(f"{graph.name}: shape/dtype check failed at {where}: {msg[:300]}") from err
+
+    out_vals = [v for v in torch.utils._pytree.tree_leaves(outputs[0].meta.get("val", ())) if isinstance(v, torch.Tensor)]
+    if not out_vals:
+        out_vals = [a.meta.get("val") for a in outputs[0].all_input_nodes]
+    if len(out_vals) != len(graph.output_specs):
+        raise VerificationError(
+            f"{graph.name}: graph has {len(out_vals)} outputs, expected {len(graph.output_specs)}"
+        )
+    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
+    for spec, val in zip(graph.output_specs, out_vals):
+        if val is None:
+            continue
+        want = tuple(batch if d == "batch" else d for d in spec.shape)
+        if tuple(val.shape) != want or str(val.dtype).removeprefix("torch.") != spec.dtype:
+            raise VerificationError(
+                f"{graph.name}: output '{spec.name}' is {tuple(val.shape)} {val.dtype}, expected {want} {spec.dtype}"
+            )
+
+
+class _TrackingProp(FakeTensorProp):
+    """FakeTensorProp that remembers the node being run, to name it in errors."""
+
+    current = None
+
+    def run_node(self, n):
+        self.current = n
+        result = super().run_node(n)
+        return result

@@ -1,0 +1,197 @@
+"""Pass protocol, registry and configuration round-tripping.
+
+A pass is a class registered under a kebab-case name, configured by a frozen dataclass with a
+``version`` field, and called on a :class:`~graphpress.ir.graph.Graph` to return a
+:class:`PassResult`. It declares ``exact = True`` (the pipeline checks allclose against the
+previous graph) or ``exact = False`` (the pipeline checks the budget the config declares:
+``min_sqnr_db`` and/or ``max_kl``).
+
+Configs round-trip through plain dicts (YAML/JSON): :func:`config_to_dict` and
+:func:`config_from_dict`, which rejects a misspelled key with one line naming the pass, the key
+and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from graphpress.errors import PassError
+from graphpress.ir.graph import Graph
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the rewritten graph, whether it changed, and counts for the report.
+
+    ``stats`` should say what the rule did *and* why it did not fire elsewhere, e.g.
+    ``{"folded": 19, "skipped": {"conv output has other users": 1}}``.
+    """
+
+    graph: Graph
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Pass(Protocol):
+    """The protocol every registered pass follows."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    Config: ClassVar[type]
+    config: Any
+
+    def __call__(self, graph: Graph) -> PassResult: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: register a pass under a kebab-case ``name``."""
+    if name != name.lower() or " " in name or "_" in name:
+        raise ValueError(f"pass names are kebab-case, got {name!r}")
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"pass {name!r} registered twice ({_REGISTRY[name].__module__} and {cls.__module__})")
+        if not dataclasses.is_dataclass(cls.Config) or not cls.Config.__dataclass_params__.frozen:
+            raise TypeError(f"{cls.__name__}.Config must be a frozen dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin_passes() -> None:
+    # Importing the families registers their passes; done lazily so `ir` never imports passes.
+    import graphpress.passes.cleanup  # noqa: F401
+    import graphpress.passes.fusion  # noqa: F401
+
+
+def registered() -> dict[str, type]:
+    """All registered passes by name, sorted."""
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass_class(name: str) -> type:
+    """The pass class registered as ``name``; unknown names get a one-line error with a suggestion."""
+    passes = registered()
+    if name not in passes:
+        close = difflib.get_close_matches(name, passes, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise PassError(f"unknown pass '{name}': {hint}run 'compress passes' to list them")
+    return passes[name]
+
+
+def make_pass(name: str, config: dict[str, Any] | Any | None = None) -> Pass:
+    """Instantiate pass ``name`` with ``config`` (a dict from YAML/JSON or a Config instance)."""
+    cls = get_pass_class(name)
+    if config is None or isinstance(config, dict):
+        config = config_from_dict(cls.Config, config or {}, owner=name)
+    elif not isinstance(config, cls.Config):
+        raise PassError(f"pass '{name}': config must be {cls.Config.__name__} or a dict, got {type(config).__name__}")
+    return cls(config)
+
+
+def describe(cls: type) -> str:
+    """First line of a pass's module docstring (the math / purpose summary)."""
+    import sys
+
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+# ---------------------------------------------------------------------------- configs
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as a plain dict (tuples become lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return plain(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any], *, owner: str = "") -> Any:
+    """Build config ``cls`` from ``data``; misspelled keys and wrong types are one-line errors."""
+    owner = owner or cls.__name__
+    if not isinstance(data, dict):
+        raise PassError(f"pass '{owner}': config must be a mapping of options, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid options: {', '.join(fields)}"
+            raise PassError(f"pass '{owner}': unknown option '{key}': {hint}")
+        kwargs[key] = _coerce(value, hints.get(key, Any), f"pass '{owner}': option '{key}'")
+    version = kwargs.get("version", fields["version"].default if "version" in fields else None)
+    default_version = fields["version"].default if "version" in fields else None
+    if version is not None and default_version is not None and version > default_version:
+        raise PassError(
+            f"pass '{owner}': config version {version} is newer than this graphpress supports ({default_version}); upgrade graphpress"
+        )
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except PassError as e:
+                errors.append(str(e))
+        raise PassError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise PassError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise PassError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        seq = [_coerce(v, inner, where) for v in value]
+        return tuple(seq) if origin is tuple else seq
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PassError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise PassError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PassError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PassError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise PassError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

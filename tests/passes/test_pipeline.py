@@ -1,0 +1,199 @@
+"""Pipeline contract: verification after every pass, budgets, and errors that name the pass."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+
+from graphpress.errors import PassError, VerificationError
+from graphpress.ir.graph import Graph
+from graphpress.passes import Pipeline, PassResult, config_from_dict, config_to_dict, make_pass, register, registered
+from graphpress.passes.recipes import Recipe, load_recipe
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    version: int = 1
+    factor: float = 1.0
+    target: str = "fc.weight"
+
+
+@register("test-scale-weight")
+class ScaleWeight:
+    """Multiply one weight by a factor (claims exactness: a factor != 1 must be caught)."""
+
+    exact = True
+    Config = ScaleConfig
+
+    def __init__(self, config=ScaleConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        w = graph.get_tensor(self.config.target)
+        graph.set_tensor(self.config.target, w * self.config.factor)
+        return PassResult(graph, self.config.factor != 1.0, {"scaled": 1})
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    version: int = 1
+    std: float = 1e-4
+    min_sqnr_db: float | None = 30.0
+
+
+@register("test-noise")
+class Noise:
+    """Add seeded Gaussian noise to every weight (lossy)."""
+
+    exact = False
+    Config = NoiseConfig
+
+    def __init__(self, config=NoiseConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        gen = torch.Generator().manual_seed(0)
+        for name, p in list(graph.gm.named_parameters()):
+            graph.set_tensor(name, p + self.config.std * torch.randn(p.shape, generator=gen))
+        return PassResult(graph, True, {})
+
+
+@dataclass(frozen=True)
+class BoomConfig:
+    version: int = 1
+
+
+@register("test-boom")
+class Boom:
+    exact = True
+    Config = BoomConfig
+
+    def __init__(self, config=BoomConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        raise ZeroDivisionError("division by zero in the rule")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def graph():
+    torch.manual_seed(0)
+    return Graph.capture(Net(), (torch.randn(2, 1, 8, 8),))
+
+
+def test_exact_identity_pass_records_numbers(graph):
+    report = Pipeline([("test-scale-weight", {"factor": 1.0})]).run(graph)
+    (step,) = report.steps
+    assert step.name == "test-scale-weight" and not step.changed
+    assert step.step[0].max_abs == 0.0 and step.cumulative[0].within_tol
+    assert report.params_before == report.params_after == graph.parameter_count()
+    assert step.time_s >= 0
+    json.dumps(report.to_dict())  # the report is JSON-serialisable for the manifest
+
+
+def test_broken_exact_pass_is_named_with_predecessors(graph):
+    pipe = Pipeline([("test-noise", {"std": 1e-4}), ("test-scale-weight", {"factor": 1.5})])
+    with pytest.raises(VerificationError) as err:
+        pipe.run(graph)
+    msg = str(err.value)
+    assert "pass 'test-scale-weight' (step 2 of 2, after test-noise)" in msg
+    assert "output 'output'" in msg and "first diverging node: 'linear'" in msg
+
+
+def test_input_graph_is_untouched(graph):
+    before = graph.run(*graph.example_inputs)[0].clone()
+    Pipeline(["test-noise"]).run(graph)
+    torch.testing.assert_close(graph.run(*graph.example_inputs)[0], before, rtol=0, atol=0)
+
+
+def test_lossy_pass_checked_against_its_budget(graph):
+    ok = Pipeline([("test-noise", {"std": 1e-4, "min_sqnr_db": 30.0})]).run(graph)
+    assert ok.steps[0].step[0].sqnr_db > 30 and ok.steps[0].kl is not None
+    with pytest.raises(VerificationError, match=r"SQNR .* below the pass budget min_sqnr_db=60"):
+        Pipeline([("test-noise", {"std": 1e-2, "min_sqnr_db": 60.0})]).run(graph)
+
+
+def test_pass_exception_names_pass(graph):
+    with pytest.raises(PassError, match=r"pass 'test-boom' \(step 1 of 1, the first pass\) failed: ZeroDivisionError"):
+        Pipeline(["test-boom"]).run(graph)
+
+
+def test_invalid_graph_after_pass_is_caught(graph):
+    with pytest.raises(VerificationError, match="test-scale-weight.*invalid graph"):
+        # a (10, 256) weight replaced by (10, 255): fails shape propagation in 'linear'
+        class Bad(ScaleWeight):
+            def __call__(self, g):
+                g.set_tensor("fc.weight", torch.randn(10, 255))
+                return PassResult(g, True, {})
+
+        Pipeline([Bad()]).run(graph)
+
+
+def test_check_inputs_include_other_batch(graph):
+    sets = Pipeline([], random_inputs=2).check_inputs(graph)
+    assert [s[0].shape[0] for s in sets] == [2, 3, 4]
+
+
+def test_unknown_pass_and_misspelled_option():
+    with pytest.raises(PassError, match="unknown pass 'test-scale-wieght': did you mean 'test-scale-weight'"):
+        make_pass("test-scale-wieght")
+    with pytest.raises(PassError, match="unknown option 'factr': did you mean 'factor'"):
+        make_pass("test-scale-weight", {"factr": 2})
+    with pytest.raises(PassError, match="option 'factor': expected a number"):
+        make_pass("test-scale-weight", {"factor": "two"})
+    with pytest.raises(PassError, match="newer than this graphpress supports"):
+        make_pass("test-scale-weight", {"version": 7})
+
+
+def test_config_round_trip():
+    cfg = ScaleConfig(factor=2.5, target="conv.weight")
+    assert config_from_dict(ScaleConfig, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+    assert "test-scale-weight" in registered()
+
+
+def test_recipe_yaml_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: mine\npasses:\n  - test-noise: {std: 0.0001}\n  - test-scale-weight\nverify: {random_inputs: 1}\n")
+    recipe = load_recipe(path)
+    assert recipe.passes == [("test-noise", {"std": 0.0001}), ("test-scale-weight", {})]
+    again = Recipe.from_dict(__import__("yaml").safe_load(recipe.to_yaml()))
+    assert again.to_dict() == recipe.to_dict()
+    assert again.to_dict()["passes"][0]["test-noise"]["min_sqnr_db"] == 30.0
+    pipe = Pipeline.from_recipe(path)
+    assert pipe.random_inputs == 1 and [p.name for p in pipe.passes] == ["test-noise", "test-scale-weight"]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("passes: [no-such-pass]\n", r"passes\[0\]: unknown pass 'no-such-pass'"),
+        ("pases: [test-noise]\n", "unknown recipe key 'pases': did you mean 'passes'"),
+        ("passes:\n  - test-noise: {stdd: 1}\n", "unknown option 'stdd': did you mean 'std'"),
+        ("passes: [test-noise\n", "invalid YAML at line"),
+        ("passes: []\n", "non-empty list"),
+    ],
+)
+def test_recipe_errors_are_one_line(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PassError, match=match) as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_builtin_recipe_by_name_and_missing_file():
+    assert load_recipe("default").name == "default"
+    with pytest.raises(PassError, match="recipe file not found"):
+        load_recipe("no/such/recipe.yaml")
