@@ -34,15 +34,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise FrontendError(
-            f"{path}: refused: the checkpoint contains pickled code or objects that weights_only loading does not allow "
-            f"({first[:160]}); re-save it with torch.save(model.state_dict(), ...) or as safetensors"
-        ) from None
+        detail = _weights_unpickler_detail(str(err))
+        if "Unsupported global" in detail or "Unsupported class" in detail:
+            raise FrontendError(
+                f"{path}: refused: the checkpoint contains pickled code or objects ({detail[:160]}); graphpress loads "
+                "weights only: re-save it with torch.save(model.state_dict(), ...) or as safetensors"
+            ) from None
+        raise FrontendError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {detail[:160]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FrontendError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first[:200]}") from None
     return extract_state_dict(obj, path)
+
+
+def _weights_unpickler_detail(message: str) -> str:
+    """The informative line of torch's weights-only unpickler error (its first lines are boilerplate)."""
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line and line.split("WeightsUnpickler error:")[1].strip():
+            return line.split("WeightsUnpickler error:")[1].strip().split(". Please use")[0]
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return lines[2] if len(lines) > 2 else (lines[0] if lines else "unpickling failed")
 
 
 def extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

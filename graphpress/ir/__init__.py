@@ -1,0 +1,6 @@
+"""The graphpress IR: :class:`Graph` over an ATen-level FX graph from ``torch.export``."""
+
+from graphpress.ir.compare import compare_outputs, kl_divergence, sqnr_db, tolerance, top1_agreement
+from graphpress.ir.graph import Graph, TensorSpec, op_name
+
+__all__ = ["Graph", "TensorSpec", "op_name", "compare_outputs", "kl_divergence", "sqnr_db", "tolerance", "top1_agreement"]

@@ -1,0 +1,263 @@
+"""The Python API behind ``compress run``: source -> verified passes -> backend artifact + report.
+
+>>> from graphpress.api import compress
+>>> result = compress("resnet20.th", arch="graphpress.zoo.resnet20:resnet20",
+...                   recipe="default", out="out/resnet20")          # doctest: +SKIP
+>>> result.metrics["latency_ms"], result.folder                     # doctest: +SKIP
+
+The CLI is a thin layer over :func:`compress` (it only adds progress bars and tables).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import graphpress
+from graphpress.errors import ArtifactError
+from graphpress.ir.compare import compare_outputs
+from graphpress.ir.graph import Graph
+from graphpress.passes import Pipeline, PipelineReport
+from graphpress.passes.recipes import Recipe, load_recipe
+
+Stage = Callable[[str], None]
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` / :func:`export` produced."""
+
+    folder: Path
+    graph: Graph
+    report: PipelineReport | None
+    manifest: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail before any work if writing ``out`` would be refused later."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out}: output folder exists; pass --overwrite to replace it")
+    if out.exists() and out.is_file():
+        raise ArtifactError(f"{out}: is a file, not an artifact folder; choose another output path")
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ArtifactError(f"{out}: folder holds files that are not a graphpress artifact; refusing to replace it")
+    return out
+
+
+def batch_one(graph: Graph) -> tuple[torch.Tensor, ...]:
+    """Batch-1 inputs for latency (the example inputs when the batch is static)."""
+    if graph.dynamic_batch:
+        return tuple(x[:1] for x in graph.example_inputs)
+    return graph.example_inputs
+
+
+def compress(
+    source: Any,
+    *,
+    out: str | Path,
+    recipe: str | Path | Recipe | dict = "default",
+    backend: str = "onnxruntime",
+    arch: str | None = None,
+    input_shape: Sequence[int] | str | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    overwrite: bool = False,
+    bench: bool = True,
+    baseline: bool = True,
+    on_event=None,
+    on_stage: Stage | None = None,
+) -> CompressResult:
+    """Load ``source``, run ``recipe`` with verification, lower to ``backend``, write ``out``.
+
+    Parameters
+    ----------
+    source : nn.Module, str or Path
+        Anything :func:`graphpress.frontends.load` accepts.
+    out : path
+        Artifact folder; refused if it exists unless ``overwrite``.
+    recipe : str, Path, Recipe or dict
+        A YAML path, a built-in recipe name (``default``), or a recipe object.
+    backend : str
+        ``"onnxruntime"``.
+    bench : bool
+        Measure batch-1 latency (torch eager of the original graph, and the artifact).
+    baseline : bool
+        With ``bench``, also lower the *original* graph to the backend and time it, so the
+        report separates what the passes gained from what the backend gained.
+    on_event, on_stage : callable, optional
+        Progress hooks: pipeline events (see :meth:`Pipeline.run`) and stage names.
+    """
+    from graphpress.frontends import load
+
+    stage = on_stage or (lambda _s: None)
+    out = check_out_dir(out, overwrite)
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    stage("capture")
+    graph = load(source, arch=arch, example_inputs=example_inputs, input_shape=input_shape)
+    stage("passes")
+    pipeline = Pipeline.from_recipe(recipe)
+    report = pipeline.run(graph, on_event=on_event)
+    return export(
+        report.graph,
+        out,
+        backend=backend,
+        original=graph,
+        report=report,
+        recipe=pipeline.to_recipe_dict(),
+        overwrite=overwrite,
+        bench=bench,
+        baseline=baseline,
+        on_stage=stage,
+        check_inputs=pipeline.check_inputs(graph),
+    )
+
+
+def export(
+    graph: Graph,
+    out: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    original: Graph | None = None,
+    report: PipelineReport | None = None,
+    recipe: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    bench: bool = True,
+    baseline: bool = True,
+    on_stage: Stage | None = None,
+    check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+) -> CompressResult:
+    """Lower ``graph`` to ``backend`` and write an artifact folder with manifest and report.
+
+    ``original`` (the graph before passes) is the reference for the accuracy metrics and the
+    eager-latency baseline; it defaults to ``graph`` itself.
+    """
+    from graphpress.backends import get_backend
+    from graphpress.runtime import compare_latency, write_artifact
+
+    stage = on_stage or (lambda _s: None)
+    out = check_out_dir(out, overwrite)
+    original = original or graph
+    be = get_backend(backend)
+    check_inputs = check_inputs or [graph.example_inputs]
+    with tempfile.TemporaryDirectory(prefix="graphpress-lower-") as tmp:
+        stage("lower")
+        lowered = be.lower(graph, Path(tmp))
+        files = {name: Path(tmp) / name for name in lowered.files}
+        runner = be.runner(Path(tmp) / lowered.model_file)
+        metrics: dict[str, Any] = {
+            "params_before": original.parameter_count(),
+            "params_after": graph.parameter_count(),
+            "param_bytes_before": original.parameter_bytes(),
+            "param_bytes_after": graph.parameter_bytes(),
+            "model_file_bytes": sum(p.stat().st_size for p in files.values()),
+            "backend_check": lowered.check,
+        }
+        stage("verify")
+        metrics["vs_original"] = _vs_original(original, runner, check_inputs, graph.output_names)
+        metrics["check_batches"] = [int(x[0].shape[0]) if x and x[0].dim() else 1 for x in check_inputs]
+        if bench:
+            stage("bench")
+            x1 = batch_one(graph)
+            variants: dict[str, Callable[[], Any]] = {"torch eager (original)": _torch_call(original, x1)}
+            with tempfile.TemporaryDirectory(prefix="graphpress-baseline-") as tmp_base:
+                if baseline and original is not graph:
+                    base = be.lower(original, Path(tmp_base), check=False)
+                    variants[f"{lowered.backend} (original)"] = _runner_call(be.runner(Path(tmp_base) / base.model_file), x1)
+                variants[f"{lowered.backend} (compressed)"] = _runner_call(runner, x1)
+                results = compare_latency(variants)
+            metrics["latency_ms"] = {name: round(r.median_ms, 4) for name, r in results.items()}
+            metrics["latency_batch"] = int(x1[0].shape[0]) if x1 and x1[0].dim() else 1
+        manifest = {
+            "graphpress_version": graphpress.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "backend": lowered.backend,
+            "model_file": lowered.model_file,
+            "name": graph.name,
+            "inputs": [s.to_dict() for s in graph.input_specs],
+            "outputs": [s.to_dict() for s in graph.output_specs],
+            "dynamic_batch": graph.dynamic_batch,
+            "source": original.source,
+            "recipe": recipe or {},
+            "passes": report.to_dict()["passes"] if report else [],
+            "backend_info": lowered.info,
+            "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+            "metrics": metrics,
+        }
+        stage("write")
+        del runner  # release the session's file handle before the folder moves
+        folder = write_artifact(out, files, manifest, render_report(manifest), overwrite=overwrite)
+    return CompressResult(folder, graph, report, manifest, metrics)
+
+
+def _vs_original(original: Graph, runner: Any, check_inputs, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Worst error per output of the lowered model against the original graph."""
+    per_set = []
+    for inputs in check_inputs:
+        ref = original.run(*inputs)
+        got = [torch.from_numpy(a) for a in runner(*[x.numpy() for x in inputs])]
+        per_set.append(compare_outputs(ref, got, names))
+    return [
+        {"name": name, "max_abs": max(d[i].max_abs for d in per_set), "sqnr_db": _jsonable(min(d[i].sqnr_db for d in per_set))}
+        for i, name in enumerate(names)
+    ]
+
+
+def _torch_call(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    def call():
+        with torch.inference_mode():
+            return graph.gm(*inputs)
+
+    return call
+
+
+def _runner_call(runner: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    arrays = [x.numpy() for x in inputs]
+    return lambda: runner(*arrays)
+
+
+def _jsonable(x: float) -> float | str:
+    return x if x == x and abs(x) != float("inf") else str(x)
+
+
+def render_report(manifest: dict[str, Any]) -> str:
+    """``report.md``: what was gained and what was lost, in a few tables."""
+    m = manifest.get("metrics", {})
+    lines = [
+        f"# graphpress report: {manifest.get('name', 'model')}",
+        "",
+        f"- created: {manifest.get('created')} with graphpress {manifest.get('graphpress_version')}",
+        f"- source: {manifest.get('source', {})}",
+        f"- recipe: {manifest.get('recipe', {}).get('name', '-')}, backend: {manifest.get('backend')}",
+        "",
+        "## Gained",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| parameters | {m.get('params_before', 0):,} | {m.get('params_after', 0):,} |",
+        f"| parameter bytes | {m.get('param_bytes_before', 0):,} | {m.get('param_bytes_after', 0):,} |",
+        f"| model file bytes | - | {m.get('model_file_bytes', 0):,} |",
+    ]
+    lat = m.get("latency_ms") or {}
+    if lat:
+        first = next(iter(lat.values()))
+        lines += ["", f"### Latency (batch {m.get('latency_batch', 1)}, median of interleaved runs)", "", "| runtime | ms | speed-up vs first |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {first / v:.2f}x |" for k, v in lat.items()]
+    lines += ["", "## Lost (artifact vs original model)", "", "| output | max abs error | SQNR dB |", "|---|---|---|"]
+    lines += [f"| {d['name']} | {d['max_abs']:.3g} | {d['sqnr_db']} |" for d in m.get("vs_original", [])]
+    passes = manifest.get("passes", [])
+    if passes:
+        lines += ["", "## Passes", "", "| pass | exact | changed | time s | stats |", "|---|---|---|---|---|"]
+        for p in passes:
+            lines.append(f"| {p['name']} | {p['exact']} | {p['changed']} | {p['time_s']:.3f} | `{p['stats']}` |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["compress", "export", "CompressResult", "render_report", "check_out_dir"]

@@ -1,0 +1,311 @@
+"""The ``compress`` command line: a thin layer over :mod:`graphpress.api`.
+
+Every user error (a :class:`~graphpress.errors.GraphpressError`) is printed as one line on
+stderr with exit code 2; an unexpected exception prints one line too (exit 3) unless
+``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from graphpress.cli.report import console, err_console, fmt_bytes, passes_table, progress, result_table, summary_table
+from graphpress.errors import GraphpressError
+
+app = typer.Typer(
+    name="compress",
+    help="graphpress: capture a model, run verified compression passes, export an optimized artifact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_DEBUG = {"on": False}
+
+
+def _quiet() -> None:
+    # torch.export / torch.onnx warn loudly about things users cannot act on.
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    import logging
+
+    for name in ("torch", "torch.onnx", "torch._export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """One line and a non-zero exit for every failure; never a traceback unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet()
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except GraphpressError as err:
+            if _DEBUG["on"]:
+                raise
+            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+        except Exception as err:  # noqa: BLE001 -- last line of defence for users
+            if _DEBUG["on"]:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            err_console.print(
+                f"[red]internal error:[/red] {type(err).__name__}: {first[:300]} (rerun with --debug for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _DEBUG["on"] = debug
+
+
+# ---------------------------------------------------------------------------- run
+@app.command()
+@handle_errors
+def run(
+    checkpoint: str = typer.Argument(..., help="Model: .th/.pt/.pth checkpoint, .safetensors, .onnx, llama2.c .bin, HF folder, or package.module:factory."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help="Recipe YAML file or built-in name."),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Backend to lower to."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (must not exist unless --overwrite)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure batch-1 latency before/after."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the original graph on the backend."),
+) -> None:
+    """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
+    from graphpress.api import check_out_dir, compress
+
+    check_out_dir(out, overwrite)  # fail before minutes of work
+    with progress() as bar:
+        stage_task = bar.add_task("capture", total=None)
+        pass_task = None
+
+        def on_stage(name: str) -> None:
+            bar.update(stage_task, description=name)
+
+        def on_event(kind: str, i: int, total: int, record: Any) -> None:
+            nonlocal pass_task
+            if pass_task is None:
+                pass_task = bar.add_task("passes", total=total)
+            if kind == "start":
+                bar.update(pass_task, description=f"pass {record.name}")
+            else:
+                bar.update(pass_task, completed=i + 1, description="passes")
+
+        result = compress(
+            checkpoint,
+            out=out,
+            recipe=recipe,
+            backend=backend,
+            arch=arch,
+            input_shape=input_shape,
+            overwrite=overwrite,
+            bench=bench,
+            baseline=baseline,
+            on_event=on_event,
+            on_stage=on_stage,
+        )
+        bar.update(stage_task, description="done", total=1, completed=1)
+    if result.manifest["passes"]:
+        console.print(passes_table(result.manifest["passes"]))
+    console.print(result_table(result.manifest))
+    console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+# ---------------------------------------------------------------------------- passes
+@app.command()
+@handle_errors
+def passes(
+    onnx_ops: bool = typer.Option(False, "--onnx-ops", help="List the ONNX ops the ONNX importer supports instead."),
+) -> None:
+    """List registered passes (or supported ONNX ops)."""
+    from rich.table import Table
+
+    if onnx_ops:
+        from graphpress.frontends.onnx_import import supported_ops
+
+        ops = supported_ops()
+        console.print(f"{len(ops)} ONNX ops supported: " + ", ".join(ops), soft_wrap=True)
+        return
+    from graphpress.passes import describe, registered
+
+    t = Table(title="Registered passes", title_justify="left")
+    t.add_column("name")
+    t.add_column("kind")
+    t.add_column("options")
+    t.add_column("what it does")
+    import dataclasses
+
+    for name, cls in registered().items():
+        if name.startswith("test-"):
+            continue
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config) if f.name != "version")
+        t.add_row(name, "exact" if cls.exact else "lossy", opts or "-", describe(cls))
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------- inspect
+@app.command()
+@handle_errors
+def inspect(
+    target: str = typer.Argument(..., help="A model source (as for 'run') or an artifact folder."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Summarize a model (ops, params, FLOPs per layer) or an artifact (manifest, metrics)."""
+    path = Path(target)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from graphpress.runtime import load
+
+        model = load(path)
+        m = model.manifest
+        if as_json:
+            console.print_json(json.dumps(m))
+            return
+        from rich.table import Table
+
+        t = Table(title=f"artifact {path}", title_justify="left")
+        t.add_column("field")
+        t.add_column("value", overflow="fold")
+        t.add_row("backend", f"{m['backend']} ({m['model_file']})")
+        t.add_row("created", f"{m.get('created')} by graphpress {m.get('graphpress_version')}")
+        t.add_row("inputs", ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in m["inputs"]))
+        t.add_row("outputs", ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in m["outputs"]))
+        t.add_row("recipe", " -> ".join(next(iter(p)) for p in m.get("recipe", {}).get("passes", [])) or "-")
+        t.add_row("files", ", ".join(f"{k} ({fmt_bytes(v['bytes'])})" for k, v in m["files"].items()))
+        console.print(t)
+        if m.get("metrics"):
+            console.print(result_table(m))
+        return
+    from graphpress.frontends import load
+
+    graph = load(target, arch=arch, input_shape=input_shape)
+    summary = graph.summary()
+    if as_json:
+        console.print_json(
+            json.dumps(
+                {
+                    "name": summary.name,
+                    "params": summary.params,
+                    "param_bytes": summary.param_bytes,
+                    "flops": summary.flops,
+                    "op_counts": summary.op_counts,
+                    "layers": [r.__dict__ | {"shape": list(r.shape)} for r in summary.rows],
+                }
+            )
+        )
+        return
+    console.print(summary_table(summary))
+    console.print("ops: " + ", ".join(f"{k} x{v}" for k, v in summary.op_counts.items()), soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------- bench
+@app.command()
+@handle_errors
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by 'compress run'."),
+    batch: int = typer.Option(1, "--batch", help="Batch size for the dynamic batch dimension."),
+    repeat: int = typer.Option(50, "--repeat", help="Timed runs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for the runtime."),
+) -> None:
+    """Measure an artifact's latency on random inputs of its input specs."""
+    import numpy as np
+    from rich.table import Table
+
+    from graphpress.runtime import benchmark, load
+
+    if batch < 1:
+        raise GraphpressError(f"--batch {batch}: must be at least 1")
+    model = load(artifact, **({"threads": threads} if threads else {}))
+    rng = np.random.default_rng(0)
+    inputs = []
+    for spec in model.manifest["inputs"]:
+        shape = [batch if d == "batch" else int(d) for d in spec["shape"]]
+        if spec["dtype"].startswith("float"):
+            inputs.append(rng.standard_normal(shape).astype(spec["dtype"]))
+        else:
+            inputs.append(rng.integers(0, 2, shape).astype(spec["dtype"]))
+    res = benchmark(lambda: model(*inputs), repeat=repeat)
+    t = Table(title=f"{artifact} ({model.manifest['backend']}, batch {batch})", title_justify="left")
+    for col in ("median ms", "p10 ms", "p90 ms", "runs"):
+        t.add_column(col, justify="right")
+    t.add_row(f"{res.median_ms:.3f}", f"{res.p10_ms:.3f}", f"{res.p90_ms:.3f}", str(res.n))
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------- demo
+@app.command()
+@handle_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact folder (default: a new temporary folder)."),
+    recipe: str = typer.Option("fuse", "--recipe", "-r", help="Recipe to apply."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
+) -> None:
+    """Train a small CNN on scikit-learn's digits, compress it, and report accuracy before/after."""
+    import torch
+
+    from graphpress.api import check_out_dir, compress
+    from graphpress.runtime import load
+    from graphpress.zoo.digits import accuracy, digits_data, train_digits_cnn
+
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="graphpress-demo-")) / "digits-cnn"
+    check_out_dir(out, overwrite)
+    with progress() as bar:
+        task = bar.add_task("train digits CNN (scikit-learn load_digits)", total=None)
+        model, acc_before = train_digits_cnn()
+        bar.update(task, total=1, completed=1)
+        stage = bar.add_task("compress", total=None)
+        x_train, _, x_test, y_test = digits_data()
+        result = compress(
+            model,
+            out=out,
+            recipe=recipe,
+            example_inputs=(x_train[:2],),
+            overwrite=overwrite,
+            on_stage=lambda s: bar.update(stage, description=f"compress: {s}"),
+        )
+        bar.update(stage, total=1, completed=1, description="compress: done")
+    artifact = load(result.folder)
+    acc_after = accuracy(lambda x: torch.from_numpy(artifact(x.numpy())[0]), x_test, y_test)
+    console.print(passes_table(result.manifest["passes"]))
+    console.print(result_table(result.manifest))
+    from rich.table import Table
+
+    t = Table(title=f"digits test accuracy ({len(y_test)} held-out images)", title_justify="left")
+    t.add_column("model")
+    t.add_column("accuracy", justify="right")
+    t.add_row("torch fp32, before", f"{acc_before:.2%}")
+    t.add_row(f"{result.manifest['backend']} artifact, after", f"{acc_after:.2%}")
+    console.print(t)
+    console.print(f"artifact: [bold]{result.folder}[/bold]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="compress")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
