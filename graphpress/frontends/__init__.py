@@ -34,6 +34,13 @@ from graphpress.ir.graph import Graph
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".th", ".ckpt", ".bin", ".tar"}
 
 
+def _is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (legacy: a pickle starting with the PROTO opcode 0x80)."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def looks_like_factory(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]
 
@@ -89,7 +96,8 @@ def load(
         return load_onnx(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
     if suffix == ".safetensors":
         return load_safetensors(path, arch or "", example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
-    if suffix == ".bin" and not arch and is_llama2c(path):
+    if suffix == ".bin" and not arch and (is_llama2c(path) or not _is_torch_file(path)):
+        # not a torch zip/pickle: a llama2.c file, and its reader explains a bad size or header
         return load_llama2c_graph(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
     if suffix in CHECKPOINT_SUFFIXES or arch:
         return load_checkpoint(path, arch or "", example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)

@@ -97,5 +97,7 @@ def load_hf_folder(
         example_inputs,
         name=folder.name,
         dynamic_batch=dynamic_batch,
+        input_names=["input_ids"],
+        output_names=["logits"],
         source={"frontend": "huggingface", "path": str(folder), "architecture": type(hf).__name__},
     )

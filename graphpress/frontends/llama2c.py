@@ -31,5 +31,7 @@ def load_llama2c_graph(path: str | Path, *, example_inputs: Sequence[torch.Tenso
         example_inputs,
         name=Path(path).stem,
         dynamic_batch=dynamic_batch,
+        input_names=["tokens"],
+        output_names=["logits"],
         source={"frontend": "llama2c", "path": str(path)},
     )
