@@ -10,7 +10,6 @@ The CLI is a thin layer over :func:`compress` (it only adds progress bars and ta
 
 from __future__ import annotations
 
-import datetime as _dt
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-import graphpress
-from graphpress.errors import ArtifactError
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 from graphpress.passes import Pipeline, PipelineReport
@@ -42,14 +39,10 @@ class CompressResult:
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     """Fail before any work if writing ``out`` would be refused later."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out}: output folder exists; pass --overwrite to replace it")
-    if out.exists() and out.is_file():
-        raise ArtifactError(f"{out}: is a file, not an artifact folder; choose another output path")
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise ArtifactError(f"{out}: folder holds files that are not a graphpress artifact; refusing to replace it")
-    return out
+    from graphpress.runtime.artifact import check_destination
+
+    check_destination(out, overwrite)
+    return Path(out)
 
 
 def batch_one(graph: Graph) -> tuple[torch.Tensor, ...]:
@@ -140,7 +133,7 @@ def export(
     eager-latency baseline; it defaults to ``graph`` itself.
     """
     from graphpress.backends import get_backend
-    from graphpress.runtime import compare_latency, write_artifact
+    from graphpress.runtime import compare_latency, make_manifest, write_artifact
 
     stage = on_stage or (lambda _s: None)
     out = check_out_dir(out, overwrite)
@@ -172,25 +165,13 @@ def export(
                     base = be.lower(original, Path(tmp_base), check=False)
                     variants[f"{lowered.backend} (original)"] = _runner_call(be.runner(Path(tmp_base) / base.model_file), x1)
                 variants[f"{lowered.backend} (compressed)"] = _runner_call(runner, x1)
-                results = compare_latency(variants)
-            metrics["latency_ms"] = {name: round(r.median_ms, 4) for name, r in results.items()}
+                timing = compare_latency(variants)
+            metrics["latency_ms"] = {name: round(r.median_ms, 4) for name, r in timing.results.items()}
             metrics["latency_batch"] = int(x1[0].shape[0]) if x1 and x1[0].dim() else 1
-        manifest = {
-            "graphpress_version": graphpress.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "backend": lowered.backend,
-            "model_file": lowered.model_file,
-            "name": graph.name,
-            "inputs": [s.to_dict() for s in graph.input_specs],
-            "outputs": [s.to_dict() for s in graph.output_specs],
-            "dynamic_batch": graph.dynamic_batch,
-            "source": original.source,
-            "recipe": recipe or {},
-            "passes": report.to_dict()["passes"] if report else [],
-            "backend_info": lowered.info,
-            "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
-            "metrics": metrics,
-        }
+        manifest = make_manifest(
+            graph, lowered, recipe=recipe, passes=report.to_dict()["passes"] if report else [], metrics=metrics
+        )
+        manifest["host"] = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
         stage("write")
         del runner  # release the session's file handle before the folder moves
         folder = write_artifact(out, files, manifest, render_report(manifest), overwrite=overwrite)
@@ -227,11 +208,15 @@ def _jsonable(x: float) -> float | str:
     return x if x == x and abs(x) != float("inf") else str(x)
 
 
+def _fmt_db(x: float | str) -> str:
+    return x if isinstance(x, str) else f"{x:.1f}"
+
+
 def render_report(manifest: dict[str, Any]) -> str:
     """``report.md``: what was gained and what was lost, in a few tables."""
     m = manifest.get("metrics", {})
     lines = [
-        f"# graphpress report: {manifest.get('name', 'model')}",
+        f"# graphpress report: {manifest.get('source', {}).get('name', 'model')}",
         "",
         f"- created: {manifest.get('created')} with graphpress {manifest.get('graphpress_version')}",
         f"- source: {manifest.get('source', {})}",
@@ -251,7 +236,7 @@ def render_report(manifest: dict[str, Any]) -> str:
         lines += ["", f"### Latency (batch {m.get('latency_batch', 1)}, median of interleaved runs)", "", "| runtime | ms | speed-up vs first |", "|---|---|---|"]
         lines += [f"| {k} | {v:.4f} | {first / v:.2f}x |" for k, v in lat.items()]
     lines += ["", "## Lost (artifact vs original model)", "", "| output | max abs error | SQNR dB |", "|---|---|---|"]
-    lines += [f"| {d['name']} | {d['max_abs']:.3g} | {d['sqnr_db']} |" for d in m.get("vs_original", [])]
+    lines += [f"| {d['name']} | {d['max_abs']:.3g} | {_fmt_db(d['sqnr_db'])} |" for d in m.get("vs_original", [])]
     passes = manifest.get("passes", [])
     if passes:
         lines += ["", "## Passes", "", "| pass | exact | changed | time s | stats |", "|---|---|---|---|---|"]

@@ -18,7 +18,16 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from graphpress.cli.report import console, err_console, fmt_bytes, passes_table, progress, result_table, summary_table
+from graphpress.cli.report import (
+    console,
+    err_console,
+    fmt_bytes,
+    latency_table,
+    passes_table,
+    progress,
+    result_table,
+    summary_table,
+)
 from graphpress.errors import GraphpressError
 
 app = typer.Typer(
@@ -128,8 +137,15 @@ def run(
         bar.update(stage_task, description="done", total=1, completed=1)
     if result.manifest["passes"]:
         console.print(passes_table(result.manifest["passes"]))
-    console.print(result_table(result.manifest))
+    _print_result(result.manifest)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+def _print_result(manifest: dict[str, Any]) -> None:
+    console.print(result_table(manifest))
+    lat = latency_table(manifest)
+    if lat is not None:
+        console.print(lat)
 
 
 # ---------------------------------------------------------------------------- passes
@@ -196,7 +212,7 @@ def inspect(
         t.add_row("files", ", ".join(f"{k} ({fmt_bytes(v['bytes'])})" for k, v in m["files"].items()))
         console.print(t)
         if m.get("metrics"):
-            console.print(result_table(m))
+            _print_result(m)
         return
     from graphpress.frontends import load
 
@@ -290,7 +306,7 @@ def demo(
     artifact = load(result.folder)
     acc_after = accuracy(lambda x: torch.from_numpy(artifact(x.numpy())[0]), x_test, y_test)
     console.print(passes_table(result.manifest["passes"]))
-    console.print(result_table(result.manifest))
+    _print_result(result.manifest)
     from rich.table import Table
 
     t = Table(title=f"digits test accuracy ({len(y_test)} held-out images)", title_justify="left")

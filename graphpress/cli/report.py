@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+# Pipes and CI logs get 80 columns from rich by default, which folds every table cell.
+console = Console(width=None if Console().is_terminal else 140)
+err_console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 200)
 
 
 def fmt_bytes(n: float) -> str:
@@ -61,26 +62,34 @@ def passes_table(steps: list[dict[str, Any]]) -> Table:
 
 
 def result_table(manifest: dict[str, Any]) -> Table:
-    """Before/after: params, file size, latency, error per output."""
+    """Before/after: params, sizes, error per output against the original model."""
     m = manifest["metrics"]
-    t = Table(title=f"{manifest.get('name', 'model')} -> {manifest['backend']}", title_justify="left")
+    name = manifest.get("source", {}).get("name", "model")
+    t = Table(title=f"{name} -> {manifest['backend']} artifact", title_justify="left")
     t.add_column("metric")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     t.add_row("parameters", f"{m['params_before']:,}", f"{m['params_after']:,}")
-    t.add_row("weights (fp bytes) / model file", fmt_bytes(m["param_bytes_before"]), fmt_bytes(m["model_file_bytes"]))
-    lat = m.get("latency_ms") or {}
-    if lat:
-        names = list(lat)
-        before = lat[names[0]]
-        for name in names[1:]:
-            t.add_row(
-                f"latency, batch {m.get('latency_batch', 1)} ({names[0]} -> {name})",
-                f"{before:.3f} ms",
-                f"{lat[name]:.3f} ms ({before / lat[name]:.2f}x)",
-            )
+    t.add_row("parameter bytes", fmt_bytes(m["param_bytes_before"]), fmt_bytes(m["param_bytes_after"]))
+    t.add_row("model file", "", fmt_bytes(m["model_file_bytes"]))
     for d in m.get("vs_original", []):
         t.add_row(f"output '{d['name']}' vs original", "", f"max abs {d['max_abs']:.2e}, SQNR {fmt_db(d['sqnr_db'])} dB")
+    return t
+
+
+def latency_table(manifest: dict[str, Any]) -> Table | None:
+    """Latency per runtime, interleaved medians, with speed-up against the first row."""
+    m = manifest["metrics"]
+    lat = m.get("latency_ms") or {}
+    if not lat:
+        return None
+    t = Table(title=f"latency, batch {m.get('latency_batch', 1)} (medians of interleaved runs)", title_justify="left")
+    t.add_column("runtime")
+    t.add_column("median ms", justify="right")
+    t.add_column("speed-up", justify="right")
+    first = next(iter(lat.values()))
+    for runtime, ms in lat.items():
+        t.add_row(runtime, f"{ms:.3f}", f"{first / ms:.2f}x")
     return t
 
 

@@ -1,0 +1,28 @@
+"""Artifacts and the runtime: write an artifact folder atomically, load it, run it, time it.
+
+Loading and running an ONNX artifact needs numpy and onnxruntime only; nothing here imports torch.
+
+>>> from graphpress.runtime import load
+>>> model = load("out/resnet20")            # doctest: +SKIP
+>>> (logits,) = model(images)               # doctest: +SKIP
+"""
+
+from graphpress.runtime.artifact import Artifact, IOSpec, make_manifest, read_artifact, sha256_file, write_artifact
+from graphpress.runtime.bench import BenchResult, LatencyComparison, benchmark, compare_latency
+from graphpress.runtime.load import LoadedModel, load, register_loader
+
+__all__ = [
+    "Artifact",
+    "BenchResult",
+    "IOSpec",
+    "LatencyComparison",
+    "LoadedModel",
+    "benchmark",
+    "compare_latency",
+    "load",
+    "make_manifest",
+    "read_artifact",
+    "register_loader",
+    "sha256_file",
+    "write_artifact",
+]

@@ -1,0 +1,392 @@
+"""Lower a :class:`~graphpress.ir.graph.Graph` to ONNX and check it with ONNX Runtime.
+
+Steps (see ``docs/backends/onnxruntime.md``):
+
+1. ``graph.export_program()`` re-exports the (possibly rewritten) FX graph with ``torch.export``,
+   keeping dim 0 dynamic when the graph was captured with a dynamic batch.
+2. ``torch.onnx.export(..., dynamo=True, opset_version=18)`` translates the ATen graph to ONNX;
+   graphpress custom ops translate through ``graphpress.ir.ops.ONNX_TRANSLATIONS`` when that
+   table exists. The exporter's progress prints and warnings are swallowed; on failure the
+   innermost error line becomes a one-line :class:`BackendError`.
+3. The symbolic batch dimension (named by torch ``s22``, ``s77`` ...) is renamed ``batch``, and
+   the model is saved as one ``model.onnx`` (weights inline below 2 GB, external data above).
+4. Optionally ORT's *extended* graph optimizations are applied offline and stored
+   (``optimize=True``; off by default: it did not make loading faster, see the docs).
+5. The check: ORT (CPU EP) runs the example inputs plus two seeded random input sets (at batch 1
+   and at example batch + 3 when the batch is dynamic) and every output is compared with
+   ``graph.run`` by :func:`graphpress.ir.compare.compare_outputs` (fp32: rtol 1e-4,
+   atol 1e-5 x max(1, max|ref|)). Any output outside tolerance raises :class:`BackendError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import graphpress
+from graphpress.backends.base import LoweredModel
+from graphpress.backends.onnxruntime.session import CPU, OrtRunner
+from graphpress.errors import BackendError
+from graphpress.ir.compare import compare_outputs
+from graphpress.ir.graph import Graph
+
+DEFAULT_OPSET = 18
+MODEL_FILE = "model.onnx"
+BATCH_DIM = "batch"
+# protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
+_INLINE_WEIGHT_LIMIT = 2**31 - 2**26
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """Swallow the exporter's stdout prints, warnings and log records (kept in the buffer).
+
+    torch.onnx prints "[torch.onnx] Run decompositions..." to stdout and logs registry warnings
+    through handlers bound to the real stderr, so redirecting the streams alone is not enough.
+    """
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _error_line(err: BaseException) -> str:
+    """The most useful single line of an exporter error.
+
+    torch.onnx wraps the real cause (e.g. ``DispatchError: No ONNX function found for
+    <OpOverload(op='graphpress.foo' ...)>``) in two layers of generic "Failed to convert ..."
+    text; take the innermost cause and add the FX node being translated when one is named.
+    """
+    chain: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    node = None
+    for e in chain:
+        if m := re.search(r"translating node %(\S+)", str(e)):
+            node = m.group(1)
+            break
+    inner = chain[-1]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(inner)).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("[torch.onnx]")]
+    line = f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
+    if len(line) > 300:
+        line = line[:297] + "..."
+    return f"{line} (node %{node})" if node else line
+
+
+def _custom_translations() -> dict | None:
+    """``graphpress.ir.ops.ONNX_TRANSLATIONS`` (custom op -> onnxscript function) when present."""
+    try:
+        from graphpress.ir.ops import ONNX_TRANSLATIONS  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return dict(ONNX_TRANSLATIONS) or None
+
+
+def _name_batch_dim(model: Any) -> str | None:
+    """Rename the symbol torch gave the dynamic batch (``s77``) to ``batch`` throughout ``model``.
+
+    Derived dims such as ``2*s77`` are rewritten too. Returns the old symbol, or None when no
+    input has a symbolic dim 0 (a static graph).
+    """
+    import onnx_ir as ir
+
+    symbols = {
+        str(v.shape[0].value)
+        for v in model.graph.inputs
+        if v.shape is not None and len(v.shape) > 0 and isinstance(v.shape[0], ir.SymbolicDim) and v.shape[0].value
+    }
+    if not symbols:
+        return None
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(symbols)) + r")\b")
+
+    def rename(value: Any) -> None:
+        shape = value.shape
+        if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value for d in shape):
+            return
+        value.shape = ir.Shape(
+            [ir.SymbolicDim(pattern.sub(BATCH_DIM, d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape]
+        )
+
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for fn in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(fn))
+    values += [out for node in nodes for out in node.outputs]
+    for value in values:
+        rename(value)
+    return ", ".join(sorted(symbols))
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAULT_OPSET, optimize: bool = False) -> dict[str, Any]:
+    """Export ``graph`` to ``folder/model.onnx`` (plus an external-data file above 2 GB).
+
+    Parameters
+    ----------
+    graph : Graph
+        The graph to lower; it is not modified.
+    folder : path
+        Existing or new folder; ``model.onnx`` in it is replaced.
+    opset : int
+        ONNX opset, at least 18 (the dynamo exporter's floor).
+    optimize : bool
+        Store the model after ORT's ``ORT_ENABLE_EXTENDED`` optimizations (CPU EP). Not
+        ``ORT_ENABLE_ALL``: its NCHWc layouts are specific to this machine's CPU.
+
+    Returns
+    -------
+    dict
+        Facts for the manifest: ``files`` (names written), ``opset``, ``batch_dim``,
+        ``external_data``, ``model_bytes``, timings ``export_program_s``, ``onnx_export_s``,
+        ``save_s``, ``optimize_s``, and versions.
+
+    Raises
+    ------
+    BackendError
+        When re-export or ONNX translation fails (one line naming the op/node) or ``opset < 18``.
+    """
+    if opset < DEFAULT_OPSET:
+        raise BackendError(f"onnxruntime: opset {opset} is not supported; the dynamo exporter needs opset >= {DEFAULT_OPSET}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MODEL_FILE
+    before = {p.name for p in folder.iterdir()}
+    info: dict[str, Any] = {"opset": opset, "torch_version": torch.__version__, "onnxruntime_version": ort.__version__}
+
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            ep = graph.export_program()
+    except Exception as err:  # noqa: BLE001 -- any torch.export failure becomes one line
+        raise BackendError(f"onnxruntime: torch.export of {graph.name!r} failed: {_error_line(err)}") from err
+    info["export_program_s"] = round(time.perf_counter() - t0, 3)
+
+    t0 = time.perf_counter()
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                ep,
+                (),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(graph.input_names),
+                output_names=list(graph.output_names),
+                custom_translation_table=_custom_translations(),
+            )
+    except Exception as err:  # noqa: BLE001
+        raise BackendError(f"onnxruntime: ONNX export of {graph.name!r} failed: {_error_line(err)}") from err
+    info["onnx_export_s"] = round(time.perf_counter() - t0, 3)
+    if program is None:  # only the legacy exporter returns None
+        raise BackendError(f"onnxruntime: ONNX export of {graph.name!r} returned no program")
+
+    model = program.model
+    old = _name_batch_dim(model)
+    info["batch_dim"] = BATCH_DIM if old else None
+    model.metadata_props["graphpress_version"] = graphpress.__version__
+    model.metadata_props["graphpress_model"] = graph.name
+
+    t0 = time.perf_counter()
+    weight_bytes = _initializer_bytes(model)
+    external = weight_bytes > _INLINE_WEIGHT_LIMIT
+    with _quiet():
+        program.save(path, external_data=external)
+    info["save_s"] = round(time.perf_counter() - t0, 3)
+    info["external_data"] = external
+
+    info["optimized"] = False
+    if optimize and not external:
+        # Offline optimization of a >2 GB model needs an extra external-initializers file; the
+        # gain does not justify the complexity (docs: stored optimization did not speed up loading).
+        t0 = time.perf_counter()
+        optimize_onnx(path)
+        info["optimized"] = "ORT_ENABLE_EXTENDED"
+        info["optimize_s"] = round(time.perf_counter() - t0, 3)
+
+    info["files"] = sorted(p.name for p in folder.iterdir() if p.name not in before or p.name == MODEL_FILE)
+    info["model_bytes"] = sum((folder / f).stat().st_size for f in info["files"])
+    return info
+
+
+def optimize_onnx(path: str | os.PathLike, level: str = "extended") -> None:
+    """Replace ``path`` by ORT's offline-optimized version of it (CPU EP).
+
+    ``level`` is ``"basic"`` or ``"extended"``. The extended level adds ``com.microsoft``
+    fused ops (FusedConv, FusedGemm, ...), so the stored model then needs onnxruntime (not any
+    ONNX runtime) to run.
+    """
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    if level not in levels:
+        raise BackendError(f"onnxruntime: optimization level {level!r} not one of {', '.join(levels)}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".opt.tmp")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_inputs(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """Example inputs plus seeded random ones; with a dynamic batch the random ones run at
+    batch 1 (the size torch.export specializes) and at example batch + 3."""
+    sets = [("example inputs", tuple(graph.example_inputs))]
+    b = graph.example_inputs[0].shape[0] if graph.example_inputs and graph.example_inputs[0].dim() > 0 else 1
+    batches = [1, b + 3] if graph.dynamic_batch else [None, None]
+    for i, seed in enumerate(seeds):
+        batch = batches[i % 2]
+        label = f"random inputs (seed {seed}" + (f", batch {batch})" if batch is not None else ")")
+        sets.append((label, graph.random_inputs(seed, batch=batch)))
+    return sets
+
+
+def check_onnx(graph: Graph, model_path: str | os.PathLike, *, seeds: Sequence[int] = (0, 1), threads: int | None = None) -> dict[str, Any]:
+    """Compare ONNX Runtime (CPU EP) with ``graph.run`` on example and seeded random inputs.
+
+    The check runs on the CPU EP whatever the deployment EP: it verifies the translation, not
+    device numerics (the CUDA EP may use TF32 and would need a looser tolerance).
+
+    Parameters
+    ----------
+    graph : Graph
+        The reference.
+    model_path : path
+        The lowered ``.onnx`` file.
+    seeds : sequence of int
+        Seeds for :meth:`Graph.random_inputs`.
+    threads : int, optional
+        ORT intra-op threads for the check session.
+
+    Returns
+    -------
+    dict
+        ``{"passed": True, "providers": [...], "tolerance": str, "runs": [{"inputs": label,
+        "outputs": [OutputDiff dicts]}], "worst": {"output", "inputs", "max_abs", "max_rel",
+        "sqnr_db"}, "check_s": float}``.
+
+    Raises
+    ------
+    BackendError
+        Naming the first output (and input set) outside tolerance, or a run that failed.
+    """
+    t0 = time.perf_counter()
+    runner = OrtRunner(model_path, providers=[CPU], threads=threads)
+    runs, worst = [], None
+    for label, inputs in _check_inputs(graph, seeds):
+        refs = graph.run(*inputs)
+        try:
+            outs = runner(*inputs)
+        except BackendError as err:
+            raise BackendError(f"onnxruntime: {graph.name!r} failed on {label}: {err}") from err
+        if len(outs) != len(refs):
+            raise BackendError(f"onnxruntime: {graph.name!r} has {len(outs)} ONNX outputs, torch has {len(refs)}")
+        tests = [torch.from_numpy(np.asarray(o)) for o in outs]
+        diffs = compare_outputs(refs, tests, graph.output_names)
+        for d, r, t in zip(diffs, refs, tests):
+            if not d.within_tol:
+                if tuple(r.shape) != tuple(t.shape):
+                    why = f"shape {tuple(t.shape)} vs torch {tuple(r.shape)}"
+                elif r.dtype != t.dtype:
+                    why = f"dtype {t.dtype} vs torch {r.dtype}, max abs err {d.max_abs:.3g}"
+                else:
+                    why = f"max abs err {d.max_abs:.3g} > atol {d.atol:.2g} + rtol {d.rtol:.2g}*|ref| (SQNR {d.sqnr_db:.1f} dB)"
+                raise BackendError(f"onnxruntime: output {d.name!r} of {graph.name!r} differs from torch on {label}: {why}")
+            if worst is None or d.max_abs > worst["max_abs"]:
+                worst = {"output": d.name, "inputs": label, "max_abs": d.max_abs, "max_rel": d.max_rel, "sqnr_db": d.to_dict()["sqnr_db"]}
+        runs.append({"inputs": label, "outputs": [d.to_dict() for d in diffs]})
+    return {
+        "passed": True,
+        "providers": runner.providers,
+        "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)",
+        "runs": runs,
+        "worst": worst,
+        "check_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+class OnnxRuntimeBackend:
+    """The ``"onnxruntime"`` backend (see module docstring).
+
+    Parameters
+    ----------
+    opset : int
+        ONNX opset to export, >= 18.
+    optimize : bool
+        Store ORT's offline ``ORT_ENABLE_EXTENDED`` optimizations in ``model.onnx``.
+    check_seeds : sequence of int
+        Seeds of the random input sets of the output check.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, opset: int = DEFAULT_OPSET, optimize: bool = False, check_seeds: Sequence[int] = (0, 1)):
+        if opset < DEFAULT_OPSET:
+            raise BackendError(f"onnxruntime: opset {opset} is not supported; the dynamo exporter needs opset >= {DEFAULT_OPSET}")
+        self.opset = opset
+        self.optimize = optimize
+        self.check_seeds = tuple(check_seeds)
+
+    def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:
+        """Write ``model.onnx`` into ``folder`` and, with ``check``, verify it against ``graph``.
+
+        Parameters
+        ----------
+        graph : Graph
+        folder : Path
+            Created when missing.
+        check : bool
+            Run :func:`check_onnx`; its report lands in :attr:`LoweredModel.check`.
+
+        Returns
+        -------
+        LoweredModel
+
+        Raises
+        ------
+        BackendError
+        """
+        info = lower_to_onnx(graph, folder, opset=self.opset, optimize=self.optimize)
+        files = info.pop("files")
+        report = check_onnx(graph, Path(folder) / MODEL_FILE, seeds=self.check_seeds) if check else {"skipped": True}
+        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info)
+
+    def runner(self, model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OrtRunner:
+        """An :class:`OrtRunner` for a lowered model (CUDA EP when available)."""
+        return OrtRunner(model_path, providers=providers, threads=threads)
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeBackend(opset={self.opset}, optimize={self.optimize})"
+
+
+__all__ = ["OnnxRuntimeBackend", "lower_to_onnx", "check_onnx", "optimize_onnx", "DEFAULT_OPSET", "MODEL_FILE", "BATCH_DIM"]

@@ -1,0 +1,110 @@
+"""Run an ONNX model with ONNX Runtime: numpy arrays (or torch tensors) in, numpy arrays out.
+
+Needs only numpy and onnxruntime: torch tensors are recognised through ``sys.modules`` so that
+this module never imports torch itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from graphpress.errors import BackendError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def default_providers() -> list[str]:
+    """``[CUDA, CPU]`` when the installed onnxruntime has the CUDA EP, else ``[CPU]``.
+
+    Other EPs the wheel may list (e.g. ``AzureExecutionProvider``) are left out: they do not run
+    models locally. CPU stays last as the fallback for ops the CUDA EP lacks.
+    """
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A C-contiguous numpy view/copy of ``x`` (numpy array, torch tensor, or array-like)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    # ORT reads the buffer directly and needs C order; ascontiguousarray is free when it already is.
+    return np.ascontiguousarray(x)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    # ORT messages start with "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..."; keep the tail.
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.rsplit(" : ", 1)[-1][:300]
+
+
+class OrtRunner:
+    """An ``onnxruntime.InferenceSession`` with a positional-call interface.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        The ``.onnx`` file (external-data files must sit next to it).
+    providers : sequence, optional
+        Execution providers in priority order (names or ``(name, options)`` pairs);
+        default :func:`default_providers` (CUDA when available, else CPU).
+    threads : int, optional
+        Intra-op thread count; default: ORT's own default (one per physical core).
+
+    Attributes
+    ----------
+    input_names, output_names : list of str
+        In the model's order; ``__call__`` takes inputs in this order.
+    providers : list of str
+        The providers the session actually uses (ORT drops a listed EP it cannot start).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        threads: int | None = None,
+    ):
+        self.model_path = Path(model_path)
+        providers = list(providers) if providers is not None else default_providers()
+        available = ort.get_available_providers()
+        for p in providers:
+            name = p[0] if isinstance(p, tuple) else p
+            if name not in available:
+                raise BackendError(f"onnxruntime: execution provider {name!r} is not available; available: {', '.join(available)}")
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        # ORT logs warnings (e.g. unused initializers, EP fallbacks) straight to stderr; keep errors only.
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+        except Exception as err:  # noqa: BLE001 -- ORT raises its own pybind exception types
+            raise BackendError(f"{self.model_path.name}: onnxruntime could not load the model: {_first_line(err)}") from err
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+        self.threads = threads
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        """Run the model on positional inputs (numpy arrays or torch tensors, in input order)."""
+        if len(inputs) != len(self.input_names):
+            raise BackendError(f"{self.model_path.name}: got {len(inputs)} inputs, expected {len(self.input_names)} ({', '.join(self.input_names)})")
+        feed = {name: to_numpy(x) for name, x in zip(self.input_names, inputs)}
+        try:
+            return self.session.run(self.output_names, feed)
+        except Exception as err:  # noqa: BLE001
+            raise BackendError(f"{self.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
+
+    def __repr__(self) -> str:
+        return f"OrtRunner({self.model_path.name!r}, inputs={self.input_names}, providers={self.providers})"
+
+
+__all__ = ["OrtRunner", "default_providers", "to_numpy", "CUDA", "CPU"]

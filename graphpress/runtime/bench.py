@@ -1,0 +1,212 @@
+"""Latency measurement that survives a noisy machine.
+
+:func:`benchmark` times one callable (warm-up, then at least ``repeat`` calls and ``min_time_s``
+seconds) and reports the median and the 10th/90th percentiles, never the mean: a single
+descheduled call would dominate a mean.
+
+:func:`compare_latency` times several variants *interleaved*, one call each in turn
+(A B A B ...). The shared 2-core machines drift by up to 2x between blocks of runs; timing A
+then B in two blocks measures that drift as often as the difference between A and B, while
+interleaving exposes both variants to the same drift.
+
+Torch callables run under ``torch.inference_mode()`` (entered once around the timing loop, and
+only when torch is already imported, so timing an ONNX artifact never imports torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+_MAX_CALLS = 100_000
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Latency of one callable in milliseconds over ``n`` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    n: int
+    min_ms: float = 0.0
+
+    @classmethod
+    def from_times(cls, times_s: Sequence[float]) -> "BenchResult":
+        ms = np.asarray(times_s, dtype=np.float64) * 1e3
+        p10, med, p90 = np.percentile(ms, [10, 50, 90])
+        return cls(float(med), float(p10), float(p90), int(ms.size), float(ms.min()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.n})"
+
+
+def _inference_mode() -> contextlib.AbstractContextManager:
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def _sync() -> Callable[[], None]:
+    """A function that waits for queued CUDA work (torch on GPU is asynchronous), or a no-op."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def benchmark(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any] = (),
+    *,
+    warmup: int = 5,
+    repeat: int = 30,
+    min_time_s: float = 0.2,
+) -> BenchResult:
+    """Time ``fn(*inputs)``.
+
+    Parameters
+    ----------
+    fn : callable
+        A torch module/function, a :class:`~graphpress.runtime.load.LoadedModel`, an ORT runner...
+    inputs : sequence
+        Positional arguments passed on every call.
+    warmup : int
+        Untimed calls first (allocations, kernel selection, lazy initialisation).
+    repeat : int
+        Minimum number of timed calls.
+    min_time_s : float
+        Keep calling until the timed calls add up to at least this long (fast models get more
+        samples), capped at 100,000 calls.
+
+    Returns
+    -------
+    BenchResult
+        ``median_ms``, ``p10_ms``, ``p90_ms``, ``n`` (timed calls), ``min_ms``.
+    """
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
+    inputs = tuple(inputs)
+    sync = _sync()
+    times: list[float] = []
+    total = 0.0
+    with _inference_mode():
+        for _ in range(warmup):
+            fn(*inputs)
+        sync()
+        while len(times) < repeat or (total < min_time_s and len(times) < _MAX_CALLS):
+            t0 = time.perf_counter()
+            fn(*inputs)
+            sync()
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            total += dt
+    return BenchResult.from_times(times)
+
+
+@dataclass
+class LatencyComparison:
+    """Result of :func:`compare_latency`.
+
+    Attributes
+    ----------
+    results : dict of str to BenchResult
+        Per variant, in the order given.
+    baseline : str
+        The first variant.
+    ratios : dict of str to float
+        ``median(variant) / median(baseline)``: below 1 is faster than the baseline.
+    """
+
+    results: dict[str, BenchResult]
+    baseline: str
+    ratios: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline,
+            "results": {k: v.to_dict() for k, v in self.results.items()},
+            "ratios": dict(self.ratios),
+        }
+
+    def table(self) -> str:
+        """Plain-text table: variant, median, p10, p90, ratio to the baseline."""
+        width = max(len(k) for k in self.results)
+        lines = [f"{'variant':<{width}}  median ms    p10 ms    p90 ms   x {self.baseline}"]
+        for name, r in self.results.items():
+            lines.append(f"{name:<{width}}  {r.median_ms:9.3f} {r.p10_ms:9.3f} {r.p90_ms:9.3f}   {self.ratios[name]:6.3f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def compare_latency(
+    variants: Mapping[str, Callable[..., Any]],
+    inputs: Sequence[Any] | Mapping[str, Sequence[Any]] = (),
+    *,
+    rounds: int = 30,
+    warmup: int = 3,
+    min_time_s: float = 0.0,
+) -> LatencyComparison:
+    """Time several variants interleaved (A B A B ...) and compare medians with the first.
+
+    Parameters
+    ----------
+    variants : mapping of str to callable
+        Name -> callable; the first is the baseline of the ratios.
+    inputs : sequence, or mapping of str to sequence
+        Positional arguments shared by all variants, or per variant (e.g. torch tensors for a
+        torch module and numpy arrays for an ORT runner).
+    rounds : int
+        Minimum rounds; each round calls every variant once, in the given order.
+    warmup : int
+        Untimed rounds first (also interleaved).
+    min_time_s : float
+        Keep adding rounds until the slowest variant has at least this much timed time.
+
+    Returns
+    -------
+    LatencyComparison
+    """
+    if not variants:
+        raise ValueError("compare_latency needs at least one variant")
+    names = list(variants)
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"no inputs for variants {missing}")
+        args = {n: tuple(inputs[n]) for n in names}
+    else:
+        shared = tuple(inputs)
+        args = {n: shared for n in names}
+    sync = _sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with _inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                variants[n](*args[n])
+        sync()
+        r = 0
+        while r < rounds or (min(sum(t) for t in times.values()) < min_time_s and r < _MAX_CALLS):
+            for n in names:
+                fn, a = variants[n], args[n]
+                t0 = time.perf_counter()
+                fn(*a)
+                sync()
+                times[n].append(time.perf_counter() - t0)
+            r += 1
+    results = {n: BenchResult.from_times(times[n]) for n in names}
+    base = results[names[0]].median_ms
+    ratios = {n: (results[n].median_ms / base if base > 0 else float("nan")) for n in names}
+    return LatencyComparison(results=results, baseline=names[0], ratios=ratios)
+
+
+__all__ = ["BenchResult", "LatencyComparison", "benchmark", "compare_latency"]
