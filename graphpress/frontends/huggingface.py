@@ -19,7 +19,7 @@ from graphpress.errors import FrontendError
 from graphpress.frontends.checkpoint import read_state_dict
 from graphpress.frontends.safetensors import read_safetensors
 from graphpress.frontends.state_dict import load_into
-from graphpress.frontends.torch_module import from_module
+from graphpress.frontends.torch_module import TOKEN_DIMS, from_module
 from graphpress.ir.graph import Graph
 
 
@@ -96,7 +96,7 @@ def load_hf_folder(
         wrapper,
         example_inputs,
         name=folder.name,
-        dynamic_batch=dynamic_batch,
+        dynamic_dims=TOKEN_DIMS if dynamic_batch else {},
         input_names=["input_ids"],
         output_names=["logits"],
         source={"frontend": "huggingface", "path": str(folder), "architecture": type(hf).__name__},

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from graphpress.frontends.torch_module import from_module
+from graphpress.frontends.torch_module import TOKEN_DIMS, from_module
 from graphpress.ir.graph import Graph
 
 
@@ -30,7 +30,7 @@ def load_llama2c_graph(path: str | Path, *, example_inputs: Sequence[torch.Tenso
         model,
         example_inputs,
         name=Path(path).stem,
-        dynamic_batch=dynamic_batch,
+        dynamic_dims=TOKEN_DIMS if dynamic_batch else {},
         input_names=["tokens"],
         output_names=["logits"],
         source={"frontend": "llama2c", "path": str(path)},

@@ -10,6 +10,9 @@ import torch
 from graphpress.errors import FrontendError
 from graphpress.ir.graph import Graph
 
+# Language models take (batch, seq) token ids: both dims stay dynamic.
+TOKEN_DIMS = {0: "batch", 1: "seq"}
+
 
 def from_module(
     module: torch.nn.Module,
@@ -18,6 +21,7 @@ def from_module(
     name: str | None = None,
     input_shape: Sequence[int] | None = None,
     dynamic_batch: bool = True,
+    dynamic_dims: dict[int, str] | None = None,
     source: dict[str, Any] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -35,6 +39,8 @@ def from_module(
         Shape of a single float input (random normal, seeded) when no examples are given.
     dynamic_batch : bool
         Export dim 0 as dynamic (falls back to static if the model does not allow it).
+    dynamic_dims : dict of int to str, optional
+        Dynamic dims by position and name, e.g. ``{0: "batch", 1: "seq"}``; overrides ``dynamic_batch``.
     input_names, output_names : sequence of str, optional
         Names for reports and backends (default: the placeholder names / ``output``).
     """
@@ -46,6 +52,7 @@ def from_module(
         inputs,
         name=name or type(module).__name__,
         dynamic_batch=dynamic_batch,
+        dynamic_dims=dynamic_dims,
         input_names=input_names,
         output_names=output_names,
         source=source or {"frontend": "torch_module", "class": f"{type(module).__module__}.{type(module).__qualname__}"},

@@ -80,7 +80,11 @@ class Graph:
     name : str
         Model name for reports.
     dynamic_batch : bool
-        Whether dim 0 of every input was exported as a dynamic dimension.
+        Whether dim 0 of every input was exported as a dynamic dimension (shorthand for
+        ``dynamic_dims={0: "batch"}``).
+    dynamic_dims : dict of int to str, optional
+        Dynamic dimensions shared by every input, by position, with their names (e.g.
+        ``{0: "batch", 1: "seq"}`` for language models).
     source : dict
         Where the model came from (frontend, path), stored in the artifact manifest.
     """
@@ -94,12 +98,13 @@ class Graph:
         output_names: Sequence[str] | None = None,
         name: str = "model",
         dynamic_batch: bool = True,
+        dynamic_dims: dict[int, str] | None = None,
         source: dict[str, Any] | None = None,
     ):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.name = name
-        self.dynamic_batch = dynamic_batch
+        self.dynamic_dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
         self.source = dict(source or {})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_names = list(input_names or [n.name for n in placeholders])
@@ -109,8 +114,12 @@ class Graph:
             )
         outs = self.run(*self.example_inputs)
         self.output_names = list(output_names or ([f"output_{i}" for i in range(len(outs))] if len(outs) > 1 else ["output"]))
+        symbols = _symbol_names(gm, self.dynamic_dims)
         self.input_specs = [self._spec(n, t) for n, t in zip(self.input_names, self.example_inputs)]
-        self.output_specs = [self._spec(n, t) for n, t in zip(self.output_names, outs)]
+        out_vals = _output_vals(gm)
+        if len(out_vals) != len(outs):
+            out_vals = [None] * len(outs)
+        self.output_specs = [self._spec(n, t, v, symbols) for n, t, v in zip(self.output_names, outs, out_vals)]
         for node in gm.graph.nodes:
             self._init_annotations(node)
 
@@ -125,28 +134,33 @@ class Graph:
         input_names: Sequence[str] | None = None,
         output_names: Sequence[str] | None = None,
         dynamic_batch: bool = True,
+        dynamic_dims: dict[int, str] | None = None,
         source: dict[str, Any] | None = None,
     ) -> "Graph":
         """Capture ``module`` with ``torch.export`` and return its unlifted graph.
 
-        The module is put in eval mode. With ``dynamic_batch`` dim 0 of every tensor input is
-        exported as one shared dynamic dimension; an example batch of 1 is traced at batch 2
-        (export specializes size-1 dims) while the given examples are kept. When a dynamic batch
-        cannot be exported the capture falls back to static shapes and says so in ``source``.
+        The module is put in eval mode. ``dynamic_dims`` (default ``{0: "batch"}`` when
+        ``dynamic_batch``) are exported as dynamic on every tensor input that has them; a
+        dimension torch specializes anyway (the model needs a fixed size) is dropped and
+        recorded in ``source["specialized_dims"]``. An example size of 1 is traced at 2 (export
+        specializes size-1 dims) while the given examples are kept. When no dynamic export
+        works the capture falls back to static shapes and records why.
         """
         module = module.eval()
         example_inputs = tuple(example_inputs)
         name = name or type(module).__name__
         source = dict(source or {})
-        ep, dynamic = None, False
-        if dynamic_batch and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
-            trace_inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example_inputs)
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
+        ep, kept = None, {}
+        if dims and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
             try:
-                ep = torch.export.export(module, trace_inputs, dynamic_shapes=tuple({0: batch} for _ in trace_inputs))
-                dynamic = True
+                ep = _export_dynamic(module, example_inputs, dims)
+                kept = _dynamic_positions(ep, dims)
+                if dims.keys() - kept.keys():
+                    source["specialized_dims"] = sorted(dims[d] for d in dims.keys() - kept.keys())
             except Exception as err:  # noqa: BLE001 -- any export failure falls back to static
-                source["dynamic_batch_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                ep = None
+                source["dynamic_export_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
         if ep is None:
             try:
                 ep = torch.export.export(module, example_inputs)
@@ -159,7 +173,7 @@ class Graph:
             input_names=input_names,
             output_names=output_names,
             name=name,
-            dynamic_batch=dynamic,
+            dynamic_dims=kept,
             source=source,
         )
 
@@ -187,7 +201,7 @@ class Graph:
         out = []
         for x in self.example_inputs:
             shape = list(x.shape)
-            if batch is not None and self.dynamic_batch and shape:
+            if batch is not None and 0 in self.dynamic_dims and shape:
                 shape[0] = batch
             if x.dtype.is_floating_point:
                 std = float(x.float().std()) if x.numel() > 1 else 1.0
@@ -286,19 +300,43 @@ class Graph:
         return [u for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users]
 
     def remove_unused_tensors(self) -> tuple[int, int]:
-        """Delete parameters/buffers no ``get_attr`` node reads; returns (count, bytes) removed."""
-        used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
-        count = nbytes = 0
-        named = list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False))
-        for target, tensor in named:
-            if target in used:
+        """Delete the parameters, buffers and plain tensor constants (``lifted_tensor_0``) that no
+        ``get_attr`` reads; returns ``(count, bytes actually freed)``.
+
+        Tensors of modules called by ``call_module`` nodes (``_guards_fn``) are left alone (their
+        code reads them without a ``get_attr``), and a deleted name whose storage a kept name
+        still holds (tied weights: ``output.weight is tok_embeddings.weight``) frees no bytes.
+        """
+        used = {str(n.target) for n in self.nodes if n.op == "get_attr"}
+        called = [str(n.target) for n in self.nodes if n.op == "call_module"]
+        entries: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+        for path, module in self.gm.named_modules(remove_duplicate=False):
+            if any(path == c or path.startswith(c + ".") for c in called):
                 continue
-            owner_path, _, attr = target.rpartition(".")
-            owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
-            if hasattr(owner, attr):
-                delattr(owner, attr)
-                count += 1
-                nbytes += tensor.numel() * tensor.element_size()
+            tensors = list(module._parameters.items()) + list(module._buffers.items())
+            tensors += [(a, v) for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
+            for attr, value in tensors:
+                if isinstance(value, torch.Tensor):
+                    entries.append((module, attr, f"{path}.{attr}" if path else attr, value))
+
+        def storage(t: torch.Tensor) -> int:
+            try:
+                return t.untyped_storage().data_ptr()
+            except Exception:  # noqa: BLE001 -- e.g. tensors without storage
+                return id(t)
+
+        kept = {storage(v) for _m, _a, target, v in entries if target in used}
+        count = nbytes = 0
+        freed: set[int] = set()
+        for module, attr, target, value in entries:
+            if target in used or not hasattr(module, attr):
+                continue
+            delattr(module, attr)
+            count += 1
+            key = storage(value)
+            if key not in kept and key not in freed:
+                freed.add(key)
+                nbytes += value.untyped_storage().nbytes() if value.device.type != "meta" else 0
         return count, nbytes
 
     def recompile(self) -> None:
@@ -352,27 +390,97 @@ class Graph:
         return to_networkx(self)
 
     # ------------------------------------------------------------------ export
-    def export_program(self, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.export.ExportedProgram:
-        """Re-export the (possibly rewritten) graph, with the dynamic batch when it was captured with one.
+    @property
+    def dynamic_batch(self) -> bool:
+        """Dim 0 of the inputs is dynamic."""
+        return 0 in self.dynamic_dims
 
-        Backends call this; an example batch of 1 is traced at batch 2 (see :meth:`capture`).
+    def export_program(self, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.export.ExportedProgram:
+        """Re-export the (possibly rewritten) graph with its dynamic dimensions.
+
+        Backends call this; an example size of 1 on a dynamic dim is traced at 2 (see :meth:`capture`).
         """
         inputs = tuple(example_inputs or self.example_inputs)
-        if self.dynamic_batch:
-            inputs = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
-            return torch.export.export(self.gm, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        if self.dynamic_dims:
+            return _export_dynamic(self.gm, inputs, self.dynamic_dims)
         return torch.export.export(self.gm, inputs)
 
     def __repr__(self) -> str:
         n_ops = sum(1 for _ in self.call_nodes())
         return f"Graph({self.name!r}, {n_ops} ops, {self.parameter_count():,} params, inputs={[s.shape for s in self.input_specs]})"
 
-    def _spec(self, name: str, t: torch.Tensor) -> TensorSpec:
+    def _spec(self, name: str, t: torch.Tensor, val: Any = None, symbols: dict[str, str] | None = None) -> TensorSpec:
+        """Spec of an input (dynamic dims by position) or an output (dynamic dims from its
+        symbolic shape when known, else dim 0 when the batch is dynamic)."""
         shape: list[int | str] = list(t.shape)
-        if self.dynamic_batch and shape:
-            shape[0] = "batch"
+        if symbols is None:
+            for d, dim_name in self.dynamic_dims.items():
+                if d < len(shape):
+                    shape[d] = dim_name
+        elif isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt):
+                    shape[d] = _rename_symbols(str(size.node.expr), symbols)
+        elif self.dynamic_batch and shape:
+            shape[0] = self.dynamic_dims[0]
         return TensorSpec(name, tuple(shape), dtype_name(t.dtype))
+
+
+def _export_dynamic(module: torch.nn.Module, inputs: tuple, dims: dict[int, str]) -> torch.export.ExportedProgram:
+    """``torch.export`` with ``dims`` of every input dynamic (size-1 dims traced at 2)."""
+    trace = []
+    for x in inputs:
+        for d in dims:
+            if d < x.dim() and x.shape[d] == 1:
+                x = torch.cat([x, x], dim=d)
+        trace.append(x)
+    # The batch gets a named Dim (export must prove it free, or fail and we fall back); other
+    # dims such as a sequence length get AUTO, since models bound them (RoPE tables, positions).
+    named = {d: torch.export.Dim(name, min=1, max=1 << 16) for d, name in dims.items() if d == 0}
+    spec = tuple({d: named.get(d, torch.export.Dim.AUTO) for d in dims if d < x.dim()} for x in trace)
+    return torch.export.export(module, tuple(trace), dynamic_shapes=spec)
+
+
+def _placeholder_vals(gm: fx.GraphModule) -> list[Any]:
+    return [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _dynamic_positions(ep: torch.export.ExportedProgram, dims: dict[int, str]) -> dict[int, str]:
+    """The requested dims that stayed symbolic on every input that has them."""
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    kept = {}
+    for d, name in dims.items():
+        having = [v for v in vals if d < v.dim()]
+        if having and all(isinstance(v.shape[d], torch.SymInt) for v in having):
+            kept[d] = name
+    return kept
+
+
+def _symbol_names(gm: fx.GraphModule, dims: dict[int, str]) -> dict[str, str]:
+    """Map torch's shape symbols (``s77``) to our dim names (``batch``) via the inputs."""
+    names: dict[str, str] = {}
+    for v in _placeholder_vals(gm):
+        if isinstance(v, torch.Tensor):
+            for d, name in dims.items():
+                if d < v.dim() and isinstance(v.shape[d], torch.SymInt):
+                    names[str(v.shape[d].node.expr)] = name
+    return names
+
+
+def _rename_symbols(expr: str, names: dict[str, str]) -> str:
+    if not names:
+        return expr
+    return re.sub(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b", lambda m: names[m.group(1)], expr)
+
+
+def _output_vals(gm: fx.GraphModule) -> list[Any]:
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return []
+    leaves = pytree.tree_leaves(out.args[0])
+    return [a.meta.get("val") if isinstance(a, fx.Node) else None for a in leaves if isinstance(a, fx.Node)]
 
 
 def op_name(node: fx.Node) -> str:

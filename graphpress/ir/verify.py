@@ -4,8 +4,7 @@ Checks, in order, each failure a one-line :class:`VerificationError` naming the 
 
 1. FX lint: every use refers to a node defined earlier in the same graph (no dangling uses).
 2. Every ``get_attr`` target resolves to a tensor or module on the graph module.
-3. No ``call_function`` node is left without users unless it may have side effects.
-4. Fake-tensor propagation on the example inputs succeeds (every op accepts its input shapes
+3. Fake-tensor propagation on the example inputs succeeds (every op accepts its input shapes
    and dtypes), and the outputs' shapes and dtypes equal the recorded output specs.
 
 Numeric checks (does the graph still compute the same function?) live in the Pipeline.
@@ -74,15 +73,29 @@ def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = Non
         raise VerificationError(
             f"{graph.name}: graph has {len(out_vals)} outputs, expected {len(graph.output_specs)}"
         )
-    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
+    sizes = _dim_sizes(graph, inputs)
     for spec, val in zip(graph.output_specs, out_vals):
         if val is None:
             continue
-        want = tuple(batch if d == "batch" else d for d in spec.shape)
-        if tuple(val.shape) != want or str(val.dtype).removeprefix("torch.") != spec.dtype:
+        want = tuple(sizes.get(d, None) if isinstance(d, str) else d for d in spec.shape)
+        got = tuple(val.shape)
+        shape_ok = len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got))
+        if not shape_ok or str(val.dtype).removeprefix("torch.") != spec.dtype:
+            shown = tuple("?" if w is None else w for w in want)
             raise VerificationError(
-                f"{graph.name}: output '{spec.name}' is {tuple(val.shape)} {val.dtype}, expected {want} {spec.dtype}"
+                f"{graph.name}: output '{spec.name}' is {got} {val.dtype}, expected {shown} {spec.dtype}"
             )
+
+
+def _dim_sizes(graph: "Graph", inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Sizes of the named dynamic dims (``batch``, ``seq``) in these inputs."""
+    sizes: dict[str, int] = {}
+    for spec, x in zip(graph.input_specs, inputs):
+        if isinstance(x, torch.Tensor):
+            for d, name in enumerate(spec.shape):
+                if isinstance(name, str) and d < x.dim():
+                    sizes.setdefault(name, int(x.shape[d]))
+    return sizes
 
 
 class _TrackingProp(FakeTensorProp):

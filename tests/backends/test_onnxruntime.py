@@ -121,7 +121,7 @@ def test_onnx_has_symbolic_batch_dim(name, request):
         assert dims[0].dim_param == "batch", value.name
         assert all(d.HasField("dim_value") for d in dims[1:])
     assert model.opset_import[0].version == 18
-    assert lowered.info["batch_dim"] == "batch" and lowered.info["opset"] == 18
+    assert lowered.info["dynamic_dims"] == ["batch"] and lowered.info["opset"] == 18
     assert lowered.files == ["model.onnx"] and lowered.info["external_data"] is False
     # Weights are inline: the file holds at least the fp32 parameters.
     assert (folder / "model.onnx").stat().st_size >= graph.parameter_bytes()
@@ -208,7 +208,7 @@ def test_lowering_prints_nothing(tmp_path, capfd):
     # A static graph keeps a fixed dim 0, and the check ran at the example batch only.
     model = onnx.load(str(tmp_path / "model.onnx"))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
-    assert lowered.info["batch_dim"] is None
+    assert lowered.info["dynamic_dims"] == []
     assert all("batch" not in r["inputs"] for r in lowered.check["runs"][1:])
 
 

@@ -3,12 +3,13 @@
 Steps (see ``docs/backends/onnxruntime.md``):
 
 1. ``graph.export_program()`` re-exports the (possibly rewritten) FX graph with ``torch.export``,
-   keeping dim 0 dynamic when the graph was captured with a dynamic batch.
+   keeping the graph's dynamic dims (the batch; a sequence length for language models).
 2. ``torch.onnx.export(..., dynamo=True, opset_version=18)`` translates the ATen graph to ONNX;
    graphpress custom ops translate through ``graphpress.ir.ops.ONNX_TRANSLATIONS`` when that
    table exists. The exporter's progress prints and warnings are swallowed; on failure the
    innermost error line becomes a one-line :class:`BackendError`.
-3. The symbolic batch dimension (named by torch ``s22``, ``s77`` ...) is renamed ``batch``, and
+3. The symbolic dims (named by torch ``s22``, ``s77`` ...) are renamed after the graph's input
+   specs (``batch``, ``seq``), and
    the model is saved as one ``model.onnx`` (weights inline below 2 GB, external data above).
 4. Optionally ORT's *extended* graph optimizations are applied offline and stored
    (``optimize=True``; off by default: it did not make loading faster, see the docs).
@@ -43,7 +44,6 @@ from graphpress.ir.graph import Graph
 
 DEFAULT_OPSET = 18
 MODEL_FILE = "model.onnx"
-BATCH_DIM = "batch"
 # protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
 _INLINE_WEIGHT_LIMIT = 2**31 - 2**26
 
@@ -107,29 +107,35 @@ def _custom_translations() -> dict | None:
     return dict(ONNX_TRANSLATIONS) or None
 
 
-def _name_batch_dim(model: Any) -> str | None:
-    """Rename the symbol torch gave the dynamic batch (``s77``) to ``batch`` throughout ``model``.
+def _name_dynamic_dims(model: Any, input_specs: Any) -> dict[str, str]:
+    """Rename the symbols torch gave dynamic dims (``s77``) to the graph's names (``batch``,
+    ``seq``) throughout ``model``, derived dims such as ``2*s77`` included.
 
-    Derived dims such as ``2*s77`` are rewritten too. Returns the old symbol, or None when no
-    input has a symbolic dim 0 (a static graph).
+    The mapping comes from the inputs: where an input spec names a dim, the ONNX input's
+    symbol at that position gets the name. Returns ``{old symbol: name}`` (empty when static).
     """
     import onnx_ir as ir
 
-    symbols = {
-        str(v.shape[0].value)
-        for v in model.graph.inputs
-        if v.shape is not None and len(v.shape) > 0 and isinstance(v.shape[0], ir.SymbolicDim) and v.shape[0].value
-    }
-    if not symbols:
-        return None
-    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(symbols)) + r")\b")
+    mapping: dict[str, str] = {}
+    for value, spec in zip(model.graph.inputs, input_specs):
+        if value.shape is None:
+            continue
+        for dim, want in zip(value.shape, spec.shape):
+            if isinstance(want, str) and isinstance(dim, ir.SymbolicDim) and dim.value:
+                mapping.setdefault(str(dim.value), want)
+    if not mapping:
+        return {}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(mapping, key=len, reverse=True)) + r")\b")
 
     def rename(value: Any) -> None:
         shape = value.shape
         if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value for d in shape):
             return
         value.shape = ir.Shape(
-            [ir.SymbolicDim(pattern.sub(BATCH_DIM, d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape]
+            [
+                ir.SymbolicDim(pattern.sub(lambda m: mapping[m.group(1)], d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d
+                for d in shape
+            ]
         )
 
     values = list(model.graph.inputs) + list(model.graph.outputs)
@@ -139,7 +145,7 @@ def _name_batch_dim(model: Any) -> str | None:
     values += [out for node in nodes for out in node.outputs]
     for value in values:
         rename(value)
-    return ", ".join(sorted(symbols))
+    return mapping
 
 
 def _initializer_bytes(model: Any) -> int:
@@ -164,7 +170,7 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
     Returns
     -------
     dict
-        Facts for the manifest: ``files`` (names written), ``opset``, ``batch_dim``,
+        Facts for the manifest: ``files`` (names written), ``opset``, ``dynamic_dims``,
         ``external_data``, ``model_bytes``, timings ``export_program_s``, ``onnx_export_s``,
         ``save_s``, ``optimize_s``, and versions.
 
@@ -208,8 +214,8 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
         raise BackendError(f"onnxruntime: ONNX export of {graph.name!r} returned no program")
 
     model = program.model
-    old = _name_batch_dim(model)
-    info["batch_dim"] = BATCH_DIM if old else None
+    renamed = _name_dynamic_dims(model, graph.input_specs)
+    info["dynamic_dims"] = sorted(set(renamed.values()))
     model.metadata_props["graphpress_version"] = graphpress.__version__
     model.metadata_props["graphpress_model"] = graph.name
 
@@ -389,4 +395,4 @@ class OnnxRuntimeBackend:
         return f"OnnxRuntimeBackend(opset={self.opset}, optimize={self.optimize})"
 
 
-__all__ = ["OnnxRuntimeBackend", "lower_to_onnx", "check_onnx", "optimize_onnx", "DEFAULT_OPSET", "MODEL_FILE", "BATCH_DIM"]
+__all__ = ["OnnxRuntimeBackend", "lower_to_onnx", "check_onnx", "optimize_onnx", "DEFAULT_OPSET", "MODEL_FILE"]
