@@ -89,10 +89,13 @@ def compress(
     """
     from graphpress.frontends import load
 
+    from graphpress.backends import get_backend
+
     stage = on_stage or (lambda _s: None)
     out = check_out_dir(out, overwrite)
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    get_backend(backend)  # an unknown backend fails before the capture, not after the passes
     stage("capture")
     graph = load(source, arch=arch, example_inputs=example_inputs, input_shape=input_shape)
     stage("passes")

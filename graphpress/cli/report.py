@@ -38,6 +38,8 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        # In logs and pipes a spinner is noise, and it would precede a one-line error.
+        disable=not console.is_terminal,
     )
 
 
