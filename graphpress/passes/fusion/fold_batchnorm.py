@@ -78,7 +78,7 @@ class FoldBatchNorm:
     def __call__(self, graph: Graph) -> PassResult:
         skipped = Skips()
         folded = 0
-        params_before = graph.parameter_count()
+        params_before, bytes_before = graph.parameter_count(), graph.parameter_bytes()
         mutated = mutated_targets(graph)
         bns = [n for n in graph.call_nodes() if packet(n) in _BN_VARIANTS]
         for bn in bns:
@@ -88,15 +88,16 @@ class FoldBatchNorm:
                 continue
             _rewrite(graph, bn, plan)
             folded += 1
-        removed, freed = (0, 0)
+        removed = 0
         if folded:
-            removed, freed = graph.remove_unused_tensors()
+            removed, _ = graph.remove_unused_tensors()
             graph.recompile()
         stats = {
             "folded": folded,
             "tensors_removed": removed,
             "params_removed": params_before - graph.parameter_count(),
-            "bytes_freed": freed,
+            # net: the old weights and BN tensors went, folded weights and new biases came
+            "bytes_saved": bytes_before - graph.parameter_bytes(),
             "skipped": dict(skipped),
         }
         return PassResult(graph, changed=folded > 0, stats=stats)
