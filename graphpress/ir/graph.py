@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -188,7 +189,10 @@ class Graph:
     def clone(self) -> "Graph":
         """Deep copy: passes work on a clone so the original stays as the reference."""
         new = copy.copy(self)
-        new.gm = copy.deepcopy(self.gm)
+        with warnings.catch_warnings():
+            # deep-copying the module's pytree specs trips a torch-internal FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            new.gm = copy.deepcopy(self.gm)
         new.source = dict(self.source)
         new.input_specs = list(self.input_specs)
         new.output_specs = list(self.output_specs)
