@@ -17,8 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from graphpress.errors import FrontendError
-from graphpress.frontends.state_dict import load_into
-from graphpress.frontends.torch_module import build_from_factory, from_module
+from graphpress.frontends.state_dict import capture_weights_file
 from graphpress.ir.graph import Graph
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -80,15 +79,12 @@ def load_checkpoint(
     dynamic_batch: bool = True,
 ) -> Graph:
     """Build ``arch`` (``'package.module:factory'``), load the checkpoint's weights, capture it."""
-    if not arch:
-        raise FrontendError(f"{path}: a checkpoint holds only weights: pass --arch package.module:factory")
-    state = read_state_dict(path)
-    module = load_into(build_from_factory(arch), state, path=str(path), arch=arch)
-    return from_module(
-        module,
-        example_inputs,
+    return capture_weights_file(
+        path,
+        arch,
+        read_state_dict,
+        frontend="checkpoint",
+        example_inputs=example_inputs,
         input_shape=input_shape,
-        name=Path(path).stem,
         dynamic_batch=dynamic_batch,
-        source={"frontend": "checkpoint", "path": str(path), "arch": arch},
     )

@@ -8,8 +8,7 @@ from typing import Sequence
 import torch
 
 from graphpress.errors import FrontendError
-from graphpress.frontends.state_dict import load_into
-from graphpress.frontends.torch_module import build_from_factory, from_module
+from graphpress.frontends.state_dict import capture_weights_file
 from graphpress.ir.graph import Graph
 
 
@@ -37,15 +36,12 @@ def load_safetensors(
     dynamic_batch: bool = True,
 ) -> Graph:
     """Build ``arch``, load the safetensors weights strictly, capture it."""
-    if not arch:
-        raise FrontendError(f"{path}: a safetensors file holds only weights: pass --arch package.module:factory")
-    state = read_safetensors(path)
-    module = load_into(build_from_factory(arch), state, path=str(path), arch=arch)
-    return from_module(
-        module,
-        example_inputs,
+    return capture_weights_file(
+        path,
+        arch,
+        read_safetensors,
+        frontend="safetensors",
+        example_inputs=example_inputs,
         input_shape=input_shape,
-        name=Path(path).stem,
         dynamic_batch=dynamic_batch,
-        source={"frontend": "safetensors", "path": str(path), "arch": arch},
     )

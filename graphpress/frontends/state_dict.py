@@ -1,15 +1,19 @@
 """Load a flat ``{name: tensor}`` state dict into an architecture, explaining any mismatch in one line.
 
-Shared by the checkpoint and safetensors frontends.
+Shared by the checkpoint and safetensors frontends: :func:`capture_weights_file` is the whole
+"weights file + architecture factory -> Graph" path, parameterized by the file reader.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from graphpress.errors import FrontendError
+from graphpress.frontends.torch_module import build_from_factory, from_module
+from graphpress.ir.graph import Graph
 
 # Prefixes added by wrappers (DataParallel/DDP, torch.compile) that the bare model does not have.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -55,3 +59,28 @@ def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, pat
         raise FrontendError(f"{path}: weights do not match architecture {arch}: {', '.join(parts)}")
     module.load_state_dict(state, strict=False)
     return module.eval()
+
+
+def capture_weights_file(
+    path: str | Path,
+    arch: str,
+    read: Callable[[Path], Mapping[str, torch.Tensor]],
+    *,
+    frontend: str,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    input_shape: Sequence[int] | None = None,
+    dynamic_batch: bool = True,
+) -> Graph:
+    """Build ``arch`` (``'package.module:factory'``), load the weights ``read(path)`` returns
+    (strictly), and capture the module."""
+    if not arch:
+        raise FrontendError(f"{path}: a {frontend} file holds only weights: pass --arch package.module:factory")
+    module = load_into(build_from_factory(arch), read(Path(path)), path=str(path), arch=arch)
+    return from_module(
+        module,
+        example_inputs,
+        input_shape=input_shape,
+        name=Path(path).stem,
+        dynamic_batch=dynamic_batch,
+        source={"frontend": frontend, "path": str(path), "arch": arch},
+    )
