@@ -68,6 +68,6 @@ def test_pretrained_loaders_fail_clearly_when_shared_is_absent(monkeypatch, tmp_
     from graphpress.errors import FrontendError
 
     monkeypatch.setenv(paths.SHARED_ENV, str(tmp_path))
-    for name, loader in zoo.PRETRAINED.items():
+    for _name, loader in zoo.PRETRAINED.items():
         with pytest.raises(FrontendError, match="GRAPHPRESS_SHARED"):
             loader()
