@@ -349,23 +349,27 @@ class Graph:
         self.gm.recompile()
 
     # ------------------------------------------------------------------ stats
-    def parameter_count(self) -> int:
-        seen, total = set(), 0
+    def _read_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a ``get_attr`` reads, once per storage: a tied weight read under two
+        names (an LM head sharing the embedding) counts once."""
+        seen, out = set(), []
         for n in self.gm.graph.nodes:
             t = self.tensor_of(n) if n.op == "get_attr" else None
-            if t is not None and n.target not in seen and t.dtype.is_floating_point:
-                seen.add(n.target)
-                total += t.numel()
-        return total
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                out.append(t)
+        return out
+
+    def parameter_count(self) -> int:
+        """Floating-point elements the graph reads (weights and float buffers such as BN statistics)."""
+        return sum(t.numel() for t in self._read_tensors() if t.dtype.is_floating_point)
 
     def parameter_bytes(self) -> int:
-        seen, total = set(), 0
-        for n in self.gm.graph.nodes:
-            t = self.tensor_of(n) if n.op == "get_attr" else None
-            if t is not None and n.target not in seen:
-                seen.add(n.target)
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of every tensor the graph reads."""
+        return sum(t.numel() * t.element_size() for t in self._read_tensors())
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
