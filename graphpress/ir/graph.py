@@ -107,6 +107,8 @@ class Graph:
         self.name = name
         self.dynamic_dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
         self.source = dict(source or {})
+        # Representative inputs for data-driven passes (Fisher, calibration); None -> examples.
+        self.calibration: list[tuple[torch.Tensor, ...]] | None = None
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_names = list(input_names or [n.name for n in placeholders])
         if len(self.input_names) != len(self.example_inputs):
@@ -197,6 +199,10 @@ class Graph:
         new.input_specs = list(self.input_specs)
         new.output_specs = list(self.output_specs)
         return new
+
+    def calibration_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """User-given calibration batches, else the example inputs as one batch."""
+        return list(self.calibration) if self.calibration else [self.example_inputs]
 
     def random_inputs(self, seed: int, batch: int | None = None) -> tuple[torch.Tensor, ...]:
         """Seeded random inputs shaped like the examples (floats ~ N(0,1) scaled to the examples' std;
