@@ -70,6 +70,7 @@ def register(name: str):
 
 def _load_builtin_passes() -> None:
     # Importing the families registers their passes; done lazily so `ir` never imports passes.
+    import graphpress.passes.circulant  # noqa: F401
     import graphpress.passes.cleanup  # noqa: F401
     import graphpress.passes.fusion  # noqa: F401
 
