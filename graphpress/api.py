@@ -20,7 +20,7 @@ import torch
 
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
-from graphpress.passes import Pipeline, PipelineReport
+from graphpress.passes import Pipeline, PipelineReport, config_from_dict
 from graphpress.passes.recipes import Recipe, load_recipe
 
 Stage = Callable[[str], None]
@@ -64,7 +64,11 @@ def compress(
     overwrite: bool = False,
     bench: bool = True,
     baseline: bool = True,
+    calibration: Any = None,
+    finetune_inputs: Any = None,
+    finetune: dict[str, Any] | Any | None = None,
     on_event=None,
+    on_epoch=None,
     on_stage: Stage | None = None,
 ) -> CompressResult:
     """Load ``source``, run ``recipe`` with verification, lower to ``backend``, write ``out``.
@@ -84,8 +88,17 @@ def compress(
     baseline : bool
         With ``bench``, also lower the *original* graph to the backend and time it, so the
         report separates what the passes gained from what the backend gained.
-    on_event, on_stage : callable, optional
-        Progress hooks: pipeline events (see :meth:`Pipeline.run`) and stage names.
+    calibration : Tensor, tuple of Tensor, or path, optional
+        Representative inputs for data-driven passes (Fisher sensitivity, calibration), set as
+        ``graph.calibration``; a path is read with :func:`graphpress.train.load_inputs`.
+    finetune_inputs : Tensor, tuple of Tensor, or path, optional
+        Unlabelled inputs for recovery fine-tuning by distillation from the original model,
+        after the passes (see :func:`graphpress.train.distill`); only tensors that passes mark
+        trainable change, so compressed structure is preserved.
+    finetune : dict or DistillConfig, optional
+        Fine-tuning options (epochs, lr, patience, ...).
+    on_event, on_epoch, on_stage : callable, optional
+        Progress hooks: pipeline events (see :meth:`Pipeline.run`), fine-tuning epochs and stage names.
     """
     from graphpress.frontends import load
 
@@ -96,11 +109,25 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
     get_backend(backend)  # an unknown backend fails before the capture, not after the passes
+    from graphpress.train import DistillConfig, distill, load_inputs
+
+    if finetune is not None and not isinstance(finetune, DistillConfig):
+        finetune = config_from_dict(DistillConfig, dict(finetune), owner="finetune")
+    if isinstance(calibration, (str, Path)):
+        calibration = load_inputs(calibration)
+    if isinstance(finetune_inputs, (str, Path)):
+        finetune_inputs = load_inputs(finetune_inputs)
     stage("capture")
     graph = load(source, arch=arch, example_inputs=example_inputs, input_shape=input_shape)
+    if calibration is not None:
+        graph.calibration = as_batches(calibration)
     stage("passes")
     pipeline = Pipeline.from_recipe(recipe)
     report = pipeline.run(graph, on_event=on_event)
+    finetuned = None
+    if finetune_inputs is not None:
+        stage("finetune")
+        finetuned = distill(report.graph, graph, finetune_inputs, finetune or DistillConfig(), on_epoch=on_epoch)
     return export(
         report.graph,
         out,
@@ -113,7 +140,15 @@ def compress(
         baseline=baseline,
         on_stage=stage,
         check_inputs=pipeline.check_inputs(graph),
+        extra={"finetune": finetuned.to_dict()} if finetuned is not None else None,
     )
+
+
+def as_batches(data: Any, batch_size: int = 64) -> list[tuple[torch.Tensor, ...]]:
+    """A tensor or a tuple of per-input tensors (rows = samples) as a list of input tuples."""
+    cols = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+    n = cols[0].shape[0]
+    return [tuple(c[i : i + batch_size] for c in cols) for i in range(0, n, batch_size)]
 
 
 def export(
@@ -129,11 +164,13 @@ def export(
     baseline: bool = True,
     on_stage: Stage | None = None,
     check_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> CompressResult:
     """Lower ``graph`` to ``backend`` and write an artifact folder with manifest and report.
 
     ``original`` (the graph before passes) is the reference for the accuracy metrics and the
-    eager-latency baseline; it defaults to ``graph`` itself.
+    eager-latency baseline; it defaults to ``graph`` itself. ``extra`` entries are added to the
+    manifest (e.g. the fine-tuning history).
     """
     from graphpress.backends import get_backend
     from graphpress.runtime import compare_latency, make_manifest, write_artifact
@@ -174,6 +211,7 @@ def export(
         manifest = make_manifest(
             graph, lowered, recipe=recipe, passes=report.to_dict()["passes"] if report else [], metrics=metrics
         )
+        manifest.update(extra or {})
         manifest["host"] = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
         stage("write")
         del runner  # release the session's file handle before the folder moves

@@ -100,6 +100,10 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure batch-1 latency before/after."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the original graph on the backend."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Inputs for data-driven passes (.pt/.npy/.npz/.safetensors)."),
+    finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Unlabelled inputs for recovery fine-tuning by distillation."),
+    finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Maximum fine-tuning epochs (early stopping on a held-out split)."),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Fine-tuning learning rate."),
 ) -> None:
     """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
     from graphpress.api import check_out_dir, compress
@@ -108,6 +112,13 @@ def run(
     with progress() as bar:
         stage_task = bar.add_task("capture", total=None)
         pass_task = None
+        epoch_task = None
+
+        def on_epoch(epoch: int, total: int, record: dict) -> None:
+            nonlocal epoch_task
+            if epoch_task is None:
+                epoch_task = bar.add_task("fine-tune", total=total)
+            bar.update(epoch_task, completed=epoch, description=f"fine-tune (val loss {record['val_loss']:.4g})")
 
         def on_stage(name: str) -> None:
             bar.update(stage_task, description=name)
@@ -131,12 +142,23 @@ def run(
             overwrite=overwrite,
             bench=bench,
             baseline=baseline,
+            calibration=calibration,
+            finetune_inputs=finetune_data,
+            finetune={"epochs": finetune_epochs, "lr": finetune_lr},
             on_event=on_event,
+            on_epoch=on_epoch,
             on_stage=on_stage,
         )
         bar.update(stage_task, description="done", total=1, completed=1)
     if result.manifest["passes"]:
         console.print(passes_table(result.manifest["passes"]))
+    if result.manifest.get("finetune"):
+        ft = result.manifest["finetune"]
+        best = ft["history"][ft["best_epoch"] - 1]["val_loss"] if ft["best_epoch"] > 0 else "no improvement"
+        console.print(
+            f"fine-tuned {ft['params_trained']:,} values in {len(ft['history'])} epoch(s)"
+            f"{' (stopped early)' if ft['stopped_early'] else ''}; best epoch {ft['best_epoch']}, val loss {best}"
+        )
     _print_result(result.manifest)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
 
