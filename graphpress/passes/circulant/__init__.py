@@ -2,3 +2,5 @@
 
 Importing this package registers its passes.
 """
+
+from graphpress.passes.circulant import projection, search  # noqa: F401,E402

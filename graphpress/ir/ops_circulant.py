@@ -1,0 +1,548 @@
+"""Block-circulant custom ops: ``graphpress::circulant_linear`` and ``graphpress::circulant_conv2d``.
+
+Both store the weight *compactly*: one length-``b`` vector per ``b x b`` circulant block (see
+:mod:`graphpress.ir.circulant`), ``b`` times fewer numbers than the dense matrix::
+
+    W[i*b + r, j*b + s] = c[i, j, (r - s) mod b]          c: (p, q, b),  W: (p*b, q*b)
+
+Ops
+---
+``graphpress::circulant_linear(Tensor x, Tensor c, Tensor? bias) -> Tensor``
+    ``x @ expand(c).T + bias`` for ``x (..., q*b)``, ``c (p, q, b)``, ``bias (p*b,)``.
+
+    *FFT path* (default): ``rfft`` of each length-``b`` input block, one complex ``(p x q)``
+    product per frequency (``torch.bmm`` with the frequency dim leading, contiguous operands),
+    ``irfft`` back. The spectrum ``rfft(c)`` is computed once per weight and cached (the weights
+    are constants at inference; the cache is keyed on the tensor's identity and its version
+    counter, so an in-place update such as an optimizer step invalidates it). For large
+    products the two real frequencies (0 and b/2) run as real matmuls (a quarter of the work of
+    a complex one): see :data:`SPLIT_REAL_MIN_WORK`.
+
+    *Dense path*: ``F.linear(x, expand(c), bias)`` with the expansion cached the same way.
+    Chosen by :func:`use_dense_path` -- the measured rule: ``b <= 2`` (no arithmetic saving
+    and the FFT's fixed per-call cost), matrices of at most :data:`DENSE_MAX_WEIGHTS` dense
+    weights (512 x 512: there the FFT's ~8 small kernel launches cost more than the product),
+    and dtypes ``torch.fft`` does not handle on CPU (float16/bfloat16).
+
+``graphpress::circulant_conv2d(Tensor x, Tensor c, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor``
+    ``F.conv2d(x, W, bias, stride, padding, dilation)`` (``groups = 1``) with
+    ``W = expand(c).permute(2, 3, 0, 1)`` for ``c (kh, kw, p, q, b)``: circulant over
+    ``(C_out, C_in)`` at every kernel position. Eager: the cached dense expansion + ``F.conv2d``
+    (the product is im2col + GEMM in any case; an FFT over channels would only pay off for large
+    1x1 convs, which the supported models do not have).
+
+Both ops have a ``register_fake`` shape function (``torch.export``, fake-tensor verification)
+and ``register_autograd`` (fine-tuning trains ``c`` and ``bias``): the backward recomputes the
+forward with differentiable torch ops (FFT product without caches for the linear, dense
+expansion for the conv) on detached inputs and calls :func:`torch.autograd.grad`.
+
+ONNX (:data:`ONNX_TRANSLATIONS`, merged into :data:`graphpress.ir.ops.ONNX_TRANSLATIONS`):
+the compact ``c`` is what the ``.onnx`` file stores. Lowerings of the linear:
+
+* ``"dense"`` -- ``Gather(c, diagonal_index(b), axis=-1)``, ``Transpose``, ``Reshape`` to the
+  dense ``(q*b, p*b)`` matrix, ``MatMul`` (+ ``Add`` bias). The expansion reads only the
+  initializer and constants, so ONNX Runtime constant-folds it at session creation: at run
+  time it is one dense product.
+* ``"dft"`` -- ``DFT`` (onesided) of the input blocks, one real ``MatMul`` per frequency with
+  the stacked ``[[Re C, Im C], [-Im C, Re C]]`` spectrum (``DFT`` of the stored ``c``, folded at
+  session creation), and the inverse real DFT as a ``MatMul`` with a constant ``(2f, b)`` matrix.
+* ``"dft-matmul"`` -- the same, with the forward DFT as a ``MatMul`` with a constant
+  ``(b, 2f)`` matrix too (faster than ORT's ``DFT`` kernel at these lengths).
+* ``"auto"`` (default, :data:`ONNX_LINEAR_LOWERING`) -- the measured rule of
+  :func:`onnx_linear_lowering_for`: ``"dft-matmul"`` for ``b >= 8`` on matrices above
+  512 x 512, else ``"dense"`` (``benchmarks/circulant_speed.py``, ``docs/passes/circulant.md``).
+
+:func:`onnx_linear_lowering` switches the lowering for the exports inside a ``with`` block. The
+conv always lowers to the dense expansion + ``Conv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphpress.ir.circulant import diagonal_index, expand, fft_matmul
+
+#: Dense path when the dense matrix has at most this many weights. Measured (2 cores, float32):
+#: up to 512 x 512 the FFT path's fixed cost (~8 small kernels, ~25 us) exceeds the dense
+#: product at batch 1 and it wins only at b >= 8 and batch 64; from 1024 x 1024 it wins at
+#: every b >= 4 and batch.
+DENSE_MAX_WEIGHTS = 512 * 512
+#: Run frequencies 0 and b/2 (real for real inputs) as real matmuls when the complex work
+#: ``rows * p * q * (b/2 + 1)`` is at least this (measured: saves up to 2x at b=4, batch 64;
+#: the extra kernels cost more than they save on small products).
+SPLIT_REAL_MIN_WORK = 1 << 21
+#: Block sizes up to this do their length-b DFTs as small matmuls, longer ones with ``torch.fft``.
+MATMUL_DFT_MAX_BLOCK = 64
+#: Default ONNX lowering of ``circulant_linear``, one of :data:`ONNX_LOWERINGS` (see module docstring).
+ONNX_LINEAR_LOWERING = "auto"
+ONNX_LOWERINGS = ("auto", "dense", "dft", "dft-matmul")
+#: ``"auto"`` lowers a linear spectrally (``"dft-matmul"``) when ``b >= ONNX_SPECTRAL_MIN_BLOCK``
+#: and the dense matrix has more than :data:`ONNX_DENSE_MAX_WEIGHTS` weights, else densely.
+ONNX_SPECTRAL_MIN_BLOCK = 8
+ONNX_DENSE_MAX_WEIGHTS = 512 * 512
+
+_FFT_DTYPES = (torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------- weight caches
+class _WeightCache:
+    """Tensors derived from a constant weight (its spectrum, its dense expansion), computed once.
+
+    Keyed on the weight tensor's identity; an entry is valid while the tensor is alive and its
+    version counter (bumped by every in-place write), data pointer, shape, stride and dtype are
+    unchanged. Holds only a weak reference to the weight, so the entry goes when the weight does.
+    Never cached: weights that require grad (training: they change every step, and writes
+    through ``.data`` do not bump the version counter) and inference tensors (no version
+    counter). Writing a frozen weight through ``.data`` needs :func:`clear_cache`.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple, dict[str, torch.Tensor]]] = {}
+        # re-entrant: a weakref callback (_drop) may run from a garbage collection triggered
+        # while this thread holds the lock inside get()
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> tuple | None:
+        if t.requires_grad or t.is_inference() or t.device.type == "meta":
+            return None
+        try:
+            return (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+        except RuntimeError:  # tensors without storage or version counter
+            return None
+
+    def get(self, weight: torch.Tensor, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        state = self._state(weight)
+        if state is None:
+            return make()
+        wid = id(weight)
+        with self._lock:
+            entry = self._entries.get(wid)
+            if entry is not None and (entry[0]() is not weight or entry[1] != state):
+                entry = None
+            if entry is None:
+                ref = weakref.ref(weight, lambda _r, wid=wid: self._drop(wid, _r))
+                entry = (ref, state, {})
+                self._entries[wid] = entry
+            cached = entry[2].get(key)
+        if cached is None:
+            cached = make()
+            with self._lock:
+                entry[2][key] = cached
+        return cached
+
+    def _drop(self, wid: int, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._entries.get(wid)
+            if entry is not None and entry[0] is ref:
+                del self._entries[wid]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CACHE = _WeightCache()
+
+
+def clear_cache() -> None:
+    """Forget every cached spectrum / dense expansion (they are rebuilt on the next call)."""
+    _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------- linear: eager
+def use_dense_path(p: int, q: int, b: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the eager ``circulant_linear`` multiplies by the dense expansion (see module doc)."""
+    return b <= 2 or p * q * b * b <= DENSE_MAX_WEIGHTS or dtype not in _FFT_DTYPES
+
+
+def _dense_weight(c: torch.Tensor) -> torch.Tensor:
+    return _CACHE.get(c, "dense", lambda: expand(c.detach()).contiguous())
+
+
+def _spectrum(c: torch.Tensor) -> torch.Tensor:
+    """``rfft(c)`` laid out ``(f, q, p)``, contiguous: the right operand of the per-frequency bmm."""
+    return _CACHE.get(c, "spectrum", lambda: torch.fft.rfft(c.detach(), dim=-1).permute(2, 1, 0).contiguous())
+
+
+def _spectrum_split(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectrum split into its two real frequencies ``(2, q, p)`` and the complex rest ``(f-2, q, p)``."""
+    cf = _spectrum(c)
+    real = _CACHE.get(c, "spectrum_real", lambda: torch.stack([cf[0].real, cf[-1].real]).contiguous())
+    mid = _CACHE.get(c, "spectrum_mid", lambda: cf[1:-1].contiguous())
+    return real, mid
+
+
+@functools.lru_cache(maxsize=64)
+def _dft_operators(b: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real DFT of length ``b`` as matrices with interleaved (re, im) columns/rows, ``f = b/2 + 1``:
+    ``x @ D`` (``D (b, 2f)``) is ``view_as_real(rfft(x))`` flattened, and ``Y @ M`` (``M (2f, b)``)
+    is ``irfft(Y, n=b)`` for ``Y = view_as_real(...)`` flattened."""
+    fwd, inv = _dft_matrices(b)  # (b, 2f) / (2f, b) with [re block | im block] layout
+    f = b // 2 + 1
+    d = torch.from_numpy(np.stack([fwd[:, :f], fwd[:, f:]], axis=-1).reshape(b, 2 * f).copy())
+    m = torch.from_numpy(np.stack([inv[:f], inv[f:]], axis=1).reshape(2 * f, b).copy())
+    return d.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
+
+
+def _fft_product(x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``x2 (R, q*b) -> (R, p, b)``: DFT of the input blocks, per-frequency complex ``bmm`` with the
+    cached spectrum of ``c``, inverse DFT.
+
+    For ``b <= MATMUL_DFT_MAX_BLOCK`` the length-``b`` transforms are matmuls with the ``(b, 2f)``
+    / ``(2f, b)`` DFT matrices (measured 1.5-2x faster end to end than ``torch.fft`` at these
+    lengths, and free of the FFT library's threading, which stalls on a loaded machine); longer
+    blocks use ``torch.fft.rfft`` / ``irfft``.
+    """
+    p, q, b = c.shape
+    rows = x2.shape[0]
+    f = b // 2 + 1
+    by_matmul = b <= MATMUL_DFT_MAX_BLOCK and x2.dtype in _FFT_DTYPES
+    if by_matmul:
+        d, m = _dft_operators(b, x2.dtype, x2.device)
+        xf = torch.view_as_complex((x2.reshape(rows * q, b) @ d).view(rows, q, f, 2))  # (R, q, f)
+    else:
+        xf = torch.fft.rfft(x2.reshape(rows, q, b), dim=-1)
+    xf = xf.permute(2, 0, 1).contiguous()  # (f, R, q)
+    if rows * p * q * f >= SPLIT_REAL_MIN_WORK:
+        real, mid = _spectrum_split(c)
+        y_real = torch.bmm(torch.stack([xf[0].real, xf[-1].real]), real)  # (2, R, p)
+        y_mid = torch.bmm(xf[1:-1], mid)  # (f-2, R, p)
+        yf = torch.cat([y_real[:1].to(y_mid.dtype), y_mid, y_real[1:].to(y_mid.dtype)])
+    else:
+        yf = torch.bmm(xf, _spectrum(c))  # (f, R, p)
+    yf = yf.permute(1, 2, 0).contiguous()  # (R, p, f)
+    if by_matmul:
+        return (torch.view_as_real(yf).reshape(rows * p, 2 * f) @ m).view(rows, p, b)
+    return torch.fft.irfft(yf, n=b, dim=-1)  # (R, p, b)
+
+
+def _check_linear(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if c.dim() != 3:
+        raise RuntimeError(f"graphpress::circulant_linear: c must be (p, q, b), got {tuple(c.shape)}")
+    p, q, b = c.shape
+    if x.dim() < 1 or x.shape[-1] != q * b:
+        raise RuntimeError(f"graphpress::circulant_linear: input {tuple(x.shape)} does not match c {tuple(c.shape)} (in features {q * b})")
+    if bias is not None and tuple(bias.shape) != (p * b,):
+        raise RuntimeError(f"graphpress::circulant_linear: bias {tuple(bias.shape)} is not ({p * b},)")
+
+
+@torch.library.custom_op("graphpress::circulant_linear", mutates_args=())
+def circulant_linear(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ expand(c).T + bias`` with ``c (p, q, b)`` the compact block-circulant weight."""
+    _check_linear(x, c, bias)
+    p, q, b = c.shape
+    if use_dense_path(p, q, b, x.dtype):
+        return F.linear(x, _dense_weight(c), bias)
+    lead = x.shape[:-1]
+    y = _fft_product(x.reshape(-1, q * b), c).reshape(*lead, p * b)
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+@circulant_linear.register_fake
+def _circulant_linear_fake(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check_linear(x, c, bias)
+    p, _q, b = c.shape
+    return x.new_empty((*x.shape[:-1], p * b))
+
+
+def circulant_linear_reference(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None, *, path: str = "fft") -> torch.Tensor:
+    """Uncached, differentiable ``circulant_linear``: ``path="fft"`` (rfft -> einsum -> irfft) or
+    ``"dense"`` (``F.linear`` with ``expand(c)``). Used by the backward and by tests."""
+    if path == "dense":
+        return F.linear(x, expand(c), bias)
+    if path != "fft":
+        raise ValueError(f"path must be 'fft' or 'dense', got {path!r}")
+    y = fft_matmul(x, c)
+    return y + bias if bias is not None else y
+
+
+def _setup_linear(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, c, bias = inputs
+    ctx.save_for_backward(x, c, bias)
+
+
+def _grads(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor | None], needs: Sequence[bool], grad: torch.Tensor) -> list:
+    """Gradients of ``fn(*tensors)`` w.r.t. the tensors ``needs`` marks, recomputing the forward."""
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(tensors, needs)]
+        out = fn(*inputs)
+        wanted = [t for t, n in zip(inputs, needs) if t is not None and n]
+        got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+    return [next(got) if (t is not None and n) else None for t, n in zip(inputs, needs)]
+
+
+def _backward_linear(ctx: Any, grad: torch.Tensor):
+    x, c, bias = ctx.saved_tensors
+    p, q, b = c.shape
+    path = "dense" if use_dense_path(p, q, b, x.dtype) else "fft"
+    return tuple(_grads(lambda a, w, bb: circulant_linear_reference(a, w, bb, path=path), (x, c, bias), ctx.needs_input_grad, grad))
+
+
+circulant_linear.register_autograd(_backward_linear, setup_context=_setup_linear)
+
+
+# ---------------------------------------------------------------------------- conv2d: eager
+def conv_weight(c: torch.Tensor) -> torch.Tensor:
+    """Dense ``(C_out, C_in, kh, kw)`` conv weight of compact ``c (kh, kw, p, q, b)``."""
+    return expand(c).permute(2, 3, 0, 1)
+
+
+def _conv_out(size: Any, k: int, s: int, pad: int, d: int) -> Any:
+    return (size + 2 * pad - d * (k - 1) - 1) // s + 1
+
+
+def _check_conv(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> None:
+    if c.dim() != 5:
+        raise RuntimeError(f"graphpress::circulant_conv2d: c must be (kh, kw, p, q, b), got {tuple(c.shape)}")
+    _kh, _kw, p, q, b = c.shape
+    if x.dim() != 4 or x.shape[1] != q * b:
+        raise RuntimeError(f"graphpress::circulant_conv2d: input {tuple(x.shape)} does not match c {tuple(c.shape)} (in channels {q * b})")
+    if bias is not None and tuple(bias.shape) != (p * b,):
+        raise RuntimeError(f"graphpress::circulant_conv2d: bias {tuple(bias.shape)} is not ({p * b},)")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(v) != 2:
+            raise RuntimeError(f"graphpress::circulant_conv2d: {name} must have 2 values, got {list(v)}")
+
+
+@torch.library.custom_op(
+    "graphpress::circulant_conv2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor c, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor",
+)
+def circulant_conv2d(
+    x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> torch.Tensor:
+    """``F.conv2d(x, expand(c).permute(2, 3, 0, 1), bias, stride, padding, dilation)``."""
+    _check_conv(x, c, bias, stride, padding, dilation)
+    w = _CACHE.get(c, "conv_weight", lambda: conv_weight(c.detach()).contiguous())
+    return F.conv2d(x, w, bias, list(stride), list(padding), list(dilation))
+
+
+@circulant_conv2d.register_fake
+def _circulant_conv2d_fake(x, c, bias, stride, padding, dilation):
+    _check_conv(x, c, bias, stride, padding, dilation)
+    kh, kw, p, _q, b = c.shape
+    h = _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], p * b, h, w))
+
+
+def circulant_conv2d_reference(x, c, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """Uncached, differentiable ``circulant_conv2d`` (dense expansion + ``F.conv2d``)."""
+    return F.conv2d(x, conv_weight(c), bias, list(stride), list(padding), list(dilation))
+
+
+def _setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, c, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, c, bias)
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
+
+
+def _backward_conv(ctx: Any, grad: torch.Tensor):
+    x, c, bias = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    gx, gc, gb = _grads(
+        lambda a, w, bb: circulant_conv2d_reference(a, w, bb, stride, padding, dilation), (x, c, bias), ctx.needs_input_grad[:3], grad
+    )
+    return gx, gc, gb, None, None, None
+
+
+circulant_conv2d.register_autograd(_backward_conv, setup_context=_setup_conv)
+
+
+# ---------------------------------------------------------------------------- ONNX
+@contextlib.contextmanager
+def onnx_linear_lowering(kind: str) -> Iterator[None]:
+    """Lower ``circulant_linear`` as ``kind`` (one of :data:`ONNX_LOWERINGS`) for exports inside the block."""
+    global ONNX_LINEAR_LOWERING
+    if kind not in ONNX_LOWERINGS:
+        raise ValueError(f"circulant ONNX lowering must be one of {ONNX_LOWERINGS}, got {kind!r}")
+    old, ONNX_LINEAR_LOWERING = ONNX_LINEAR_LOWERING, kind
+    try:
+        yield
+    finally:
+        ONNX_LINEAR_LOWERING = old
+
+
+def _static_shape(value: Any, rank: int, what: str) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    dims = tuple(shape) if shape is not None else ()
+    if len(dims) != rank or not all(isinstance(d, int) or (hasattr(d, "__index__") and not isinstance(d, str)) for d in dims):
+        raise ValueError(f"{what}: the compact weight needs a static shape of rank {rank}, got {shape}")
+    return tuple(int(d) for d in dims)
+
+
+def _const(array: np.ndarray):
+    """A ``Constant`` node holding ``array`` (for indices and DFT matrices)."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+
+
+def _unfoldable_zero(dtype: int):
+    """A ``(1,)`` zero made by ``ConstantOfShape``.
+
+    Adding it to a constant hides the constant from the exporter's own constant folder
+    (onnxscript's optimizer never folds ``ConstantOfShape``, and folds everything it can reach
+    from initializers up to 512 x 512 outputs), so the *compact* ``c`` stays what the file stores
+    even for small layers. ONNX Runtime folds the whole chain at session creation.
+    """
+    import onnx
+    from onnxscript import opset18 as op
+
+    return op.ConstantOfShape(_const(np.array([1], dtype=np.int64)), value=onnx.helper.make_tensor("zero", dtype, [1], [0]))
+
+
+def _onnx_dense_blocks(c, p: int, q: int, b: int):
+    """``Gather(c, diagonal_index(b), axis=-1)``: ``(..., p, q, b) -> (..., p, q, b, b)``."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    idx = op.Add(_const(diagonal_index(b).numpy().astype(np.int64)), _unfoldable_zero(onnx.TensorProto.INT64))
+    return op.Gather(c, idx, axis=-1)
+
+
+def onnx_linear_lowering_for(p: int, q: int, b: int, mode: str | None = None) -> str:
+    """The lowering ``circulant_linear`` with ``c (p, q, b)`` gets: ``"dense"``, ``"dft"`` or ``"dft-matmul"``."""
+    mode = mode or ONNX_LINEAR_LOWERING
+    if mode not in ONNX_LOWERINGS:
+        raise ValueError(f"circulant ONNX lowering must be one of {ONNX_LOWERINGS}, got {mode!r}")
+    if b <= 1:
+        return "dense"
+    if mode == "auto":
+        return "dft-matmul" if b >= ONNX_SPECTRAL_MIN_BLOCK and p * q * b * b > ONNX_DENSE_MAX_WEIGHTS else "dense"
+    return mode
+
+
+def _onnx_circulant_linear(x, c, bias):
+    """onnxscript (trace mode) translation of ``graphpress::circulant_linear``."""
+    p, q, b = _static_shape(c, 3, "graphpress::circulant_linear")
+    kind = onnx_linear_lowering_for(p, q, b)
+    if kind == "dense":
+        return _onnx_linear_dense(x, c, bias, p, q, b)
+    return _onnx_linear_spectral(x, c, bias, p, q, b, dft_op=(kind == "dft"))
+
+
+def _onnx_linear_dense(x, c, bias, p: int, q: int, b: int):
+    from onnxscript import opset18 as op
+
+    blocks = _onnx_dense_blocks(c, p, q, b)  # (p, q, b_r, b_s)
+    # W^T[j*b + s, i*b + r] = blocks[i, j, r, s]
+    wt = op.Reshape(op.Transpose(blocks, perm=[1, 3, 0, 2]), _const(np.array([q * b, p * b], dtype=np.int64)))
+    y = op.MatMul(x, wt)
+    return op.Add(y, bias) if bias is not None else y
+
+
+def _dft_matrices(b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real DFT of length ``b`` as matrices (``f = b/2 + 1``):
+
+    * forward ``D (b, 2f)``: ``x @ D = [Re X, Im X]`` with ``X = rfft(x)``;
+    * inverse ``M (2f, b)``: ``[Re Y, Im Y] @ M = irfft(Y, n=b)`` (the ``f - 2`` inner
+      frequencies count twice: they stand for their conjugate mirrors).
+    """
+    f = b // 2 + 1
+    ang = 2.0 * np.pi * np.arange(f)[:, None] * np.arange(b)[None, :] / b  # (f, b)
+    fwd = np.concatenate([np.cos(ang), -np.sin(ang)], axis=0).T
+    w = np.full((f, 1), 2.0)
+    w[0] = 1.0
+    if b % 2 == 0:
+        w[-1] = 1.0
+    inv = np.concatenate([w * np.cos(ang), -w * np.sin(ang)], axis=0) / b
+    return fwd, inv  # float64
+
+
+def _onnx_linear_spectral(x, c, bias, p: int, q: int, b: int, *, dft_op: bool):
+    """Spectral lowering: real DFT of the input blocks (the ``DFT`` op, onesided, with
+    ``dft_op``; else a ``MatMul`` with the constant ``(b, 2f)`` DFT matrix), one real
+    ``MatMul`` per frequency with the stacked spectrum ``[[Re C, Im C], [-Im C, Re C]]``
+    (computed with ``DFT`` from the stored ``c`` and folded at session creation), and the
+    inverse real DFT as a ``MatMul`` with a constant ``(2f, b)`` matrix (ONNX ``DFT`` has no
+    onesided inverse)."""
+    from onnxscript import opset18 as op
+
+    f = b // 2 + 1
+    i64 = lambda *v: _const(np.array(v, dtype=np.int64))
+    # spectrum of c (initializer-only: folded at session creation)
+    c = op.Add(c, op.CastLike(_unfoldable_zero(1), c))  # keep the compact c in the file (see _unfoldable_zero)
+    cf = op.DFT(op.Unsqueeze(c, i64(-1)), axis=2, onesided=1)  # (p, q, f, 2)
+    cr = op.Transpose(op.Squeeze(op.Slice(cf, i64(0), i64(1), i64(3)), i64(3)), perm=[2, 1, 0])  # (f, q, p)
+    ci = op.Transpose(op.Squeeze(op.Slice(cf, i64(1), i64(2), i64(3)), i64(3)), perm=[2, 1, 0])
+    top = op.Concat(cr, ci, axis=2)  # (f, q, 2p): X_r rows
+    bottom = op.Concat(op.Neg(ci), cr, axis=2)  # (f, q, 2p): X_i rows
+    stacked = op.Concat(top, bottom, axis=1)  # (f, 2q, 2p)
+    # input blocks
+    out_shape = op.Concat(op.Slice(op.Shape(x), i64(0), i64(-1), i64(0)), i64(p * b), axis=0)
+    if not dft_op:
+        fwd, _inv = _dft_matrices(b)
+        xf = op.MatMul(op.Reshape(x, i64(-1, q, b)), op.CastLike(_const(fwd.astype(np.float32)), x))  # (R, q, 2f): [re..., im...]
+        xs = op.Reshape(op.Transpose(op.Reshape(xf, i64(-1, q, 2, f)), perm=[3, 0, 2, 1]), i64(f, -1, 2 * q))
+    else:
+        xb = op.Reshape(x, i64(-1, q, b, 1))  # (R, q, b, 1)
+        xf = op.DFT(xb, axis=2, onesided=1)  # (R, q, f, 2)
+        xs = op.Reshape(op.Transpose(xf, perm=[2, 0, 3, 1]), i64(f, -1, 2 * q))  # (f, R, 2q) = [X_r | X_i]
+    yf = op.MatMul(xs, stacked)  # (f, R, 2p) = [Y_r | Y_i]
+    # inverse real DFT: (R, p, [f re, f im]) @ (2f, b)
+    ys = op.Transpose(op.Reshape(yf, i64(f, -1, 2, p)), perm=[1, 3, 2, 0])  # (R, p, 2, f)
+    _fwd, inv = _dft_matrices(b)
+    y = op.MatMul(op.Reshape(ys, i64(-1, p, 2 * f)), op.CastLike(_const(inv.astype(np.float32)), x))  # (R, p, b)
+    y = op.Reshape(y, out_shape)
+    return op.Add(y, bias) if bias is not None else y
+
+
+def _onnx_circulant_conv2d(x, c, bias, stride, padding, dilation):
+    """onnxscript (trace mode) translation of ``graphpress::circulant_conv2d``: the dense
+    expansion (folded at session creation) and ``Conv``."""
+    from onnxscript import opset18 as op
+
+    kh, kw, p, q, b = _static_shape(c, 5, "graphpress::circulant_conv2d")
+    blocks = _onnx_dense_blocks(c, p, q, b)  # (kh, kw, p, q, b_r, b_s)
+    # W[i*b + r, j*b + s, y, x] = blocks[y, x, i, j, r, s]
+    w = op.Reshape(op.Transpose(blocks, perm=[2, 4, 3, 5, 0, 1]), _const(np.array([p * b, q * b, kh, kw], dtype=np.int64)))
+    pads = [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])]
+    kwargs = {"strides": [int(s) for s in stride], "pads": pads, "dilations": [int(d) for d in dilation], "group": 1, "kernel_shape": [kh, kw]}
+    if bias is not None:
+        return op.Conv(x, w, bias, **kwargs)
+    return op.Conv(x, w, **kwargs)
+
+
+#: Op-to-onnxscript-function table, merged into :data:`graphpress.ir.ops.ONNX_TRANSLATIONS`.
+ONNX_TRANSLATIONS: dict[Callable, Callable] = {
+    torch.ops.graphpress.circulant_linear.default: _onnx_circulant_linear,
+    torch.ops.graphpress.circulant_conv2d.default: _onnx_circulant_conv2d,
+}
+
+__all__ = [
+    "DENSE_MAX_WEIGHTS",
+    "MATMUL_DFT_MAX_BLOCK",
+    "ONNX_DENSE_MAX_WEIGHTS",
+    "ONNX_LINEAR_LOWERING",
+    "ONNX_LOWERINGS",
+    "ONNX_SPECTRAL_MIN_BLOCK",
+    "ONNX_TRANSLATIONS",
+    "SPLIT_REAL_MIN_WORK",
+    "circulant_conv2d",
+    "circulant_conv2d_reference",
+    "circulant_linear",
+    "circulant_linear_reference",
+    "clear_cache",
+    "conv_weight",
+    "onnx_linear_lowering",
+    "onnx_linear_lowering_for",
+    "use_dense_path",
+]
