@@ -218,3 +218,41 @@ def test_overwrite_replaces_own_artifact(tmp_path):
     assert invoke("run", ARCH, "-o", out, "--no-bench", "--overwrite").exit_code == 0
     assert json.loads((out / "manifest.json").read_text())["created"] >= first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.tmp")]
+
+
+def test_circulant_search_recipe_artifact_reproduces(tmp_path):
+    """compress run with circulant-search: the artifact reloads and reproduces the compressed graph."""
+    from graphpress.frontends import load
+    from graphpress.passes import Pipeline
+
+    recipe = tmp_path / "circ.yaml"
+    recipe.write_text(
+        "name: circ\npasses:\n  - fold-batchnorm\n"
+        "  - circulant-search: {budget: 'uniform:4', cost_model: he-analytic, min_sqnr_db: -100}\n"
+    )
+    out = tmp_path / "art"
+    res = invoke("run", "tests.frontends.models:wide_cnn", "-r", recipe, "-o", out, "--no-bench")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    search = manifest["passes"][1]
+    assert search["name"] == "circulant-search" and search["changed"]
+    assert search["stats"]["cost"] <= search["stats"]["budget"]["value"] + 1e-9
+    assert manifest["metrics"]["params_after"] < manifest["metrics"]["params_before"]
+    expected = Pipeline.from_recipe(recipe).run(load("tests.frontends.models:wide_cnn")).graph
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    got = load_artifact(out)(x.numpy())[0]
+    np.testing.assert_allclose(got, expected.run(x)[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_option_recovers(tmp_path):
+    """--finetune-data trains only the compact vectors and is recorded in the manifest."""
+    recipe = tmp_path / "circ.yaml"
+    recipe.write_text("name: circ\npasses:\n  - fold-batchnorm\n  - block-circulant: {block_size: 8, min_sqnr_db: -100}\n")
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(128, 3, 16, 16, generator=torch.Generator().manual_seed(0)), data)
+    out = tmp_path / "art"
+    res = invoke("run", "tests.frontends.models:wide_cnn", "-r", recipe, "-o", out, "--no-bench", "--finetune-data", data, "--finetune-epochs", "3")
+    assert res.exit_code == 0, res.output
+    ft = json.loads((out / "manifest.json").read_text())["finetune"]
+    assert ft["trained"] and all("circ" in t or "bias" in t or "fold" in t for t in ft["trained"])
+    assert ft["best_val_loss"] <= ft["initial_val_loss"]
