@@ -59,7 +59,6 @@ conv always lowers to the dense expansion + ``Conv``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -80,8 +79,6 @@ DENSE_MAX_WEIGHTS = 512 * 512
 #: ``rows * p * q * (b/2 + 1)`` is at least this (measured: saves up to 2x at b=4, batch 64;
 #: the extra kernels cost more than they save on small products).
 SPLIT_REAL_MIN_WORK = 1 << 21
-#: Block sizes up to this do their length-b DFTs as small matmuls, longer ones with ``torch.fft``.
-MATMUL_DFT_MAX_BLOCK = 64
 #: Default ONNX lowering of ``circulant_linear``, one of :data:`ONNX_LOWERINGS` (see module docstring).
 ONNX_LINEAR_LOWERING = "auto"
 ONNX_LOWERINGS = ("auto", "dense", "dft", "dft-matmul")
@@ -185,37 +182,13 @@ def _spectrum_split(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return real, mid
 
 
-@functools.lru_cache(maxsize=64)
-def _dft_operators(b: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real DFT of length ``b`` as matrices with interleaved (re, im) columns/rows, ``f = b/2 + 1``:
-    ``x @ D`` (``D (b, 2f)``) is ``view_as_real(rfft(x))`` flattened, and ``Y @ M`` (``M (2f, b)``)
-    is ``irfft(Y, n=b)`` for ``Y = view_as_real(...)`` flattened."""
-    fwd, inv = _dft_matrices(b)  # (b, 2f) / (2f, b) with [re block | im block] layout
-    f = b // 2 + 1
-    d = torch.from_numpy(np.stack([fwd[:, :f], fwd[:, f:]], axis=-1).reshape(b, 2 * f).copy())
-    m = torch.from_numpy(np.stack([inv[:f], inv[f:]], axis=1).reshape(2 * f, b).copy())
-    return d.to(device=device, dtype=dtype), m.to(device=device, dtype=dtype)
-
-
 def _fft_product(x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``x2 (R, q*b) -> (R, p, b)``: DFT of the input blocks, per-frequency complex ``bmm`` with the
-    cached spectrum of ``c``, inverse DFT.
-
-    For ``b <= MATMUL_DFT_MAX_BLOCK`` the length-``b`` transforms are matmuls with the ``(b, 2f)``
-    / ``(2f, b)`` DFT matrices (measured 1.5-2x faster end to end than ``torch.fft`` at these
-    lengths, and free of the FFT library's threading, which stalls on a loaded machine); longer
-    blocks use ``torch.fft.rfft`` / ``irfft``.
-    """
+    """``x2 (R, q*b) -> (R, p, b)``: ``rfft`` of the input blocks, per-frequency complex ``bmm``
+    with the cached spectrum of ``c`` (frequency dim leading, contiguous operands), ``irfft``."""
     p, q, b = c.shape
     rows = x2.shape[0]
     f = b // 2 + 1
-    by_matmul = b <= MATMUL_DFT_MAX_BLOCK and x2.dtype in _FFT_DTYPES
-    if by_matmul:
-        d, m = _dft_operators(b, x2.dtype, x2.device)
-        xf = torch.view_as_complex((x2.reshape(rows * q, b) @ d).view(rows, q, f, 2))  # (R, q, f)
-    else:
-        xf = torch.fft.rfft(x2.reshape(rows, q, b), dim=-1)
-    xf = xf.permute(2, 0, 1).contiguous()  # (f, R, q)
+    xf = torch.fft.rfft(x2.reshape(rows, q, b), dim=-1).permute(2, 0, 1).contiguous()  # (f, R, q)
     if rows * p * q * f >= SPLIT_REAL_MIN_WORK:
         real, mid = _spectrum_split(c)
         y_real = torch.bmm(torch.stack([xf[0].real, xf[-1].real]), real)  # (2, R, p)
@@ -223,10 +196,7 @@ def _fft_product(x2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         yf = torch.cat([y_real[:1].to(y_mid.dtype), y_mid, y_real[1:].to(y_mid.dtype)])
     else:
         yf = torch.bmm(xf, _spectrum(c))  # (f, R, p)
-    yf = yf.permute(1, 2, 0).contiguous()  # (R, p, f)
-    if by_matmul:
-        return (torch.view_as_real(yf).reshape(rows * p, 2 * f) @ m).view(rows, p, b)
-    return torch.fft.irfft(yf, n=b, dim=-1)  # (R, p, b)
+    return torch.fft.irfft(yf.permute(1, 2, 0).contiguous(), n=b, dim=-1)  # (R, p, b)
 
 
 def _check_linear(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -529,7 +499,6 @@ ONNX_TRANSLATIONS: dict[Callable, Callable] = {
 
 __all__ = [
     "DENSE_MAX_WEIGHTS",
-    "MATMUL_DFT_MAX_BLOCK",
     "ONNX_DENSE_MAX_WEIGHTS",
     "ONNX_LINEAR_LOWERING",
     "ONNX_LOWERINGS",
