@@ -21,7 +21,7 @@ Ops
     *Dense path*: ``F.linear(x, expand(c), bias)`` with the expansion cached the same way.
     Chosen by :func:`use_dense_path` -- the measured rule: ``b <= 2`` (no arithmetic saving
     and the FFT's fixed per-call cost), matrices of at most :data:`DENSE_MAX_WEIGHTS` dense
-    weights (512 x 512: there the FFT's ~8 small kernel launches cost more than the product),
+    weights (512 x 512: there the FFT path's ~6 small kernels cost more than the product),
     and dtypes ``torch.fft`` does not handle on CPU (float16/bfloat16).
 
 ``graphpress::circulant_conv2d(Tensor x, Tensor c, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor``
@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from graphpress.ir.circulant import diagonal_index, expand, fft_matmul
 
 #: Dense path when the dense matrix has at most this many weights. Measured (2 cores, float32):
-#: up to 512 x 512 the FFT path's fixed cost (~8 small kernels, ~25 us) exceeds the dense
+#: up to 512 x 512 the FFT path's fixed cost (~6 small kernels, ~25 us) exceeds the dense
 #: product at batch 1 and it wins only at b >= 8 and batch 64; from 1024 x 1024 it wins at
 #: every b >= 4 and batch.
 DENSE_MAX_WEIGHTS = 512 * 512
@@ -442,8 +442,8 @@ def _onnx_linear_spectral(x, c, bias, p: int, q: int, b: int, *, dft_op: bool):
     ``dft_op``; else a ``MatMul`` with the constant ``(b, 2f)`` DFT matrix), one real
     ``MatMul`` per frequency with the stacked spectrum ``[[Re C, Im C], [-Im C, Re C]]``
     (computed with ``DFT`` from the stored ``c`` and folded at session creation), and the
-    inverse real DFT as a ``MatMul`` with a constant ``(2f, b)`` matrix (ONNX ``DFT`` has no
-    onesided inverse)."""
+    inverse real DFT as a ``MatMul`` with a constant ``(2f, b)`` matrix (ONNX ``DFT``'s onesided
+    mode is for real input only)."""
     from onnxscript import opset18 as op
 
     f = b // 2 + 1
