@@ -185,19 +185,18 @@ def passes(
         ops = supported_ops()
         console.print(f"{len(ops)} ONNX ops supported: " + ", ".join(ops), soft_wrap=True)
         return
-    from graphpress.passes import describe, registered
+    from graphpress.passes import config_to_dict, describe, registered
 
     t = Table(title="Registered passes", title_justify="left")
     t.add_column("name")
     t.add_column("kind")
     t.add_column("options")
     t.add_column("what it does")
-    import dataclasses
-
     for name, cls in registered().items():
         if name.startswith("test-"):
             continue
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config) if f.name != "version")
+        defaults = config_to_dict(cls.Config())
+        opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items() if k != "version")
         t.add_row(name, "exact" if cls.exact else "lossy", opts or "-", describe(cls))
     console.print(t)
 
