@@ -615,9 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=220)
 
     torch.set_num_threads(2)
-    import graphpress.passes  # noqa: F401
-    import graphpress.passes.circulant.projection  # noqa: F401 -- registers block-circulant
-    import graphpress.passes.circulant.search  # noqa: F401 -- registers circulant-search
+    from graphpress.passes.circulant import projection, search  # noqa: F401 -- register block-circulant, circulant-search
 
     load_start = os.getloadavg()
     started = time.perf_counter()
