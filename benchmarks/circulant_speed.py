@@ -3,9 +3,13 @@
 1. **torch eager** -- ``torch.ops.graphpress.circulant_linear`` (FFT path: cached ``rfft(c)``,
    per-frequency ``bmm``, ``irfft``; the dense path below 512 x 512 does not apply at these sizes)
    against ``F.linear`` with the dense ``(n, n)`` weight, at ``n`` = 1024 and 4096, batch 1 and 64,
-   ``b`` in {4, 8, 16, 32}. Each pair is timed *interleaved* (A B A B ...) by
-   :func:`graphpress.runtime.compare_latency`; speedup = median(dense) / median(circulant) from
-   that one run. The issue's target: at least 5x at 4096^2, b = 16, batch 1.
+   ``b`` in {4, 8, 16, 32}. The variants are timed *interleaved* by
+   :func:`graphpress.runtime.compare_latency`, each round calling dense, circulant, circulant
+   again: the first circulant call is *cold* (the dense weight, 64 MB at 4096^2, has just been
+   streamed through the 32 MB L3), the second *warm* (the spectrum, 4.7 MB at b = 16, is still
+   cached). Speedup = median(dense) / median(circulant) from that one run. The issue's target,
+   checked on the cold number: at least 5x at 4096^2, b = 16, batch 1 -- measured once more,
+   alone, with 300+ interleaved rounds (the grid rows have 40+, enough to rank, noisier).
 2. **ONNX Runtime lowerings** of the same op (``graphpress.ir.ops_circulant``): ``dense``
    (Gather-expansion of the stored ``c``, folded by ORT at session creation, then one MatMul),
    ``dft`` (ONNX ``DFT`` op for the input blocks, per-frequency MatMul, inverse DFT as a constant
@@ -60,6 +64,7 @@ BATCHES = (1, 64)
 BLOCKS = (4, 8, 16, 32)
 TARGET = {"n": 4096, "b": 16, "batch": 1, "min_speedup": 5.0}
 ORT_LOWERINGS = ("dense", "dft", "dft-matmul")
+CIRCULANT_LINEAR = torch.ops.graphpress.circulant_linear.default
 
 
 def eager_path(p: int, q: int, b: int, rows: int) -> str:
@@ -84,12 +89,13 @@ def bench_eager(rounds: int, min_time_s: float, log) -> list[dict[str, Any]]:
             for batch in BATCHES:
                 x = torch.randn(batch, n, generator=gen)
                 err = _rel_err(torch.ops.graphpress.circulant_linear(x, c, None), F.linear(x, w))
-                variants = {
+                variants = {  # in this order every round: the first circulant call follows the dense one
                     "dense F.linear": lambda x, w=w: F.linear(x, w),
-                    "circulant op": lambda x, c=c: torch.ops.graphpress.circulant_linear(x, c, None),
+                    "circulant op": lambda x, c=c: CIRCULANT_LINEAR(x, c, None),
+                    "circulant op, warm": lambda x, c=c: CIRCULANT_LINEAR(x, c, None),
                 }
                 cmp = compare_latency(variants, (x,), rounds=rounds, warmup=3, min_time_s=min_time_s)
-                dense, circ = cmp.results["dense F.linear"], cmp.results["circulant op"]
+                dense, circ, warm = (cmp.results[k] for k in variants)
                 row = {
                     "n": n,
                     "b": b,
@@ -97,17 +103,51 @@ def bench_eager(rounds: int, min_time_s: float, log) -> list[dict[str, Any]]:
                     "path": eager_path(p, q, b, batch),
                     "dense_ms": dense.to_dict(),
                     "circulant_ms": circ.to_dict(),
+                    "circulant_warm_ms": warm.to_dict(),
                     "speedup": dense.median_ms / circ.median_ms,
+                    "speedup_warm": dense.median_ms / warm.median_ms,
                     "max_rel_err": err,
                     "dense_weights": n * n,
                     "compact_weights": c.numel(),
                 }
                 rows.append(row)
-                log(f"eager n={n} b={b} batch={batch}: dense {dense.median_ms:.3f} ms, circulant {circ.median_ms:.3f} ms, {row['speedup']:.1f}x")
+                log(
+                    f"eager n={n} b={b} batch={batch}: dense {dense.median_ms:.3f} ms, circulant {circ.median_ms:.3f} ms "
+                    f"({row['speedup']:.1f}x), warm {warm.median_ms:.3f} ms ({row['speedup_warm']:.1f}x)"
+                )
             del c, w
             oc.clear_cache()
             gc.collect()
     return rows
+
+
+def bench_target(rounds: int, min_time_s: float, log) -> dict[str, Any]:
+    """The target configuration again, alone and with many more rounds: the number the 5x check uses."""
+    n, b, batch = TARGET["n"], TARGET["b"], TARGET["batch"]
+    gen = torch.Generator().manual_seed(2)
+    c = torch.randn(n // b, n // b, b, generator=gen) / n**0.5
+    w = expand(c).contiguous()
+    x = torch.randn(batch, n, generator=gen)
+    variants = {
+        "dense F.linear": lambda x: F.linear(x, w),
+        "circulant op": lambda x: CIRCULANT_LINEAR(x, c, None),
+        "circulant op, warm": lambda x: CIRCULANT_LINEAR(x, c, None),
+    }
+    cmp = compare_latency(variants, (x,), rounds=rounds, warmup=10, min_time_s=min_time_s)
+    dense, circ, warm = (cmp.results[k] for k in variants)
+    out = {
+        **{k: v for k, v in TARGET.items() if k != "min_speedup"},
+        "rounds": dense.n,
+        "dense_ms": dense.to_dict(),
+        "circulant_ms": circ.to_dict(),
+        "circulant_warm_ms": warm.to_dict(),
+        "speedup": dense.median_ms / circ.median_ms,
+        "speedup_warm": dense.median_ms / warm.median_ms,
+    }
+    log(f"target n={n} b={b} batch={batch}, {dense.n} rounds: dense {dense.median_ms:.3f} ms, circulant {circ.median_ms:.3f} ms "
+        f"({out['speedup']:.1f}x), warm {warm.median_ms:.3f} ms ({out['speedup_warm']:.1f}x)")
+    oc.clear_cache()
+    return out
 
 
 class _Linear(torch.nn.Module):
@@ -232,9 +272,11 @@ def print_tables(eager: list[dict[str, Any]], ort_rows: list[dict[str, Any]], co
 
     t = Table(
         title="circulant_linear (torch eager) vs dense F.linear: medians of one interleaved run per row",
-        caption="speedup = median(dense) / median(circulant) within the row's interleaved run",
+        caption="speedup = median(dense) / median(circulant) within the row's interleaved run. Each round calls dense, "
+        "circulant, circulant again: the first circulant call runs right after the dense weight streamed through the "
+        "caches (cold), the second finds its spectrum cached (warm)",
     )
-    for col in ("n x n", "b", "batch", "path", "dense ms", "circulant ms", "speedup", "weights", "max rel err"):
+    for col in ("n x n", "b", "batch", "path", "dense ms", "circulant ms", "speedup", "warm ms", "warm speedup", "weights", "max rel err"):
         t.add_column(col, justify="right" if col not in ("path",) else "left")
     for r in eager:
         t.add_row(
@@ -245,6 +287,8 @@ def print_tables(eager: list[dict[str, Any]], ort_rows: list[dict[str, Any]], co
             f"{r['dense_ms']['median_ms']:.3f}",
             f"{r['circulant_ms']['median_ms']:.3f}",
             f"{r['speedup']:.1f}x",
+            f"{r['circulant_warm_ms']['median_ms']:.3f}",
+            f"{r['speedup_warm']:.1f}x",
             f"1/{r['dense_weights'] // r['compact_weights']}",
             f"{r['max_rel_err']:.1e}",
         )
@@ -292,17 +336,18 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     loads = {"eager_start": round(os.getloadavg()[0], 2)}
     eager = bench_eager(rounds, min_time_s, console.log)
+    target = bench_target(*((10, 0.0) if args.quick else (300, 2.0)), console.log)
     loads["eager_end"] = round(os.getloadavg()[0], 2)
     ort_rows = [] if args.no_ort else bench_ort(rounds, min_time_s, BLOCKS, console.log)
     loads["ort_end"] = round(os.getloadavg()[0], 2)
     total_s = time.perf_counter() - started
     print_tables(eager, ort_rows, console)
 
-    target_row = next(r for r in eager if (r["n"], r["b"], r["batch"]) == (TARGET["n"], TARGET["b"], TARGET["batch"]))
-    met = target_row["speedup"] >= TARGET["min_speedup"]
+    met = target["speedup"] >= TARGET["min_speedup"]
     checks_ok = all(r["max_rel_err"] < 1e-4 for r in eager) and all(max(r["max_rel_err"].values()) < 1e-4 for r in ort_rows)
     console.print(
-        f"target: {TARGET['n']}^2, b={TARGET['b']}, batch {TARGET['batch']}: {target_row['speedup']:.1f}x "
+        f"target: {TARGET['n']}^2, b={TARGET['b']}, batch {TARGET['batch']} ({target['rounds']} interleaved rounds): "
+        f"{target['speedup']:.1f}x cold, {target['speedup_warm']:.1f}x warm "
         f"(need >= {TARGET['min_speedup']:.0f}x) -> {'MET' if met else 'MISSED'}; numeric checks {'ok' if checks_ok else 'FAILED'}; "
         f"total {total_s:.0f} s; 1-min load average {loads}"
     )
@@ -331,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": info,
         "load_average": {**quiet, **loads},
-        "target": {**TARGET, "speedup": target_row["speedup"], "met": met},
+        "target": {**target, "min_speedup": TARGET["min_speedup"], "met": met},
         "eager": eager,
         "onnxruntime": ort_rows,
         "checks_ok": checks_ok,
