@@ -3,4 +3,4 @@
 Importing this package registers its passes.
 """
 
-from graphpress.passes.circulant import projection, search  # noqa: F401,E402
+from graphpress.passes.circulant import projection, search  # noqa: F401

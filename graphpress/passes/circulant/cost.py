@@ -65,6 +65,16 @@ product in NTT form is ``2 L N`` modular multiplications for ``L`` RNS limbs, a 
 switch -- a digit decomposition, ``(dnum + 2) L``-ish NTTs of ``N/2 log2 N`` butterflies and
 ``2 dnum L N`` multiplications -- roughly an order of magnitude more for small ``L``.
 
+``he-measured`` -- predicted milliseconds of the layer's encrypted execution under coefficient
+encoding on *this machine*: the exact operation counts of the kernels' plans
+(:mod:`graphpress.ir.he_counts`, ``coeff-circulant`` at ``b > 1``, ``coeff-dense`` at ``b = 1``;
+one input vector per output position of a linear, one image for a conv) times the per-operation
+seconds the HE backend measured and cached (:mod:`graphpress.ir.he_op_costs`: encrypt + send,
+NTTs, products, additions, receive + decrypt, coefficients read), at ``poly_degree`` with the
+reference parameter chain (a 24-bit plaintext modulus). Unlike ``he-analytic`` it prices the
+ciphertexts sent and received (which do not shrink with ``b`` as fast as the products do) in
+the machine's own proportions. Needs ``compress he-calibrate`` first (a one-line error says so).
+
 ``params`` -- compact parameters ``dense_params / b``.
 
 ``latency`` -- measured plaintext latency (microseconds, batch 1, this machine) of the layer's op:
@@ -83,10 +93,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 
 from graphpress.errors import PassError
+from graphpress.ir import he_counts, he_op_costs
 from graphpress.ir.circulant import fft_matmul
 from graphpress.passes.circulant.layers import Layer
 
@@ -211,6 +222,40 @@ def he_slots_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGREE) 
     return c["products"] + ROTATION_WEIGHT * c["rotations"]
 
 
+# ---------------------------------------------------------------------------- he-measured
+def _pair(v: Any) -> tuple[int, int]:
+    v = [int(a) for a in (v if isinstance(v, (list, tuple)) else [v])]
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def he_measured_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGREE) -> float:
+    """Predicted milliseconds of the coefficient-encoded layer at block size ``b`` (module docstring)."""
+    _check_b(layer, b)
+    n_deg = _check_degree(poly_degree)
+    entry = he_op_costs.find_entry(n_deg)
+    if entry is None:
+        raise PassError(
+            f"cost model 'he-measured': no measured HE op costs for N={n_deg} on this machine in {he_op_costs.cache_path()}; "
+            f"run `compress he-calibrate -N {n_deg}` (or graphpress.backends.he.costmodel.calibrate([{n_deg}]))"
+        )
+    encoding = "coeff-circulant" if b > 1 else "coeff-dense"
+    m, n = layer.out_features, layer.in_features
+    try:
+        if layer.kind == "linear":
+            counts = he_counts.counts_linear(encoding, m, n, n_deg, b=b, vectors=layer.out_positions)
+            values = he_op_costs.values_read("linear", m, layer.out_positions)
+        else:
+            shape, stride, padding, _dilation = _conv_geometry(layer.node, layer)
+            kh, kw = layer.kernel
+            h, w, pad = shape[2], shape[3], _pair(padding)
+            counts = he_counts.counts_conv(encoding, m, n, h, w, kh, kw, n_deg, b, _pair(stride), pad, 1)
+            values = he_op_costs.values_read("conv2d", m, 1, {"h": h, "w": w, "kh": kh, "kw": kw, "padding": pad})
+        terms = he_op_costs.layer_terms(encoding, counts, entry["seconds"], values=values)
+    except (ValueError, KeyError) as err:
+        raise PassError(f"cost model 'he-measured': layer {layer.name} at b={b}: {str(err).strip(chr(34))}") from None
+    return 1e3 * he_op_costs.total_seconds(terms)
+
+
 # ---------------------------------------------------------------------------- params
 def params_cost(layer: Layer, b: int) -> float:
     """Compact parameter count ``dense_params / b``."""
@@ -295,6 +340,13 @@ register_cost_model(
     "HE product-equivalents",
     ("poly_degree",),
 )
+register_cost_model(
+    "he-measured",
+    he_measured_cost,
+    "coefficient-encoded HE priced on this machine: exact kernel op counts x per-op seconds cached by `compress he-calibrate`",
+    "milliseconds (predicted, this machine)",
+    ("poly_degree",),
+)
 register_cost_model("params", params_cost, "compact parameters dense_params / b", "parameters")
 register_cost_model(
     "latency",
@@ -311,6 +363,7 @@ __all__ = [
     "get_cost_model",
     "he_analytic_cost",
     "he_coefficient_counts",
+    "he_measured_cost",
     "he_slots_cost",
     "he_slots_counts",
     "latency_cost",

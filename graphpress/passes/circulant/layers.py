@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphpress.ir.circulant import can_use
 from graphpress.ir.graph import Graph

@@ -20,6 +20,10 @@ calibration batches, :func:`graphpress.passes.fisher.fisher_diagonal`), which mi
 ``sum F (W - W_b)^2``, the second-order estimate of the loss increase (PrivCirNet's better
 initialization). Conv weights ``(C_out, C_in, kh, kw)`` are circulant over ``(C_out, C_in)`` at
 each kernel position: ``c = project(W.permute(2, 3, 0, 1), b)`` has shape ``(kh, kw, p, q, b)``.
+``method="reconstruct"`` fits ``c`` to the layer's *outputs* on its calibration inputs instead,
+minimising ``tr((W - W_b) Sigma (W - W_b)^T)`` with ``Sigma`` the inputs' second moment
+(:mod:`graphpress.passes.circulant.reconstruct`); ``projection_error`` is then the relative
+output error ``sqrt(tr(E Sigma E^T) / tr(W Sigma W^T))`` rather than the weight error.
 
 Lossy (``exact = False``): the pipeline checks ``min_sqnr_db`` / ``max_kl``. The default
 ``min_sqnr_db = 0.0`` only rejects a projection that destroys the output (projection without
@@ -57,6 +61,12 @@ from graphpress.ir.rewrite import (
 )
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.circulant.layers import Layer, find_layers
+from graphpress.passes.circulant.reconstruct import (
+    DEFAULT_DAMP,
+    input_moments,
+    output_error,
+    project_reconstruct,
+)
 from graphpress.passes.fisher import fisher_diagonal
 
 aten = torch.ops.aten
@@ -65,6 +75,7 @@ CIRCULANT_CONV2D = torch.ops.graphpress.circulant_conv2d.default
 
 _BATCH_NORMS = (aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit, aten.native_batch_norm)
 _NAME = "block-circulant"
+METHODS = ("mean", "fisher", "reconstruct")
 
 
 def _power_of_two(b: Any) -> bool:
@@ -84,11 +95,15 @@ class BlockCirculantConfig:
         e.g. ``layer1.0.conv1``); ``1`` keeps a layer dense. A name that is no layer is an error.
     skip : tuple of str
         Layer names kept dense.
-    method : "mean" or "fisher"
-        Plain mean along wrapped diagonals, or Fisher-weighted mean (needs calibration data:
-        ``graph.calibration`` batches, else the example inputs).
+    method : "mean", "fisher" or "reconstruct"
+        Plain mean along wrapped diagonals; Fisher-weighted mean; or ``"reconstruct"``: the
+        compact weights minimising the layer's output error on its calibration inputs
+        (:mod:`graphpress.passes.circulant.reconstruct`). The last two need calibration data
+        (``graph.calibration`` batches, else the example inputs).
     fisher_micro_batch : int
         Samples per squared gradient when ``method="fisher"``.
+    damp : float
+        Relative ridge of ``method="reconstruct"`` (``damp * mean(diag H)``).
     min_sqnr_db, max_kl : float, optional
         Budget the pipeline checks against the previous graph. The default (0 dB) only catches a
         broken projection; set a real budget in a recipe.
@@ -98,8 +113,9 @@ class BlockCirculantConfig:
     block_size: int = 4
     blocks: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
-    method: Literal["mean", "fisher"] = "mean"
+    method: Literal["mean", "fisher", "reconstruct"] = "mean"
     fisher_micro_batch: int = 1
+    damp: float = DEFAULT_DAMP
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
 
@@ -110,14 +126,16 @@ class BlockCirculantConfig:
         if bad:
             k, v = next(iter(bad.items()))
             raise PassError(f"pass '{_NAME}': blocks['{k}'] must be a power of two >= 1, got {v!r}")
-        if self.method not in ("mean", "fisher"):
-            raise PassError(f"pass '{_NAME}': method must be 'mean' or 'fisher', got {self.method!r}")
+        if self.method not in METHODS:
+            raise PassError(f"pass '{_NAME}': method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.damp, (int, float)) or not self.damp > 0:
+            raise PassError(f"pass '{_NAME}': damp must be > 0, got {self.damp!r}")
         if not isinstance(self.fisher_micro_batch, int) or self.fisher_micro_batch < 1:
             raise PassError(f"pass '{_NAME}': fisher_micro_batch must be an integer >= 1, got {self.fisher_micro_batch!r}")
 
     def __hash__(self) -> int:  # the dict field is unhashable; hash the sorted items instead
         return hash((self.version, self.block_size, tuple(sorted(self.blocks.items())), self.skip, self.method,
-                     self.fisher_micro_batch, self.min_sqnr_db, self.max_kl))
+                     self.fisher_micro_batch, self.damp, self.min_sqnr_db, self.max_kl))
 
 
 @register(_NAME)
@@ -161,6 +179,9 @@ class BlockCirculant:
         if cfg.method == "fisher" and plans:
             targets = sorted({layer.weight_target for layer, _b, _p in plans})
             fisher = fisher_diagonal(graph, targets, micro_batch=cfg.fisher_micro_batch)
+        moments: dict[str, torch.Tensor] = {}
+        if cfg.method == "reconstruct" and plans:
+            moments = input_moments(graph, [layer for layer, _b, _p in plans])
 
         errors: dict[str, float] = {}
         params_before = params_after = 0
@@ -172,8 +193,12 @@ class BlockCirculant:
             mat = w if layer.kind == "linear" else w.permute(2, 3, 0, 1)
             fmat = None if f is None else (f if layer.kind == "linear" else f.permute(2, 3, 0, 1))
             key = (layer.weight_target, b)
-            c = project(mat, b, fmat)
-            errors[layer.name] = _relative_error(mat, c, fmat)
+            if cfg.method == "reconstruct":
+                c = project_reconstruct(layer, w, b, moments[layer.weight_target], cfg.damp)
+                errors[layer.name] = output_error(layer, w, c, moments[layer.weight_target]) ** 0.5
+            else:
+                c = project(mat, b, fmat)
+                errors[layer.name] = _relative_error(mat, c, fmat)
             node = _rewrite(graph, layer, b, c, padding, made.get(key))
             made[key] = str(node.args[1].target)
             dense, compact = layer.dense_params, c.numel()

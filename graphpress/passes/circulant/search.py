@@ -43,6 +43,7 @@ from __future__ import annotations
 import difflib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,6 +55,11 @@ from graphpress.ir.graph import Graph
 from graphpress.passes.base import PassResult, make_pass, register
 from graphpress.passes.circulant.cost import get_cost_model
 from graphpress.passes.circulant.layers import Layer, find_layers
+from graphpress.passes.circulant.reconstruct import (
+    DEFAULT_DAMP,
+    input_moments,
+    project_reconstruct,
+)
 from graphpress.passes.fisher import fisher_diagonal
 from graphpress.passes.ilp import allocate
 
@@ -128,10 +134,14 @@ class CirculantSearchConfig:
         A name in :data:`graphpress.passes.circulant.cost.COST_MODELS`.
     poly_degree : int
         Polynomial degree N of the HE cost models.
-    sensitivity : ``"fisher"`` | ``"frobenius"``
-        Weight of the squared projection error (Fisher diagonal, or 1).
-    method : ``"fisher"`` | ``"mean"``
+    sensitivity : ``"fisher"`` | ``"frobenius"`` | ``"output"``
+        ``"fisher"``/``"frobenius"``: the squared projection error weighted by the Fisher
+        diagonal or by 1. ``"output"``: measured -- the relative output noise power on the
+        calibration batches with only that layer projected (see module docstring).
+    method : ``"fisher"`` | ``"mean"`` | ``"reconstruct"``
         Projection method, passed on to ``block-circulant`` and used for ``W_b``.
+    damp : float
+        Ridge of ``method="reconstruct"`` (passed on).
     fisher_micro_batch : int
         Samples per squared gradient of the Fisher (passed on too).
     skip : tuple of str
@@ -145,9 +155,10 @@ class CirculantSearchConfig:
     candidates: tuple[int, ...] = (1, 2, 4, 8, 16)
     cost_model: str = "he-analytic"
     poly_degree: int = 8192
-    sensitivity: Literal["fisher", "frobenius"] = "fisher"
-    method: Literal["fisher", "mean"] = "fisher"
+    sensitivity: Literal["fisher", "frobenius", "output"] = "fisher"
+    method: Literal["fisher", "mean", "reconstruct"] = "fisher"
     fisher_micro_batch: int = 1
+    damp: float = DEFAULT_DAMP
     skip: tuple[str, ...] = ()
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
@@ -185,6 +196,59 @@ def _as_matrices(layer: Layer, t: torch.Tensor) -> torch.Tensor:
     return t.permute(2, 3, 0, 1) if layer.kind == "conv2d" else t
 
 
+def _from_matrices(layer: Layer, t: torch.Tensor) -> torch.Tensor:
+    return t.permute(2, 3, 0, 1) if layer.kind == "conv2d" else t
+
+
+def _noise_power(ref: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    noise = signal = 0.0
+    for r, o in zip(ref, out):
+        if r.is_floating_point():
+            noise += float((o.double() - r.double()).pow(2).sum())
+            signal += float(r.double().pow(2).sum())
+    return noise, signal
+
+
+def output_sensitivities(
+    graph: Graph,
+    layers: list[Layer],
+    feasible: dict[str, list[int]],
+    projected: Callable[[Layer, int], torch.Tensor],
+) -> dict[str, dict[int, float]]:
+    """Measured ``Omega_l(b)``: relative output noise power with only layer ``l`` projected.
+
+    ``Omega_l(b) = sum ||y_b - y||^2 / sum ||y||^2`` over the calibration batches and the
+    graph's floating outputs, where ``y_b`` are the outputs with ``W_l`` replaced by
+    ``projected(l, b)`` (the dense block-circulant weight of the configured projection method) and
+    every other weight untouched. Small independent perturbations add in output noise power to
+    first order, which is what makes the ILP's sum over layers meaningful. The weight is swapped
+    in place and restored (bit-identical) afterwards.
+    """
+    batches = graph.calibration_batches()
+    with torch.no_grad():
+        refs = [graph.run(*batch) for batch in batches]
+        out: dict[str, dict[int, float]] = {}
+        for layer in layers:
+            out[layer.name] = {1: 0.0}
+            sizes = [b for b in feasible[layer.name] if b > 1]
+            if not sizes:
+                continue
+            weight = graph.get_tensor(layer.weight_target)
+            saved = weight.detach().clone()
+            swapped = {b: projected(layer, b) for b in sizes}  # before any in-place swap: projections read the weight
+            try:
+                for b in sizes:
+                    weight.copy_(swapped[b])
+                    noise = signal = 0.0
+                    for batch, ref in zip(batches, refs):
+                        n, s = _noise_power(ref, graph.run(*batch))
+                        noise, signal = noise + n, signal + s
+                    out[layer.name][b] = noise / signal if signal > 0 else noise
+            finally:
+                weight.copy_(saved)
+    return out
+
+
 @register(NAME)
 class CirculantSearch:
     """Choose a block size per layer by ILP, then apply ``block-circulant`` (see module docstring)."""
@@ -200,6 +264,8 @@ class CirculantSearch:
         bad = [b for b in config.candidates if not isinstance(b, int) or b < 1 or b & (b - 1)]
         if bad or not config.candidates:
             raise PassError(f"pass '{NAME}': option 'candidates': {list(config.candidates)!r} must be powers of two >= 1")
+        if not isinstance(config.damp, (int, float)) or not config.damp > 0:
+            raise PassError(f"pass '{NAME}': option 'damp' must be > 0, got {config.damp!r}")
         if config.fisher_micro_batch < 1:
             raise PassError(f"pass '{NAME}': option 'fisher_micro_batch' must be >= 1, got {config.fisher_micro_batch}")
         if config.poly_degree < 2 or config.poly_degree & (config.poly_degree - 1):
@@ -233,13 +299,28 @@ class CirculantSearch:
             targets = sorted({l.weight_target for l in searched})
             fisher = fisher_diagonal(graph, targets, micro_batch=cfg.fisher_micro_batch)
         t_fisher = time.perf_counter() - t0
+        moments = input_moments(graph, searched) if searched and cfg.method == "reconstruct" else {}
+
+        def projected(layer: Layer, b: int) -> torch.Tensor:
+            """Dense ``W_b`` (in the layer's own weight layout) of the configured projection."""
+            w = graph.get_tensor(layer.weight_target).detach()
+            if cfg.method == "reconstruct":
+                c = project_reconstruct(layer, w, b, moments[layer.weight_target], cfg.damp)
+            else:
+                f = fisher.get(layer.weight_target) if cfg.method == "fisher" else None
+                c = project(_as_matrices(layer, w), b, None if f is None else _as_matrices(layer, f))
+            return _from_matrices(layer, expand(c)).to(w.dtype)
+
+        if cfg.sensitivity == "output":
+            return output_sensitivities(graph, layers, feasible, projected), t_fisher
         out: dict[str, dict[int, float]] = {}
         for layer in layers:
-            w = _as_matrices(layer, graph.get_tensor(layer.weight_target).detach())
-            f = _as_matrices(layer, fisher[layer.weight_target]) if layer.weight_target in fisher else None
-            proj = f if cfg.method == "fisher" else None
-            score = f if cfg.sensitivity == "fisher" else None
-            out[layer.name] = {b: layer_sensitivity(w, b, projection_weights=proj, score_weights=score) for b in feasible[layer.name]}
+            w = graph.get_tensor(layer.weight_target).detach().double()
+            f = fisher.get(layer.weight_target) if cfg.sensitivity == "fisher" else None
+            out[layer.name] = {}
+            for b in feasible[layer.name]:
+                err = (w - projected(layer, b).double()).pow(2) if b > 1 else None
+                out[layer.name][b] = 0.0 if err is None else float((err if f is None else f.double() * err).sum())
         return out, t_fisher
 
     def budget_value(self, layers: list[Layer], costs: dict[str, dict[int, float]]) -> tuple[float, float, float | None]:
@@ -353,7 +434,7 @@ class CirculantSearch:
         cfg = self.config
         return make_pass(
             "block-circulant",
-            {"blocks": dict(chosen), "method": cfg.method, "fisher_micro_batch": cfg.fisher_micro_batch, "skip": list(cfg.skip)},
+            {"blocks": dict(chosen), "method": cfg.method, "fisher_micro_batch": cfg.fisher_micro_batch, "damp": cfg.damp, "skip": list(cfg.skip)},
         )(graph)
 
     def _annotate(self, graph: Graph, layers: list[Layer], table: dict[str, dict[str, Any]], stats: dict[str, Any]) -> None:
@@ -395,4 +476,4 @@ def _layer_name_of(graph: Graph, node, by_name: dict[str, Layer]) -> str | None:
     return module if module in by_name else None
 
 
-__all__ = ["Budget", "CirculantSearch", "CirculantSearchConfig", "SearchPlan", "layer_sensitivity", "parse_budget"]
+__all__ = ["Budget", "CirculantSearch", "CirculantSearchConfig", "SearchPlan", "layer_sensitivity", "output_sensitivities", "parse_budget"]
