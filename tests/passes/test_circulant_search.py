@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from graphpress.errors import PassError
 from graphpress.ir.circulant import expand, project, sensitivity
@@ -209,7 +209,7 @@ def _brute_force(stats, budget):
 @pytest.mark.parametrize("model", ["he-analytic", "params"])
 def test_plan_within_budget_and_no_worse_than_uniform(cnn_graph, budget, model):
     before = {k: v.clone() for k, v in cnn_graph.gm.state_dict().items()}
-    plan = search(budget=budget, cost_model=model).plan(cnn_graph)
+    plan = search(budget=budget, cost_model=model, verify=False).plan(cnn_graph)  # the ILP alone
     st = plan.stats
     # stats complete
     for key in ("budget", "cost", "dense_cost", "objective", "solver", "layers", "blocks", "cost_model", "time_s", "rejected"):
@@ -386,3 +386,26 @@ def test_digits_search_at_least_as_accurate_after_finetuning(digits, k):
     acc_s = accuracy(lambda x: searched.run(x)[0], x_te, y_te)
     print(f"\ndigits k={k} after distillation: uniform {acc_u:.4f} search {acc_s:.4f} blocks {st['blocks']}")
     assert acc_s >= acc_u
+
+
+def test_verify_keeps_the_jointly_quieter_assignment(cnn_graph):
+    from graphpress.passes.circulant.search import joint_output_noise
+
+    ilp = search(budget="uniform:4", verify=False).plan(cnn_graph).stats
+    st = search(budget="uniform:4").plan(cnn_graph).stats
+    assert st["ilp_blocks"] == ilp["blocks"]
+    if ilp["blocks"] == ilp["uniform_blocks"]:
+        assert "verified" not in st and st["blocks"] == ilp["blocks"]
+        return
+    noise = st["verified"]["output_noise"]
+    assert set(noise) == {"ilp", "uniform"} and all(v > 0 for v in noise.values())
+    kept = st["verified"]["kept"]
+    assert kept == min(noise, key=noise.get)
+    assert st["blocks"] == (st["uniform_blocks"] if kept == "uniform" else ilp["blocks"])
+    assert st["cost"] <= st["budget"]["value"] * (1 + 1e-9)
+    # the joint measurement is the applied projection's real output noise on the calibration data
+    res = make_pass("block-circulant", {"blocks": st["blocks"], "method": "fisher"})(cnn_graph.clone())
+    x = cnn_graph.calibration[0][0]
+    y, yb = cnn_graph.run(x)[0].double(), res.graph.run(x)[0].double()
+    assert noise[kept] == pytest.approx(float((yb - y).pow(2).sum() / y.pow(2).sum()), rel=1e-3)
+    assert joint_output_noise  # exported

@@ -30,6 +30,13 @@ Budgets: ``uniform:K`` -- the cost of the assignment ``block-circulant`` makes w
 ``block_size=K`` (a layer takes K when it fits, else stays dense: ``cost_l(K if fits(K) else 1)``);
 ``fraction:F`` -- ``F * sum_l cost_l(1)`` (a fraction of the dense cost); ``absolute:X``.
 
+Verification (``verify=True``, ``uniform:K`` budgets): the sum over layers is a first-order
+model -- it ignores how the layers' errors interact. Before applying the ILP's choice the pass
+measures the relative output noise of that choice and of the uniform assignment with all their
+layers projected *at once* on the calibration batches, and keeps the quieter one
+(``stats["verified"]``). Two forward passes over the calibration data; the cost never exceeds
+the budget either way.
+
 Guarantee: at a ``uniform:K`` budget the uniform assignment is feasible (K is added to the
 candidates of every layer it fits), so the optimum's ``sum Omega`` is <= the uniform one's.
 
@@ -142,6 +149,9 @@ class CirculantSearchConfig:
         Projection method, passed on to ``block-circulant`` and used for ``W_b``.
     damp : float
         Ridge of ``method="reconstruct"`` (passed on).
+    verify : bool
+        With a ``uniform:K`` budget, measure the ILP's assignment and the uniform one jointly on
+        the calibration batches and keep the one with less output noise (see module docstring).
     fisher_micro_batch : int
         Samples per squared gradient of the Fisher (passed on too).
     skip : tuple of str
@@ -159,6 +169,7 @@ class CirculantSearchConfig:
     method: Literal["fisher", "mean", "reconstruct"] = "fisher"
     fisher_micro_batch: int = 1
     damp: float = DEFAULT_DAMP
+    verify: bool = True
     skip: tuple[str, ...] = ()
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
@@ -249,6 +260,32 @@ def output_sensitivities(
     return out
 
 
+def joint_output_noise(
+    graph: Graph, layers: list[Layer], blocks: dict[str, int], projected: Callable[[Layer, int], torch.Tensor]
+) -> float:
+    """Relative output noise power ``sum ||y_B - y||^2 / sum ||y||^2`` on the calibration batches
+    with *every* layer at its block size in ``blocks`` at once (weights restored afterwards)."""
+    batches = graph.calibration_batches()
+    todo = [(l, blocks[l.name]) for l in layers if blocks.get(l.name, 1) > 1]
+    with torch.no_grad():
+        refs = [graph.run(*batch) for batch in batches]
+        swapped: dict[str, torch.Tensor] = {}
+        for layer, b in todo:
+            swapped.setdefault(layer.weight_target, projected(layer, b))
+        saved = {t: graph.get_tensor(t).detach().clone() for t in swapped}
+        try:
+            for target, wb in swapped.items():
+                graph.get_tensor(target).copy_(wb)
+            noise = signal = 0.0
+            for batch, ref in zip(batches, refs):
+                n, s = _noise_power(ref, graph.run(*batch))
+                noise, signal = noise + n, signal + s
+        finally:
+            for target, w in saved.items():
+                graph.get_tensor(target).copy_(w)
+    return noise / signal if signal > 0 else noise
+
+
 @register(NAME)
 class CirculantSearch:
     """Choose a block size per layer by ILP, then apply ``block-circulant`` (see module docstring)."""
@@ -289,8 +326,11 @@ class CirculantSearch:
         """``cost_l(b)`` under the configured cost model (HE models read ``poly_degree``)."""
         return self.cost_model(layer, b, poly_degree=self.config.poly_degree)
 
-    def sensitivities(self, graph: Graph, layers: list[Layer], feasible: dict[str, list[int]]) -> tuple[dict[str, dict[int, float]], float]:
-        """``{layer: {b: Omega_l(b)}}`` and the seconds spent on the Fisher."""
+    def sensitivities(
+        self, graph: Graph, layers: list[Layer], feasible: dict[str, list[int]]
+    ) -> tuple[dict[str, dict[int, float]], float, Callable[[Layer, int], torch.Tensor]]:
+        """``{layer: {b: Omega_l(b)}}``, the seconds spent on the Fisher, and the projector
+        ``(layer, b) -> dense W_b`` the sensitivities used."""
         cfg = self.config
         searched = [l for l in layers if len(feasible[l.name]) > 1]
         fisher: dict[str, torch.Tensor] = {}
@@ -312,7 +352,7 @@ class CirculantSearch:
             return _from_matrices(layer, expand(c)).to(w.dtype)
 
         if cfg.sensitivity == "output":
-            return output_sensitivities(graph, layers, feasible, projected), t_fisher
+            return output_sensitivities(graph, layers, feasible, projected), t_fisher, projected
         out: dict[str, dict[int, float]] = {}
         for layer in layers:
             w = graph.get_tensor(layer.weight_target).detach().double()
@@ -321,7 +361,7 @@ class CirculantSearch:
             for b in feasible[layer.name]:
                 err = (w - projected(layer, b).double()).pow(2) if b > 1 else None
                 out[layer.name][b] = 0.0 if err is None else float((err if f is None else f.double() * err).sum())
-        return out, t_fisher
+        return out, t_fisher, projected
 
     def budget_value(self, layers: list[Layer], costs: dict[str, dict[int, float]]) -> tuple[float, float, float | None]:
         """``(budget, dense cost, uniform cost or None)`` in cost-model units."""
@@ -356,13 +396,27 @@ class CirculantSearch:
         costs = {l.name: {b: self.cost(l, b) for b in feasible[l.name]} for l in layers}
         t_cost = time.perf_counter() - t0
         t0 = time.perf_counter()
-        omegas, t_fisher = self.sensitivities(graph, layers, feasible)
+        omegas, t_fisher, projected = self.sensitivities(graph, layers, feasible)
         t_sens = time.perf_counter() - t0 - t_fisher
         budget, dense_cost, uniform_cost = self.budget_value(layers, costs)
 
         items = [[(b, omegas[l.name][b], costs[l.name][b]) for b in feasible[l.name]] for l in layers]
         alloc = allocate(items, budget, what=f"pass '{NAME}': option 'budget': '{self.budget.spec}' =")
         chosen = {l.name: int(b) for l, b in zip(layers, alloc.choice)}
+        total_cost = alloc.cost
+        verified: dict[str, Any] | None = None
+        if cfg.verify and uniform_cost is not None:
+            # The ILP adds per-layer sensitivities, a first-order model; before trusting it, measure
+            # the ILP's choice and the uniform assignment *jointly* on the calibration batches and
+            # keep the one with less output noise (same or lower cost either way).
+            ub = {l.name: self.uniform_block(l, int(self.budget.amount)) for l in layers}
+            if ub != chosen:
+                t0 = time.perf_counter()
+                noise = {key: joint_output_noise(graph, layers, blocks, projected) for key, blocks in (("ilp", chosen), ("uniform", ub))}
+                keep = "uniform" if noise["uniform"] < noise["ilp"] else "ilp"
+                verified = {"output_noise": noise, "kept": keep, "time_s": round(time.perf_counter() - t0, 4)}
+                if keep == "uniform":
+                    chosen, total_cost = ub, uniform_cost
 
         table: dict[str, dict[str, Any]] = {}
         for layer in layers:
@@ -381,9 +435,11 @@ class CirculantSearch:
         stats: dict[str, Any] = {
             "budget": {"spec": self.budget.spec, "value": budget},
             "cost_model": {"name": self.cost_model.name, "unit": self.cost_model.unit, "describe": self.cost_model.describe},
-            "cost": alloc.cost,
+            "cost": total_cost,
             "dense_cost": dense_cost,
-            "objective": alloc.value,
+            "objective": math.fsum(omegas[l.name][chosen[l.name]] for l in layers),
+            "ilp_objective": alloc.value,
+            "ilp_blocks": {l.name: int(b) for l, b in zip(layers, alloc.choice)},
             "blocks": chosen,
             "converted": sum(1 for b in chosen.values() if b > 1),
             "solver": {"status": alloc.status, "time_s": round(alloc.time_s, 4), **alloc.stats},
@@ -396,6 +452,8 @@ class CirculantSearch:
             stats["uniform_cost"] = uniform_cost
             stats["uniform_objective"] = math.fsum(omegas[n][b] for n, b in ub.items())
             stats["uniform_blocks"] = ub
+        if verified is not None:
+            stats["verified"] = verified
         stats["time_s"] = {
             "fisher": round(t_fisher, 4),
             "sensitivity": round(t_sens, 4),
@@ -476,4 +534,13 @@ def _layer_name_of(graph: Graph, node, by_name: dict[str, Layer]) -> str | None:
     return module if module in by_name else None
 
 
-__all__ = ["Budget", "CirculantSearch", "CirculantSearchConfig", "SearchPlan", "layer_sensitivity", "output_sensitivities", "parse_budget"]
+__all__ = [
+    "Budget",
+    "CirculantSearch",
+    "CirculantSearchConfig",
+    "SearchPlan",
+    "joint_output_noise",
+    "layer_sensitivity",
+    "output_sensitivities",
+    "parse_budget",
+]
