@@ -16,6 +16,7 @@ from graphpress.errors import BackendError
 # name -> "module:attribute" of the Backend class; TVM, HE and torch backends add a line here.
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "graphpress.backends.onnxruntime.lower:OnnxRuntimeBackend",
+    "he": "graphpress.backends.he.lower:HEBackend",
 }
 
 
@@ -24,15 +25,18 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(name: str, **options: Any) -> Backend:
+def get_backend(name: "str | Backend", **options: Any) -> Backend:
     """Instantiate the backend called ``name``.
 
     Parameters
     ----------
-    name : str
-        A registered backend name (see :func:`available_backends`), e.g. ``"onnxruntime"``.
+    name : str or Backend
+        A registered backend name (see :func:`available_backends`), e.g. ``"onnxruntime"``;
+        an already configured backend instance is returned as is (so callers such as
+        :func:`graphpress.api.compress` accept ``get_backend("he", encoding=...)``).
     **options
-        Passed to the backend's constructor (for onnxruntime: ``opset``, ``optimize``).
+        Passed to the backend's constructor (for onnxruntime: ``opset``, ``optimize``; for he:
+        ``encoding``, ``protocol``, ``act_bits``, ``weight_bits``, ...).
 
     Returns
     -------
@@ -43,6 +47,10 @@ def get_backend(name: str, **options: Any) -> Backend:
     BackendError
         When ``name`` is unknown (the message lists the known names).
     """
+    if not isinstance(name, str) and hasattr(name, "lower") and hasattr(name, "runner"):
+        if options:
+            raise BackendError(f"get_backend: options {sorted(options)} given with an already configured backend {name!r}")
+        return name
     target = _BACKENDS.get(name)
     if target is None:
         raise BackendError(f"unknown backend {name!r}; known backends: {', '.join(available_backends())}")

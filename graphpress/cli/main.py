@@ -98,17 +98,37 @@ def run(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
-    bench: bool = typer.Option(True, "--bench/--no-bench", help="Measure batch-1 latency before/after."),
+    bench: Optional[bool] = typer.Option(None, "--bench/--no-bench", help="Measure batch-1 latency before/after (default: on, off for --backend he: use 'compress bench')."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time the original graph on the backend."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Inputs for data-driven passes (.pt/.npy/.npz/.safetensors)."),
     finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Unlabelled inputs for recovery fine-tuning by distillation."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Maximum fine-tuning epochs (early stopping on a held-out split)."),
     finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Fine-tuning learning rate."),
+    he_encoding: Optional[str] = typer.Option(None, "--he-encoding", help="HE backend: coeff-circulant (default) | coeff-dense | slot-dense."),
+    he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="HE backend: interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
+    he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="HE backend: fixed-point bits of the encrypted activations (default 8)."),
+    he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="HE backend: fixed-point bits of the weights (default 8)."),
 ) -> None:
     """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
     from graphpress.api import check_out_dir, compress
 
     check_out_dir(out, overwrite)  # fail before minutes of work
+    he_options = {
+        k: v
+        for k, v in {"encoding": he_encoding, "protocol": he_protocol, "act_bits": he_act_bits, "weight_bits": he_weight_bits}.items()
+        if v is not None
+    }
+    if backend == "he":
+        from graphpress.backends import get_backend
+
+        backend_arg: Any = get_backend("he", **he_options)  # bad options fail here, before the capture
+    elif he_options:
+        flags = ", ".join(f"--he-{k.replace('_', '-')}" for k in he_options)
+        raise GraphpressError(f"{flags}: only for --backend he (got --backend {backend})")
+    else:
+        backend_arg = backend
+    if bench is None:
+        bench = backend != "he"  # encrypted inference is seconds per call: time it with 'compress bench
     with progress() as bar:
         stage_task = bar.add_task("capture", total=None)
         pass_task = None
@@ -136,7 +156,7 @@ def run(
             checkpoint,
             out=out,
             recipe=recipe,
-            backend=backend,
+            backend=backend_arg,
             arch=arch,
             input_shape=input_shape,
             overwrite=overwrite,
@@ -160,7 +180,25 @@ def run(
             f"{' (stopped early)' if ft['stopped_early'] else ''}; best epoch {ft['best_epoch']}, val loss {best}"
         )
     _print_result(result.manifest)
+    if result.manifest["backend"] == "he":
+        _print_he_lowering(result.folder)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+def _print_he_lowering(folder: Path) -> None:
+    """The HE check run's per-layer table (predicted vs measured) and the protocol's threat line."""
+    from graphpress.cli.report import he_layers_table
+
+    program = json.loads((folder / "he_program.json").read_text(encoding="utf-8"))
+    cost_path = folder / "he_cost.json"
+    if program.get("protocol") == "interactive" and cost_path.is_file():
+        cost = json.loads(cost_path.read_text(encoding="utf-8"))
+        console.print(he_layers_table(cost, f"encrypted layers, check run on {cost['inputs']} (batch {cost['batch']})"))
+        if cost.get("total_predicted_s") is None:
+            console.print("no cached per-op costs for some parameters: run 'compress he-calibrate' for predictions")
+    sec = program.get("security", {})
+    if sec:
+        console.print(f"protocol {sec.get('name')} ({sec.get('scheme')}): the client learns {sec.get('client_learns')}", soft_wrap=True)
 
 
 def _print_result(manifest: dict[str, Any]) -> None:
@@ -263,10 +301,10 @@ def inspect(
 def bench(
     artifact: Path = typer.Argument(..., help="Artifact folder written by 'compress run'."),
     batch: int = typer.Option(1, "--batch", help="Batch size for the dynamic batch dimension."),
-    repeat: int = typer.Option(50, "--repeat", help="Timed runs."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", help="Timed runs (default 50; 3 encrypted inferences for HE artifacts)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for the runtime."),
 ) -> None:
-    """Measure an artifact's latency on random inputs of its input specs."""
+    """Measure an artifact's latency on random inputs of its input specs (HE: per-layer predicted vs measured)."""
     import numpy as np
     from rich.table import Table
 
@@ -274,6 +312,8 @@ def bench(
 
     if batch < 1:
         raise GraphpressError(f"--batch {batch}: must be at least 1")
+    if repeat is not None and repeat < 1:
+        raise GraphpressError(f"--repeat {repeat}: must be at least 1")
     model = load(artifact, **({"threads": threads} if threads else {}))
     rng = np.random.default_rng(0)
     inputs = []
@@ -283,12 +323,96 @@ def bench(
             inputs.append(rng.standard_normal(shape).astype(spec["dtype"]))
         else:
             inputs.append(rng.integers(0, 2, shape).astype(spec["dtype"]))
-    res = benchmark(lambda: model(*inputs), repeat=repeat)
+    if model.manifest["backend"] == "he":
+        _bench_he(artifact, model, inputs, batch, repeat or 3)
+        return
+    res = benchmark(lambda: model(*inputs), repeat=repeat or 50)
     t = Table(title=f"{artifact} ({model.manifest['backend']}, batch {batch})", title_justify="left")
     for col in ("median ms", "p10 ms", "p90 ms", "runs"):
         t.add_column(col, justify="right")
     t.add_row(f"{res.median_ms:.3f}", f"{res.p10_ms:.3f}", f"{res.p90_ms:.3f}", str(res.n))
     console.print(t)
+
+
+def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat: int) -> None:
+    """Encrypted inferences of an HE artifact: per-layer median measured vs predicted time and counts."""
+    import statistics
+
+    from graphpress.cli.report import he_layers_table
+
+    runner = model.runner
+    if not hasattr(runner, "run"):  # polynomial protocol: one fully encrypted call per sample
+        import time
+
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - t0)
+        rep = runner.last_report
+        console.print(
+            f"{artifact} (he, polynomial/CKKS, batch {batch}): median {1e3 * statistics.median(times):.1f} ms over {repeat} runs; "
+            f"per sample {1e3 * rep.get('latency_s', {}).get('median', 0.0):.1f} ms; ops per sample {rep.get('ops_per_sample')}",
+            soft_wrap=True,
+        )
+        return
+    from graphpress.backends.he.lower import cost_report
+
+    runs = []
+    with progress() as bar:
+        task = bar.add_task("encrypted inference", total=repeat)
+        for _ in range(repeat):
+            runs.append(runner.run(*inputs))
+            bar.update(task, advance=1)
+    cost = cost_report(runner.program, runs[0], label=f"random inputs, median of {repeat} runs")
+    for i, row in enumerate(cost["layers"]):
+        row["measured_s"] = statistics.median(r.layers[i]["measured_s"] for r in runs)
+        row["ratio"] = row["predicted_s"] / row["measured_s"] if row["predicted_s"] and row["measured_s"] > 0 else None
+    cost["total_measured_s"] = sum(r["measured_s"] for r in cost["layers"])
+    wall = statistics.median(r.seconds for r in runs)
+    console.print(he_layers_table(cost, f"{artifact} (he, {runner.program.encoding}, batch {batch}, median of {repeat} encrypted runs)"))
+    console.print(
+        f"end to end {1e3 * wall:.1f} ms per batch (encrypted layers + client plaintext parts); "
+        f"key generation + weight encoding at load {runner.setup_seconds:.2f} s",
+        soft_wrap=True,
+    )
+    if cost.get("total_predicted_s") is None:
+        console.print("no cached per-op costs for some parameters: run 'compress he-calibrate' for predictions")
+
+
+# ---------------------------------------------------------------------------- he-calibrate
+@app.command("he-calibrate")
+@handle_errors
+def he_calibrate(
+    poly_degree: Optional[list[int]] = typer.Option(None, "--poly-degree", "-N", help="Ring degrees to measure (repeatable; default 4096, 8192, 16384)."),
+    repeat: int = typer.Option(15, "--repeat", help="Timed repetitions per operation (medians)."),
+    show: bool = typer.Option(False, "--show", help="Print the cached costs without measuring."),
+) -> None:
+    """Measure per-operation BFV costs on this machine and cache them for the HE cost model."""
+    from graphpress.backends.he import require_tenseal
+    from graphpress.cli.report import he_costs_table
+    from graphpress.ir import he_op_costs
+
+    if show:
+        entries = he_op_costs.machine_entries()
+        if not entries:
+            raise GraphpressError(f"{he_op_costs.cache_path()}: no HE costs cached for this machine; run 'compress he-calibrate'")
+        console.print(he_costs_table(entries, f"cached HE op costs (us), {he_op_costs.cache_path()}"))
+        return
+    require_tenseal()
+    from graphpress.backends.he.costmodel import calibrate, default_grid
+
+    degrees = tuple(poly_degree) if poly_degree else he_op_costs.DEFAULT_DEGREES
+    bad = [n for n in degrees if n not in (1024, 2048, 4096, 8192, 16384, 32768)]
+    if bad:
+        raise GraphpressError(f"--poly-degree {bad[0]}: not one of 1024, 2048, 4096, 8192, 16384, 32768")
+    if repeat < 3:
+        raise GraphpressError(f"--repeat {repeat}: use at least 3 (medians)")
+    total = len(default_grid(degrees))
+    with progress() as bar:
+        task = bar.add_task("measure BFV operations", total=total)
+        entries = calibrate(degrees, repeat=repeat, on_entry=lambda i, n, e: bar.update(task, completed=i, description=f"N={e['poly_degree']} {e['coeff_modulus_bits']}"))
+    console.print(he_costs_table(entries, f"HE op costs (us, medians of {repeat}), cached in {he_op_costs.cache_path()}"))
 
 
 # ---------------------------------------------------------------------------- demo

@@ -105,3 +105,57 @@ def summary_table(summary, limit: int = 60) -> Table:
     if len(rows) > limit:
         t.add_row(f"... {len(rows) - limit} more", "", "", "", "", "")
     return t
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None else f"{1e3 * x:.2f}"
+
+
+def he_layers_table(cost: dict[str, Any], title: str) -> Table:
+    """Per encrypted layer: predicted (counts x cached per-op costs) vs measured time, op counts."""
+    t = Table(title=title, title_justify="left")
+    cols = ("layer", "shape", "b", "encoding", "N", "rows", "pred ms", "meas ms", "pred/meas", "mults", "adds", "rots", "cts sent/recv", "KB sent/recv")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("layer", "shape", "encoding") else "right")
+
+    def ratio_str(r: Any) -> str:
+        return "-" if r is None else (f"{r:.2f}" if 0.7 <= r <= 1.3 else f"[yellow]{r:.2f}[/yellow]")
+
+    def io(c: dict[str, Any]) -> tuple[str, str]:
+        return (
+            f"{c.get('ciphertexts_sent', 0)}/{c.get('ciphertexts_received', 0)}",
+            f"{c.get('bytes_sent', 0) / 1024:.0f}/{c.get('bytes_received', 0) / 1024:.0f}",
+        )
+
+    for r in cost["layers"]:
+        c = r["counts"]
+        t.add_row(
+            r["name"], r["shape"], str(r["b"]), r["encoding"], str(r["poly_degree"]), str(r["rows"]),
+            _ms(r.get("predicted_s")), _ms(r["measured_s"]), ratio_str(r.get("ratio")),
+            str(c.get("plain_mults", 0)), str(c.get("ct_adds", 0)), str(c.get("rotations", 0)), *io(c),
+        )
+    pred, meas = cost.get("total_predicted_s"), cost.get("total_measured_s", 0.0)
+    tot = {k: sum(r["counts"].get(k, 0) for r in cost["layers"]) for k in ("plain_mults", "ct_adds", "rotations", "ciphertexts_sent", "ciphertexts_received", "bytes_sent", "bytes_received")}
+    t.add_row(
+        "total", "", "", "", "", "", _ms(pred), _ms(meas), ratio_str(pred / meas if pred and meas else None),
+        str(tot["plain_mults"]), str(tot["ct_adds"]), str(tot["rotations"]), *io(tot),
+    )
+    return t
+
+
+def he_costs_table(entries: dict[str, dict[str, Any]], title: str) -> Table:
+    """Cached per-operation HE costs (microseconds) per parameter set."""
+    ops = ("upload_coeffs", "upload_slots", "download", "download_slots", "decode_coeff", "ntt", "intt", "mul_plain", "add", "add_plain", "rotate")
+    short = ("upload", "upload-s", "download", "download-s", "read/val", "ntt", "intt", "mul", "add", "add-pt", "rotate")
+    t = Table(title=title, title_justify="left", caption="-s: batched slots; read/val: per decrypted coefficient read", caption_justify="left")
+    for col in ("N", "primes (bits)", "t bits", *short):
+        t.add_column(col, justify="left" if col == "primes (bits)" else "right", no_wrap=True)
+    for e in sorted(entries.values(), key=lambda e: (e["poly_degree"], len(e["coeff_modulus_bits"]), e["coeff_modulus_bits"])):
+        s = e["seconds"]
+        t.add_row(
+            str(e["poly_degree"]),
+            "-".join(map(str, e["coeff_modulus_bits"])),
+            str(int(e["plain_modulus"]).bit_length()),
+            *("-" if op not in s else f"{1e6 * s[op]:.3g}" if op == "decode_coeff" else f"{1e6 * s[op]:.0f}" for op in ops),
+        )
+    return t

@@ -1,9 +1,10 @@
 """Load an artifact folder and run it: ``graphpress.runtime.load(folder)(x) -> [np.ndarray, ...]``.
 
 The backend runner is picked from ``manifest["backend"]`` through a small registry of loader
-functions (:func:`register_loader`); only ``"onnxruntime"`` exists today, TVM/HE/torch loaders
-plug in the same way. Loading and running an ONNX artifact needs numpy and onnxruntime only:
-nothing here imports torch (torch tensors are accepted when torch is already imported).
+functions (:func:`register_loader`): ``"onnxruntime"`` and ``"he"`` (encrypted inference; it
+needs torch and tenseal, imported only for HE artifacts); TVM/torch loaders plug in the same
+way. Loading and running an ONNX artifact needs numpy and onnxruntime only: nothing here
+imports torch (torch tensors are accepted when torch is already imported).
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def _load_onnxruntime(artifact: Artifact, *, providers: Sequence[Any] | None = N
     from graphpress.backends.onnxruntime.session import OrtRunner
 
     return OrtRunner(artifact.model_path, providers=providers, threads=threads)
+
+
+@register_loader("he")
+def _load_he(artifact: Artifact, *, providers: Sequence[Any] | None = None, threads: int | None = None) -> Any:
+    # HE artifacts need torch (the client graph) and tenseal; imported only for them.
+    from graphpress.backends.he import require_tenseal
+
+    require_tenseal()
+    from graphpress.backends.he.lower import load_runner
+
+    return load_runner(artifact.folder)
 
 
 def _as_array(x: Any) -> np.ndarray:
