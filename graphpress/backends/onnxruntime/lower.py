@@ -17,6 +17,9 @@ Steps (see ``docs/backends/onnxruntime.md``):
    and at example batch + 3 when the batch is dynamic) and every output is compared with
    ``graph.run`` by :func:`graphpress.ir.compare.compare_outputs` (fp32: rtol 1e-4,
    atol 1e-5 x max(1, max|ref|)). Any output outside tolerance raises :class:`BackendError`.
+   Graphs whose ops round activations (:func:`graphpress.ir.ops_quant.quantizes_activations`)
+   may instead meet an SQNR floor of :data:`QUANT_CHECK_MIN_SQNR_DB`: float differences of one
+   ulp move values on rounding ties by a whole grid step, and deep models amplify that.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ from graphpress.backends.onnxruntime.session import CPU, OrtRunner
 from graphpress.errors import BackendError
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
+from graphpress.ir.ops_quant import quantizes_activations
 
 DEFAULT_OPSET = 18
 MODEL_FILE = "model.onnx"
 # protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
 _INLINE_WEIGHT_LIMIT = 2**31 - 2**26
+#: SQNR floor (dB) of the check for graphs that quantize activations: ulp differences flip
+#: rounding ties, which measured 26 dB on stories260K int8-dynamic (digits CNN: 55-66 dB); a
+#: wrong lowering (weight layout, scale, zero point) lands near 0 dB.
+QUANT_CHECK_MIN_SQNR_DB = 15.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
@@ -308,6 +316,7 @@ def check_onnx(graph: Graph, model_path: str | os.PathLike, *, seeds: Sequence[i
     """
     t0 = time.perf_counter()
     runner = OrtRunner(model_path, providers=[CPU], threads=threads)
+    quantized = quantizes_activations(graph.gm)
     runs, worst = [], None
     for label, inputs in _check_inputs(graph, seeds):
         refs = graph.run(*inputs)
@@ -320,7 +329,8 @@ def check_onnx(graph: Graph, model_path: str | os.PathLike, *, seeds: Sequence[i
         tests = [torch.from_numpy(np.asarray(o)) for o in outs]
         diffs = compare_outputs(refs, tests, graph.output_names)
         for d, r, t in zip(diffs, refs, tests):
-            if not d.within_tol:
+            tie_rounding = quantized and r.shape == t.shape and r.dtype == t.dtype and d.sqnr_db >= QUANT_CHECK_MIN_SQNR_DB
+            if not d.within_tol and not tie_rounding:
                 if tuple(r.shape) != tuple(t.shape):
                     why = f"shape {tuple(t.shape)} vs torch {tuple(r.shape)}"
                 elif r.dtype != t.dtype:
@@ -334,7 +344,8 @@ def check_onnx(graph: Graph, model_path: str | os.PathLike, *, seeds: Sequence[i
     return {
         "passed": True,
         "providers": runner.providers,
-        "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)",
+        "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)"
+        + (f"; activation-quantizing ops: or SQNR >= {QUANT_CHECK_MIN_SQNR_DB:g} dB" if quantized else ""),
         "runs": runs,
         "worst": worst,
         "check_s": round(time.perf_counter() - t0, 3),

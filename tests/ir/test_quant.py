@@ -1,0 +1,161 @@
+"""graphpress.ir.quant: integer grids, error bounds, packing layout and byte counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphpress.ir import quant as Q
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+# ---------------------------------------------------------------------------- per-channel
+def test_symmetric_per_channel_grid_and_error_bound():
+    w = torch.randn(16, 40)
+    w[3] = 0.0  # an all-zero channel gets scale 1 and codes 0
+    q, s = Q.symmetric_per_channel(w, 8)
+    assert q.dtype == torch.int8 and s.shape == (16,)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127  # -128 never used
+    assert float(s[3]) == 1.0 and not q[3].any()
+    err = (Q.dequantize_per_channel(q, s) - w).abs()
+    assert bool((err <= s[:, None] / 2 + 1e-7).all())
+    # the largest magnitude of each channel is exactly on the grid edge
+    assert torch.equal(q.abs().amax(1)[[i for i in range(16) if i != 3]], torch.full((15,), 127, dtype=torch.int8))
+    qn, sn = Q.symmetric_per_channel(-w, 8)
+    assert torch.equal(qn, -q) and torch.equal(sn, s)
+
+
+def test_per_channel_conv_axis_and_bits():
+    w = torch.randn(8, 4, 3, 3)
+    q, s = Q.symmetric_per_channel(w, 4, axis=0)
+    assert int(q.abs().max()) == 7 and s.shape == (8,)
+    torch.testing.assert_close(s, w.abs().amax((1, 2, 3)) / 7)
+    sq = [Q.weight_sqnr_db(w, Q.fake_quant_per_channel(w, b)) for b in (4, 6, 8)]
+    assert sq[0] < sq[1] < sq[2] and sq[2] > 40
+
+
+# ---------------------------------------------------------------------------- group-wise
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_groupwise_error_bound_and_zero_on_grid(bits, symmetric):
+    w = torch.randn(6, 100)  # 100 = 3 groups of 32 + a padded one
+    gq = Q.groupwise(w, bits, 32, symmetric=symmetric)
+    assert gq.q.shape == (6, 4, 32) and gq.scale.shape == (6, 4) and gq.zero.shape == (6, 4)
+    assert int(gq.q.max()) <= 2**bits - 1
+    wh = gq.dequantize()
+    assert wh.shape == w.shape
+    err = (wh - w).abs().reshape(6, -1)
+    pad = torch.nn.functional.pad(err, (0, 28)).reshape(6, 4, 32)
+    assert bool((pad <= gq.scale[..., None] / 2 + 1e-6).all())
+    # 0 is exactly representable: a zero weight comes back as 0
+    w0 = w.clone()
+    w0[:, 5] = 0.0
+    assert bool((Q.groupwise(w0, bits, 32, symmetric=symmetric).dequantize()[:, 5] == 0).all())
+    if symmetric:
+        assert bool((gq.zero == 2 ** (bits - 1)).all())
+
+
+def test_groupwise_asymmetric_beats_symmetric_on_skewed_groups():
+    w = torch.rand(32, 128) * 2.0 - 0.2  # mostly positive
+    asym = Q.weight_sqnr_db(w, Q.fake_quant_groupwise(w, 4, 32))
+    sym = Q.weight_sqnr_db(w, Q.fake_quant_groupwise(w, 4, 32, symmetric=True))
+    assert asym > sym + 3.0
+
+
+def test_groupwise_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        Q.groupwise(torch.randn(4, 32), 1, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.groupwise(torch.randn(4, 32), 4, 48)
+    with pytest.raises(ValueError, match="matrix"):
+        Q.groupwise(torch.randn(4, 32, 2), 4, 32)
+
+
+# ---------------------------------------------------------------------------- packing
+def test_pack_layout_low_nibble_first():
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert Q.pack_nbits(q, 4).tolist() == [[0x21, 0x0F]]
+    assert Q.pack_nbits(torch.tensor([[1, 2, 3, 0, 2]], dtype=torch.uint8), 2).tolist() == [[0b00111001, 0b10]]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    q = torch.randint(0, 2**bits, (3, 5, 37), dtype=torch.uint8)
+    packed = Q.pack_nbits(q, bits)
+    assert packed.shape == (3, 5, -(-37 * bits // 8))
+    assert torch.equal(Q.unpack_nbits(packed, bits, 37), q)
+
+
+@pytest.mark.parametrize("bits,container", [(2, 2), (3, 4), (4, 4), (6, 8), (8, 8)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_nbits_storage_round_trip(bits, container, symmetric):
+    w = torch.randn(10, 70)
+    gq = Q.groupwise(w, bits, 32, symmetric=symmetric)
+    nb = Q.to_nbits(gq)
+    assert nb.bits == container and nb.code_bits == bits
+    assert nb.packed.shape == (10, 3, 32 * container // 8) and nb.scales.shape == (30,)
+    assert (nb.zeros is None) == symmetric
+    if not symmetric:
+        assert nb.zeros.shape == (10 * -(-3 * container // 8),)
+    back = Q.dequantize_nbits(nb.packed, nb.scales, nb.zeros, nb.bits, 32, 70)
+    assert torch.equal(back, gq.dequantize())
+    assert nb.nbytes == Q.weight_bytes(10, 70, bits, 32, symmetric=symmetric)
+
+
+def test_weight_bytes_counts():
+    # 64 x 128 at 4 bits, groups of 32: codes 64*4*16, scales 64*4*4, zero points 64*2
+    assert Q.weight_bytes(64, 128, 4, 32) == 4096 + 1024 + 128
+    assert Q.weight_bytes(64, 128, 4, 32, symmetric=True) == 4096 + 1024
+    assert Q.weight_bytes(64, 128, 8, None) == 64 * 128 + 4 * 64
+    assert Q.weight_bytes(64, 128, 32, None) == 4 * 64 * 128
+    assert Q.weight_bytes(16, 8, 8, None, kernel=9) == 16 * 72 + 64
+
+
+# ---------------------------------------------------------------------------- activations
+def test_act_params_contain_zero_and_fake_quant_bounds():
+    a = Q.act_params(0.5, 6.0)  # widened to [0, 6]
+    assert a.zero_point == 0 and a.scale == pytest.approx(6.0 / 255, rel=1e-6)
+    b = Q.act_params(-1.0, 3.0)
+    assert 0 < b.zero_point < 255
+    x = torch.linspace(-1.0, 3.0, 1001)
+    xh = b.fake(x)
+    assert float((xh - x).abs().max()) <= b.scale / 2 + 1e-6
+    assert torch.equal(b.fake(xh), xh)  # values on the grid stay put
+    assert float(b.fake(torch.tensor([100.0]))) == pytest.approx((255 - b.zero_point) * b.scale, rel=1e-6)  # clamped
+    assert Q.act_params(0.0, 0.0) == Q.ActQuant(1.0, 0)
+
+
+def test_dynamic_act_params_formula():
+    x = torch.tensor([[-2.0, 0.5], [4.0, 1.0]])
+    s, z = Q.dynamic_act_params(x)
+    assert float(s) == pytest.approx(6.0 / 255) and float(z) == round(2.0 / (6.0 / 255))
+    xp = torch.tensor([1.0, 3.0])  # min is raised to 0
+    s2, z2 = Q.dynamic_act_params(xp)
+    assert float(s2) == pytest.approx(3.0 / 255) and float(z2) == 0
+    assert float((Q.fake_quant_act_dynamic(x) - x).abs().max()) <= float(s) / 2 + 1e-6
+
+
+def test_blockwise_activation_quantization():
+    x = torch.randn(3, 70)
+    xh = Q.fake_quant_act_blockwise(x, 32)
+    for blk in range(3):
+        part = slice(32 * blk, min(70, 32 * blk + 32))
+        step = x[:, part].abs().amax(1) / 127
+        assert bool(((xh[:, part] - x[:, part]).abs() <= step[:, None] / 2 + 1e-6).all())
+    assert not torch.equal(xh, x)
+
+
+def test_calibrate_range_percentile_ignores_outliers():
+    vals = torch.randn(100_000)
+    vals[0] = 1000.0
+    _lo, hi = Q.calibrate_range(vals, "minmax")
+    assert hi == 1000.0
+    plo, phi = Q.calibrate_range([vals[:50_000], vals[50_000:]], "percentile", 99.9)
+    assert 2.5 < phi < 4.5 and -4.5 < plo < -2.5
+    with pytest.raises(ValueError, match="method"):
+        Q.calibrate_range(vals, "entropy")

@@ -1,0 +1,326 @@
+"""quantize-layerwise: budgets, demotion orders, the ILP, importance scores and their cache, the
+rewritten graph (ops, fused relus, numbers), refusals, and the digits CNN end to end in ONNX Runtime."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphpress.passes.quant  # noqa: F401 -- registers the passes
+from graphpress.errors import PassError
+from graphpress.ir.compare import sqnr_db
+from graphpress.ir.graph import Graph
+from graphpress.passes import Pipeline
+from graphpress.passes.base import make_pass
+from graphpress.passes.quant import importance as imp
+from graphpress.passes.quant.layers import find_layers
+from graphpress.passes.quant.layerwise import QuantizeLayerwiseConfig, stored_bytes
+
+aten = torch.ops.aten
+OPS = torch.ops.graphpress
+
+
+class MLP(nn.Module):
+    """Five linears of different sizes (params 2048, 4096, 4096, 3072, 480)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.fc4, self.fc5 = nn.Linear(64, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        for fc in (self.fc1, self.fc2, self.fc3, self.fc4):
+            x = F.relu(fc(x))
+        return self.fc5(x)
+
+
+@pytest.fixture
+def mlp_graph():
+    torch.manual_seed(0)
+    g = Graph.capture(MLP().eval(), (torch.randn(4, 32),))
+    g.calibration = [(torch.randn(64, 32),)]
+    return g
+
+
+def run(graph, **cfg):
+    return make_pass("quantize-layerwise", cfg)(graph.clone())
+
+
+PARAMS = {"fc1": 2048, "fc2": 4096, "fc3": 4096, "fc4": 3072, "fc5": 480}
+
+
+# ---------------------------------------------------------------------------- budgets and orders
+@pytest.mark.parametrize("target", [7.0, 6.0, 5.0, 4.5])
+def test_order_allocation_hits_target_average(mlp_graph, target):
+    r = run(mlp_graph, bits=[8, 4], target_bits=target, importance="zd", activations="none")
+    bits = r.stats["bits"]
+    total = sum(PARAMS.values())
+    avg = sum(bits[n] * PARAMS[n] for n in PARAMS) / total
+    assert r.stats["average_bits"] == pytest.approx(avg, abs=1e-4) and avg <= target
+    # the demoted layers are a prefix of the importance order, and it is the shortest prefix that fits
+    imps = {n: r.stats["layers"][n]["importance"] for n in PARAMS}
+    order = sorted(PARAMS, key=lambda n: (imps[n], list(PARAMS).index(n)))
+    k = sum(1 for n in PARAMS if bits[n] == 4)
+    assert {n for n in PARAMS if bits[n] == 4} == set(order[:k])
+    assert k >= 1
+    shorter = sum((4 if n in order[: k - 1] else 8) * PARAMS[n] for n in PARAMS) / total
+    assert shorter > target
+
+
+def test_orders_demote_opposite_ends_and_random_is_seeded(mlp_graph):
+    by = {o: run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="measured", order=o, activations="none").stats for o in ("importance", "reverse", "random")}
+    imps = {n: by["importance"]["layers"][n]["importance"] for n in PARAMS}
+    low = {n for n, b in by["importance"]["bits"].items() if b == 4}
+    high = {n for n, b in by["reverse"]["bits"].items() if b == 4}
+    assert max(imps[n] for n in low) <= min(imps[n] for n in PARAMS if n not in low)
+    assert min(imps[n] for n in high) >= max(imps[n] for n in PARAMS if n not in high)
+    assert low != high
+    shuffled = list(PARAMS)
+    random.Random(0).shuffle(shuffled)
+    rand = [n for n in shuffled]
+    demoted = {n for n, b in by["random"]["bits"].items() if b == 4}
+    assert demoted == set(rand[: len(demoted)])
+    again = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="measured", order="random", activations="none").stats["bits"]
+    assert again == by["random"]["bits"]
+
+
+def test_three_widths_demote_step_by_step(mlp_graph):
+    r = run(mlp_graph, bits=[8, 4, 2], target_bits=3.5, importance="zd", activations="none")
+    bits = r.stats["bits"]
+    assert set(bits.values()) <= {8, 4, 2} and r.stats["average_bits"] <= 3.5
+    assert 2 in bits.values()
+
+
+def test_ilp_respects_size_budget_and_beats_order_on_its_objective(mlp_graph):
+    imp.clear_cache()  # the cache entry read below must be this graph's (other tests fill the cache too)
+    cfg_bytes = 12_000
+    r = run(mlp_graph, bits=[8, 4, 2], size_budget=cfg_bytes, allocation="ilp", importance="measured", activations="none")
+    assert r.stats["bytes_after"] <= cfg_bytes
+    layers = r.stats["layers"]
+    assert r.stats["bytes_after"] == sum(v["bytes_after"] for v in layers.values())
+    cached = next(iter(imp._CACHE.values()))
+    sens = cached["sensitivity"]
+    ilp_value = sum(sens[n][b] for n, b in r.stats["bits"].items())
+    o = run(mlp_graph, bits=[8, 4, 2], size_budget=cfg_bytes, importance="measured", activations="none")
+    assert o.stats["bytes_after"] <= cfg_bytes
+    order_value = sum(sens[n][b] for n, b in o.stats["bits"].items())
+    assert ilp_value <= order_value + 1e-12
+
+
+def test_ilp_target_bits(mlp_graph):
+    r = run(mlp_graph, bits=[8, 4], target_bits=5.0, allocation="ilp", importance="fisher", activations="none")
+    assert r.stats["average_bits"] <= 5.0 and r.stats["allocation"] == "ilp"
+
+
+# ---------------------------------------------------------------------------- importance
+def test_importance_is_cached_per_graph_and_calibration(mlp_graph):
+    imp.clear_cache()
+    before = dict(imp.COUNTERS)
+    a = run(mlp_graph, importance="measured", activations="none")
+    b = run(mlp_graph, importance="measured", activations="none")
+    assert imp.COUNTERS["computed"] == before["computed"] + 1 and imp.COUNTERS["hits"] == before["hits"] + 1
+    assert a.stats["bits"] == b.stats["bits"]
+    other = mlp_graph.clone()
+    other.calibration = [(torch.randn(64, 32),)]
+    run(other, importance="measured", activations="none")
+    assert imp.COUNTERS["computed"] == before["computed"] + 2  # new calibration, new key
+
+
+def test_zd_and_measured_rank_an_outlier_layer_first(mlp_graph):
+    g = mlp_graph.clone()
+    w = g.get_tensor("fc3.weight")
+    with torch.no_grad():
+        w[::7, ::5] *= 25.0  # outlier weights: more z-score mass, and much worse 4-bit groups
+    layers, _ = find_layers(g)
+    opts = {l.name: [8, 4] for l in layers}
+    cfg = QuantizeLayerwiseConfig(activations="none")
+    from graphpress.passes.quant.layerwise import fake_weight
+
+    quant = lambda l, b: fake_weight(l, g.get_tensor(l.weight_target), b, cfg)
+    zd = imp.sensitivities(g, layers, opts, "zd", quant)["importance"]
+    assert max(zd, key=zd.get) == "fc3"
+    rel = {l.name: imp.sensitivities(g, layers, opts, "measured", quant)["sensitivity"][l.name][4] for l in layers}
+    assert rel["fc3"] == max(rel.values()) and all(v >= 0 for v in rel.values())
+
+
+class Block(nn.Module):
+    """``x + gain * down(relu(up(x)))``: a residual block whose add lives inside the module, as in a transformer."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.up, self.down, self.gain = nn.Linear(16, 32), nn.Linear(32, 16), gain
+
+    def forward(self, x):
+        return x + self.gain * self.down(F.relu(self.up(x)))
+
+
+class ResBlocks(nn.Module):
+    """Two residual blocks ``blocks.i``, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(0.05), Block(3.0)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def test_lim_scores_blocks_and_flags_unmeasurable_ones():
+    torch.manual_seed(0)
+    g = Graph.capture(ResBlocks().eval(), (torch.randn(3, 16),))
+    g.calibration = [(torch.randn(32, 16),)]
+    layers, _ = find_layers(g)
+    assert imp.block_of("blocks.1.up") == "blocks.1" and imp.block_of("head") == "head"
+    scores, unmeasured = imp.lim_scores(g, layers)
+    assert scores["blocks.0.up"] == scores["blocks.0.down"] and scores["blocks.1.up"] == scores["blocks.1.down"]
+    assert scores["blocks.0.up"] < scores["blocks.1.up"]  # block 0 barely changes its input (x 0.05)
+    assert unmeasured == ["head"] and scores["head"] == max(scores["blocks.0.up"], scores["blocks.1.up"])
+
+
+# ---------------------------------------------------------------------------- rewrites and numbers
+def test_weight_only_rewrite_numbers_and_stats(mlp_graph, op_count):
+    r = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="none")
+    g = r.graph
+    assert r.changed and op_count(g, aten.linear) == 0 and op_count(g, OPS.wlinear_nbits) == 5
+    assert op_count(g, aten.relu) == 4  # weight-only ops keep their relus
+    x = torch.randn(16, 32)
+    assert sqnr_db(mlp_graph.run(x)[0], g.run(x)[0]) > 20
+    for name, entry in r.stats["layers"].items():
+        assert entry["op"] == "wlinear_nbits" and entry["sqnr_db"] > (14 if entry["bits"] == 4 else 35)
+        assert entry["bytes_before"] == 4 * PARAMS[name]
+    assert r.stats["bytes_before"] == 4 * sum(PARAMS.values())
+    assert r.stats["compression"] > 4.5
+    assert not any(isinstance(t, torch.nn.Parameter) and t.dtype.is_floating_point and t.dim() == 2 for t in g.gm.parameters())
+
+
+def test_static_activations_on_random_inputs_fail_the_default_budget_in_a_pipeline():
+    # in-distribution calibration, out-of-distribution check inputs: the pipeline names the pass
+    torch.manual_seed(0)
+    g = Graph.capture(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10)).eval(), (torch.rand(4, 1, 6, 6) * 0.1,))
+    g.calibration = [(torch.rand(64, 1, 6, 6) * 0.1,)]
+    cfg = {"bits": [8], "target_bits": 8, "activations": "int8"}
+    ok = Pipeline([("quantize-layerwise", cfg)], random_inputs=0).run(g)
+    assert ok.steps[0].worst_step_sqnr_db > 30
+    x_far = torch.randn(4, 1, 6, 6) * 5.0
+    assert sqnr_db(g.run(x_far)[0], ok.graph.run(x_far)[0]) < 15.0  # clipped by the calibrated ranges
+
+
+def test_int8_static_fuses_relus_and_reuses_grids(mlp_graph, op_count):
+    r = run(mlp_graph, bits=[8], target_bits=8, activations="int8")
+    g = r.graph
+    nodes = list(g.call_nodes(OPS.qlinear))
+    assert len(nodes) == 5 and op_count(g, aten.relu) == 0
+    # fc2 reads fc1's quantized output: same (scale, zero point), so the requantization is exact
+    out_q = [(n.args[6], n.args[7]) for n in nodes]
+    in_q = [(n.args[4], n.args[5]) for n in nodes]
+    assert in_q[1:] == out_q[:4] and out_q[4] == (0.0, 0)
+    assert all(n.args[3].meta["val"].dtype == torch.int32 for n in nodes)
+    x = torch.randn(16, 32)
+    assert sqnr_db(mlp_graph.run(x)[0], g.run(x)[0]) > 30
+    assert r.stats["layers"]["fc1"]["input_quant"]["zero_point"] > 0
+
+
+def test_int8_dynamic_and_int8_block_ops(mlp_graph, op_count):
+    d = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="int8-dynamic").graph
+    assert {n.args[4] for n in d.call_nodes(OPS.qlinear)} == {0.0}
+    assert op_count(d, OPS.wlinear_nbits) >= 1 and all(n.args[8] == 8 for n in d.call_nodes(OPS.wlinear_nbits))
+    b = run(mlp_graph, bits=[8], target_bits=8, activations="int8-block").graph
+    assert op_count(b, OPS.wlinear_nbits) == 5 and op_count(b, OPS.qlinear) == 0
+
+
+def test_pipeline_checks_the_budget(mlp_graph):
+    report = Pipeline([("quantize-layerwise", {"bits": [8, 4], "target_bits": 6.0, "importance": "zd", "activations": "none"})]).run(mlp_graph)
+    assert report.steps[0].changed and report.steps[0].worst_step_sqnr_db > 15.0
+    with pytest.raises(Exception, match="below the pass budget min_sqnr_db=60"):
+        Pipeline([("quantize-layerwise", {"bits": [2], "target_bits": 2, "activations": "none", "min_sqnr_db": 60.0})]).run(mlp_graph)
+
+
+# ---------------------------------------------------------------------------- refusals
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x) * 2.0 + 1.0
+
+
+def test_no_eligible_layer_does_not_fire():
+    g = Graph.capture(NoLayers().eval(), (torch.randn(2, 8),))
+    r = make_pass("quantize-layerwise", {})(g)
+    assert r.changed is False and r.stats["quantized"] == 0
+
+
+def test_conv_is_not_eligible_weight_only_and_says_why():
+    g = Graph.capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), (torch.randn(2, 3, 6, 6),))
+    r = make_pass("quantize-layerwise", {"activations": "none"})(g)
+    assert r.changed is False and "no weight-only integer kernel" in next(iter(r.stats["kept_float"].values()))
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"target_bit": 5}, "unknown option 'target_bit': did you mean 'target_bits'"),
+        ({"importance": "lmi"}, "option 'importance': 'lmi' is not one of 'lim', 'zd', 'fisher', 'measured'"),
+        ({"bits": [8, 5, 1]}, "option 'bits'"),
+        ({"target_bits": 6, "size_budget": 100}, "not both"),
+        ({"group_size": 48}, "option 'group_size'"),
+        ({"layer_bits": {"fc1": 9}}, "option 'layer_bits': layer 'fc1'"),
+    ],
+)
+def test_bad_config_names_the_option(cfg, match):
+    with pytest.raises(PassError, match=match):
+        make_pass("quantize-layerwise", cfg)
+
+
+def test_bad_layer_names_and_infeasible_budget(mlp_graph):
+    with pytest.raises(PassError, match="option 'skip': names unknown layer 'fcc2': did you mean 'fc2'"):
+        run(mlp_graph, skip=["fcc2"])
+    with pytest.raises(PassError, match="option 'target_bits' .* cannot be met: the lowest allocation takes 4 bits"):
+        run(mlp_graph, bits=[8, 4], target_bits=3.0, activations="none")
+    fixed = run(mlp_graph, bits=[8, 4], target_bits=8.0, layer_bits={"fc2": 4}, activations="none")
+    assert fixed.stats["bits"]["fc2"] == 4 and fixed.stats["bits"]["fc1"] == 8
+
+
+def test_stored_bytes_matches_modes():
+    g = Graph.capture(MLP().eval(), (torch.randn(2, 32),))
+    fc2 = next(l for l in find_layers(g)[0] if l.name == "fc2")
+    assert stored_bytes(fc2, 8, QuantizeLayerwiseConfig(activations="int8")) == 4096 + 4 * 64
+    assert stored_bytes(fc2, 4, QuantizeLayerwiseConfig(activations="none")) == 64 * 2 * 16 + 4 * 64 * 2 + 64
+    assert stored_bytes(fc2, 32, QuantizeLayerwiseConfig()) == 4 * 4096
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # training the digits CNN takes 1-60 s on the shared machine
+def test_digits_cnn_int8_in_onnx_runtime(tmp_path):
+    from graphpress.backends.onnxruntime.lower import OnnxRuntimeBackend
+    from graphpress.backends.onnxruntime.session import OrtRunner
+    from graphpress.zoo import accuracy, digits_data, train_digits_cnn
+
+    model, acc = train_digits_cnn(epochs=6)
+    x_tr, _y_tr, x_te, y_te = digits_data()
+    g = Graph.capture(model, (x_te[:8],))
+    g.calibration = [(x_tr[:256],)]
+    # static activation ranges come from real images: judge on those (random inputs saturate them)
+    report = Pipeline(["fold-batchnorm", ("quantize-layerwise", {"bits": [8], "target_bits": 8, "activations": "int8"})], random_inputs=0).run(g)
+    q = report.graph
+    assert report.steps[1].stats["average_bits"] == 8.0 and report.steps[1].stats["quantized"] == 4
+    lowered = OnnxRuntimeBackend().lower(q, tmp_path)
+    assert lowered.check["passed"]
+    runner = OrtRunner(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    ort_acc = accuracy(lambda x: torch.from_numpy(runner(x)[0]), x_te, y_te)
+    assert acc > 0.95 and ort_acc >= acc - 0.01
+    assert math.isfinite(report.steps[1].worst_step_sqnr_db) and report.steps[1].worst_step_sqnr_db > 30
+
+
+def test_asymmetric_same_padding_conv_is_kept_float_with_the_reason(op_count):
+    g = Graph.capture(nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"), nn.Conv2d(4, 4, 3, padding="same")).eval(), (torch.randn(2, 3, 6, 6),))
+    r = make_pass("quantize-layerwise", {"bits": [8], "target_bits": 8, "activations": "int8"})(g.clone())
+    assert r.stats["bits"] == {"1": 8} and "padding='same' is asymmetric" in r.stats["kept_float"]["0"]
+    assert op_count(r.graph, aten.conv2d) == 1 and op_count(r.graph, OPS.qconv2d) == 1
+    x = torch.rand(3, 3, 6, 6)
+    assert sqnr_db(g.run(x)[0], r.graph.run(x)[0]) > 30
