@@ -19,6 +19,16 @@ from graphpress.ir.graph import Graph
 aten = torch.ops.aten
 
 
+def pair(v, default: int) -> list[int]:
+    """A conv's int-or-sequence argument (stride, padding, dilation) as two ints; None -> default."""
+    if v is None:
+        return [default, default]
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(x) for x in v]
+    return v * 2 if len(v) == 1 else v
+
+
 @dataclass
 class Layer:
     """One eligible layer: ``out x in`` matrix (per kernel position for convs)."""

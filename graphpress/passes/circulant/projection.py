@@ -61,6 +61,7 @@ from graphpress.ir.rewrite import (
 )
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.circulant.layers import Layer, find_layers
+from graphpress.passes.circulant.layers import pair as _pair
 from graphpress.passes.circulant.reconstruct import (
     DEFAULT_DAMP,
     input_moments,
@@ -249,15 +250,6 @@ def _check_names(keys: dict[str, Any], option: str, names: list[str], rejected: 
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             hint = f"layers are: {shown}" if names else "the graph has no eligible linear/conv layer"
         raise PassError(f"pass '{_NAME}': {option} names unknown layer '{key}': {hint}")
-
-
-def _pair(v: Any, default: int) -> list[int]:
-    if v is None:
-        return [default, default]
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(x) for x in v]
-    return v * 2 if len(v) == 1 else v
 
 
 def _conv_padding(layer: Layer) -> list[int] | str:

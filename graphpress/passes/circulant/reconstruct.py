@@ -35,17 +35,9 @@ from graphpress.ir.circulant import expand, project
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg
 from graphpress.passes.circulant.layers import Layer
+from graphpress.passes.circulant.layers import pair as _pair
 
 DEFAULT_DAMP = 0.01
-
-
-def _pair(v, default: int) -> tuple[int, int]:
-    if v is None:
-        return (default, default)
-    if isinstance(v, int):
-        return (v, v)
-    v = [int(x) for x in v]
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def _rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
