@@ -73,10 +73,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphpress.zoo.photos import CIFAR_MEAN, CIFAR_STD, photo_crops, sample_photos
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "circulant_accuracy.json"
 RESNET20_ARCH = "graphpress.zoo.resnet20:resnet20"
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 COST_MODEL = "he-analytic"
 MODELS = ("digits", "resnet20")
 
@@ -232,37 +232,12 @@ def prepare_digits(settings: ModelSettings) -> Prepared:
     )
 
 
-def _sample_photos() -> list[Any]:
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    return [Image.fromarray(a) for a in load_sample_images().images]
-
-
-def photo_crops(n: int, seed: int, photos: list[Any], size: int = 32) -> torch.Tensor:
-    """``n`` random ``size x size`` crops (native resolution) of the photos, random horizontal
-    flip (p = 1/2), [0, 1] then CIFAR-10 mean/std; ``(n, 3, size, size)`` float32."""
-    rng = np.random.default_rng(seed)
-    mean, std = np.asarray(CIFAR_MEAN, np.float32), np.asarray(CIFAR_STD, np.float32)
-    arrays = [np.asarray(p, dtype=np.float32) / 255.0 for p in photos]
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        a = arrays[int(rng.integers(len(arrays)))]
-        h, w = a.shape[:2]
-        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        crop = a[y : y + size, x : x + size]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out[i] = (crop - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
-
-
 def prepare_resnet20(settings: ModelSettings) -> Prepared:
     from graphpress.frontends import load
     from graphpress.zoo import load_resnet20, resnet20_checkpoint_path
 
     path = resnet20_checkpoint_path()
-    photos = _sample_photos()
+    photos = sample_photos()
     calib = photo_crops(settings.n_calibration, 1, photos)
     evals = photo_crops(settings.n_eval, 2, photos)
     finetune = photo_crops(settings.n_finetune, 3, photos)

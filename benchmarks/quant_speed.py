@@ -41,12 +41,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from quant_peers import ort_quantize_dynamic, ort_quantize_static, torch_ao_dynamic, torch_runner
 
 import graphpress.passes.quant  # noqa: F401 -- registers quantize-layerwise / awq-scale
 from graphpress.backends.onnxruntime.lower import check_onnx, lower_to_onnx
@@ -67,6 +69,12 @@ MLP_VARIANTS: dict[str, dict[str, Any] | None] = {
     "4-bit g32, int8 blocks (MatMulNBits)": {"bits": [4], "target_bits": 4, "activations": "int8-block"},
     "6-bit avg 8/4 mix (measured)": {"bits": [8, 4], "target_bits": 6.0, "activations": "int8", "importance": "measured"},
 }
+RESNET_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "fp32": None,
+    "int8 static (QLinearConv + QGemm)": {"bits": [8], "target_bits": 8, "activations": "int8"},
+    "int8 static, percentile 99.99": {"bits": [8], "target_bits": 8, "activations": "int8", "act_calibration": "percentile"},
+}
+RESNET_CALIB, RESNET_EVAL = 512, 2048
 DIGITS_VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "int8 static (QLinearConv + QGemm)": {"bits": [8], "target_bits": 8, "activations": "int8"},
@@ -105,18 +113,28 @@ def _optimized_ops(path: Path) -> dict[str, int]:
     return {k: counts[k] for k in keep if counts.get(k)}
 
 
-def _run(sess: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def _run(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def _ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    sess = _session(path)
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, x.shape[0], batch)])
+    return lambda x: sess.run(None, {name: x})[0]
 
 
-def _peer_quantize_dynamic(fp32_path: Path, folder: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def add_onnx_peer(variants: dict[str, dict[str, Any]], name: str, path: Path, config: str) -> None:
+    variants[name] = {"config": config, "path": path, "model_bytes": path.stat().st_size, "ort_ops": _optimized_ops(path)}
 
-    out = folder / "ort_quantize_dynamic.onnx"
-    with _quiet():
-        quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8)
-    return out
+
+def add_torch_peer(variants: dict[str, dict[str, Any]], name: str, module: torch.nn.Module, config: str) -> None:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    variants[name] = {"config": config, "module": module, "model_bytes": buf.tell(), "ort_ops": {"(torch eager)": 1}}
+
+
+def runners(variants: dict[str, dict[str, Any]]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    return {k: (torch_runner(v["module"]) if "module" in v else _ort_runner(v["path"])) for k, v in variants.items()}
 
 
 def lower_variants(graph: Graph, variants: dict[str, dict[str, Any] | None], folder: Path, log) -> dict[str, dict[str, Any]]:
@@ -148,10 +166,8 @@ def lower_variants(graph: Graph, variants: dict[str, dict[str, Any] | None], fol
     return out
 
 
-def time_variants(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, min_time_s: float) -> dict[str, dict[str, float]]:
-    name0 = next(iter(sessions.values())).get_inputs()[0].name
-    fns = {k: (lambda s=s: s.run(None, {name0: x})) for k, s in sessions.items()}
-    res = compare_latency(fns, rounds=rounds, min_time_s=min_time_s)
+def time_variants(fns: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, rounds: int, min_time_s: float) -> dict[str, dict[str, float]]:
+    res = compare_latency({k: (lambda f=f: f(x)) for k, f in fns.items()}, rounds=rounds, min_time_s=min_time_s)
     base = res.results["fp32"].median_ms
     return {k: {**r.to_dict(), "speedup_vs_fp32": base / r.median_ms} for k, r in res.results.items()}
 
@@ -169,21 +185,18 @@ def mlp_case(rounds: int, min_time_s: float, folder: Path, log) -> dict[str, Any
     x_eval = torch.randn(256, 1024, generator=gen).numpy()
     log("MLP 8 x Linear(1024): lowering")
     variants = lower_variants(graph, MLP_VARIANTS, folder / "mlp", log)
-    variants["peer: ORT quantize_dynamic (int8, per-tensor)"] = {
-        "config": "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)",
-        "path": _peer_quantize_dynamic(variants["fp32"]["path"], folder / "mlp"),
-    }
-    peer = variants["peer: ORT quantize_dynamic (int8, per-tensor)"]
-    peer["model_bytes"] = peer["path"].stat().st_size
-    peer["ort_ops"] = _optimized_ops(peer["path"])
-    sessions = {k: _session(v["path"]) for k, v in variants.items()}
-    ref = _run(sessions["fp32"], x_eval)
+    fp32 = variants["fp32"]["path"]
+    add_onnx_peer(variants, "peer: ORT quantize_dynamic (per-tensor)", ort_quantize_dynamic(fp32, fp32.with_name("dyn.onnx"), per_channel=False),
+                  "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)")
+    add_torch_peer(variants, "peer: torch.ao quantize_dynamic (torch eager)", torch_ao_dynamic(mlp), "torch.ao.quantization.quantize_dynamic(qint8)")
+    fns = runners(variants)
+    ref = _run(fns["fp32"], x_eval)
     rows = []
     for k, v in variants.items():
-        got = _run(sessions[k], x_eval)
+        got = _run(fns[k], x_eval)
         rows.append({"variant": k, "sqnr_db": sqnr_db(torch.from_numpy(ref), torch.from_numpy(got)), **_common(v, variants["fp32"])})
     log("MLP: timing batch 1 and 64 (interleaved)")
-    lat = {b: time_variants(sessions, x_eval[:b].copy(), rounds, min_time_s) for b in (1, 64)}
+    lat = {b: time_variants(fns, x_eval[:b].copy(), rounds, min_time_s) for b in (1, 64)}
     for r in rows:
         r["latency"] = {str(b): lat[b][r["variant"]] for b in lat}
     return {"case": "mlp8x1024", "quality": "output SQNR vs fp32 (dB), 256 seeded N(0,1) rows", "rows": rows}
@@ -200,15 +213,19 @@ def digits_case(rounds: int, min_time_s: float, folder: Path, log) -> dict[str, 
     graph = Pipeline(["fold-batchnorm"]).run(graph).graph
     log("digits CNN: lowering")
     variants = lower_variants(graph, DIGITS_VARIANTS, folder / "digits", log)
-    sessions = {k: _session(v["path"]) for k, v in variants.items()}
+    fp32 = variants["fp32"]["path"]
+    calib = [x_tr[i : i + 32].numpy() for i in range(0, 256, 32)]
+    add_onnx_peer(variants, "peer: ORT quantize_static QDQ U8S8", ort_quantize_static(fp32, fp32.with_name("u8s8.onnx"), calib, activations="uint8"),
+                  "quantize_static(QDQ, per_channel, QUInt8 activations)")
+    fns = runners(variants)
     xe, ye = x_te.numpy(), y_te.numpy()
-    ref = _run(sessions["fp32"], xe).argmax(-1)
+    ref = _run(fns["fp32"], xe).argmax(-1)
     rows = []
     for k, v in variants.items():
-        pred = _run(sessions[k], xe).argmax(-1)
+        pred = _run(fns[k], xe).argmax(-1)
         rows.append({"variant": k, "accuracy": float((pred == ye).mean()), "agreement": float((pred == ref).mean()), **_common(v, variants["fp32"])})
     log("digits CNN: timing batch 1 and 64 (interleaved)")
-    lat = {b: time_variants(sessions, xe[:b].copy(), rounds, min_time_s) for b in (1, 64)}
+    lat = {b: time_variants(fns, xe[:b].copy(), rounds, min_time_s) for b in (1, 64)}
     for r in rows:
         r["latency"] = {str(b): lat[b][r["variant"]] for b in lat}
     return {"case": "digits", "quality": f"test accuracy (torch fp32 {acc:.4f}) and top-1 agreement with ORT fp32, 450 images", "rows": rows}
@@ -216,30 +233,44 @@ def digits_case(rounds: int, min_time_s: float, folder: Path, log) -> dict[str, 
 
 def resnet_case(rounds: int, min_time_s: float, folder: Path, log) -> dict[str, Any] | None:
     from graphpress.zoo import load_resnet20
+    from graphpress.zoo.photos import photo_crops, sample_photos
 
     try:
         model = load_resnet20()
-    except Exception as err:  # noqa: BLE001 -- the checkpoint is optional
+        photos = sample_photos()
+    except Exception as err:  # noqa: BLE001 -- the checkpoint and Pillow are optional
         log(f"ResNet-20 skipped: {err}")
         return None
-    gen = torch.Generator().manual_seed(0)
-    graph = Graph.capture(model, (torch.randn(2, 3, 32, 32, generator=gen),), name="resnet20")
-    graph.calibration = [(torch.randn(64, 3, 32, 32, generator=gen),)]
+    calib = photo_crops(RESNET_CALIB, 1, photos)
+    xe = photo_crops(RESNET_EVAL, 2, photos).numpy()
+    graph = Graph.capture(model, (calib[:2],), name="resnet20")
+    graph.calibration = [(calib[i : i + 128],) for i in range(0, calib.shape[0], 128)]
     graph = Pipeline(["fold-batchnorm"]).run(graph).graph
     log("ResNet-20: lowering")
-    variants = lower_variants(graph, {"fp32": None, "int8 static (QLinearConv + QGemm)": {"bits": [8], "target_bits": 8, "activations": "int8"}},
-                              folder / "resnet", log)
-    sessions = {k: _session(v["path"]) for k, v in variants.items()}
-    xe = torch.randn(256, 3, 32, 32, generator=gen).numpy()
-    ref = _run(sessions["fp32"], xe).argmax(-1)
+    variants = lower_variants(graph, RESNET_VARIANTS, folder / "resnet", log)
+    fp32 = variants["fp32"]["path"]
+    chunks = [calib[i : i + 32].numpy() for i in range(0, calib.shape[0], 32)]
+    log("ResNet-20: peers")
+    add_onnx_peer(variants, "peer: ORT quantize_static QDQ S8S8 (default)", ort_quantize_static(fp32, fp32.with_name("s8s8.onnx"), chunks, activations="int8"),
+                  "quantize_static(QDQ, per_channel, QInt8 activations)")
+    add_onnx_peer(variants, "peer: ORT quantize_static QDQ U8S8", ort_quantize_static(fp32, fp32.with_name("u8s8.onnx"), chunks, activations="uint8"),
+                  "quantize_static(QDQ, per_channel, QUInt8 activations)")
+    add_onnx_peer(variants, "peer: ORT quantize_dynamic", ort_quantize_dynamic(fp32, fp32.with_name("dyn.onnx"), per_channel=True),
+                  "quantize_dynamic(QInt8, per_channel)")
+    add_torch_peer(variants, "peer: torch.ao quantize_dynamic (torch eager)", torch_ao_dynamic(load_resnet20()), "torch.ao.quantization.quantize_dynamic(qint8)")
+    add_torch_peer(variants, "reference: torch eager fp32", load_resnet20().eval(), "torch eager, unquantized")
+    fns = runners(variants)
+    ref = _run(fns["fp32"], xe).argmax(-1)
     rows = []
     for k, v in variants.items():
-        pred = _run(sessions[k], xe).argmax(-1)
+        pred = _run(fns[k], xe).argmax(-1)
         rows.append({"variant": k, "agreement": float((pred == ref).mean()), **_common(v, variants["fp32"])})
-    lat = {b: time_variants(sessions, xe[:b].copy(), rounds, min_time_s) for b in (1, 64)}
+    log("ResNet-20: timing batch 1 and 64 (interleaved)")
+    lat = {b: time_variants(fns, xe[:b].copy(), rounds, min_time_s) for b in (1, 64)}
     for r in rows:
         r["latency"] = {str(b): lat[b][r["variant"]] for b in lat}
-    return {"case": "resnet20", "quality": "top-1 agreement with ORT fp32, 256 seeded N(0,1) images", "rows": rows}
+    return {"case": "resnet20", "quality": f"top-1 agreement with ORT fp32 on {RESNET_EVAL} crops of scikit-learn's sample photos "
+            f"(calibration: {RESNET_CALIB} other crops)", "rows": rows}
 
 
 def _common(v: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:

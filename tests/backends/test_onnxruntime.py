@@ -232,3 +232,25 @@ def test_registry_errors():
     with pytest.raises(BackendError, match="opset 17 is not supported"):
         get_backend("onnxruntime", opset=17)
     assert get_backend("onnxruntime", opset=19).opset == 19
+
+
+def test_debug_metadata_is_dropped_unless_asked(cnn, tmp_path):
+    from graphpress.backends.onnxruntime.lower import lower_to_onnx
+
+    graph = cnn[0]
+    lean = lower_to_onnx(graph, tmp_path / "lean")
+    full = lower_to_onnx(graph, tmp_path / "full", debug_metadata=True)
+    m_lean, m_full = onnx.load(str(tmp_path / "lean" / "model.onnx")), onnx.load(str(tmp_path / "full" / "model.onnx"))
+    assert lean["metadata_entries_dropped"] > 0
+    assert all(len(n.metadata_props) == 0 and not n.doc_string for n in m_lean.graph.node)
+    assert any(len(n.metadata_props) > 0 for n in m_full.graph.node)
+    assert lean["model_bytes"] < full["model_bytes"]
+    # the model itself is untouched: same nodes, same outputs
+    assert [n.op_type for n in m_lean.graph.node] == [n.op_type for n in m_full.graph.node]
+    x = graph.example_inputs[0].numpy()
+    import onnxruntime as ort
+
+    outs = [ort.InferenceSession(str(tmp_path / f / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {m_lean.graph.input[0].name: x})[0]
+            for f in ("lean", "full")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert {p.key for p in m_lean.metadata_props} >= {"graphpress_version", "graphpress_model"}

@@ -144,3 +144,27 @@ def test_shared_weights_are_not_scaled():
 def test_bad_config(cfg, match):
     with pytest.raises(PassError, match=match):
         make_pass("awq-scale", cfg)
+
+
+@pytest.mark.parametrize("activations", ["int8-dynamic", "int8"])
+def test_smoothquant_mode_moves_activation_outliers_into_weights(norm_graph, activations):
+    """With outlier input channels (30x) a per-tensor uint8 grid wastes most codes; the SmoothQuant
+    search divides those channels down, the float function is unchanged, and the int8 layer output
+    gets closer to float than without scaling."""
+    x = outlier_inputs(512, 128)
+    ref = norm_graph.gm(x)
+    quant = {"bits": [8], "target_bits": 8, "activations": activations, "min_sqnr_db": None}
+    plain = Pipeline([("quantize-layerwise", quant)], random_inputs=0).run(norm_graph.clone())
+    smoothed = Pipeline([("awq-scale", {"activations": activations}), ("quantize-layerwise", quant)], random_inputs=0).run(norm_graph.clone())
+    scaled_float = make_pass("awq-scale", {"activations": activations})(norm_graph.clone()).graph
+    torch.testing.assert_close(scaled_float.gm(x), ref, rtol=1e-4, atol=1e-4)
+    groups = smoothed.steps[0].stats["groups"]
+    assert groups["fc"]["alpha"] is not None and groups["fc"]["alpha"] > 0
+    assert groups["fc"]["loss_scaled"] < groups["fc"]["loss_unscaled"]
+    gain = sqnr_db(ref, smoothed.graph.gm(x)) - sqnr_db(ref, plain.graph.gm(x))
+    assert gain > 1.0, gain  # measured: 1.6 dB static, more dynamic (fc2 adds its own, unscaled, noise)
+
+
+def test_smoothquant_mode_rejects_unknown_activation_mode():
+    with pytest.raises(PassError, match="option 'activations'"):
+        make_pass("awq-scale", {"activations": "int4"})

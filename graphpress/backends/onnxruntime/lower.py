@@ -160,7 +160,28 @@ def _initializer_bytes(model: Any) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAULT_OPSET, optimize: bool = False) -> dict[str, Any]:
+def _strip_debug_metadata(model: Any) -> int:
+    """Drop the exporter's per-node and per-value metadata (source stack traces, module paths) and
+    doc strings; returns how many entries went. They are debugging aids, not part of the model, and
+    on a small quantized model they were half of the file (ResNet-20 int8: 249 KB of 565 KB)."""
+    import onnx_ir as ir
+
+    dropped = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        dropped += len(node.metadata_props)
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            dropped += len(value.metadata_props)
+            value.metadata_props.clear()
+    for value in (*model.graph.inputs, *model.graph.initializers.values()):
+        dropped += len(value.metadata_props)
+        value.metadata_props.clear()
+    return dropped
+
+
+def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAULT_OPSET, optimize: bool = False,
+                  debug_metadata: bool = False) -> dict[str, Any]:
     """Export ``graph`` to ``folder/model.onnx`` (plus an external-data file above 2 GB).
 
     Parameters
@@ -174,6 +195,9 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
     optimize : bool
         Store the model after ORT's ``ORT_ENABLE_EXTENDED`` optimizations (CPU EP). Not
         ``ORT_ENABLE_ALL``: its NCHWc layouts are specific to this machine's CPU.
+    debug_metadata : bool
+        Keep the exporter's per-node metadata (source stack traces, module paths). Off by
+        default: it is not part of the model and can be half of a small quantized file.
 
     Returns
     -------
@@ -224,6 +248,8 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
     model = program.model
     renamed = _name_dynamic_dims(model, graph.input_specs)
     info["dynamic_dims"] = sorted(set(renamed.values()))
+    if not debug_metadata:
+        info["metadata_entries_dropped"] = _strip_debug_metadata(model)
     model.metadata_props["graphpress_version"] = graphpress.__version__
     model.metadata_props["graphpress_model"] = graph.name
 

@@ -18,6 +18,17 @@ quantizer of :mod:`graphpress.ir.quant` at ``bits`` / ``group_size``, as ``quant
 will apply it) and keeps the best ``s``, or leaves the group unchanged when no ``alpha`` beats
 ``s = 1``.
 
+With ``activations="int8"`` / ``"int8-dynamic"`` the same rewrite serves int8 *activations*
+(SmoothQuant): a per-tensor uint8 grid over ``X`` is set by its largest channels, so the
+outlier channels are divided down and their weight columns scaled up::
+
+    s = max_rows|X_c|^alpha / max_rows|W_c|^(1 - alpha),   s <- s / sqrt(max s * min s)
+    loss(s) = sum_layers || Q_a(X diag(1/s)) Q_c(W diag(s))^T - X W^T ||^2
+
+with ``Q_a`` the per-tensor uint8 min/max quantizer over the calibration rows and ``Q_c`` the
+symmetric per-output-channel int8 weight quantizer -- the grids ``quantize-layerwise`` uses for
+8-bit linears with ``activations="int8"`` or ``"int8-dynamic"``.
+
 ``diag(1/s)`` is folded into the producer of ``X`` as a graph rewrite, only where that is exact:
 
 * ``mul(a, w)`` with ``w`` a constant broadcast along the channel dim (an RMSNorm / norm weight):
@@ -46,7 +57,7 @@ from torch import fx
 
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph, op_name
-from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, fake_quant_groupwise
+from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, fake_quant_act_dynamic, fake_quant_groupwise, fake_quant_per_channel
 from graphpress.ir.rewrite import Skips, arg, is_op
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.quant.layers import QLayer, find_layers, record, rows
@@ -54,6 +65,7 @@ from graphpress.passes.quant.layers import QLayer, find_layers, record, rows
 aten = torch.ops.aten
 NAME = "awq-scale"
 _HOMOGENEOUS = (aten.relu, aten.relu_)
+ACTIVATIONS = ("none", "int8", "int8-dynamic")
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,11 @@ class AwqScaleConfig:
         Calibration rows used by the search (evenly strided subsample).
     skip : tuple of str
         Layer names never scaled.
+    activations : "none", "int8" or "int8-dynamic"
+        ``"none"``: search for group-wise weight-only quantization (AWQ; ``bits`` /
+        ``group_size`` / ``symmetric`` apply). ``"int8"`` / ``"int8-dynamic"``: search for
+        per-tensor uint8 activations times per-channel int8 weights (SmoothQuant; the group
+        options are ignored).
     """
 
     version: int = 1
@@ -80,6 +97,7 @@ class AwqScaleConfig:
     grid: int = 20
     max_rows: int = 4096
     skip: tuple[str, ...] = ()
+    activations: str = "none"
 
     def __post_init__(self) -> None:
         if self.bits not in GROUP_BITS:
@@ -90,6 +108,13 @@ class AwqScaleConfig:
             raise PassError(f"pass '{NAME}': option 'grid' must be an integer >= 1, got {self.grid!r}")
         if not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise PassError(f"pass '{NAME}': option 'max_rows' must be an integer >= 1, got {self.max_rows!r}")
+        if self.activations not in ACTIVATIONS:
+            raise PassError(f"pass '{NAME}': option 'activations' must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+
+    @property
+    def smooth(self) -> bool:
+        """Whether the search targets int8 activations (SmoothQuant) rather than weight-only groups."""
+        return self.activations != "none"
 
 
 @dataclass
@@ -175,6 +200,12 @@ def _subsample(x: torch.Tensor, max_rows: int) -> torch.Tensor:
 
 def _quant_loss(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor, cfg: AwqScaleConfig) -> float:
     total = 0.0
+    if cfg.smooth:
+        # the int8 path quantizes both operands: X/s on one per-tensor grid, W s per output row
+        xq = fake_quant_act_dynamic(x / s)
+        for w, ref in zip(weights, refs):
+            total += float((xq @ fake_quant_per_channel(w * s, 8).t() - ref).double().pow(2).sum())
+        return total
     for w, ref in zip(weights, refs):
         wq = fake_quant_groupwise(w * s, cfg.bits, cfg.group_size, symmetric=cfg.symmetric) / s
         total += float((x @ wq.t() - ref).double().pow(2).sum())
@@ -189,10 +220,15 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], cfg: AwqScaleConf
     x = x.float()
     weights = [w.detach().float() for w in weights]
     refs = [x @ w.t() for w in weights]
-    x_mean = x.abs().mean(0)
     w_all = torch.cat(weights)
-    w_norm = w_all.abs() / w_all.abs().amax(1, keepdim=True).clamp(min=1e-12)
-    w_mean = w_norm.mean(0)
+    if cfg.smooth:
+        # SmoothQuant balances the channel *maxima*: they set the per-tensor activation grid
+        x_mean = x.abs().amax(0)
+        w_mean = w_all.abs().amax(0)
+    else:
+        x_mean = x.abs().mean(0)
+        w_norm = w_all.abs() / w_all.abs().amax(1, keepdim=True).clamp(min=1e-12)
+        w_mean = w_norm.mean(0)
     base = _quant_loss(x, weights, refs, torch.ones_like(x_mean), cfg)
     best: tuple[float, torch.Tensor | None, float | None] = (base, None, None)
     for i in range(cfg.grid + 1):
