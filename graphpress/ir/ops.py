@@ -109,3 +109,5 @@ from graphpress.ir import ops_circulant as _ops_circulant  # noqa: E402 -- regis
 ONNX_TRANSLATIONS.update(_ops_circulant.ONNX_TRANSLATIONS)
 from graphpress.ir import ops_quant as _ops_quant  # noqa: E402 -- registers graphpress::qlinear/qconv2d/wlinear_nbits
 ONNX_TRANSLATIONS.update(_ops_quant.ONNX_TRANSLATIONS)
+from graphpress.ir import ops_load as _ops_load  # noqa: E402 -- registers graphpress::wlinear_load/wembedding_load
+ONNX_TRANSLATIONS.update(_ops_load.ONNX_TRANSLATIONS)

@@ -1,0 +1,179 @@
+"""Ops whose weights are *stored* in k bits but dequantized once, when the runtime loads the model.
+
+Integer kernels only pay off when the matrices are large enough for memory traffic or MACs to
+dominate. On small layers (stories260K: 64 x 64 to 172 x 64 matrices at 64 tokens) ONNX Runtime's
+``MatMulNBits`` is slower than a float ``MatMul`` (measured 0.63x for the whole model), and
+ORT fuses a ``DequantizeLinear -> MatMul`` pair into the same ``MatMulNBits``. These ops keep the
+compressed weight in the artifact and express its dequantization with plain ONNX ops on
+initializers (``Cast``, ``BitShift``, ``BitwiseAnd``, ``Sub``, ``Mul``, ``Reshape``) that ORT's
+constant folding evaluates at session creation: the file is small, the computation is exactly
+the float model with the dequantized weights, and the speed is the float model's.
+
+Ops
+---
+``graphpress::wlinear_load(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int in_features, int bits, int group_size) -> Tensor``
+    ``y = x W^T + b`` with ``W`` the ``MatMulNBits``-layout group-wise weight
+    (:class:`graphpress.ir.quant.NBitsWeight`), i.e. the same numbers as ``wlinear_nbits`` with
+    ``act_bits=0``. ONNX: the dequantization subgraph, ``MatMul`` with its transpose, ``Add``.
+``graphpress::wembedding_load(Tensor ids, Tensor packed, Tensor scales, Tensor? zeros, int dim, int bits, int group_size) -> Tensor``
+    ``table[ids]`` with the ``(vocab, dim)`` table stored group-wise along ``dim`` (rows are
+    quantized like a linear weight's output rows). ONNX: the dequantization subgraph, ``Gather``.
+
+Exact: eager runs dequantize-then-float exactly like the ONNX graph; the only difference from
+``wlinear_nbits`` in ORT is the kernel's summation order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphpress.ir.ops_circulant import _WeightCache
+from graphpress.ir.quant import dequantize_nbits
+
+_CACHE = _WeightCache()
+
+
+def clear_cache() -> None:
+    """Forget the cached dequantized weights."""
+    _CACHE.clear()
+
+
+def _check(op: str, packed, scales, zeros, n_in: int, bits: int, group_size: int) -> None:
+    if bits not in (2, 4, 8):
+        raise RuntimeError(f"graphpress::{op}: bits (container width) must be 2, 4 or 8, got {bits}")
+    if packed.dim() != 3 or packed.dtype != torch.uint8:
+        raise RuntimeError(f"graphpress::{op}: packed must be uint8 (rows, blocks, bytes), got {packed.dtype} {tuple(packed.shape)}")
+    rows, nb, nbytes = packed.shape
+    if nb * group_size < n_in or (nb - 1) * group_size >= n_in or nbytes * 8 != group_size * bits:
+        raise RuntimeError(f"graphpress::{op}: packed {tuple(packed.shape)} does not hold {n_in} values in groups of {group_size} at {bits} bits")
+    if tuple(scales.shape) != (rows * nb,):
+        raise RuntimeError(f"graphpress::{op}: scales {tuple(scales.shape)} is not ({rows * nb},)")
+    if zeros is not None and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (rows * -(-nb * bits // 8),)):
+        raise RuntimeError(f"graphpress::{op}: zeros must be uint8 ({rows * -(-nb * bits // 8)},), got {zeros.dtype} {tuple(zeros.shape)}")
+
+
+def _weight(packed, scales, zeros, n_in: int, bits: int, group_size: int) -> torch.Tensor:
+    return _CACHE.get(
+        packed,
+        f"load:{id(scales)}:{scales._version}:{id(zeros)}",
+        lambda: dequantize_nbits(packed, scales, zeros, bits, group_size, n_in).contiguous(),
+    )
+
+
+# ---------------------------------------------------------------------------- wlinear_load
+@torch.library.custom_op(
+    "graphpress::wlinear_load",
+    mutates_args=(),
+    schema="(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int in_features, int bits, int group_size) -> Tensor",
+)
+def wlinear_load(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None,
+                 in_features: int, bits: int, group_size: int) -> torch.Tensor:
+    """Linear with a k-bit stored weight, dequantized once (see module docstring)."""
+    _check("wlinear_load", packed, scales, zeros, in_features, bits, group_size)
+    if x.shape[-1] != in_features:
+        raise RuntimeError(f"graphpress::wlinear_load: input {tuple(x.shape)} does not have {in_features} features")
+    w = _weight(packed, scales, zeros, in_features, bits, group_size)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+@wlinear_load.register_fake
+def _wlinear_load_fake(x, packed, scales, zeros, bias, in_features, bits, group_size):
+    _check("wlinear_load", packed, scales, zeros, in_features, bits, group_size)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# ---------------------------------------------------------------------------- wembedding_load
+@torch.library.custom_op(
+    "graphpress::wembedding_load",
+    mutates_args=(),
+    schema="(Tensor ids, Tensor packed, Tensor scales, Tensor? zeros, int dim, int bits, int group_size) -> Tensor",
+)
+def wembedding_load(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    dim: int, bits: int, group_size: int) -> torch.Tensor:
+    """Embedding lookup in a k-bit stored table, dequantized once (see module docstring)."""
+    _check("wembedding_load", packed, scales, zeros, dim, bits, group_size)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError(f"graphpress::wembedding_load: ids must be int32/int64, got {ids.dtype}")
+    return F.embedding(ids, _weight(packed, scales, zeros, dim, bits, group_size))
+
+
+@wembedding_load.register_fake
+def _wembedding_load_fake(ids, packed, scales, zeros, dim, bits, group_size):
+    _check("wembedding_load", packed, scales, zeros, dim, bits, group_size)
+    return torch.empty((*ids.shape, dim), dtype=torch.float32, device=ids.device)
+
+
+# ---------------------------------------------------------------------------- ONNX
+def _const(array: np.ndarray):
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+
+
+def _unpack(packed, bits: int, rows: int, cols: int):
+    """uint8 codes ``(rows, cols)`` from ``(rows, cols * bits / 8)`` packed bytes, low bits first
+    (the order of :func:`graphpress.ir.quant.pack_nbits`)."""
+    from onnxscript import opset18 as op
+
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    mask = _const(np.array(2**bits - 1, dtype=np.uint8))
+    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, _const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
+                          _const(np.array([-1], dtype=np.int64))) for j in range(per)]
+    codes = op.Reshape(op.Concat(*parts, axis=-1), _const(np.array([rows, -1], dtype=np.int64)))
+    # the last byte of a row may hold padding codes (zero points of an odd block count)
+    return op.Slice(codes, _const(np.array([0], dtype=np.int64)), _const(np.array([cols], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+
+
+def _dequantized(packed, scales, zeros, n_in: int, bits: int, group_size: int, what: str):
+    """The float ``(rows, n_in)`` weight as ONNX ops on initializers (constant-folded by ORT)."""
+    from onnxscript import opset18 as op
+
+    try:
+        rows, nb, _nbytes = (int(d) for d in packed.shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: the stored weight needs a static shape, got {packed.shape}") from None
+    q = op.Cast(_unpack(op.Reshape(packed, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb * group_size), to=1)
+    q = op.Reshape(q, _const(np.array([rows, nb, group_size], dtype=np.int64)))
+    if zeros is None:
+        z = _const(np.array(2.0 ** (bits - 1), dtype=np.float32))
+    else:
+        z = op.Unsqueeze(op.Cast(_unpack(op.Reshape(zeros, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb), to=1),
+                         _const(np.array([-1], dtype=np.int64)))
+    s = op.Reshape(scales, _const(np.array([rows, nb, 1], dtype=np.int64)))
+    w = op.Reshape(op.Mul(op.Sub(q, z), s), _const(np.array([rows, nb * group_size], dtype=np.int64)))
+    if nb * group_size != n_in:
+        w = op.Slice(w, _const(np.array([0], dtype=np.int64)), _const(np.array([n_in], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+    return w
+
+
+def _onnx_wlinear_load(x, packed, scales, zeros, bias, in_features: int, bits: int, group_size: int):
+    """onnxscript (trace mode) translation of ``graphpress::wlinear_load``."""
+    from onnxscript import opset18 as op
+
+    w = _dequantized(packed, scales, zeros, int(in_features), int(bits), int(group_size), "graphpress::wlinear_load")
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return op.Add(y, bias) if bias is not None else y
+
+
+def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group_size: int):
+    """onnxscript (trace mode) translation of ``graphpress::wembedding_load``."""
+    from onnxscript import opset18 as op
+
+    table = _dequantized(packed, scales, zeros, int(dim), int(bits), int(group_size), "graphpress::wembedding_load")
+    return op.Gather(table, ids, axis=0)
+
+
+#: Op-to-onnxscript-function table, merged into :data:`graphpress.ir.ops.ONNX_TRANSLATIONS`.
+ONNX_TRANSLATIONS: dict[Callable, Callable] = {
+    torch.ops.graphpress.wlinear_load.default: _onnx_wlinear_load,
+    torch.ops.graphpress.wembedding_load.default: _onnx_wembedding_load,
+}
+
+__all__ = ["ONNX_TRANSLATIONS", "clear_cache", "wembedding_load", "wlinear_load"]
