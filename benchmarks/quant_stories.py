@@ -169,6 +169,70 @@ def claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------- part A2: the sweep
+SWEEP_ORDERS = ("importance (LIM)", "importance (ZD)", "importance (measured)", "random (seed 0)", "random (seed 1)", "random (seed 2)",
+                "reverse (LIM)", "reverse (measured)")
+# "quality holds" while KL vs fp32 stays at most this many nats (all-8-bit: ~0.01; all-4-bit: ~2.0).
+# 4-bit RTN is harsh on this 64-wide model (one 4-bit layer alone costs 0.01-0.1 nats), so one bar
+# would say little; the curve is reported at three.
+SWEEP_BARS = (0.1, 0.3, 0.5)
+
+
+def layer_scores(graph: Graph) -> dict[str, dict[str, float]]:
+    """Importance per layer by the three methods ``quantize-layerwise`` uses (higher = keep bits)."""
+    from graphpress.ir.quant import fake_quant_groupwise
+    from graphpress.passes.quant import importance as imp
+    from graphpress.passes.quant.layers import find_layers
+
+    layers = find_layers(graph)[0]
+    lim, _ = imp.lim_scores(graph, layers)
+    zd = {layer.name: imp.zd_score(graph.get_tensor(layer.weight_target)) for layer in layers}
+    noise, _kl = imp.measured_sensitivities(graph, layers, {layer.name: [4] for layer in layers},
+                                            lambda layer, b: fake_quant_groupwise(graph.get_tensor(layer.weight_target).detach().float(), b, 32))
+    return {"LIM": lim, "ZD": zd, "measured": {k: v[4] for k, v in noise.items()}}
+
+
+def sweep_order(name: str, scores: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    """Demotion order: least important first (``importance``), most important first (``reverse``)."""
+    import random
+
+    if name.startswith("random"):
+        order = list(names)
+        random.Random(int(name.split("seed ")[1].rstrip(")"))).shuffle(order)
+        return order
+    method = name.split("(")[1].rstrip(")")
+    ranked = sorted(names, key=lambda n: (scores[method][n], names.index(n)))
+    return ranked if name.startswith("importance") else ranked[::-1]
+
+
+def sweep(data: dict[str, Any], log, step: int) -> dict[str, Any]:
+    """Demote the first k layers of each order to 4 bits (the rest 8), k = 0, step, ..., all."""
+    g, ev = data["graph"], data["evals"]
+    scores = layer_scores(g)
+    names = list(scores["LIM"])
+    ks = sorted(set(range(0, len(names) + 1, step)) | {len(names)})
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for name in SWEEP_ORDERS:
+        order = sweep_order(name, scores, names)
+        curve = []
+        for k in ks:
+            low = set(order[:k])
+            cfg = {**STUDY_BASE, "target_bits": 8, "layer_bits": {n: (4 if n in low else 8) for n in names}}
+            res = make_pass("quantize-layerwise", cfg)(g.clone())
+            with torch.inference_mode():
+                out = res.graph.gm(ev).float()
+            curve.append({"layers_at_4": k, "average_bits": res.stats["average_bits"], **metrics(data["ref"], out, data["classes"])})
+        holds = {}
+        for bar in SWEEP_BARS:
+            # the largest k before the curve first exceeds the bar (it may dip back under it by luck)
+            first_bad = next((i for i, c in enumerate(curve) if c["kl"] > bar), None)
+            holds[str(bar)] = len(names) if first_bad is None else ks[max(first_bad - 1, 0)]
+        curves[name] = {"order": order, "curve": curve, "holds_until_layers": holds,
+                        "mean_kl_over_k": float(np.mean([c["kl"] for c in curve]))}
+        log(f"  {name:24s} holds until (KL bar: layers at 4 bits) {holds}, mean KL over k {curves[name]['mean_kl_over_k']:.3f}")
+    return {"kl_bars": list(SWEEP_BARS), "layers": len(names), "step": step, "scores": scores, "orders": curves}
+
+
 # ---------------------------------------------------------------------------- part B
 def _eval_runner(fn, evals: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([fn(evals[i : i + 1]) for i in range(evals.shape[0])])).float()
@@ -226,7 +290,29 @@ def deploy(data: dict[str, Any], rounds: int, min_time_s: float, folder: Path, l
 def print_tables(result: dict[str, Any], console) -> None:
     if result["study"]:
         print_study(result, console)
+    if result.get("sweep"):
+        print_sweep(result["sweep"], console)
     print_deploy(result, console)
+
+
+def print_sweep(sw: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    n = sw["layers"]
+    marks = sorted({c["layers_at_4"] for o in sw["orders"].values() for c in o["curve"]} & {0, n // 4 // sw["step"] * sw["step"], n // 2, 3 * n // 4 // sw["step"] * sw["step"], n})
+    t = Table(title=f"stories260K: KL (nats) after demoting the first k of {n} layers to 4 bits (rest 8), per order; "
+                    "'KL <= x until' = share of layers at 4 bits before KL first exceeds x")
+    t.add_column("order")
+    for k in marks:
+        t.add_column(f"k={k} ({100 * k / n:.0f}%)", justify="right")
+    for bar in sw["kl_bars"]:
+        t.add_column(f"KL <= {bar} until", justify="right")
+    t.add_column("mean KL", justify="right")
+    for name, o in sw["orders"].items():
+        by_k = {c["layers_at_4"]: c for c in o["curve"]}
+        t.add_row(name, *(f"{by_k[k]['kl']:.3f}" for k in marks),
+                  *(f"{100 * o['holds_until_layers'][str(bar)] / n:.0f}%" for bar in sw["kl_bars"]), f"{o['mean_kl_over_k']:.3f}")
+    console.print(t)
 
 
 def print_study(result: dict[str, Any], console) -> None:
@@ -298,12 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": started, "n_calibration": N_CALIB, "n_eval": n_eval, "seq_len": SEQ,
         "twins": {"groups": data["twins"], "tokens": data["twin_tokens"], "positions_with_twin_argmax": data["positions_with_twin_argmax"],
                   "distance": TWIN_DIST},
-        "study": [], "claims": [],
+        "study": [], "claims": [], "sweep": None,
     }
     if not args.skip_study:
-        log("part A: allocation orders")
+        log("part A: allocation orders at target average bits")
         result["study"] = study(data, log)
         result["claims"] = claims(result["study"])
+        log(f"part A2: demote k layers to 4 bits in each order (step {2 if not args.quick else 6})")
+        result["sweep"] = sweep(data, log, 2 if not args.quick else 6)
     log("part B: deployment on ONNX Runtime vs peers")
     with tempfile.TemporaryDirectory() as tmp:
         result["deploy"] = deploy(data, rounds, min_time, Path(tmp), log)

@@ -16,6 +16,7 @@ only when torch is already imported, so timing an ONNX artifact never imports to
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -158,6 +159,9 @@ def compare_latency(
 ) -> LatencyComparison:
     """Time several variants interleaved (A B A B ...) and compare medians with the first.
 
+    Every round calls each variant once, in a freshly shuffled (seeded) order, so that no
+    variant always runs right after the same neighbour.
+
     Parameters
     ----------
     variants : mapping of str to callable
@@ -166,7 +170,7 @@ def compare_latency(
         Positional arguments shared by all variants, or per variant (e.g. torch tensors for a
         torch module and numpy arrays for an ORT runner).
     rounds : int
-        Minimum rounds; each round calls every variant once, in the given order.
+        Minimum rounds; each round calls every variant once, in a seeded random order.
     warmup : int
         Untimed rounds first (also interleaved).
     min_time_s : float
@@ -195,8 +199,13 @@ def compare_latency(
                 variants[n](*args[n])
         sync()
         r = 0
+        # a fresh seeded order every round: a variant that leaves threads spinning or caches cold
+        # (a torch eager call before an ORT session, say) must not always hit the same neighbour
+        shuffle = random.Random(0).shuffle
+        order = list(names)
         while r < rounds or (min(sum(t) for t in times.values()) < min_time_s and r < _MAX_CALLS):
-            for n in names:
+            shuffle(order)
+            for n in order:
                 fn, a = variants[n], args[n]
                 t0 = time.perf_counter()
                 fn(*a)

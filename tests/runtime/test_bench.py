@@ -51,7 +51,12 @@ def test_compare_latency_interleaves():
         return lambda *args: order.append(name)
 
     res = compare_latency({"a": make("a"), "b": make("b"), "c": make("c")}, (), rounds=6, warmup=2)
-    assert order == ["a", "b", "c"] * 8  # warmup rounds too: never a block of one variant
+    assert order[:6] == ["a", "b", "c"] * 2  # warmup in the given order
+    rounds = [order[i : i + 3] for i in range(6, len(order), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # never a block of one variant
+    # shuffled per round: "a" does not always follow the same neighbour
+    before_a = {r[r.index("a") - 1] if r.index("a") else prev[-1] for prev, r in zip(rounds, rounds[1:])}
+    assert len(before_a) > 1
     assert list(res.results) == ["a", "b", "c"] and res.baseline == "a"
     assert all(r.n == 6 for r in res.results.values())
     assert res.ratios["a"] == 1.0
