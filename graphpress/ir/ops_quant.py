@@ -99,6 +99,22 @@ def _check_static(op: str, in_scale: float, in_zero_point: int, out_scale: float
             raise RuntimeError(f"graphpress::{op}: {name} must be a uint8 value, got {zp}")
 
 
+def static_accumulator(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, in_scale: float, in_zero_point: int,
+    conv: tuple[Sequence[int], Sequence[int], Sequence[int], int] | None = None,
+) -> torch.Tensor:
+    """What a static ``qlinear`` / ``qconv2d`` computes before its relu and output quantization:
+    ``Q(x) * w_hat + b`` in float32 (``Q`` the uint8 input grid, ``b`` the int32 bias dequantized);
+    ``conv`` = ``(stride, padding, dilation, groups)`` for ``qconv2d``, None for ``qlinear``."""
+    w = _dequant_cached(w_q, w_scale)
+    xh = fake_quant_act(x, in_scale, in_zero_point).float()
+    b = _bias_float(bias, in_scale, w_scale)
+    if conv is None:
+        return F.linear(xh, w, b)
+    stride, padding, dilation, groups = conv
+    return F.conv2d(xh, w, b, list(stride), list(padding), list(dilation), groups)
+
+
 # ---------------------------------------------------------------------------- qlinear
 def _check_qlinear(x, w_q, w_scale, bias, in_scale, in_zero_point, out_scale, out_zero_point) -> None:
     _check_static("qlinear", in_scale, in_zero_point, out_scale, out_zero_point)
@@ -127,14 +143,10 @@ def qlinear(
 ) -> torch.Tensor:
     """int8-weight linear with uint8 (static or dynamic) input quantization (see module docstring)."""
     _check_qlinear(x, w_q, w_scale, bias, in_scale, in_zero_point, out_scale, out_zero_point)
-    w = _dequant_cached(w_q, w_scale)
     if in_scale > 0:
-        xh = fake_quant_act(x, in_scale, in_zero_point)
-        b = _bias_float(bias, in_scale, w_scale)
+        y = static_accumulator(x, w_q, w_scale, bias, in_scale, in_zero_point)
     else:
-        xh = fake_quant_act_dynamic(x)
-        b = bias
-    y = F.linear(xh.float(), w, None if b is None else b.float())
+        y = F.linear(fake_quant_act_dynamic(x).float(), _dequant_cached(w_q, w_scale), None if bias is None else bias.float())
     if relu:
         y = y.relu_()
     if out_scale > 0:
@@ -185,10 +197,7 @@ def qconv2d(
 ) -> torch.Tensor:
     """Static uint8 x int8 conv2d with quantized output (see module docstring)."""
     _check_qconv(x, w_q, w_scale, bias, stride, padding, dilation, groups, in_scale, in_zero_point, out_scale, out_zero_point)
-    w = _dequant_cached(w_q, w_scale)
-    xh = fake_quant_act(x, in_scale, in_zero_point)
-    b = _bias_float(bias, in_scale, w_scale)
-    y = F.conv2d(xh.float(), w, b, list(stride), list(padding), list(dilation), groups)
+    y = static_accumulator(x, w_q, w_scale, bias, in_scale, in_zero_point, (stride, padding, dilation, groups))
     if relu:
         y = y.relu_()
     return fake_quant_act(y, out_scale, out_zero_point).to(x.dtype)
@@ -421,5 +430,6 @@ __all__ = [
     "qconv2d",
     "qlinear",
     "quantizes_activations",
+    "static_accumulator",
     "wlinear_nbits",
 ]

@@ -25,12 +25,17 @@ the grid). ``symmetric=True`` uses ``s = max |W_g| / (2^(k-1) - 1)`` and the fix
 range, which contains 0 anyway), as ``MatMulNBits`` expects.
 
 Activations, per tensor, unsigned 8-bit asymmetric from a calibrated range ``[lo, hi]`` (min/max
-or percentiles of the calibration values, widened to contain 0)::
+or percentiles of the calibration values, or the MSE range below; widened to contain 0)::
 
     s = (hi - lo) / 255,   z = clamp(round(-lo / s), 0, 255),   x_hat = (clamp(round(x / s) + z, 0, 255) - z) * s
 
 computed in float32 with round-half-to-even and a true division, as ONNX ``QuantizeLinear``
 does, so the eager simulation and ONNX Runtime put every value on the same grid point.
+:func:`mse_range` picks ``[lo, hi]`` minimising ``E (f(x) - f(x_hat))^2`` on calibration values
+(``f`` the identity, or what the value flows through, e.g. ``relu(x + r)``) by a grid search over
+shrink factors of min and max. Large calibration sets are subsampled at seeded random positions
+(:func:`sample_indices`), not strided: a stride that is a multiple of an image row samples one
+column of every image.
 *Dynamic* activations (:func:`dynamic_act_params`) take ``lo, hi`` from the tensor itself at run
 time, the formula of ONNX ``DynamicQuantizeLinear``.
 
@@ -39,6 +44,11 @@ values of one block packed little-end first (at 4 bits: element ``2j`` in the lo
 in the high nibble); zero points packed the same way along the blocks of one row, each row padded
 to whole bytes.
 
+Weights, GPTQ (:func:`gptq_per_channel`): the same per-channel grid, but the codes are chosen
+column by column with error feedback so that ``||(W - W_hat) X||^2`` is small for calibration
+inputs ``X`` (``H = X X^T``) rather than each ``|w - w_hat|``:
+``e_j = (w_j - q_j s) / [H^-1]_jj``,  ``W[:, j:] -= e_j [H^-1]_{j, j:}``.
+
 Error measures: :func:`sqnr_db` (re-exported from :mod:`graphpress.ir.compare`) and
 :func:`weight_sqnr_db` for ``W`` vs ``W_hat``.
 """
@@ -46,6 +56,7 @@ Error measures: :func:`sqnr_db` (re-exported from :mod:`graphpress.ir.compare`) 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -358,23 +369,158 @@ def fake_quant_act_blockwise(x: torch.Tensor, block: int, bits: int = 8) -> torc
     return out.reshape(*xf.shape[:-1], -1)[..., :k].to(x.dtype)
 
 
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
+def sample_indices(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``min(n, k)`` distinct positions in ``range(n)``, sorted, drawn with a private seeded generator.
+
+    Random rather than strided: a stride that is a multiple of an image row picks one column of
+    every image (for a conv output, the zero-padded border), a biased sample."""
+    if n <= k:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def _subsample(vals: torch.Tensor, max_samples: int) -> torch.Tensor:
+    return vals[sample_indices(vals.numel(), max_samples)] if vals.numel() > max_samples else vals
+
+
+def act_quant_mse(vals: torch.Tensor, lo: float, hi: float, after: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Mean squared error ``E (f(x) - f(x_hat))^2`` of the uint8 grid of ``[lo, hi]``
+    (:func:`act_params`) on ``vals``; ``f`` is ``after`` (the identity when None)."""
+    return _grid_errors(vals, [(lo, hi)], after)[0]
+
+
+def _grid_errors(vals: torch.Tensor, ranges: list[tuple[float, float]], after: Callable[[torch.Tensor], torch.Tensor] | None) -> list[float]:
+    """:func:`act_quant_mse` of each range, several ranges per tensor op (a leading candidate
+    dim; ``after`` must broadcast over it): few large kernels instead of many small ones."""
+    x = vals.detach().reshape(-1).float()
+    ref = after(x) if after is not None else x
+    out: list[float] = []
+    chunk = max(1, (1 << 22) // max(1, x.numel()))
+    for i in range(0, len(ranges), chunk):
+        params = [act_params(lo, hi) for lo, hi in ranges[i : i + chunk]]
+        s = torch.tensor([p.scale for p in params], dtype=torch.float32)[:, None]
+        z = torch.tensor([float(p.zero_point) for p in params], dtype=torch.float32)[:, None]
+        xh = (torch.clamp(torch.round(x[None, :] / s) + z, ACT_QMIN, ACT_QMAX) - z) * s
+        if after is not None:
+            xh = after(xh)
+        out += ((xh - ref[None, :]) ** 2).mean(1).tolist()
+    return out
+
+
+def mse_range(vals: torch.Tensor, steps: int = 48, after: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+    """The clip range ``[lo, hi]`` whose uint8 grid minimises ``E (f(x) - f(Q(x)))^2`` over ``vals``.
+
+    ``f`` (``after``, default the identity) is what the value goes through before it is used,
+    elementwise on the same samples and broadcasting over a leading dim -- e.g.
+    ``lambda v: relu(v + r)`` for a conv output that is summed with a residual ``r`` and
+    rectified, where an error on a value the relu zeroes costs nothing. Candidates are
+    ``[t_lo * min, t_hi * max]`` (``min <= 0 <= max``) for shrink factors ``t`` on a grid of
+    ``steps`` values in ``(0, 1]``, refined once on a grid ``steps`` times finer around the best:
+    first one factor for both ends, then each end with the other fixed (coordinate descent; a
+    one-sided range such as a relu output searches ``t_hi`` only). The error is measured with the
+    exact quantizer (zero-point rounding and clamping included); min/max starts the search and
+    each step keeps its starting point as a candidate, so the result is never worse than min/max
+    on ``vals``.
+    """
+    mn, mx = min(float(vals.min()), 0.0), max(float(vals.max()), 0.0)
+    if mx - mn <= 0:
+        return 0.0, 0.0
+
+    def search(range_of: Callable[[float], tuple[float, float]], start: float) -> float:
+        # ``start`` (the current factor) stays a candidate: each step can only lower the error
+        def best(ts: list[float]) -> float:
+            errs = _grid_errors(vals, [range_of(t) for t in ts], after)
+            return ts[min(range(len(ts)), key=errs.__getitem__)]
+
+        t = best([k / steps for k in range(1, steps + 1)])
+        return best([start] + [u for u in (t + k / steps**2 for k in range(-steps + 1, steps)) if 0 < u <= 1])
+
+    lo, hi = mn, mx
+    if mn < 0 < mx:
+        t = search(lambda t: (mn * t, mx * t), 1.0)
+        lo, hi = mn * t, mx * t
+    if mx > 0:
+        lo_fixed = lo
+        hi = mx * search(lambda t: (lo_fixed, mx * t), hi / mx)
+    if mn < 0:
+        hi_fixed = hi
+        lo = mn * search(lambda t: (mn * t, hi_fixed), lo / mn)
+    return lo, hi
+
+
 def calibrate_range(values: torch.Tensor | list[torch.Tensor], method: str = "minmax", percentile: float = 99.99, max_samples: int = 1 << 20) -> tuple[float, float]:
-    """``(lo, hi)`` of calibration values: ``"minmax"`` or ``"percentile"`` (the ``100 - p`` and
-    ``p`` percentiles; on at most ``max_samples`` evenly strided values)."""
+    """``(lo, hi)`` of calibration values.
+
+    ``"minmax"``; ``"percentile"`` (the ``100 - p`` and ``p`` percentiles); ``"mse"`` (the clip
+    range minimising the uint8 grid's squared error, :func:`mse_range`; on at most
+    ``max_samples / 8`` values whose min and max are kept). Percentile and MSE use a seeded random
+    sample (:func:`sample_indices`) when there are more values than that.
+    """
     vals = values if isinstance(values, torch.Tensor) else torch.cat([v.detach().reshape(-1).float() for v in values])
     vals = vals.detach().reshape(-1).float()
     if vals.numel() == 0:
         return 0.0, 0.0
     if method == "minmax":
         return float(vals.min()), float(vals.max())
+    if method == "mse":
+        # the extremes bound the search: keep them in the sample
+        sample = torch.cat([_subsample(vals, max_samples // 8), vals.min().reshape(1), vals.max().reshape(1)])
+        return mse_range(sample)
     if method != "percentile":
-        raise ValueError(f"calibrate_range: method must be 'minmax' or 'percentile', got {method!r}")
+        raise ValueError(f"calibrate_range: method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"calibrate_range: percentile must be in (50, 100], got {percentile}")
-    if vals.numel() > max_samples:
-        vals = vals[:: -(-vals.numel() // max_samples)]
+    vals = _subsample(vals, max_samples)
     qs = torch.quantile(vals.double(), torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], dtype=torch.float64))
     return float(qs[0]), float(qs[1])
+
+
+# ---------------------------------------------------------------------------- error-feedback rounding
+def gptq_per_channel(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int = 8, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Codes of ``w (out, k)`` on the fixed symmetric per-row grid ``scale`` chosen by GPTQ.
+
+    Minimises ``||(W - W_hat) X||^2`` for inputs ``X`` with ``hessian = X X^T`` (``(k, k)``)
+    instead of each weight's own rounding error: columns are rounded in order, and each one's
+    error ``e_j = (w_j - q_j s) / [H^-1]_jj`` is pushed onto the columns not rounded yet
+    (``W[:, j:] -= e_j [H^-1]_{j, j:}``, with ``H^-1`` in upper Cholesky form; Frantar et al.,
+    2023, blocked as there). ``H`` is damped by ``damp * mean(diag H)``; an input that is always 0
+    (``H_jj = 0``) gets ``H_jj = 1`` so its column is rounded to nearest. The grid (``scale``, codes
+    in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``) is the one :func:`symmetric_per_channel` uses, so
+    the op and its ONNX lowering are unchanged; only which grid point each weight takes differs.
+
+    Returns
+    -------
+    Tensor, int8 ``(out, k)``
+    """
+    if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"gptq_per_channel: need w (out, k) and hessian (k, k), got {tuple(w.shape)} and {tuple(hessian.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    k = w.shape[1]
+    W = w.detach().double().clone()
+    H = hessian.detach().double().clone()
+    dead = torch.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H += damp * float(torch.diag(H).mean()) * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    s = scale.detach().double().reshape(-1)
+    q = torch.zeros_like(W)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        Wb, Ub = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err = torch.zeros_like(Wb)
+        for j in range(i2 - i1):
+            col = Wb[:, j]
+            qc = torch.clamp(torch.round(col / s), -qmax, qmax)
+            q[:, i1 + j] = qc
+            e = (col - qc * s) / Ub[j, j]
+            Wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
+            err[:, j] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return q.to(torch.int8)
 
 
 # ---------------------------------------------------------------------------- sizes and errors
@@ -406,12 +552,14 @@ def weight_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 __all__ = [
     "ACT_QMAX",
     "ACT_QMIN",
+    "CALIBRATION_METHODS",
     "GROUP_BITS",
     "GROUP_SIZES",
     "ActQuant",
     "GroupQuant",
     "NBitsWeight",
     "act_params",
+    "act_quant_mse",
     "calibrate_range",
     "container_bits",
     "dequantize_nbits",
@@ -422,9 +570,12 @@ __all__ = [
     "fake_quant_act_dynamic",
     "fake_quant_groupwise",
     "fake_quant_per_channel",
+    "gptq_per_channel",
     "groupwise",
+    "mse_range",
     "num_blocks",
     "pack_nbits",
+    "sample_indices",
     "sqnr_db",
     "symmetric_per_channel",
     "to_nbits",

@@ -159,3 +159,81 @@ def test_calibrate_range_percentile_ignores_outliers():
     assert 2.5 < phi < 4.5 and -4.5 < plo < -2.5
     with pytest.raises(ValueError, match="method"):
         Q.calibrate_range(vals, "entropy")
+
+
+# ---------------------------------------------------------------------------- MSE ranges
+def test_mse_range_clips_a_heavy_tail_and_never_loses_to_minmax():
+    lap = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    lo, hi = Q.mse_range(lap)
+    assert -lap.min() > -lo > 4 and lap.max() > hi > 4  # clipped, but far outside the bulk
+    e_mse = Q.act_quant_mse(lap, lo, hi)
+    e_minmax = Q.act_quant_mse(lap, float(lap.min()), float(lap.max()))
+    assert e_mse < 0.9 * e_minmax
+    # uniform values: nothing to clip, the search stays at (almost) min/max
+    u = torch.rand(100_000) * 3.0
+    ulo, uhi = Q.mse_range(u)
+    assert ulo == 0.0 and uhi > 0.98 * float(u.max())
+    assert Q.act_quant_mse(u, ulo, uhi) <= Q.act_quant_mse(u, 0.0, float(u.max())) + 1e-12
+    # calibrate_range("mse") keeps the extremes in its sample and agrees with a direct search
+    clo, chi = Q.calibrate_range([lap[:100_000], lap[100_000:]], "mse")
+    assert Q.act_quant_mse(lap, clo, chi) < 0.9 * e_minmax
+    with pytest.raises(ValueError, match="minmax, percentile, mse"):
+        Q.calibrate_range(lap, "entropy")
+
+
+def test_mse_range_after_a_residual_relu_ignores_errors_the_relu_removes():
+    # x is summed with r and rectified: values below -r never matter, so the negative end can be clipped
+    x = torch.randn(100_000) * 2.0
+    r = torch.rand(100_000) * 0.5
+    after = lambda v: torch.relu(v + r)
+    plain = Q.mse_range(x)
+    aware = Q.mse_range(x, after=after)
+    assert aware[0] > 0.5 * plain[0]  # much less of the negative side kept
+    assert Q.act_quant_mse(x, *aware, after=after) < 0.7 * Q.act_quant_mse(x, *plain, after=after)
+    assert Q.mse_range(torch.zeros(10)) == (0.0, 0.0)
+
+
+def test_sample_indices_are_seeded_distinct_and_unaliased():
+    a, b = Q.sample_indices(10_000, 500), Q.sample_indices(10_000, 500)
+    assert torch.equal(a, b) and a.unique().numel() == 500 and bool((a[1:] > a[:-1]).all())
+    assert torch.equal(Q.sample_indices(7, 500), torch.arange(7))
+    # images whose first column is bright: a stride of a whole row would see only that column
+    img = torch.zeros(512, 32, 32)
+    img[..., 0] = 1.0
+    vals = img.reshape(-1)
+    picked = vals[Q.sample_indices(vals.numel(), 1 << 14)]
+    assert abs(float(picked.mean()) - 1 / 32) < 0.01
+    assert float(vals[:: vals.numel() // (1 << 14)].mean()) == 1.0  # what a stride of 32 would have seen
+    assert Q.calibrate_range(vals, "percentile", 95.0)[1] == 0.0  # 1/32 of the values are 1: the 95th percentile is 0
+
+
+# ---------------------------------------------------------------------------- GPTQ
+def test_gptq_is_round_to_nearest_for_uncorrelated_inputs():
+    w = torch.randn(8, 24)
+    q_rtn, s = Q.symmetric_per_channel(w, 8)
+    q = Q.gptq_per_channel(w, torch.eye(24) * 5.0, s, damp=0.0)
+    assert q.dtype == torch.int8 and torch.equal(q, q_rtn)
+
+
+def _output_error(codes, scale, w, x):
+    """``||(W_hat - W) X^T||^2``: the error a quantized weight makes on the layer output."""
+    return float(((Q.dequantize_per_channel(codes, scale) - w) @ x.T).pow(2).sum())
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    torch.manual_seed(1)
+    k = 48
+    base = torch.randn(4000, 6)
+    x = base @ torch.randn(6, k) + 0.05 * torch.randn(4000, k)  # strongly correlated columns, like im2col rows
+    x[:, 5] = 0.0  # an input that is always 0 (H_55 = 0)
+    w = torch.randn(16, k)
+    h = x.T @ x
+    q_rtn, s = Q.symmetric_per_channel(w, 8)
+    q = Q.gptq_per_channel(w, h, s, bits=8)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127 and not torch.equal(q, q_rtn)
+    assert _output_error(q, s, w, x) < 0.5 * _output_error(q_rtn, s, w, x)  # same grid (scales), other points
+    q4_rtn, s4 = Q.symmetric_per_channel(w, 4)
+    q4 = Q.gptq_per_channel(w, h, s4, bits=4)
+    assert int(q4.abs().max()) <= 7 and _output_error(q4, s4, w, x) < _output_error(q4_rtn, s4, w, x)
+    with pytest.raises(ValueError, match="hessian"):
+        Q.gptq_per_channel(w, torch.eye(k + 1), s)

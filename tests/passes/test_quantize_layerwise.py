@@ -15,6 +15,7 @@ import graphpress.passes.quant  # noqa: F401 -- registers the passes
 from graphpress.errors import PassError
 from graphpress.ir.compare import sqnr_db
 from graphpress.ir.graph import Graph
+from graphpress.ir.quant import symmetric_per_channel
 from graphpress.passes import Pipeline
 from graphpress.passes.base import make_pass
 from graphpress.passes.quant import importance as imp
@@ -243,6 +244,140 @@ def test_pipeline_checks_the_budget(mlp_graph):
         Pipeline([("quantize-layerwise", {"bits": [2], "target_bits": 2, "activations": "none", "min_sqnr_db": 60.0})]).run(mlp_graph)
 
 
+# ---------------------------------------------------------------------------- refinement and MSE ranges
+class ResCNN(nn.Module):
+    """conv -> relu -> conv (no bias) -> + residual -> relu -> mean -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(self.conv(h) + h)
+        return self.head(h.mean((2, 3)))
+
+
+def smooth_images(n: int, seed: int, size: int = 8) -> torch.Tensor:
+    """Upsampled noise: neighbouring pixels correlate, as in photos (and im2col rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 4, 4, generator=gen), size=size, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture
+def res_graph():
+    torch.manual_seed(0)
+    g = Graph.capture(ResCNN().eval(), (smooth_images(2, 0),))
+    g.calibration = [(smooth_images(64, 1),), (smooth_images(64, 2),)]
+    return g
+
+
+INT8 = {"bits": [8], "target_bits": 8, "activations": "int8"}
+PLAIN = {"weight_rounding": "nearest", "bias_correction": False}
+
+
+def test_gptq_and_bias_correction_lower_the_error_and_unbias_the_output(res_graph, op_count):
+    plain = run(res_graph, **INT8, **PLAIN)
+    gptq = run(res_graph, **INT8, bias_correction=False)
+    bc = run(res_graph, **INT8, weight_rounding="nearest")
+    both = run(res_graph, **INT8)  # the defaults
+    x = smooth_images(512, 3)
+    ref = res_graph.run(x)[0]
+    sq = {k: sqnr_db(ref, r.graph.run(x)[0]) for k, r in (("plain", plain), ("gptq", gptq), ("bc", bc), ("both", both))}
+    assert sq["gptq"] > sq["plain"] and sq["bc"] > sq["plain"] and sq["both"] > sq["plain"] + 0.3
+    # GPTQ: same grid (scales), other grid points, a lower error per layer (input quantization included)
+    for name in ("stem", "conv", "head"):
+        assert gptq.stats["layers"][name]["sqnr_db"] >= plain.stats["layers"][name]["sqnr_db"]
+        assert gptq.stats["layers"][name]["weight_rounding"] == "gptq" and "bias_shift_rms" not in gptq.stats["layers"][name]
+    assert gptq.stats["layers"]["head"]["sqnr_db"] > plain.stats["layers"]["head"]["sqnr_db"] + 1.0
+    qn = {n.args[1].target: n for n in both.graph.call_nodes(OPS.qconv2d, OPS.qlinear)}
+    w_stem = res_graph.get_tensor("stem.weight")
+    q_rtn, s_rtn = symmetric_per_channel(w_stem, 8)
+    stem = next(n for t, n in qn.items() if t.startswith("stem"))
+    assert torch.equal(both.graph.tensor_of(stem.args[2]), s_rtn) and not torch.equal(both.graph.tensor_of(stem.args[1]), q_rtn)
+    # bias correction: the output's mean error on the calibration set vanishes (up to the int32 bias step)
+    cal = torch.cat([b[0] for b in res_graph.calibration])
+    bias_err = {k: float((r.graph.run(cal)[0] - res_graph.run(cal)[0]).mean(0).abs().max()) for k, r in (("plain", plain), ("bc", bc), ("both", both))}
+    assert bias_err["bc"] < 1e-5 and bias_err["both"] < 1e-5 and bias_err["plain"] > 50 * bias_err["bc"]
+    assert {"stem", "conv", "head"} == {n for n, e in bc.stats["layers"].items() if e["bias_shift_rms"] > 0}
+    assert both.stats["refined"] == {"weight_rounding": "gptq", "bias_correction": True, "layers": 3}
+    # the bias-free conv got an int32 bias; the ops and their count are unchanged
+    conv = next(n for t, n in qn.items() if t.startswith("conv"))
+    assert conv.args[3] is not None and both.graph.tensor_of(conv.args[3]).dtype == torch.int32
+    assert plain.graph.tensor_of(next(n for n in plain.graph.call_nodes(OPS.qconv2d) if n.args[1].target.startswith("conv")).args[3]) is None
+    assert op_count(both.graph, OPS.qconv2d) == 2 and op_count(both.graph, OPS.qlinear) == 1 and op_count(both.graph, aten.conv2d) == 0
+
+
+def test_refinement_leaves_other_layers_alone(mlp_graph):
+    # plain options: the codes are round-to-nearest and the bias is the float bias in int32 units
+    r = run(mlp_graph, **INT8, **PLAIN)
+    assert r.stats["refined"]["layers"] == 0
+    fc1 = next(iter(r.graph.call_nodes(OPS.qlinear)))
+    q_rtn, _ = symmetric_per_channel(mlp_graph.get_tensor("fc1.weight"), 8)
+    assert torch.equal(r.graph.tensor_of(fc1.args[1]), q_rtn)
+    assert all(k not in e for e in r.stats["layers"].values() for k in ("weight_rounding", "bias_shift_rms"))
+    # dynamic activations: nothing static to refine, identical graphs with and without the options
+    d0, d1 = run(mlp_graph, **{**INT8, "activations": "int8-dynamic"}, **PLAIN), run(mlp_graph, **{**INT8, "activations": "int8-dynamic"})
+    assert d1.stats["refined"]["layers"] == 0
+    x = torch.randn(64, 32)
+    assert torch.equal(d0.graph.run(x)[0], d1.graph.run(x)[0])
+    # mixed widths: only the static int8 layers are refined, and they absorb the 4-bit layers' bias too
+    m0 = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="int8", **PLAIN)
+    m1 = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="int8")
+    refined = {n for n, e in m1.stats["layers"].items() if "bias_shift_rms" in e}
+    assert refined == {n for n, e in m1.stats["layers"].items() if e["op"] == "qlinear"} and 0 < len(refined) < 5
+    x = torch.randn(1024, 32)
+    ref = mlp_graph.run(x)[0]
+    assert sqnr_db(ref, m1.graph.run(x)[0]) > sqnr_db(ref, m0.graph.run(x)[0]) + 0.3
+
+
+def test_refinement_needs_stackable_calibration_batches():
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    g = Graph.capture(Pool().eval(), (smooth_images(2, 0),), dynamic_dims={0: "batch", 2: "h", 3: "w"})
+    g.calibration = [(smooth_images(16, 1),), (smooth_images(16, 2, size=12),)]  # two image sizes
+    r = run(g, **INT8)
+    assert r.stats["refined"]["layers"] == 0
+    assert all(e["refined"].startswith("no: calibration batches differ in shape") for e in r.stats["layers"].values())
+
+
+def test_mse_ranges_measure_a_residual_output_after_the_sum(res_graph):
+    mm, mse = run(res_graph, **INT8, **PLAIN), run(res_graph, **INT8, **PLAIN, act_calibration="mse")
+    assert mse.stats["act_calibration"] == "mse"
+
+    def out_grid(r, prefix):
+        n = next(n for n in r.graph.call_nodes(OPS.qconv2d) if n.args[1].target.startswith(prefix))
+        s, z = n.args[-3], n.args[-2]
+        return -z * s, (255 - z) * s
+
+    lo_mm, hi_mm = out_grid(mm, "conv")
+    lo_mse, hi_mse = out_grid(mse, "conv")
+    assert lo_mm < lo_mse < 0 < hi_mse <= hi_mm + 1e-6  # the negative side, mostly zeroed by the relu, is clipped
+    # measured where it matters: relu(conv + residual) on the calibration set
+    from graphpress.ir.quant import act_quant_mse
+    from graphpress.passes.quant.layers import record
+
+    conv = list(res_graph.call_nodes(aten.conv2d))[1]
+    add = next(iter(conv.users))
+    stem_relu = next(a for a in add.args if a is not conv)
+    vals = record(res_graph, [conv, stem_relu])
+    x, r_ = torch.cat(vals[conv.name]).reshape(-1), torch.cat(vals[stem_relu.name]).reshape(-1)
+    after = lambda v: torch.relu(v + r_)
+    assert act_quant_mse(x, lo_mse, hi_mse, after) < 0.8 * act_quant_mse(x, lo_mm, hi_mm, after)
+    x_test = smooth_images(512, 3)
+    ref = res_graph.run(x_test)[0]
+    assert sqnr_db(ref, mse.graph.run(x_test)[0]) > 30
+
+
 # ---------------------------------------------------------------------------- refusals
 class NoLayers(nn.Module):
     def forward(self, x):
@@ -270,6 +405,9 @@ def test_conv_is_not_eligible_weight_only_and_says_why():
         ({"target_bits": 6, "size_budget": 100}, "not both"),
         ({"group_size": 48}, "option 'group_size'"),
         ({"layer_bits": {"fc1": 9}}, "option 'layer_bits': layer 'fc1'"),
+        ({"weight_rounding": "gptk"}, "option 'weight_rounding': 'gptk' is not one of 'nearest', 'gptq'"),
+        ({"bias_correction": "yes"}, "option 'bias_correction': expected true/false"),
+        ({"act_calibration": "entropy"}, "option 'act_calibration': 'entropy' is not one of 'minmax', 'percentile', 'mse'"),
     ],
 )
 def test_bad_config_names_the_option(cfg, match):
@@ -324,3 +462,26 @@ def test_asymmetric_same_padding_conv_is_kept_float_with_the_reason(op_count):
     assert op_count(r.graph, aten.conv2d) == 1 and op_count(r.graph, OPS.qconv2d) == 1
     x = torch.rand(3, 3, 6, 6)
     assert sqnr_db(g.run(x)[0], r.graph.run(x)[0]) > 30
+
+
+@pytest.mark.slow  # two passes over ResNet-20 with 512 calibration crops: ~20-60 s on the shared machine
+def test_resnet20_int8_agreement_on_photo_crops(op_count):
+    from graphpress.zoo import load_resnet20
+    from graphpress.zoo.paths import RESNET20_RELPATH, resnet20_checkpoint_path
+    from graphpress.zoo.photos import photo_crops
+
+    if resnet20_checkpoint_path() is None:
+        pytest.skip(f"../shared/models/{RESNET20_RELPATH.as_posix()} not found")
+    pytest.importorskip("sklearn")
+    calib, x = photo_crops(512, 1), photo_crops(2048, 2)
+    g = Graph.capture(load_resnet20(), (calib[:2],))
+    g.calibration = [(calib[i : i + 128],) for i in range(0, 512, 128)]
+    g = Pipeline(["fold-batchnorm"]).run(g).graph
+    ref = g.run(x)[0].argmax(-1)
+    agree = {}
+    for name, extra in (("plain", PLAIN), ("refined", {})):
+        q = Pipeline([("quantize-layerwise", {**INT8, **extra})], random_inputs=0).run(g).graph
+        agree[name] = float((q.run(x)[0].argmax(-1) == ref).float().mean())
+        assert op_count(q, OPS.qconv2d) == 19 and op_count(q, OPS.qlinear) == 1 and op_count(q, aten.conv2d) == 0
+    # measured: 0.963 round-to-nearest without bias correction; 0.974-0.976 with GPTQ + bias correction
+    assert 0.95 < agree["plain"] < 0.97 and agree["refined"] >= 0.97 and agree["refined"] > agree["plain"] + 0.008

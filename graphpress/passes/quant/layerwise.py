@@ -32,16 +32,33 @@ In every mode but ``none`` convs take 8 bits only and become ``qconv2d`` (QLinea
 static calibrated activations.
 
 Group-wise codes are asymmetric RTN with a zero point unless ``symmetric``; a static
-activation range comes from the calibration values (``act_calibration``: min/max or
-percentile). A layer whose input is (through max-pool, flatten, view or relu) the quantized
+activation range comes from the calibration values (``act_calibration``: min/max, percentile,
+or ``mse``: the clip range minimising ``E (f(x) - f(Q(x)))^2``, ``f`` the identity or, for a
+layer output whose only user is a sum ``x + r``, ``f(x) = x + r`` (``relu(x + r)`` when a relu
+follows): the error that reaches the residual stream, where clipping a value the relu zeroes
+costs nothing). A layer whose input is (through max-pool, flatten, view or relu) the quantized
 output of an earlier layer reuses that layer's output grid, so the values are requantized
 exactly and ONNX Runtime drops the duplicate Q/DQ pair. A ``relu`` that is a layer's only user is
 fused into its op.
 
+The static int8 layers (``qlinear`` with a calibrated input, ``qconv2d``) are then refined in
+graph order on all calibration batches at once (:func:`refine_static_layers`), running the
+float and the quantized graph in step:
+
+* ``weight_rounding="gptq"`` (default): the int8 codes on the unchanged per-channel grid are
+  chosen by GPTQ error feedback, minimising ``||(W - W_hat) X||^2`` over the layer's quantized
+  calibration inputs ``X`` rather than each weight's own rounding error;
+* ``bias_correction=True`` (default): each layer's bias absorbs the mean error of its output,
+  ``b <- b - E[acc_q - acc_f]`` per output channel (quantized network vs float network, before
+  relu and output quantization), so each layer output is unbiased on the calibration set given
+  all quantization upstream -- exact in expectation there, and kept in the int32 bias.
+
+Both change only constants: the ops, grids and the ONNX graph stay the same.
+
 Stats: per-layer bits, importance, SQNR of the layer output on the calibration batches
-(float layer vs quantized op on the same float inputs), bytes before/after, and the achieved
-average bits. Lossy: ``exact = False``; the pipeline checks ``min_sqnr_db`` (default 15 dB,
-explicit) and ``max_kl``.
+(float layer vs quantized op on the same float inputs), bytes before/after, what refinement did,
+and the achieved average bits. Lossy: ``exact = False``; the pipeline checks ``min_sqnr_db``
+(default 15 dB, explicit) and ``max_kl``.
 """
 
 from __future__ import annotations
@@ -53,19 +70,25 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.errors import PassError
 from graphpress.ir.compare import sqnr_db
 from graphpress.ir.graph import Graph
+from graphpress.ir.ops_quant import static_accumulator
 from graphpress.ir.quant import (
     ActQuant,
     act_params,
     calibrate_range,
+    fake_quant_act,
     fake_quant_groupwise,
     fake_quant_per_channel,
+    gptq_per_channel,
     groupwise,
+    mse_range,
+    sample_indices,
     symmetric_per_channel,
     to_nbits,
     weight_bytes,
@@ -126,9 +149,18 @@ class QuantizeLayerwiseConfig:
     activations : "none", "int8-block", "int8" or "int8-dynamic"
         How activations are quantized (module docstring): not at all, int8 per (row, group),
         static calibrated uint8 per tensor, or dynamic per-tensor uint8 for the 8-bit linears.
-    act_calibration : "minmax" or "percentile"
+    act_calibration : "minmax", "percentile" or "mse"
+        How static activation ranges are chosen: min/max, percentiles, or the clip range that
+        minimises the squared quantization error (of the value after the residual sum and relu
+        it flows into, for a layer output that is summed with another tensor).
     percentile : float
         Percentile of ``act_calibration="percentile"``.
+    weight_rounding : "nearest" or "gptq"
+        How the per-channel int8 weights of the static layers take their grid points: round to
+        nearest, or GPTQ's error feedback on the layer's calibration inputs (same grid, same ops).
+    bias_correction : bool
+        Static layers, in graph order on the calibration set: subtract from each layer's bias the
+        mean per-channel error of its output (quantized network vs float network).
     layer_bits : dict of str to int
         Fixed bit-width per layer name (not allocated).
     skip : tuple of str
@@ -151,8 +183,10 @@ class QuantizeLayerwiseConfig:
     group_size: int = 32
     symmetric: bool = False
     activations: Literal["none", "int8-block", "int8", "int8-dynamic"] = "int8-block"
-    act_calibration: Literal["minmax", "percentile"] = "minmax"
+    act_calibration: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99
+    weight_rounding: Literal["nearest", "gptq"] = "gptq"
+    bias_correction: bool = True
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     zd_cut: float = imp.DEFAULT_ZD_CUT
@@ -170,7 +204,8 @@ class QuantizeLayerwiseConfig:
         if self.size_budget is not None and not (isinstance(self.size_budget, int) and self.size_budget >= 0):
             raise _err("size_budget", f"must be bytes >= 0, got {self.size_budget!r}")
         checks = (("allocation", ("order", "ilp")), ("order", ("importance", "random", "reverse")), ("importance", imp.METHODS),
-                  ("activations", ("none", "int8-block", "int8", "int8-dynamic")), ("act_calibration", ("minmax", "percentile")))
+                  ("activations", ("none", "int8-block", "int8", "int8-dynamic")), ("act_calibration", ("minmax", "percentile", "mse")),
+                  ("weight_rounding", ("nearest", "gptq")))
         for option, allowed in checks:
             value = getattr(self, option)
             if value not in allowed:
@@ -179,6 +214,8 @@ class QuantizeLayerwiseConfig:
                 raise _err(option, f"{value!r} is not one of {', '.join(allowed)}{hint}")
         if self.group_size not in (16, 32, 64, 128, 256):
             raise _err("group_size", f"must be 16, 32, 64, 128 or 256, got {self.group_size!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise _err("bias_correction", f"must be true or false, got {self.bias_correction!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise _err("percentile", f"must be in (50, 100], got {self.percentile!r}")
         bad = {k: v for k, v in dict(self.layer_bits).items() if v not in ALLOWED_BITS}
@@ -189,7 +226,8 @@ class QuantizeLayerwiseConfig:
     def __hash__(self) -> int:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
-                     tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut, self.seed, self.min_sqnr_db, self.max_kl))
+                     self.weight_rounding, self.bias_correction, tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut,
+                     self.seed, self.min_sqnr_db, self.max_kl))
 
     @property
     def budget(self) -> tuple[str, float]:
@@ -353,6 +391,9 @@ class QuantizeLayerwise:
             "bytes_after": after,
             "compression": round(before / after, 3) if after else None,
             "activations": cfg.activations,
+            "act_calibration": cfg.act_calibration,
+            "refined": {"weight_rounding": cfg.weight_rounding, "bias_correction": cfg.bias_correction,
+                        "layers": sum(1 for e in stats_layers.values() if "bias_shift_rms" in e or e.get("weight_rounding") == "gptq")},
             "notes": notes,
             "kept_float": kept,
             "skipped": dict(Skips(_count(kept))),
@@ -393,16 +434,17 @@ class QuantizeLayerwise:
         if not static:
             return plans
         nodes = [n for p in static for n in (p.layer.input_node, p.layer.output_node)]
-        values = record(graph, nodes)
+        sums = {p.layer.name: _residual_sum(p.layer.output_node) for p in static} if cfg.act_calibration == "mse" else {}
+        values = record(graph, nodes + [r[0] for r in sums.values() if r is not None])
         produced: dict[str, ActQuant] = {}
         for p in static:  # graph order: producers come first
             src = _passthrough_source(p.layer.input_node)
             if src is not None and src.name in produced:
                 p.in_quant = produced[src.name]
             else:
-                p.in_quant = act_params(*calibrate_range(values[p.layer.input_node.name], cfg.act_calibration, cfg.percentile))
+                p.in_quant = act_params(*_calibrated(values, p.layer.input_node, cfg))
             if p.layer.kind == "conv2d" or p.layer.relu is not None:
-                p.out_quant = act_params(*calibrate_range(values[p.layer.output_node.name], cfg.act_calibration, cfg.percentile))
+                p.out_quant = act_params(*_calibrated(values, p.layer.output_node, cfg, sums.get(p.layer.name)))
                 produced[p.layer.output_node.name] = p.out_quant
         return plans
 
@@ -412,6 +454,7 @@ class QuantizeLayerwise:
         ends = {p.layer.name: (p.layer.input_node.name, _compared_node(p).name) for p in todo}
         io = record(graph, [n for p in todo for n in (p.layer.input_node, _compared_node(p))]) if todo else {}
         out: dict[str, dict[str, Any]] = {}
+        calls: dict[str, _Call] = {}
         for p in plans:
             layer = p.layer
             entry: dict[str, Any] = {
@@ -423,10 +466,8 @@ class QuantizeLayerwise:
                 "bytes_after": stored_bytes(layer, p.bits, cfg),
             }
             if p.bits < FLOAT_BITS:
-                in_name, out_name = ends[layer.name]
-                call = _rewrite_layer(graph, p, weights[layer.name], cfg)
+                calls[layer.name] = call = _rewrite_layer(graph, p, weights[layer.name], cfg)
                 entry["op"] = call.op_name
-                entry["sqnr_db"] = _layer_sqnr(layer, call, io[in_name], io[out_name])
                 if p.in_quant is not None:
                     entry["input_quant"] = {"scale": p.in_quant.scale, "zero_point": p.in_quant.zero_point}
                 if p.dynamic:
@@ -434,7 +475,254 @@ class QuantizeLayerwise:
                 if len(graph.tensor_users(layer.weight_target)) > 0:
                     entry["note"] = "float weight kept: other ops read it too"
             out[layer.name] = entry
+        refine = [c for c in calls.values() if c.refinable]
+        if refine and (cfg.weight_rounding == "gptq" or cfg.bias_correction):
+            done = refine_static_layers(graph, list(calls.values()), cfg.weight_rounding == "gptq", cfg.bias_correction)
+            for c in refine:
+                out[c.layer].update(done.get(c.layer, {"refined": "no: calibration batches differ in shape beyond dim 0"}))
+        for name, call in calls.items():  # after refinement: the error of the final op
+            in_name, out_name = ends[name]
+            out[name]["sqnr_db"] = _layer_sqnr(call, io[in_name], io[out_name])
         return out
+
+
+# ---------------------------------------------------------------------------- activation ranges
+#: Samples the MSE range search runs on (random, extremes kept).
+MSE_SAMPLES = 1 << 17
+
+
+def _residual_sum(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """``(other, relu)`` when ``node``'s only user is ``node + other`` (alpha 1), ``relu`` telling
+    whether a relu is the sum's only user; else None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not aten.add.Tensor or users[0].kwargs.get("alpha", 1) != 1:
+        return None
+    add = users[0]
+    others = [a for a in add.args[:2] if a is not node]
+    if len(others) != 1 or not isinstance(others[0], fx.Node):
+        return None
+    after = list(add.users)
+    return others[0], len(after) == 1 and is_op(after[0], aten.relu, aten.relu_)
+
+
+def _paired_sample(xs: list[torch.Tensor], rs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ``<= n`` random positions (:func:`graphpress.ir.quant.sample_indices`) of ``x`` and
+    of ``r`` (broadcast to ``x``), plus the positions of ``x``'s min and max."""
+    x = torch.cat([a.reshape(-1).float() for a in xs])
+    r = torch.cat([torch.broadcast_to(b, a.shape).reshape(-1).float() for a, b in zip(xs, rs)])
+    idx = sample_indices(x.numel(), n)
+    idx = torch.cat([idx, x.argmin().reshape(1), x.argmax().reshape(1)])
+    return x[idx], r[idx]
+
+
+def _calibrated(values: dict[str, list[torch.Tensor]], node: fx.Node, cfg: QuantizeLayerwiseConfig, residual: tuple[fx.Node, bool] | None = None) -> tuple[float, float]:
+    """The static range of ``node``'s values: ``cfg.act_calibration``; with ``"mse"`` and a
+    ``residual`` sum after the node, the error is measured after the sum (and its relu)."""
+    if residual is None or cfg.act_calibration != "mse":
+        return calibrate_range(values[node.name], cfg.act_calibration, cfg.percentile)
+    other, relu = residual
+    x, r = _paired_sample(values[node.name], values[other.name], MSE_SAMPLES)
+    return mse_range(x, after=(lambda v: torch.relu(v + r)) if relu else (lambda v: v + r))
+
+
+# ---------------------------------------------------------------------------- refinement
+@torch.no_grad()
+def refine_static_layers(graph: Graph, calls: list[_Call], gptq: bool, bias_correction: bool) -> dict[str, dict[str, Any]]:
+    """GPTQ rounding and/or bias correction of the static int8 ops among ``calls``
+    (:attr:`_Call.refinable`), in graph order, on the calibration set.
+
+    The graph is run twice in step on all calibration batches at once: a *float* run (every op
+    of ``calls`` replaced by its float layer) and the *quantized* run. At each refinable op, with
+    ``x_f`` / ``x_q`` its input in the two runs:
+
+    * ``gptq``: the codes are re-chosen by :func:`graphpress.ir.quant.gptq_per_channel` with
+      ``H = X X^T`` of the op's quantized input ``Q(x_q)`` (on about :data:`GPTQ_ROWS` rows:
+      random ones of a linear's input, all im2col rows of random images for a conv; one ``H``
+      per conv group);
+    * ``bias_correction``: ``b <- b - E[acc_q - acc_f]`` per output channel, ``acc`` the value
+      before relu and output quantization (``Q(x_q) W_hat + b`` vs ``x_f W + b``), the mean over
+      the calibration set (batch and spatial positions), so that the layer's output is unbiased
+      there given everything quantized before it. Rounded into the int32 bias.
+
+    The quantized run then continues from the refined op's output.
+
+    Returns
+    -------
+    dict
+        Per refined layer what was done; empty when the calibration batches differ in shape
+        beyond dim 0 (they cannot be stacked; nothing is refined).
+    """
+    inputs = _stacked_calibration(graph)
+    if inputs is None:
+        return {}
+    by_node = {c.node: c for c in calls}
+    todo = sum(1 for c in calls if c.refinable)
+    gm = graph.gm
+    last_use: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        for a in n.all_input_nodes:
+            last_use[a] = n
+    env_f: dict[fx.Node, Any] = {}
+    env_q: dict[fx.Node, Any] = {}
+    feed = iter(inputs)
+    done: dict[str, dict[str, Any]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            break
+        if n.op == "placeholder":
+            env_f[n] = env_q[n] = next(feed)
+        elif n.op == "get_attr":
+            env_f[n] = env_q[n] = _fetch(gm, n.target)
+        elif n in by_node and by_node[n].refinable:
+            c = by_node[n]
+            env_f[n], env_q[n], done[c.layer] = _refine_one(graph, c, env_f[n.args[0]], env_q[n.args[0]], gptq, bias_correction)
+            if len(done) == todo:
+                break
+        elif n in by_node:
+            env_f[n], env_q[n] = _float_layer(by_node[n], env_f[n.args[0]]), by_node[n](env_q[n.args[0]])
+        else:
+            same = all(env_f[a] is env_q[a] for a in n.all_input_nodes)
+            if not same and _mutates(n):  # an in-place op must not run twice on a tensor the two runs share
+                for a in n.all_input_nodes:
+                    if env_q[a] is env_f[a] and isinstance(env_q[a], torch.Tensor):
+                        env_q[a] = env_q[a].clone()
+            env_f[n] = _run_node(gm, n, env_f)
+            env_q[n] = env_f[n] if same else _run_node(gm, n, env_q)
+        for a in n.all_input_nodes:
+            if last_use.get(a) is n:
+                env_f.pop(a, None)
+                env_q.pop(a, None)
+    return done
+
+
+def _stacked_calibration(graph: Graph) -> list[torch.Tensor] | None:
+    """All calibration batches concatenated along dim 0 (bias correction needs the mean over all
+    of them before the next layer runs); None when their shapes differ beyond dim 0."""
+    batches = graph.calibration_batches()
+    parts = list(zip(*batches))
+    if any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[1:] != group[0].shape[1:] for group in parts for t in group):
+        return None
+    return [torch.cat(group) for group in parts]
+
+
+#: Rows of the layer input (im2col rows for a conv) that GPTQ's ``H`` is estimated on, at most.
+GPTQ_ROWS = 1 << 17
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _mutates(n: fx.Node) -> bool:
+    return n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+
+
+def _run_node(gm: fx.GraphModule, n: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(n.args, lambda a: env[a])
+    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    return gm.get_submodule(n.target)(*args, **kwargs)
+
+
+def _input_hessians(x: torch.Tensor, w_shape: torch.Size, conv: tuple | None) -> list[torch.Tensor]:
+    """``X X^T`` of a layer's input rows, one per conv group (float64): on at most
+    :data:`GPTQ_ROWS` random rows (a linear), or all im2col rows of as many random images (a conv)."""
+    if conv is None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        rows = rows[sample_indices(rows.shape[0], GPTQ_ROWS)]
+        return [(rows.T @ rows).double()]
+    stride, padding, dilation, groups = conv
+    cin = w_shape[1]
+    k = cin * w_shape[2] * w_shape[3]
+    positions = _positions(x, w_shape, conv)
+    images = x[sample_indices(x.shape[0], max(1, GPTQ_ROWS // positions))].float()
+    per_chunk = max(1, (1 << 22) // max(1, k * positions))  # ~16 MB of im2col at a time
+    hs = [torch.zeros(k, k, dtype=torch.float64) for _ in range(groups)]
+    for i in range(0, images.shape[0], per_chunk):
+        chunk = images[i : i + per_chunk]
+        for g in range(groups):
+            cols = F.unfold(chunk[:, g * cin : (g + 1) * cin], tuple(w_shape[2:]), dilation=list(dilation), padding=list(padding), stride=list(stride))
+            rows = cols.transpose(1, 2).reshape(-1, k)
+            hs[g] += (rows.T @ rows).double()
+    return hs
+
+
+def _positions(x: torch.Tensor, w_shape: torch.Size, conv: tuple) -> int:
+    stride, padding, dilation, _ = conv
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (w_shape[2] - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (w_shape[3] - 1) - 1) // stride[1] + 1
+    return h * w
+
+
+def _refine_one(graph: Graph, c: _Call, x_f: torch.Tensor, x_q: torch.Tensor, gptq: bool, bias_correction: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Refine one static op (see :func:`refine_static_layers`); returns its float-run and
+    quantized-run outputs and what was done."""
+    n = c.node
+    conv = tuple(c.scalars[:4]) if c.op is QCONV2D else None
+    in_scale, in_zp, relu = c.scalars[-5], c.scalars[-4], c.scalars[-1]
+    w = c.w_float.float()
+    acc_f = _float_layer(c, x_f, relu=False)
+    w_q, w_scale, bias_q = c.tensors
+    info: dict[str, Any] = {}
+    if gptq:
+        hs = _input_hessians(fake_quant_act(x_q, in_scale, in_zp), w.shape, conv)
+        out_g = w.shape[0] // len(hs)
+        codes = [gptq_per_channel(w[g * out_g : (g + 1) * out_g].reshape(out_g, -1), h, w_scale[g * out_g : (g + 1) * out_g]) for g, h in enumerate(hs)]
+        w_q = torch.cat(codes).reshape(w.shape)
+        graph.set_tensor(n.args[1].target, w_q)
+        c.tensors[0] = w_q
+        info["weight_rounding"] = "gptq"
+    if bias_correction:
+        acc_q = static_accumulator(x_q, w_q, w_scale, bias_q, in_scale, in_zp, conv)
+        shift = _channel_mean(acc_q - acc_f, c)
+        _set_bias(graph, c, _bias_float(c) - shift)
+        info["bias_shift_rms"] = round(float(shift.pow(2).mean().sqrt()), 6)
+    y_q = c(x_q)
+    return (acc_f.relu() if relu else acc_f), y_q, info
+
+
+def _float_layer(c: _Call, x: torch.Tensor, relu: bool | None = None) -> torch.Tensor:
+    """The float layer an op replaced, on ``x`` (with the op's fused relu unless ``relu=False``)."""
+    w, b = c.w_float.float(), c.b_float
+    if c.op is QCONV2D:
+        stride, padding, dilation, groups = c.scalars[:4]
+        y = F.conv2d(x.float(), w, b, list(stride), list(padding), list(dilation), groups)
+    else:
+        y = F.linear(x.float(), w, b)
+    fused = c.op in (QLINEAR, QCONV2D) and bool(c.scalars[-1])
+    return y.relu() if (fused if relu is None else relu) else y
+
+
+def _channel_mean(t: torch.Tensor, c: _Call) -> torch.Tensor:
+    """Mean of ``t`` (an op output) over everything but the channel dim (1 for convs, last for linears)."""
+    channel = 1 if c.op is QCONV2D else t.dim() - 1
+    return t.float().mean([d for d in range(t.dim()) if d != channel])
+
+
+def _bias_float(c: _Call) -> torch.Tensor:
+    """The op's int32 bias in float (zeros when it has none)."""
+    w_scale, bias_q = c.tensors[1], c.tensors[2]
+    if bias_q is None:
+        return torch.zeros(w_scale.shape[0])
+    return bias_q.float() * (torch.tensor(c.scalars[-5], dtype=torch.float32) * w_scale.float())
+
+
+def _set_bias(graph: Graph, c: _Call, bias: torch.Tensor) -> None:
+    """Store ``bias`` as the op's int32 bias (a new constant when it had none)."""
+    n = c.node
+    bias_q = _int32_bias(bias, c.scalars[-5], c.tensors[1])
+    if n.args[3] is None:
+        node = add_constant(graph, f"{n.args[1].target}_bias", bias_q, before=n, parameter=False, module=graph.source_module(n))
+        n.update_arg(3, node)
+    else:
+        graph.set_tensor(n.args[3].target, bias_q)
+    c.tensors[2] = bias_q
 
 
 # ---------------------------------------------------------------------------- rewriting
@@ -449,21 +737,31 @@ def _compared_node(plan: LayerPlan) -> fx.Node:
 
 @dataclass
 class _Call:
-    """A quantized op call with its constant tensors, to evaluate the layer's error."""
+    """A quantized op call with its constant tensors (to evaluate the layer's error), and what
+    refinement needs: the node, the layer's name and its float weight and bias."""
 
     op: Any
     tensors: list[torch.Tensor | None]
     scalars: list[Any]
+    node: fx.Node | None = None
+    layer: str = ""
+    w_float: torch.Tensor | None = None
+    b_float: torch.Tensor | None = None
 
     @property
     def op_name(self) -> str:
         return str(self.op.name()).replace("graphpress::", "")
 
+    @property
+    def refinable(self) -> bool:
+        """A static int8 op (int32 bias, calibrated input grid): what GPTQ and bias correction act on."""
+        return self.op in (QLINEAR, QCONV2D) and self.scalars[-5] > 0
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, *self.tensors, *self.scalars)
 
 
-def _layer_sqnr(layer: QLayer, call: _Call, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+def _layer_sqnr(call: _Call, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
     with torch.no_grad():
         got = [call(x) for x in inputs]
     ref = torch.cat([o.reshape(-1) for o in outputs])
@@ -546,6 +844,8 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
             new = insert_call(graph, QCONV2D, (x, *args_nodes, *conv_scalars), before=node, like=node)
             call = _Call(QCONV2D, [q, scale, b], conv_scalars)
     graph.annotations(new)["quant"] = {"bits": plan.bits, "layer": layer.name}
+    call.node, call.layer, call.w_float = new, layer.name, w.detach()
+    call.b_float = None if bias is None else bias.detach().float().clone()
     inputs = [a for a in node.all_input_nodes]  # before erasing: erase_node clears the args
     old_out = replaced if replaced is not None else node
     if replaced is not None and "val" in replaced.meta:
