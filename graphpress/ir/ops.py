@@ -111,3 +111,5 @@ from graphpress.ir import ops_quant as _ops_quant  # noqa: E402 -- registers gra
 ONNX_TRANSLATIONS.update(_ops_quant.ONNX_TRANSLATIONS)
 from graphpress.ir import ops_load as _ops_load  # noqa: E402 -- registers graphpress::wlinear_load/wembedding_load
 ONNX_TRANSLATIONS.update(_ops_load.ONNX_TRANSLATIONS)
+from graphpress.ir import ops_sparse as _ops_sparse  # noqa: E402 -- registers graphpress::sparse_linear/sparse_linear_pc
+ONNX_TRANSLATIONS.update(_ops_sparse.ONNX_TRANSLATIONS)

@@ -75,6 +75,7 @@ def _load_builtin_passes() -> None:
     import graphpress.passes.fusion  # noqa: F401
     import graphpress.passes.polyact  # noqa: F401
     import graphpress.passes.quant  # noqa: F401
+    import graphpress.passes.sparsity  # noqa: F401
 
 
 def registered() -> dict[str, type]:

@@ -1,9 +1,9 @@
 """Load an artifact folder and run it: ``graphpress.runtime.load(folder)(x) -> [np.ndarray, ...]``.
 
 The backend runner is picked from ``manifest["backend"]`` through a small registry of loader
-functions (:func:`register_loader`): ``"onnxruntime"`` and ``"he"`` (encrypted inference; it
-needs torch and tenseal, imported only for HE artifacts); TVM/torch loaders plug in the same
-way. Loading and running an ONNX artifact needs numpy and onnxruntime only: nothing here
+functions (:func:`register_loader`): ``"onnxruntime"``, ``"torch"`` (a ``torch.export``
+program; needs torch) and ``"he"`` (encrypted inference; it needs torch and tenseal, imported
+only for HE artifacts); a TVM loader plugs in the same way. Loading and running an ONNX artifact needs numpy and onnxruntime only: nothing here
 imports torch (torch tensors are accepted when torch is already imported).
 """
 
@@ -39,6 +39,13 @@ def _load_onnxruntime(artifact: Artifact, *, providers: Sequence[Any] | None = N
     from graphpress.backends.onnxruntime.session import OrtRunner
 
     return OrtRunner(artifact.model_path, providers=providers, threads=threads)
+
+
+@register_loader("torch")
+def _load_torch(artifact: Artifact, *, providers: Sequence[Any] | None = None, threads: int | None = None) -> Any:
+    from graphpress.backends.torch.lower import TorchRunner
+
+    return TorchRunner(artifact.model_path, threads=threads)
 
 
 @register_loader("he")
