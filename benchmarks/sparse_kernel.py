@@ -34,7 +34,7 @@ error < 1e-5; bf16 reported separately).
 The batch crossover (``DENSE_ABOVE_BATCH`` in :mod:`graphpress.ir.sparse_kernel`): at 4096 x 4096
 and sparsity 50% (and 70%), batches 1..64, dense vs the kernel at 2 threads as ``sparse_linear``
 runs it (``batch_mode="auto"``); the crossover is the largest batch up to which the kernel is
-faster at every batch.
+not slower than dense (by more than the 5% run-to-run noise) at any batch.
 
 Usage::
 
@@ -46,8 +46,8 @@ processes used while it ran (``/proc/stat`` busy time minus this process's). Bef
 script waits up to ``--wait`` s for the cores to be quiet, and re-measures a contended row up to
 ``--retries`` times, keeping the least contended run.
 
-Exit status 1 when the target (>= 1.4x vs dense at 4096^2, 50%, batch 1, warm, 2 threads) is
-missed or a numeric check fails.
+Exit status 1 when the target (>= 1.4x vs dense at 4096^2, 50%, batch 1, 2 threads, cold and
+warm) is missed or a numeric check fails.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ SPARSITIES = (0.0, 0.4, 0.5, 0.7, 0.9)
 BATCHES = (4, 16)
 CROSSOVER = {"n": 4096, "sparsities": (0.5, 0.7), "batches": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)}
 COLD_BYTES = 768 << 20
-TARGET = {"n": 4096, "sparsity": 0.5, "batch": 1, "mode": "warm", "variant": "kernel 2T", "min_speedup": 1.4}
+TARGET = {"n": 4096, "sparsity": 0.5, "batch": 1, "modes": ("cold", "warm"), "variant": "kernel 2T", "min_speedup": 1.4}
 THREADS = 2
 
 
@@ -195,13 +195,13 @@ class Quiet:
             time.sleep(4.0)
         self.waited_s += time.perf_counter() - t0
 
-    def measure(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def measure(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         best = None
         for attempt in range(self.retries + 1):
             if self.wait_s > 0:
                 self._wait()
             meter = CpuMeter()
-            row = fn()
+            row = fn(*args)
             row["other_cpus"] = round(meter.others(), 2)
             row["attempts"] = attempt + 1
             if best is None or row["other_cpus"] < best["other_cpus"]:
@@ -253,11 +253,17 @@ def crossover_case(ws: Weights, x: torch.Tensor, rounds: int, min_time_s: float)
             "speedup": {k: med["dense"] / m for k, m in med.items()}}
 
 
+#: Speedups within this of 1 count as a tie: interleaved medians of the same case move by about
+#: 5% between runs on this machine.
+TIE = 0.05
+
+
 def crossover_of(rows: list[dict[str, Any]]) -> int:
-    """Largest batch up to which the kernel (2T, batch_mode auto) beats dense at every batch (0: never)."""
+    """Largest batch up to which the kernel (2T, batch_mode auto) is not slower than dense (beyond
+    :data:`TIE`) at any batch (0: slower already at batch 1)."""
     best = 0
     for r in sorted(rows, key=lambda r: r["batch"]):
-        if r["speedup"]["kernel 2T"] <= 1.0:
+        if r["speedup"]["kernel 2T"] < 1.0 - TIE:
             break
         best = r["batch"]
     return best
@@ -296,7 +302,7 @@ def print_tables(rows: list[dict[str, Any]], crossover: dict[str, Any], console:
                       f"{r['gb_per_s']['dense']:.1f}", f"{r['rel_err']['kernel bf16 2T']:.1e}", f"{r['other_cpus']:.2f}")
         console.print(t)
     t = Table(title=f"batch crossover at {CROSSOVER['n']}^2: kernel 2T (batch_mode auto) speedup vs dense",
-              caption="crossover = largest batch up to which the kernel is faster at every batch")
+              caption=f"crossover = largest batch up to which the kernel is nowhere slower than dense by more than {TIE:.0%}")
     t.add_column("case")
     for b in CROSSOVER["batches"]:
         t.add_column(f"B={b}", justify="right")
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in (1, *BATCHES):
                 for s in SPARSITIES:
                     x = sparse_input(batch, n, s)
-                    r = quiet.measure(lambda: run_case(ws, x, rounds, min_time_s))
+                    r = quiet.measure(run_case, ws, x, rounds, min_time_s)
                     r["mode"] = mode
                     rows.append(r)
                     console.log(f"{mode} n={n} batch={batch} s={s} (others {r['other_cpus']:.2f}): dense "
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             crows = []
             for batch in CROSSOVER["batches"]:
                 x = sparse_input(batch, n, s)
-                crows.append(quiet.measure(lambda: crossover_case(ws, x, rounds, min_time_s)))
+                crows.append(quiet.measure(crossover_case, ws, x, rounds, min_time_s))
                 console.log(f"crossover {mode} s={s} batch={batch} (others {crows[-1]['other_cpus']:.2f}): "
                             f"kernel 2T {crows[-1]['speedup']['kernel 2T']:.2f}x")
             crossover[f"{mode} s={s}"] = {"rows": crows, "crossover_batch": crossover_of(crows)}
@@ -369,16 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - started
     print_tables(rows, crossover, console)
 
-    tgt = next(r for r in rows if r["n"] == TARGET["n"] and r["batch"] == TARGET["batch"] and r["mode"] == TARGET["mode"]
-               and abs(r["sparsity"] - TARGET["sparsity"]) < 1e-3)
-    speedup = tgt["speedup"][TARGET["variant"]]
-    met = speedup >= TARGET["min_speedup"]
+    tgt = {r["mode"]: r for r in rows if r["n"] == TARGET["n"] and r["batch"] == TARGET["batch"]
+           and r["mode"] in TARGET["modes"] and abs(r["sparsity"] - TARGET["sparsity"]) < 1e-3}
+    speedups = {mode: r["speedup"][TARGET["variant"]] for mode, r in tgt.items()}
+    met = all(v >= TARGET["min_speedup"] for v in speedups.values())
     checks_ok = all(err < 1e-5 for r in rows for k, err in r["rel_err"].items() if "bf16" not in k) and all(
         r["rel_err"]["kernel bf16 2T"] < 1e-2 for r in rows)
     contended = sum(r["other_cpus"] >= args.quiet_cpus for r in rows)
-    console.print(f"target: {TARGET['variant']} at {TARGET['n']}^2, sparsity {TARGET['sparsity']:.0%}, batch 1, {TARGET['mode']}: "
-                  f"{speedup:.2f}x vs dense (need >= {TARGET['min_speedup']}x; others {tgt['other_cpus']:.2f} CPUs) -> "
-                  f"{'MET' if met else 'MISSED'}; crossover batches {({k: c['crossover_batch'] for k, c in crossover.items()})} "
+    console.print(f"target: {TARGET['variant']} at {TARGET['n']}^2, sparsity {TARGET['sparsity']:.0%}, batch 1: "
+                  + ", ".join(f"{m} {v:.2f}x (others {tgt[m]['other_cpus']:.2f} CPUs)" for m, v in speedups.items())
+                  + f" vs dense (need >= {TARGET['min_speedup']}x) -> {'MET' if met else 'MISSED'}; "
+                  f"crossover batches {({k: c['crossover_batch'] for k, c in crossover.items()})} "
                   f"(module DENSE_ABOVE_BATCH = {sk.DENSE_ABOVE_BATCH}); numeric checks {'ok' if checks_ok else 'FAILED'}; "
                   f"{contended}/{len(rows)} rows contended; total {total_s:.0f} s (waited {quiet.waited_s:.0f} s)")
     payload = {
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "quiet": {"wait_s": quiet.wait_s, "below_cpus": quiet.below, "retries": quiet.retries},
         },
         "machine": info,
-        "target": {**TARGET, "speedup": speedup, "met": met, "other_cpus": tgt["other_cpus"]},
+        "target": {**TARGET, "speedup": speedups, "met": met, "other_cpus": {m: r["other_cpus"] for m, r in tgt.items()}},
         "rows": rows,
         "crossover": crossover,
         "checks_ok": checks_ok,

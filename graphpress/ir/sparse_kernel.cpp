@@ -55,6 +55,7 @@ constexpr int64_t kTileFloats = 16384;       // B * tile columns of y per thread
 constexpr int64_t kMaxTileCols = 4096;
 constexpr int64_t kMinTileCols = 256;
 constexpr int64_t kMinColsPerThread = 256;   // below this a thread's slice is not worth a fork
+
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
   const uint32_t u = uint32_t(v) << 16;  // bfloat16 is the high half of a float32

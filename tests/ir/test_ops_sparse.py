@@ -201,7 +201,7 @@ class SparseMLP(torch.nn.Module):
 
     def __init__(self, bf16: bool = False):
         super().__init__()
-        w1, wt1, b1 = _layer(37, 53)
+        _, wt1, b1 = _layer(37, 53)
         w2, wt2, _ = _layer(53, 29)
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.register_buffer("wt1", wt1.to(dtype))
