@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from quant_stories import metrics, twin_classes  # the same KL / top-1 / twin-merged metrics
 
 import graphpress.passes.sparsity  # noqa: F401 -- registers sparsify-activations
 from graphpress.ir.graph import Graph
@@ -57,13 +57,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _metrics(ref: torch.Tensor, out: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
-    lp, lq = F.log_softmax(ref.double(), -1), F.log_softmax(out.double(), -1)
-    a, b = ref.argmax(-1), out.argmax(-1)
-    return {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()), "top1": float((a == b).double().mean()),
-            "top1_twins_merged": float((classes[a] == classes[b]).double().mean())}
-
-
 # ---------------------------------------------------------------------------- part A
 def stories(n_eval: int, allocations: tuple[str, ...], log) -> dict[str, Any]:
     from graphpress.zoo import load_llama2c, sample
@@ -73,8 +66,7 @@ def stories(n_eval: int, allocations: tuple[str, ...], log) -> dict[str, Any]:
     calib, evals = seqs[:N_CALIB], seqs[N_CALIB:]
     g = Graph.capture(model, (calib[:2],), name="stories260k")
     g.calibration = [(calib,)]
-    w = model.output.weight.detach().float()
-    classes = (torch.cdist(w, w) < 1e-2).float().argmax(1)
+    classes = twin_classes(model)
     with torch.inference_mode():
         ref = model(evals).float()
     rows = []
@@ -90,7 +82,7 @@ def stories(n_eval: int, allocations: tuple[str, ...], log) -> dict[str, Any]:
                 layers = res.stats["layers"]
                 weights = {k: v["weights"] for k, v in layers.items()}
                 held_weighted = sum(held[k] * weights[k] for k in layers) / max(sum(weights.values()), 1)
-                row = {"allocation": allocation, "target": target, "method": method, "config": cfg, **_metrics(ref, out, classes),
+                row = {"allocation": allocation, "target": target, "method": method, "config": cfg, **metrics(ref, out, classes),
                        "calibration_sparsity": res.stats["achieved_sparsity"], "held_out_sparsity": held_weighted,
                        "activated_parameter_fraction": res.stats["activated_parameter_fraction"], "layers": len(layers),
                        "per_layer": {k: {"target": v["target"], "calibration": v["calibration_sparsity"], "held_out": held[k], "role": v["role"]}
