@@ -40,6 +40,16 @@ def is_op(node: Any, *packets: Any) -> bool:
     return node.target in packets or packet(node) in packets
 
 
+def pair(v: Any, default: int) -> list[int]:
+    """A conv's int-or-sequence argument (stride, padding, dilation) as two ints; None -> default."""
+    if v is None:
+        return [default, default]
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(x) for x in v]
+    return v * 2 if len(v) == 1 else v
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Argument ``index`` (positional) or ``name`` (keyword) of ``node``, else ``default``."""
     if index < len(node.args):
@@ -276,6 +286,7 @@ def erase_dead(graph: Graph, nodes: Iterable[fx.Node]) -> int:
 
 
 __all__ = [
+    "pair",
     "Skips",
     "packet",
     "is_op",

@@ -15,18 +15,9 @@ from torch import fx
 
 from graphpress.ir.circulant import can_use
 from graphpress.ir.graph import Graph
+from graphpress.ir.rewrite import pair  # noqa: F401 -- re-exported: circulant modules import it from here
 
 aten = torch.ops.aten
-
-
-def pair(v, default: int) -> list[int]:
-    """A conv's int-or-sequence argument (stride, padding, dilation) as two ints; None -> default."""
-    if v is None:
-        return [default, default]
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(x) for x in v]
-    return v * 2 if len(v) == 1 else v
 
 
 @dataclass

@@ -100,6 +100,7 @@ from graphpress.ir.rewrite import (
     erase_dead,
     insert_call,
     is_op,
+    pair,
 )
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.ilp import allocate
@@ -770,19 +771,10 @@ def _layer_sqnr(call: _Call, inputs: list[torch.Tensor], outputs: list[torch.Ten
     return round(value, 3) if math.isfinite(value) else (1e9 if value > 0 else -1e9)
 
 
-def _pair(v: Any, default: int) -> list[int]:
-    if v is None:
-        return [default, default]
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(x) for x in v]
-    return v * 2 if len(v) == 1 else v
-
-
 def _conv_args(layer: QLayer) -> tuple[list[int], list[int], list[int]]:
     node = layer.node
-    stride = _pair(arg(node, 3, "stride", [1, 1]), 1)
-    dilation = _pair(arg(node, 5, "dilation", [1, 1]), 1)
+    stride = pair(arg(node, 3, "stride", [1, 1]), 1)
+    dilation = pair(arg(node, 5, "dilation", [1, 1]), 1)
     padding = arg(node, 4, "padding", [0, 0])
     if isinstance(padding, str):
         if padding == "valid":
@@ -792,7 +784,7 @@ def _conv_args(layer: QLayer) -> tuple[list[int], list[int], list[int]]:
             if any(t % 2 for t in totals):
                 raise PassError(f"pass '{NAME}': layer '{layer.name}': padding='same' is asymmetric for this kernel; cannot lower to QLinearConv")
             padding = [t // 2 for t in totals]
-    return stride, _pair(padding, 0), dilation
+    return stride, pair(padding, 0), dilation
 
 
 def _int32_bias(bias: torch.Tensor, in_scale: float, w_scale: torch.Tensor) -> torch.Tensor:
