@@ -71,8 +71,10 @@ MLP_VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 RESNET_VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
-    "int8 static (QLinearConv + QGemm)": {"bits": [8], "target_bits": 8, "activations": "int8"},
-    "int8 static, percentile 99.99": {"bits": [8], "target_bits": 8, "activations": "int8", "act_calibration": "percentile"},
+    "int8 static (QLinearConv + QLinearAdd)": {"bits": [8], "target_bits": 8, "activations": "int8"},
+    "int8 static, MSE ranges": {"bits": [8], "target_bits": 8, "activations": "int8", "act_calibration": "mse"},
+    "int8 static, MSE ranges, float stem": {"bits": [8], "target_bits": 8, "activations": "int8", "act_calibration": "mse", "skip": ["conv1"]},
+    "int8 static, float shortcuts (no QLinearAdd)": {"bits": [8], "target_bits": 8, "activations": "int8", "shortcuts": "float"},
 }
 RESNET_CALIB, RESNET_EVAL = 512, 2048
 DIGITS_VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -108,7 +110,7 @@ def _optimized_ops(path: Path) -> dict[str, int]:
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     counts = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     out.unlink(missing_ok=True)
-    keep = ("QGemm", "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "ConvInteger",
+    keep = ("QGemm", "QLinearConv", "QLinearAdd", "Add", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "ConvInteger",
             "MatMulInteger", "Gemm", "FusedGemm", "MatMul", "Conv", "FusedConv", "QuantizeLinear", "DequantizeLinear")
     return {k: counts[k] for k in keep if counts.get(k)}
 

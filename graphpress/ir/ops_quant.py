@@ -36,6 +36,13 @@ Ops
     blocks). ``act_bits=8``: the activations are quantized symmetrically to int8 per
     ``(row, group)`` first, which is exactly what ``accuracy_level=4`` (int8 compute) does.
     ONNX: ``com.microsoft.MatMulNBits`` with the bias as its last input.
+``graphpress::quantize_act(Tensor x, float scale, int zero_point) -> Tensor``
+    A standalone static uint8 fake-quantization ``DQ(Q(x))`` of an activation. Passes insert it
+    where one value feeds both a quantized layer and a float op (a residual shortcut), so that
+    both read the *same* quantized value: ONNX Runtime then fuses the sum into ``QLinearAdd``
+    and the relu before it into the next ``QuantizeLinear``. A quantized op reading its output on
+    the same grid requantizes it exactly (``Q(DQ(q)) = q``). ONNX: ``QuantizeLinear ->
+    DequantizeLinear``.
 
 The eager implementations cache the dequantized float weight per weight tensor (keyed on the
 tensor's identity and version, like :mod:`graphpress.ir.ops_circulant`). All ops have
@@ -262,17 +269,34 @@ def _wlinear_nbits_fake(x, packed, scales, zeros, bias, in_features, bits, group
 
 
 # ---------------------------------------------------------------------------- helpers for backends
-QUANT_OPS = ("qlinear", "qconv2d", "wlinear_nbits")
+
+# ---------------------------------------------------------------------------- quantize_act
+@torch.library.custom_op("graphpress::quantize_act", mutates_args=(), schema="(Tensor x, float scale, int zero_point) -> Tensor")
+def quantize_act(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Static uint8 fake-quantization of an activation (see module docstring)."""
+    _check_static("quantize_act", scale, zero_point, 0.0, 0)
+    if scale <= 0:
+        raise RuntimeError(f"graphpress::quantize_act: scale must be > 0, got {scale}")
+    return fake_quant_act(x, scale, zero_point)
+
+
+@quantize_act.register_fake
+def _quantize_act_fake(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+QUANT_OPS = ("qlinear", "qconv2d", "wlinear_nbits", "quantize_act")
 
 
 def quantizes_activations(gm: torch.fx.GraphModule) -> bool:
     """Whether ``gm`` calls an op that rounds its *activations* (``qlinear``, ``qconv2d``,
-    ``wlinear_nbits`` with ``act_bits > 0``): a discontinuous function of its input, on which
+    ``quantize_act``, ``wlinear_nbits`` with ``act_bits > 0``): a discontinuous function of its input, on which
     ONNX Runtime and the eager simulation can part by whole grid steps (see module docstring)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in (torch.ops.graphpress.qlinear.default, torch.ops.graphpress.qconv2d.default):
+        if node.target in (torch.ops.graphpress.qlinear.default, torch.ops.graphpress.qconv2d.default,
+                           torch.ops.graphpress.quantize_act.default):
             return True
         if node.target is torch.ops.graphpress.wlinear_nbits.default:
             act_bits = node.args[8] if len(node.args) > 8 else node.kwargs.get("act_bits", 0)
@@ -408,6 +432,11 @@ def _onnx_qconv2d(x, w_q, w_scale, bias, stride, padding, dilation, groups: int,
     return _qdq(y, out_scale, out_zero_point)
 
 
+def _onnx_quantize_act(x, scale: float, zero_point: int):
+    """onnxscript (trace mode) translation of ``graphpress::quantize_act``: ``Q -> DQ``."""
+    return _qdq(x, scale, zero_point)
+
+
 def _onnx_wlinear_nbits(x, packed, scales, zeros, bias, in_features: int, bits: int, group_size: int, act_bits: int):
     """onnxscript (trace mode) translation of ``graphpress::wlinear_nbits``: ``com.microsoft.MatMulNBits``."""
     out_f, _nb, _bytes = _static_dims(packed, "graphpress::wlinear_nbits")
@@ -420,6 +449,7 @@ ONNX_TRANSLATIONS: dict[Callable, Callable] = {
     torch.ops.graphpress.qlinear.default: _onnx_qlinear,
     torch.ops.graphpress.qconv2d.default: _onnx_qconv2d,
     torch.ops.graphpress.wlinear_nbits.default: _onnx_wlinear_nbits,
+    torch.ops.graphpress.quantize_act.default: _onnx_quantize_act,
 }
 
 __all__ = [
@@ -429,6 +459,7 @@ __all__ = [
     "clear_cache",
     "qconv2d",
     "qlinear",
+    "quantize_act",
     "quantizes_activations",
     "static_accumulator",
     "wlinear_nbits",

@@ -241,3 +241,14 @@ def test_check_catches_a_broken_lowering(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(BackendError, match="differs from torch"):
         check_onnx(graph, path)
+
+
+def test_quantize_act_is_the_activation_grid_and_rejects_bad_grids():
+    x = torch.randn(4, 7) * 3
+    y = OPS.quantize_act(x, 0.05, 128)
+    assert torch.equal(y, Q.fake_quant_act(x, 0.05, 128))
+    assert torch.equal(OPS.quantize_act(y, 0.05, 128), y)  # requantizing on the same grid is exact
+    with pytest.raises(RuntimeError, match="in_zero_point must be a uint8 value"):
+        OPS.quantize_act(x, 0.05, 300)
+    with pytest.raises(RuntimeError, match="scale must be > 0"):
+        OPS.quantize_act(x, 0.0, 0)

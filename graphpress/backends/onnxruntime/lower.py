@@ -40,6 +40,7 @@ import torch
 
 import graphpress
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.onnxruntime.qdq_cleanup import clean_qdq
 from graphpress.backends.onnxruntime.session import CPU, OrtRunner
 from graphpress.errors import BackendError
 from graphpress.ir.compare import compare_outputs
@@ -259,6 +260,7 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
             )
             if program is not None:
                 _optimize_keeping_packed_weights(program.model)
+                info["qdq_cleanup"] = clean_qdq(program.model)
     except Exception as err:  # noqa: BLE001
         raise BackendError(f"onnxruntime: ONNX export of {graph.name!r} failed: {_error_line(err)}") from err
     info["onnx_export_s"] = round(time.perf_counter() - t0, 3)

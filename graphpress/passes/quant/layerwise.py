@@ -106,6 +106,7 @@ from graphpress.passes.base import PassResult, register
 from graphpress.passes.ilp import allocate
 from graphpress.passes.quant import importance as imp
 from graphpress.passes.quant.layers import QLayer, find_layers, record
+from graphpress.passes.quant.shortcuts import QUANTIZE_ACT, quantize_shortcuts
 
 aten = torch.ops.aten
 QLINEAR = torch.ops.graphpress.qlinear.default
@@ -162,6 +163,10 @@ class QuantizeLayerwiseConfig:
     bias_correction : bool
         Static layers, in graph order on the calibration set: subtract from each layer's bias the
         mean per-channel error of its output (quantized network vs float network).
+    shortcuts : "quantized" or "float"
+        A residual shortcut that reads the input of a static layer reads it on that layer's grid
+        (:mod:`graphpress.passes.quant.shortcuts`; ONNX Runtime then fuses the sums into
+        ``QLinearAdd``), or keeps reading the float value.
     layer_bits : dict of str to int
         Fixed bit-width per layer name (not allocated).
     skip : tuple of str
@@ -188,6 +193,7 @@ class QuantizeLayerwiseConfig:
     percentile: float = 99.99
     weight_rounding: Literal["nearest", "gptq"] = "gptq"
     bias_correction: bool = True
+    shortcuts: Literal["quantized", "float"] = "quantized"
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     zd_cut: float = imp.DEFAULT_ZD_CUT
@@ -206,7 +212,7 @@ class QuantizeLayerwiseConfig:
             raise _err("size_budget", f"must be bytes >= 0, got {self.size_budget!r}")
         checks = (("allocation", ("order", "ilp")), ("order", ("importance", "random", "reverse")), ("importance", imp.METHODS),
                   ("activations", ("none", "int8-block", "int8", "int8-dynamic")), ("act_calibration", ("minmax", "percentile", "mse")),
-                  ("weight_rounding", ("nearest", "gptq")))
+                  ("weight_rounding", ("nearest", "gptq")), ("shortcuts", ("quantized", "float")))
         for option, allowed in checks:
             value = getattr(self, option)
             if value not in allowed:
@@ -227,7 +233,7 @@ class QuantizeLayerwiseConfig:
     def __hash__(self) -> int:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
-                     self.weight_rounding, self.bias_correction, tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut,
+                     self.weight_rounding, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut,
                      self.seed, self.min_sqnr_db, self.max_kl))
 
     @property
@@ -476,6 +482,12 @@ class QuantizeLayerwise:
                 if len(graph.tensor_users(layer.weight_target)) > 0:
                     entry["note"] = "float weight kept: other ops read it too"
             out[layer.name] = entry
+        if cfg.shortcuts == "quantized" and any(c.refinable for c in calls.values()):
+            for shared in quantize_shortcuts(graph):
+                for layer in shared["layers"]:
+                    name = next((k for k, c in calls.items() if c.node.name == layer), None)
+                    if name is not None:
+                        out[name]["shortcut_quantized"] = shared["sums"]
         refine = [c for c in calls.values() if c.refinable]
         if refine and (cfg.weight_rounding == "gptq" or cfg.bias_correction):
             done = refine_static_layers(graph, list(calls.values()), cfg.weight_rounding == "gptq", cfg.bias_correction)
@@ -581,6 +593,8 @@ def refine_static_layers(graph: Graph, calls: list[_Call], gptq: bool, bias_corr
                 break
         elif n in by_node:
             env_f[n], env_q[n] = _float_layer(by_node[n], env_f[n.args[0]]), by_node[n](env_q[n.args[0]])
+        elif n.op == "call_function" and n.target is QUANTIZE_ACT:  # the float run does not round
+            env_f[n], env_q[n] = env_f[n.args[0]], _run_node(gm, n, env_q)
         else:
             same = all(env_f[a] is env_q[a] for a in n.all_input_nodes)
             if not same and _mutates(n):  # an in-place op must not run twice on a tensor the two runs share
