@@ -125,7 +125,7 @@ def prepare(n_eval: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- part A
 def study(data: dict[str, Any], log) -> list[dict[str, Any]]:
-    from graphpress.passes.quant.layers import find_layers
+    from graphpress.passes.layers import find_layers
 
     rows = []
     g, ev = data["graph"], data["evals"]
@@ -182,7 +182,7 @@ def layer_scores(graph: Graph) -> dict[str, dict[str, float]]:
     """Importance per layer by the three methods ``quantize-layerwise`` uses (higher = keep bits)."""
     from graphpress.ir.quant import fake_quant_groupwise
     from graphpress.passes.quant import importance as imp
-    from graphpress.passes.quant.layers import find_layers
+    from graphpress.passes.layers import find_layers
 
     layers = find_layers(graph)[0]
     lim, _ = imp.lim_scores(graph, layers)

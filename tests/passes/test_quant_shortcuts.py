@@ -15,7 +15,7 @@ import graphpress.passes.quant  # noqa: F401 -- registers the passes
 from graphpress.ir.compare import sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import make_pass
-from graphpress.passes.quant.layers import record
+from graphpress.passes.layers import record
 
 OPS = torch.ops.graphpress
 INT8 = {"bits": [8], "target_bits": 8, "activations": "int8"}

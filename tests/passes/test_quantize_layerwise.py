@@ -19,7 +19,7 @@ from graphpress.ir.quant import symmetric_per_channel
 from graphpress.passes import Pipeline
 from graphpress.passes.base import make_pass
 from graphpress.passes.quant import importance as imp
-from graphpress.passes.quant.layers import find_layers
+from graphpress.passes.layers import find_layers
 from graphpress.passes.quant.layerwise import QuantizeLayerwiseConfig, stored_bytes
 
 aten = torch.ops.aten
@@ -364,7 +364,7 @@ def test_mse_ranges_measure_a_residual_output_after_the_sum(res_graph):
     assert lo_mm < lo_mse < 0 < hi_mse <= hi_mm + 1e-6  # the negative side, mostly zeroed by the relu, is clipped
     # measured where it matters: relu(conv + residual) on the calibration set
     from graphpress.ir.quant import act_quant_mse
-    from graphpress.passes.quant.layers import record
+    from graphpress.passes.layers import record
 
     conv = list(res_graph.call_nodes(aten.conv2d))[1]
     add = next(iter(conv.users))

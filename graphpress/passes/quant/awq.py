@@ -60,7 +60,7 @@ from graphpress.ir.graph import Graph, op_name
 from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, fake_quant_act_dynamic, fake_quant_groupwise, fake_quant_per_channel
 from graphpress.ir.rewrite import Skips, arg, is_op
 from graphpress.passes.base import PassResult, register
-from graphpress.passes.quant.layers import QLayer, find_layers, record, rows
+from graphpress.passes.layers import QLayer, find_layers, record, rows
 
 aten = torch.ops.aten
 NAME = "awq-scale"

@@ -43,7 +43,7 @@ from graphpress.errors import PassError
 from graphpress.ir.compare import kl_divergence
 from graphpress.ir.graph import Graph
 from graphpress.passes.fisher import fisher_diagonal
-from graphpress.passes.quant.layers import QLayer, record
+from graphpress.passes.layers import QLayer, record
 
 METHODS = ("lim", "zd", "fisher", "measured")
 DEFAULT_ZD_CUT = 3.0

@@ -1,6 +1,6 @@
 """Layer-wise mixed-precision quantization: important layers keep more bits, to a fractional average bit-width.
 
-For the eligible layers (:func:`graphpress.passes.quant.layers.find_layers`) each gets one
+For the eligible layers (:func:`graphpress.passes.layers.find_layers`) each gets one
 bit-width from ``bits`` (e.g. ``(8, 4)``; ``32`` keeps a layer in float) so that the weighted
 average ``sum_l b_l n_l / sum_l n_l`` (``n_l`` = the layer's weights) is at most
 ``target_bits``, or the stored bytes (codes + scales + zero points) at most ``size_budget``.
@@ -105,7 +105,7 @@ from graphpress.ir.rewrite import (
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.ilp import allocate
 from graphpress.passes.quant import importance as imp
-from graphpress.passes.quant.layers import QLayer, find_layers, record
+from graphpress.passes.layers import QLayer, find_layers, record
 from graphpress.passes.quant.shortcuts import QUANTIZE_ACT, quantize_shortcuts
 
 aten = torch.ops.aten

@@ -49,7 +49,7 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, register
-from graphpress.passes.quant.layers import QLayer, find_layers, record, rows
+from graphpress.passes.layers import QLayer, find_layers, record, rows
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
 

@@ -1,4 +1,7 @@
-"""Which layers of a graph can be quantized, and what they see on calibration data.
+"""Which linear / conv layers of a graph a weight pass can rewrite, and what they see on calibration data.
+
+Shared by ``quantize-layerwise``, ``awq-scale``, ``sparsify-activations`` and ``prune``
+(``block-circulant`` has its own scanner: it refuses grouped convs and needs output positions).
 
 Eligible: ``aten.linear`` with a constant 2-D float weight, and ``aten.conv2d`` with a constant
 4-D float weight (any ``groups``). A layer is named by its source module path (``fc1``,
