@@ -113,3 +113,5 @@ from graphpress.ir import ops_load as _ops_load  # noqa: E402 -- registers graph
 ONNX_TRANSLATIONS.update(_ops_load.ONNX_TRANSLATIONS)
 from graphpress.ir import ops_sparse as _ops_sparse  # noqa: E402 -- registers graphpress::sparse_linear/sparse_linear_pc
 ONNX_TRANSLATIONS.update(_ops_sparse.ONNX_TRANSLATIONS)
+from graphpress.ir import ops_sparse_store as _ops_sparse_store  # noqa: E402 -- registers graphpress::sparse_unpack
+ONNX_TRANSLATIONS.update(_ops_sparse_store.ONNX_TRANSLATIONS)

@@ -74,6 +74,7 @@ def _load_builtin_passes() -> None:
     import graphpress.passes.cleanup  # noqa: F401
     import graphpress.passes.fusion  # noqa: F401
     import graphpress.passes.polyact  # noqa: F401
+    import graphpress.passes.prune  # noqa: F401
     import graphpress.passes.quant  # noqa: F401
     import graphpress.passes.sparsity  # noqa: F401
 
