@@ -196,3 +196,22 @@ def test_half_precision_weights_keep_their_dtype(assert_same_function):
     assert len(values) == 2 and all(v.dtype == torch.bfloat16 for v in values)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(r.graph.gm(x), graph.gm(x), rtol=0, atol=0)
+
+
+def test_offline_ort_optimization_keeps_the_packed_weights(tmp_path):
+    from graphpress.backends.onnxruntime.lower import check_onnx, lower_to_onnx
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)).eval()
+    with torch.no_grad():
+        for layer in (m[0], m[2]):
+            layer.weight.mul_((torch.rand_like(layer.weight) > 0.5).float())
+    g = make_pass("store-sparse", {})(Graph.capture(m, (torch.randn(2, 256),)))
+    sizes = {}
+    for opt in (False, True):
+        folder = tmp_path / str(opt)
+        lower_to_onnx(g.graph, folder, optimize=opt)
+        sizes[opt] = (folder / "model.onnx").stat().st_size
+        assert check_onnx(g.graph, folder / "model.onnx")["passed"]
+    dense = 2 * 256 * 256 * 4
+    assert sizes[False] < 0.6 * dense and sizes[True] < 0.6 * dense
