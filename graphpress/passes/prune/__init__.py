@@ -3,3 +3,5 @@
 (compressed storage of the zeros)."""
 
 from graphpress.passes.prune import store  # noqa: F401 -- registers store-sparse
+from graphpress.passes.prune import weights  # noqa: F401 -- registers prune-weights
+from graphpress.passes.prune import structured  # noqa: F401 -- registers prune-channels

@@ -1,0 +1,371 @@
+"""Unstructured and N:M weight pruning of linear and conv layers, calibrated on the layer inputs.
+
+For each eligible layer (:func:`graphpress.passes.layers.find_layers`) with weight ``W`` (``out x
+in``; a conv's flattened to ``out x (in/groups * kh * kw)``, one matrix per group) and calibration
+inputs ``X`` (rows of the linear's input, im2col rows of the conv's), the pass zeroes a fraction
+``s_l`` of the weights, chosen by a solver of :mod:`graphpress.passes.prune.solvers` to keep the
+layer output close on calibration data. All share the objective
+
+    E(W_hat) = tr((W - W_hat) H (W - W_hat)^T),   H = X^T X,
+
+the squared error of the layer's output summed over calibration rows:
+
+* ``magnitude``: keep the largest ``|W_ij|`` per row (no data);
+* ``wanda``: keep the largest ``|W_ij| * ||X_j||`` per row (``E``'s diagonal term);
+* ``sparsegpt``: OBS mask selection and updates of the kept weights, column block by block;
+* ``icbs``: block coordinate descent on ``E`` from a Wanda (or SparseGPT) mask; never worse than
+  its start.
+
+Patterns: ``unstructured`` (``s_l`` per row) or ``N:M`` (every ``m`` consecutive inputs of a row
+keep ``n``: ONNX Runtime and CPUs have no N:M kernel, so it is a storage format here; on GPUs
+with sparse tensor cores it is also a speed format).
+
+``sequential`` (default): layers are pruned in graph order and each layer's ``H`` is measured on
+the inputs of the *already pruned* graph, so later layers compensate for earlier ones (SparseGPT's
+procedure). Layers reading one value (query/key/value) share one measurement.
+
+Per-layer sparsity: ``uniform`` (every layer ``sparsity``), ``global`` (magnitude only: one
+threshold on ``|W|`` over all layers, so layers with small weights lose more), or
+``sensitivity``: the shared ILP allocator (:func:`graphpress.passes.ilp.allocate`) picks ``s_l``
+from ``sparsity + {-0.2, -0.1, 0, 0.1, 0.2}`` minimising the summed relative error
+``E_l(s_l) / tr(W H W^T)`` (Wanda's, measured on the float graph) under the total budget of kept
+weights ``sum n_l (1 - s_l) <= (1 - sparsity) sum n_l``.
+
+Weights read by another op too (a classifier tied to an embedding) are left dense with the
+reason; so are grouped convs for the data-aware methods when a group has fewer than ``m`` inputs.
+
+Exactness: lossy (``exact = False``); the pipeline checks ``min_sqnr_db`` / ``max_kl`` when set.
+Zeros alone make a model neither smaller nor faster: ``store-sparse`` stores the weights
+compressed, and speed needs structured pruning (``prune-channels``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from graphpress.errors import PassError
+from graphpress.ir.graph import Graph
+from graphpress.ir.rewrite import arg, pair
+from graphpress.passes.base import PassResult, register
+from graphpress.passes.ilp import allocate
+from graphpress.passes.layers import QLayer, find_layers, record
+from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
+
+NAME = "prune-weights"
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+SENSITIVITY_STEPS = (-0.2, -0.1, 0.0, 0.1, 0.2)
+#: What the report says about speed: the zeros are not a speed format on the CPU backends.
+SPEED_NOTE = ("no speed-up expected on ONNX Runtime / torch CPU: they have no kernel for unstructured or N:M sparse weights "
+              "(store-sparse makes the file smaller; prune-channels makes the model faster)")
+#: im2col rows kept per calibration batch for a conv's H (enough for a well-conditioned H, and
+#: bounded memory on large feature maps).
+MAX_ROWS_PER_BATCH = 1 << 15
+
+
+def _err(option: str, msg: str) -> PassError:
+    return PassError(f"pass '{NAME}': option '{option}': {msg}")
+
+
+@dataclass(frozen=True)
+class PruneWeightsConfig:
+    """Options of ``prune-weights`` (see ``docs/passes/prune-weights.md``).
+
+    Attributes
+    ----------
+    sparsity : float
+        Fraction of each layer's weights set to zero (``uniform``) or of all eligible weights
+        (``global``, ``sensitivity``); ``N:M`` patterns fix it at ``1 - n/m``.
+    pattern : str
+        ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``).
+    method : "magnitude", "wanda", "sparsegpt" or "icbs"
+    allocation : "uniform", "global" or "sensitivity"
+    sequential : bool
+        Measure each layer's inputs on the graph pruned so far (else all on the float graph).
+    damp : float
+        SparseGPT / iCBS damping, relative to the mean of ``diag(H)``.
+    block_size : int
+        SparseGPT column block.
+    icbs_start : "wanda" or "sparsegpt"
+        Mask iCBS starts from.
+    icbs_rounds : int
+        iCBS sweeps over the blocks.
+    layer_sparsity : dict of str to float
+        Fixed sparsity per layer name (not allocated).
+    skip : tuple of str
+        Layers left dense.
+    min_sqnr_db, max_kl : float, optional
+        Budget the pipeline checks against the previous graph.
+    """
+
+    version: int = 1
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    method: Literal["magnitude", "wanda", "sparsegpt", "icbs"] = "wanda"
+    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
+    sequential: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    icbs_start: Literal["wanda", "sparsegpt"] = "wanda"
+    icbs_rounds: int = 3
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    min_sqnr_db: float | None = None
+    max_kl: float | None = None
+
+    def __post_init__(self) -> None:
+        for option, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("icbs_start", ("wanda", "sparsegpt"))):
+            value = getattr(self, option)
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise _err(option, f"{value!r} is not one of {', '.join(allowed)}{hint}")
+        try:
+            pattern = Pattern.parse(self.pattern)
+        except ValueError as e:
+            raise _err("pattern", str(e)) from None
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise _err("sparsity", f"must be in [0, 1), got {self.sparsity!r}")
+        if pattern.kind == "nm" and self.layer_sparsity:
+            raise _err("layer_sparsity", f"pattern {pattern.describe()} fixes every layer at {1 - pattern.n / pattern.m:g}; use skip to leave layers dense")
+        if pattern.kind == "nm" and self.allocation != "uniform":
+            raise _err("allocation", f"{self.allocation!r} needs pattern 'unstructured' ({pattern.describe()} fixes every layer at {1 - pattern.n / pattern.m:g})")
+        if self.allocation == "global" and self.method != "magnitude":
+            raise _err("allocation", f"'global' compares |W| across layers: it needs method 'magnitude', got {self.method!r}; use 'sensitivity'")
+        if not 0.0 <= self.damp < 1.0:
+            raise _err("damp", f"must be in [0, 1), got {self.damp!r}")
+        if self.block_size < 1 or self.icbs_rounds < 1:
+            raise _err("block_size" if self.block_size < 1 else "icbs_rounds", "must be >= 1")
+        for k, v in dict(self.layer_sparsity).items():
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise _err("layer_sparsity", f"layer '{k}': {v!r} is not in [0, 1)")
+
+    def __hash__(self) -> int:
+        return hash((self.version, self.sparsity, self.pattern, self.method, self.allocation, self.sequential, self.damp, self.block_size,
+                     self.icbs_start, self.icbs_rounds, tuple(sorted(self.layer_sparsity.items())), self.skip, self.min_sqnr_db, self.max_kl))
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def target(self) -> float:
+        """The model-wide sparsity: ``sparsity``, or ``1 - n/m`` for N:M."""
+        p = self.parsed_pattern
+        return 1.0 - p.n / p.m if p.kind == "nm" else float(self.sparsity)
+
+
+# ---------------------------------------------------------------------------- calibration
+def _conv_geometry(layer: QLayer) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    node = layer.node
+    stride = tuple(pair(arg(node, 3, "stride", [1, 1]), 1))
+    padding = arg(node, 4, "padding", [0, 0])
+    dilation = tuple(pair(arg(node, 5, "dilation", [1, 1]), 1))
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same" (stride 1): symmetric when the kernel allows it
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, layer.kernel))
+    return stride, tuple(pair(padding, 0)), dilation
+
+
+def _hessians(layer: QLayer, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``H = X^T X`` (float64) of the layer's input rows; one per conv group."""
+    groups = layer.groups if layer.kind == "conv2d" else 1
+    hs: list[torch.Tensor] = [torch.zeros(0)] * groups
+    gen = torch.Generator().manual_seed(0)
+    for v in values:
+        if layer.kind == "linear":
+            cols = [v.reshape(-1, v.shape[-1]).double()]
+        else:
+            stride, padding, dilation = _conv_geometry(layer)
+            unf = F.unfold(v.float(), layer.kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*kh*kw, L
+            x = unf.transpose(1, 2).reshape(-1, unf.shape[1])
+            if x.shape[0] > MAX_ROWS_PER_BATCH:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH]]
+            per = x.shape[1] // groups
+            cols = [x[:, g * per : (g + 1) * per].double() for g in range(groups)]
+        for g, c in enumerate(cols):
+            h = c.t() @ c
+            hs[g] = h if hs[g].numel() == 0 else hs[g] + h
+    return hs
+
+
+def _relative(objective: float, w: torch.Tensor, h: torch.Tensor) -> float:
+    wd = w.double()
+    total = float(torch.einsum("oi,ij,oj->", wd, h, wd))
+    return objective / total if total > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- the pass
+@register(NAME)
+class PruneWeights:
+    """Zero weights of linear / conv layers by magnitude, Wanda, SparseGPT or iCBS (see module docstring)."""
+
+    exact = False
+    Config = PruneWeightsConfig
+
+    def __init__(self, config: PruneWeightsConfig = PruneWeightsConfig()):
+        self.config = config
+
+    def __call__(self, graph: Graph) -> PassResult:
+        cfg = self.config
+        pattern = cfg.parsed_pattern
+        layers, rejected = find_layers(graph)
+        kept: dict[str, str] = dict(rejected)
+        names = {l.name for l in layers}
+        for option, keys in (("skip", cfg.skip), ("layer_sparsity", cfg.layer_sparsity)):
+            unknown = [k for k in keys if k not in names]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"layers are: {', '.join(sorted(names))}"
+                raise _err(option, f"names unknown layer '{unknown[0]}': {hint}")
+        todo: list[QLayer] = []
+        for layer in layers:
+            if layer.name in cfg.skip:
+                kept[layer.name] = "skipped by config"
+            elif len(graph.tensor_users(layer.weight_target)) > 1:
+                kept[layer.name] = "weight is read by other ops too (tied)"
+            elif pattern.kind == "nm" and (layer.in_features * layer.kernel[0] * layer.kernel[1]) % pattern.m:
+                kept[layer.name] = f"{layer.in_features * layer.kernel[0] * layer.kernel[1]} inputs per row is not a multiple of {pattern.m}"
+            else:
+                todo.append(layer)
+        if not todo or cfg.target == 0.0:
+            return PassResult(graph, changed=False, stats={"pruned": 0, "kept_dense": kept, "reason": "no eligible layer" if not todo else "sparsity 0"})
+
+        data_aware = cfg.method != "magnitude"
+        if data_aware and not graph.calibration:
+            raise _err("method", f"'{cfg.method}' needs calibration data (graph.calibration, or --calibration on the CLI); 'magnitude' does not")
+        sparsity = self._allocate(graph, todo, cfg)
+        hess: dict[str, list[torch.Tensor]] = {}
+        if data_aware and not cfg.sequential:
+            hess = self._measure(graph, todo)
+        stats_layers: dict[str, dict[str, Any]] = {}
+        groups = _by_input(todo)
+        for group in groups:
+            if data_aware and cfg.sequential:
+                hess.update(self._measure(graph, group))
+            for layer in group:
+                stats_layers[layer.name] = self._prune_layer(graph, layer, sparsity[layer.name], pattern, hess.get(layer.name), cfg)
+        total = sum(l.params for l in todo)
+        zeros = sum(e["zeros"] for e in stats_layers.values())
+        all_params = sum(l.params for l in layers)
+        stats = {
+            "method": cfg.method,
+            "pattern": pattern.describe(),
+            "allocation": cfg.allocation,
+            "pruned": len(todo),
+            "sparsity_pruned_layers": zeros / total,
+            "sparsity_all_layers": zeros / all_params if all_params else 0.0,
+            "layers": stats_layers,
+            "kept_dense": kept,
+            "speed": SPEED_NOTE,
+        }
+        graph.recompile()
+        return PassResult(graph, changed=zeros > 0, stats=stats)
+
+    # ------------------------------------------------------------------ pieces
+    def _measure(self, graph: Graph, layers: list[QLayer]) -> dict[str, list[torch.Tensor]]:
+        inputs = {l.input_node.name: l.input_node for l in layers}
+        values = record(graph, list(inputs.values()))
+        return {l.name: _hessians(l, values[l.input_node.name]) for l in layers}
+
+    def _allocate(self, graph: Graph, layers: list[QLayer], cfg: PruneWeightsConfig) -> dict[str, float]:
+        fixed = {k: float(v) for k, v in cfg.layer_sparsity.items()}
+        free = [l for l in layers if l.name not in fixed]
+        out = {l.name: cfg.target for l in free} | fixed
+        if cfg.allocation == "uniform" or not free:
+            return out
+        n = {l.name: l.params for l in free}
+        budget = (1.0 - cfg.sparsity) * sum(n.values())
+        if cfg.allocation == "global":
+            scores = torch.cat([graph.get_tensor(l.weight_target).detach().abs().reshape(-1).float() for l in free])
+            k = int(round(cfg.sparsity * scores.numel()))
+            if k == 0:
+                return out | {l.name: 0.0 for l in free}
+            threshold = scores.kthvalue(k).values
+            for l in free:
+                w = graph.get_tensor(l.weight_target).detach().abs()
+                out[l.name] = min(float((w <= threshold).float().mean()), 0.99)
+            return out
+        hess = self._measure(graph, free)
+        items = []
+        for l in free:
+            w = _matrix(graph, l)
+            options = []
+            for step in SENSITIVITY_STEPS:
+                s = round(cfg.sparsity + step, 4)
+                if not 0.0 <= s < 1.0:
+                    continue
+                err = 0.0
+                for g, (wg, h) in enumerate(zip(_group_rows(w, l), hess[l.name])):
+                    r = prune_matrix(wg, sparsity=s, method="wanda", pattern=Pattern("unstructured"), hessian=h)
+                    err += _relative(r.objective, wg, h) / len(hess[l.name])
+                options.append((s, err, n[l.name] * (1.0 - s)))
+            items.append(options)
+        alloc = allocate(items, budget, what=f"option 'sparsity' of pass '{NAME}'")
+        for l, s in zip(free, alloc.choice):
+            out[l.name] = float(s)
+        return out
+
+    def _prune_layer(self, graph: Graph, layer: QLayer, sparsity: float, pattern: Pattern, hs: list[torch.Tensor] | None,
+                     cfg: PruneWeightsConfig) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        w = _matrix(graph, layer)
+        parts = _group_rows(w, layer)
+        new_parts, objective, relative = [], 0.0, 0.0
+        for g, wg in enumerate(parts):
+            h = hs[g] if hs is not None else None
+            r = prune_matrix(wg, sparsity=sparsity, method=cfg.method, pattern=pattern, hessian=h, damp=cfg.damp,
+                             block_size=effective_block(cfg.block_size, wg.shape[1]), icbs_start=cfg.icbs_start, icbs_rounds=cfg.icbs_rounds)
+            new_parts.append(r.weight)
+            objective += r.objective
+            if h is not None:
+                relative += _relative(r.objective, wg, h)
+        new = torch.cat(new_parts).reshape(graph.get_tensor(layer.weight_target).shape)
+        old = graph.get_tensor(layer.weight_target)
+        graph.set_tensor(layer.weight_target, new.to(old.dtype))
+        graph.annotations(layer.node)["pruned"] = {"method": cfg.method, "pattern": pattern.describe(), "sparsity": sparsity}
+        zeros = int((new == 0).sum())
+        entry: dict[str, Any] = {"kind": layer.kind, "params": layer.params, "target": sparsity, "zeros": zeros, "sparsity": zeros / new.numel(),
+                                 "seconds": round(time.perf_counter() - t0, 3)}
+        if hs is not None:
+            entry["objective"] = objective
+            entry["relative_error"] = relative / len(parts)
+        return entry
+
+
+def effective_block(block_size: int, columns: int) -> int:
+    """SparseGPT's column block for a row of ``columns``: at most a quarter of the row (at least
+    16), so a narrow layer still gets several blocks. One block per row leaves the mask choice to
+    a single saliency ranking, and SparseGPT then measured no better than Wanda (64 inputs,
+    block 128: 0.99x of Wanda's error; block 16: 0.63x)."""
+    return max(1, min(block_size, max(16, columns // 4)))
+
+
+def _matrix(graph: Graph, layer: QLayer) -> torch.Tensor:
+    w = graph.get_tensor(layer.weight_target).detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def _group_rows(w: torch.Tensor, layer: QLayer) -> list[torch.Tensor]:
+    """The weight's rows per conv group (a grouped conv's group ``g`` reads only its own inputs)."""
+    groups = layer.groups if layer.kind == "conv2d" else 1
+    return list(w.chunk(groups, dim=0)) if groups > 1 else [w]
+
+
+def _by_input(layers: list[QLayer]) -> list[list[QLayer]]:
+    """Layers grouped by the value they read, in graph order of their first layer."""
+    groups: dict[fx.Node, list[QLayer]] = {}
+    for l in layers:
+        groups.setdefault(l.input_node, []).append(l)
+    return list(groups.values())
+
+
+__all__ = ["PruneWeights", "PruneWeightsConfig"]
