@@ -38,12 +38,12 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_stories import metrics, twin_classes  # noqa: E402 -- KL / top-1 / twin-merged metrics
+from quant_stories import metrics, twin_classes
 
-import graphpress.passes.prune  # noqa: E402,F401 -- registers prune-weights / store-sparse
-from graphpress.ir.graph import Graph  # noqa: E402
-from graphpress.passes import Pipeline  # noqa: E402
-from graphpress.passes.base import make_pass  # noqa: E402
+import graphpress.passes.prune  # noqa: F401 -- registers prune-weights / store-sparse
+from graphpress.ir.graph import Graph
+from graphpress.passes import Pipeline
+from graphpress.passes.base import make_pass
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "prune_quality.json"
 THREADS = 2
@@ -91,7 +91,7 @@ def digits(quick: bool, log) -> dict[str, Any]:
                          "kept_dense": r.stats["kept_dense"], "pass_s": round(time.perf_counter() - t0, 2)})
             log(f"  digits {method:9s} {s:.0%}: accuracy {a:.4f}")
         peer = torch_prune_l1(model.eval(), s, (nn.Conv2d, nn.Linear))
-        a = accuracy(lambda x: peer(x), x_te, y_te)
+        a = accuracy(peer, x_te, y_te)
         rows.append({"method": "peer: torch.nn.utils.prune L1", "sparsity": s, "accuracy": a})
         log(f"  digits torch prune {s:.0%}: accuracy {a:.4f}")
     return {"case": "digits", "test_images": int(x_te.shape[0]), "rows": rows}
@@ -163,7 +163,6 @@ def storage(quick: bool, log) -> dict[str, Any]:
             rows.append({"variant": name, "model_bytes": info["model_bytes"], "session_s": round(time.perf_counter() - t0, 3)})
         xb = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
         name0 = sessions["dense"].get_inputs()[0].name
-        ref = sessions["dense"].run(None, {name0: xb})[0]
         for r in rows:
             out = sessions[r["variant"]].run(None, {name0: xb})[0]
             r["max_abs_vs_eager"] = float(np.abs(out - variants[r["variant"]].run(torch.from_numpy(xb))[0].numpy()).max())
@@ -176,7 +175,6 @@ def storage(quick: bool, log) -> dict[str, Any]:
             r["median_ms_b1"] = lat.results[r["variant"]].median_ms
             r["speedup_b1"] = base / r["median_ms_b1"]
             log(f"  {r['variant']:28s} {r['model_bytes'] / 1024:8,.0f} KB ({r['size_vs_dense']:.3f}x)  {r['speedup_b1']:.2f}x")
-        del ref
     return {"case": "storage", "model": "4 x Linear(1024) + ReLU", "rows": rows}
 
 

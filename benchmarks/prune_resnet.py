@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
 import os
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         lat = {}
         for b in (1, 64):
             x = xe[:b].numpy().copy()
-            r = compare_latency({k: (lambda f=f: f(x)) for k, f in fns.items()}, rounds=5 if args.quick else 60, min_time_s=0.0 if args.quick else 1.0)
+            r = compare_latency({k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, rounds=5 if args.quick else 60, min_time_s=0.0 if args.quick else 1.0)
             base = r.results["fp32 (unpruned)"].median_ms
             lat[b] = {k: {"median_ms": v.median_ms, "speedup": base / v.median_ms} for k, v in r.results.items()}
     rows = []

@@ -2,6 +2,8 @@
 ``prune-channels`` (structured, with channel dependency analysis) and ``store-sparse``
 (compressed storage of the zeros)."""
 
-from graphpress.passes.prune import store  # noqa: F401 -- registers store-sparse
-from graphpress.passes.prune import weights  # noqa: F401 -- registers prune-weights
-from graphpress.passes.prune import structured  # noqa: F401 -- registers prune-channels
+from graphpress.passes.prune import (
+    store,  # noqa: F401 -- registers store-sparse
+    structured,  # noqa: F401 -- registers prune-channels
+    weights,  # noqa: F401 -- registers prune-weights
+)

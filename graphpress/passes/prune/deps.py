@@ -52,11 +52,12 @@ different layouts or by an op the analysis does not rewrite.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils import _pytree as pytree
 
 from graphpress.ir.graph import Graph, op_name
@@ -113,19 +114,19 @@ class Layout:
         return int(self.gid.numel())
 
     @staticmethod
-    def identity(root: int, n: int) -> "Layout":
+    def identity(root: int, n: int) -> Layout:
         return Layout(torch.full((n,), root, dtype=torch.long), torch.arange(n))
 
     @staticmethod
-    def constant(gid: int, n: int) -> "Layout":
+    def constant(gid: int, n: int) -> Layout:
         return Layout(torch.full((n,), gid, dtype=torch.long), torch.zeros(n, dtype=torch.long))
 
     @staticmethod
-    def cat(parts: Iterable["Layout"]) -> "Layout":
+    def cat(parts: Iterable[Layout]) -> Layout:
         parts = list(parts)
         return Layout(torch.cat([p.gid for p in parts]), torch.cat([p.ch for p in parts]))
 
-    def take(self, index: torch.Tensor) -> "Layout":
+    def take(self, index: torch.Tensor) -> Layout:
         return Layout(self.gid[index], self.ch[index])
 
     def root(self) -> int | None:
@@ -140,7 +141,7 @@ class Layout:
     def zero_pads(self) -> set[int]:
         return {_ZERO_BASE - int(g) for g in self.gid.unique() if g <= _ZERO_BASE}
 
-    def same(self, other: "Layout") -> bool:
+    def same(self, other: Layout) -> bool:
         return self is other or (torch.equal(self.gid, other.gid) and torch.equal(self.ch, other.ch))
 
 

@@ -29,7 +29,14 @@ import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.ops_sparse_store import VALUE_DTYPES, pack_sparse, packed_bytes
-from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, mutated_targets
+from graphpress.ir.rewrite import (
+    Skips,
+    add_constant,
+    arg,
+    erase_dead,
+    insert_call,
+    mutated_targets,
+)
 from graphpress.passes.base import PassResult, register
 
 NAME = "store-sparse"

@@ -37,14 +37,29 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
-from graphpress.ir.rewrite import add_constant, arg, erase_dead, insert_call, packet, refresh_meta, set_arg
+from graphpress.ir.rewrite import (
+    add_constant,
+    arg,
+    erase_dead,
+    insert_call,
+    packet,
+    refresh_meta,
+    set_arg,
+)
 from graphpress.ir.summary import node_flops
 from graphpress.passes.base import PassResult, register
-from graphpress.passes.prune.deps import BATCH_NORMS, CONVS, ChannelAnalysis, ChannelGroup, Layout, analyze
+from graphpress.passes.prune.deps import (
+    BATCH_NORMS,
+    CONVS,
+    ChannelAnalysis,
+    ChannelGroup,
+    Layout,
+    analyze,
+)
 
 NAME = "prune-channels"
 SCORES = ("l1", "l2", "wanda")

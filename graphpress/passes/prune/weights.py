@@ -286,7 +286,7 @@ class PruneWeights:
         budget = (1.0 - cfg.sparsity) * sum(n.values())
         if cfg.allocation == "global":
             scores = torch.cat([graph.get_tensor(l.weight_target).detach().abs().reshape(-1).float() for l in free])
-            k = int(round(cfg.sparsity * scores.numel()))
+            k = round(cfg.sparsity * scores.numel())
             if k == 0:
                 return out | {l.name: 0.0 for l in free}
             threshold = scores.kthvalue(k).values

@@ -139,4 +139,4 @@ def _first_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     raise AssertionError(f"{node.name} has no users")
 
 
-__all__ = ["quantize_shortcuts", "QUANTIZE_ACT"]
+__all__ = ["QUANTIZE_ACT", "quantize_shortcuts"]
