@@ -24,8 +24,6 @@ import argparse
 import copy
 import datetime as _dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, ort_session
 from quant_stories import metrics, twin_classes
 
 import graphpress.passes.prune  # noqa: F401 -- registers prune-weights / store-sparse
@@ -50,16 +49,6 @@ THREADS = 2
 METHODS = ("magnitude", "wanda", "sparsegpt", "icbs")
 DIGITS_SPARSITY = (0.3, 0.5, 0.7)
 N_CALIB, SEQ = 16, 64
-
-
-def machine_info() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": THREADS}
-    try:
-        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 def torch_prune_l1(model: nn.Module, amount: float, kinds: tuple[type, ...]) -> nn.Module:
@@ -135,8 +124,6 @@ def stories(quick: bool, log) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------- storage
 def storage(quick: bool, log) -> dict[str, Any]:
-    import onnxruntime as ort
-
     from graphpress.backends.onnxruntime.lower import lower_to_onnx
     from graphpress.runtime.bench import compare_latency
 
@@ -155,11 +142,8 @@ def storage(quick: bool, log) -> dict[str, Any]:
         for i, (name, graph) in enumerate(variants.items()):
             folder = Path(tmp) / f"v{i}"
             info = lower_to_onnx(graph, folder)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = THREADS
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             t0 = time.perf_counter()
-            sessions[name] = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            sessions[name] = ort_session(folder / "model.onnx", THREADS)
             rows.append({"variant": name, "model_bytes": info["model_bytes"], "session_s": round(time.perf_counter() - t0, 3)})
         xb = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
         name0 = sessions["dense"].get_inputs()[0].name
@@ -220,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
     t0 = time.perf_counter()
-    started = machine_info()
+    started = machine_info(torch_threads=THREADS)
     cases = [digits(args.quick, log)]
     s = stories(args.quick, log)
     if s is not None:

@@ -8,7 +8,8 @@ model, batch-1 (and batch-64) medians interleaved in one run (seeded shuffled or
   before and after distillation fine-tuning (:func:`graphpress.train.distill`, teacher = the
   unpruned model, on other crops);
 * the peer Torch-Pruning (installed with ``pip install --no-deps torch-pruning``): 50 % over all
-  groups (as a user would run it first) and block-internal channels only (its working mode here);
+  groups (as a user would run it first) and block-internal channels only, each before and after
+  the same distillation;
 * torch eager fp32 for reference.
 
 Usage::
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import machine_info, ort_session
 
 import graphpress.passes.prune  # noqa: F401 -- registers prune-channels
 from graphpress.backends.onnxruntime.lower import lower_to_onnx
@@ -44,24 +44,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "prune_resnet.json"
 THREADS = 2
 SPARSITY = 0.5
 N_TRAIN, N_EVAL = 8192, 2048
-
-
-def machine_info() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "threads": THREADS}
-    try:
-        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _predict(fn, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -114,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
     torch.set_num_threads(THREADS)
     t_start = time.perf_counter()
-    started = machine_info()
+    started = machine_info(threads=THREADS)
     photos = sample_photos()
     calib = photo_crops(512, 1, photos)
     train = photo_crops(N_TRAIN if not args.quick else 512, 3, photos)
@@ -131,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = pruned.clone()
     log(f"distillation fine-tuning ({1 if args.quick else args.epochs} epochs on {train.shape[0]} crops)")
     t0 = time.perf_counter()
-    dres = distill(tuned, dense, train, DistillConfig(epochs=1 if args.quick else args.epochs, lr=1e-3, batch_size=64, trainable="all", patience=5))
+    distill_config = DistillConfig(epochs=1 if args.quick else args.epochs, lr=1e-3, batch_size=64, trainable="all", patience=5)
+    dres = distill(tuned, dense, train, distill_config)
     distill_s = time.perf_counter() - t0
 
     variants: dict[str, dict[str, Any]] = {}
@@ -149,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             g = Graph.capture(model, (calib[:2],), name="tp")
             g = Pipeline(["fold-batchnorm"]).run(g).graph
-            folder = Path(tmp) / f"v{len(variants)}"
-            info = lower_to_onnx(g, folder)
-            variants[label] = {"path": folder / "model.onnx", "model_bytes": info["model_bytes"], "params": g.parameter_count(), "config": note}
-        sessions = {k: _session(v["path"]) for k, v in variants.items()}
+            peer_tuned = g.clone()
+            distill(peer_tuned, dense, train, distill_config)
+            for suffix, graph in (("", g), (" + distillation", peer_tuned)):
+                folder = Path(tmp) / f"v{len(variants)}"
+                info = lower_to_onnx(graph, folder)
+                variants[label + suffix] = {"path": folder / "model.onnx", "model_bytes": info["model_bytes"], "params": graph.parameter_count(),
+                                            "config": note}
+        sessions = {k: ort_session(v["path"], THREADS) for k, v in variants.items()}
         fns = {k: _ort_fn(s) for k, s in sessions.items()}
         ref = _predict(fns["fp32 (unpruned)"], xe)
         for k, v in variants.items():

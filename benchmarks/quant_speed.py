@@ -35,20 +35,25 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from quant_peers import ort_quantize_dynamic, ort_quantize_static, torch_ao_dynamic, torch_runner
+from common import machine_info, ort_session
+from quant_peers import (
+    ort_quantize_dynamic,
+    ort_quantize_static,
+    torch_ao_dynamic,
+    torch_runner,
+)
 
 import graphpress.passes.quant  # noqa: F401 -- registers quantize-layerwise / awq-scale
 from graphpress.backends.onnxruntime.lower import check_onnx, lower_to_onnx
@@ -92,16 +97,6 @@ def _quiet():
         yield
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.log_severity_level = 3
-    # interleaving calls of many sessions: a session's idle pool threads must not spin on the two
-    # cores while the next session runs (with spinning on, each variant ran slower after a heavy one)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _optimized_ops(path: Path) -> dict[str, int]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -120,7 +115,7 @@ def _run(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 256
 
 
 def _ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    sess = _session(path)
+    sess = ort_session(path, THREADS)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 
@@ -289,24 +284,6 @@ def _common(v: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- report
-def machine_info() -> dict[str, Any]:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "onnxruntime_threads": THREADS,
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
 def print_case(case: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -350,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds, min_time = (5, 0.0) if args.quick else (args.rounds, 1.0)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
     t0 = time.perf_counter()
-    started = machine_info()
+    started = machine_info(onnxruntime_threads=THREADS)
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
