@@ -13,11 +13,12 @@ from typing import Any
 from graphpress.backends.base import Backend, LoweredModel, Runner
 from graphpress.errors import BackendError
 
-# name -> "module:attribute" of the Backend class; the TVM backend adds a line here.
+# name -> "module:attribute" of the Backend class.
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "graphpress.backends.onnxruntime.lower:OnnxRuntimeBackend",
     "he": "graphpress.backends.he.lower:HEBackend",
     "torch": "graphpress.backends.torch.lower:TorchBackend",
+    "tvm": "graphpress.backends.tvm.lower:TVMBackend",
 }
 
 

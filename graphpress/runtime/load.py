@@ -3,7 +3,8 @@
 The backend runner is picked from ``manifest["backend"]`` through a small registry of loader
 functions (:func:`register_loader`): ``"onnxruntime"``, ``"torch"`` (a ``torch.export``
 program; needs torch) and ``"he"`` (encrypted inference; it needs torch and tenseal, imported
-only for HE artifacts); a TVM loader plugs in the same way. Loading and running an ONNX artifact needs numpy and onnxruntime only: nothing here
+only for HE artifacts) and ``"tvm"`` (the compiled library in a Relax VM; needs apache-tvm, not torch).
+Loading and running an ONNX or TVM artifact needs numpy and that runtime only: nothing here
 imports torch (torch tensors are accepted when torch is already imported).
 """
 
@@ -46,6 +47,14 @@ def _load_torch(artifact: Artifact, *, providers: Sequence[Any] | None = None, t
     from graphpress.backends.torch.lower import TorchRunner
 
     return TorchRunner(artifact.model_path, threads=threads)
+
+
+@register_loader("tvm")
+def _load_tvm(artifact: Artifact, *, providers: Sequence[Any] | None = None, threads: int | None = None) -> Any:
+    # torch-free: the compiled library, its metadata and the Relax VM
+    from graphpress.backends.tvm.runner import TVMRunner
+
+    return TVMRunner(artifact.model_path, threads=threads)
 
 
 @register_loader("he")

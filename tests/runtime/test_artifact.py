@@ -250,7 +250,7 @@ def test_load_errors_are_one_line(lowered, tmp_path):
 
     for change, pattern in [
         ({"format_version": 99}, "unknown format_version 99"),
-        ({"backend": "tvm"}, "unknown backend 'tvm'; this graphpress loads: .*onnxruntime"),
+        ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; this graphpress loads: .*onnxruntime"),
         ({"model_file": "other.onnx"}, "model_file 'other.onnx' is not listed"),
         ({"files": {**json.loads(good)["files"], "weights.bin": {"sha256": "0", "bytes": 1}}}, r"weights\.bin: listed in manifest.json but missing"),
         ({"files": {**json.loads(good)["files"], "../x": {"sha256": "0", "bytes": 1}}}, "invalid artifact file name '../x'"),

@@ -1,0 +1,1 @@
+"""Apache TVM Relax backend (``pip install -e ".[tvm]"``): graph -> Relax -> compiled library + Relax VM."""

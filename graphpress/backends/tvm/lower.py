@@ -1,0 +1,154 @@
+"""``tvm`` backend: lower a graph to Apache TVM Relax and compile it for the host CPU (LLVM).
+
+Steps (see ``docs/backends/tvm.md``):
+
+1. :meth:`Graph.export_program` (the graph's dynamic batch / sequence dims stay symbolic);
+2. ``tvm.relax.frontend.torch.from_exported_program``: ATen -> Relax, weights bound as constants;
+3. ``tvm.compile`` with the default Relax pipeline (legalization, operator fusion, lowering) for
+   the target ``{"kind": "llvm", "mcpu": <host CPU>, "num-cores": <cores>}`` (the host CPU from
+   LLVM's own detection: the library uses its vector instructions, so it runs only on CPUs that
+   have them);
+4. the executable is written as ``model.so`` with ``model.json`` (input / output names, target,
+   versions) next to it, both into a temporary file first and then renamed;
+5. the check: the library is loaded back into a Relax VM and compared with :meth:`Graph.run` on the
+   example inputs and two seeded random input sets (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|)).
+
+This is the untuned build: TVM's default schedules, which on CPU run many times slower than ONNX
+Runtime (MetaSchedule tuning is a later step of the backend). graphpress custom ops
+(``graphpress::*``: quantized, circulant, sparse) have no Relax translation yet; a graph holding
+one fails with a one-line error naming the op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphpress.backends.base import LoweredModel
+from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
+from graphpress.errors import BackendError
+from graphpress.ir.compare import compare_outputs
+from graphpress.ir.graph import Graph
+
+MODEL_FILE = "model.so"
+
+
+def _first_line(err: BaseException) -> str:
+    text = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+
+
+def host_target(num_cores: int | None = None) -> dict[str, Any]:
+    """The LLVM target of this machine as a dict: ``kind``, ``mcpu`` (LLVM's host CPU name) and ``num-cores``."""
+    require_tvm()
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": int(num_cores or os.cpu_count() or 1)}
+
+
+def _custom_ops(graph: Graph) -> list[str]:
+    return sorted({str(n.target) for n in graph.gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("graphpress.")})
+
+
+def _check_sets(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    sets = [("example inputs", tuple(graph.example_inputs))]
+    for seed in seeds:
+        sets.append((f"random inputs (seed {seed})", graph.random_inputs(seed)))
+    return sets
+
+
+def check_library(graph: Graph, model_path: Path, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
+    """Load ``model_path`` into a Relax VM and compare it with ``graph.run``; one ``BackendError``
+    line names the first output outside tolerance."""
+    t0 = time.perf_counter()
+    runner = TVMRunner(model_path)
+    runs, worst = [], None
+    for label, inputs in _check_sets(graph, seeds):
+        refs = graph.run(*inputs)
+        tests = [torch.from_numpy(o) for o in runner(*inputs)]
+        diffs = compare_outputs(refs, tests, graph.output_names)
+        for d in diffs:
+            if not d.within_tol:
+                raise BackendError(f"tvm: output {d.name!r} of {graph.name!r} differs from the graph on {label}: max abs err {d.max_abs:.3g}")
+            if worst is None or d.max_abs > worst["max_abs"]:
+                worst = {"output": d.name, "inputs": label, "max_abs": d.max_abs}
+        runs.append({"inputs": label, "outputs": [d.to_dict() for d in diffs]})
+    return {"passed": True, "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)",
+            "runs": runs, "worst": worst, "check_s": round(time.perf_counter() - t0, 3)}
+
+
+class TVMBackend:
+    """The ``"tvm"`` backend (see module docstring).
+
+    Parameters
+    ----------
+    target : dict, optional
+        A TVM target as a dict (``{"kind": "llvm", "mcpu": ...}``); default :func:`host_target`.
+    check_seeds : sequence of int
+        Seeds of the random input sets of the output check.
+    """
+
+    name = "tvm"
+
+    def __init__(self, target: dict[str, Any] | None = None, check_seeds: Sequence[int] = (0, 1)):
+        if target is not None and (not isinstance(target, dict) or "kind" not in target):
+            raise BackendError(f"tvm: target must be a dict with a 'kind' (e.g. {{'kind': 'llvm'}}), got {target!r}")
+        self.target = dict(target) if target is not None else None
+        self.check_seeds = tuple(check_seeds)
+
+    def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:
+        """Compile ``graph`` into ``folder/model.so`` (+ ``model.json``) and, with ``check``, verify it."""
+        tvm = require_tvm()
+        from tvm.relax.frontend.torch import from_exported_program
+
+        custom = _custom_ops(graph)
+        if custom:
+            raise BackendError(f"tvm: {graph.name!r} calls {', '.join(custom)}: graphpress ops have no TVM lowering yet; "
+                               "lower with --backend onnxruntime or torch")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = self.target or host_target()
+        info: dict[str, Any] = {"target": target, "tvm_version": tvm.__version__, "tuned": False}
+        t0 = time.perf_counter()
+        try:
+            program = graph.export_program()
+        except Exception as err:
+            raise BackendError(f"tvm: torch.export of {graph.name!r} failed: {_first_line(err)}") from err
+        try:
+            mod = from_exported_program(program)
+        except Exception as err:
+            raise BackendError(f"tvm: Relax import of {graph.name!r} failed: {_first_line(err)}") from err
+        info["import_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        try:
+            executable = tvm.compile(mod, target=tvm.target.Target(target))
+        except Exception as err:
+            raise BackendError(f"tvm: build of {graph.name!r} for {target} failed: {_first_line(err)}") from err
+        info["build_s"] = round(time.perf_counter() - t0, 3)
+        path = folder / MODEL_FILE
+        tmp = folder / (MODEL_FILE + ".tmp.so")
+        executable.export_library(str(tmp))
+        os.replace(tmp, path)
+        meta = {"inputs": list(graph.input_names), "outputs": list(graph.output_names), "target": target, "tvm_version": tvm.__version__}
+        meta_tmp = folder / (META_FILE + ".tmp")
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(meta_tmp, folder / META_FILE)
+        info["model_bytes"] = path.stat().st_size
+        report = check_library(graph, path, self.check_seeds) if check else {"skipped": True}
+        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=[MODEL_FILE, META_FILE], check=report, info=info)
+
+    def runner(self, model_path: Path, threads: int | None = None) -> TVMRunner:
+        """A :class:`TVMRunner` for a lowered model."""
+        return TVMRunner(model_path, threads=threads)
+
+    def __repr__(self) -> str:
+        return f"TVMBackend(target={self.target or 'host'})"
+
+
+__all__ = ["MODEL_FILE", "TVMBackend", "check_library", "host_target"]

@@ -1,0 +1,86 @@
+"""Run a compiled TVM artifact (``model.so`` + ``model.json``) with the Relax VM; imports no torch.
+
+``model.so`` is the exported Relax executable (weights embedded as constants); ``model.json`` names
+the inputs and outputs and records the target the library was built for. The library only runs
+on a CPU that supports the recorded ``mcpu``'s instruction set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphpress.errors import BackendError
+
+META_FILE = "model.json"
+
+
+def require_tvm() -> Any:
+    """``import tvm``, or one line saying how to install it."""
+    try:
+        import tvm
+    except ImportError as err:
+        raise BackendError('tvm: apache-tvm is not installed; pip install -e ".[tvm]" (apache-tvm==0.27.0.post1, apache-tvm-ffi==0.1.14.post1)') from err
+    return tvm
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.ascontiguousarray(x)
+
+
+class TVMRunner:
+    """A loaded TVM artifact: positional arrays (numpy or torch) in, numpy arrays out.
+
+    Parameters
+    ----------
+    model_path : path
+        The ``model.so`` library; ``model.json`` must sit next to it.
+    threads : int, optional
+        Sets ``TVM_NUM_THREADS`` before the library is loaded (the TVM thread pool reads it once
+        per process: the first runner's value wins).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, threads: int | None = None):
+        tvm = require_tvm()
+        from tvm import relax
+
+        self.model_path = Path(model_path)
+        meta_path = self.model_path.with_name(META_FILE)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise BackendError(f"{meta_path}: cannot read the TVM artifact's metadata ({err}); re-export the artifact") from err
+        self.input_names: list[str] = list(meta["inputs"])
+        self.output_names: list[str] = list(meta["outputs"])
+        self.target = meta.get("target")
+        if threads is not None:
+            os.environ.setdefault("TVM_NUM_THREADS", str(int(threads)))
+        try:
+            lib = tvm.runtime.load_module(str(self.model_path))
+        except Exception as err:
+            raise BackendError(f"{self.model_path}: cannot load the TVM library: {str(err).strip().splitlines()[0]}") from err
+        self._tvm = tvm
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self._main = self.vm["main"]
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        if len(inputs) != len(self.input_names):
+            raise BackendError(f"{self.model_path.name}: got {len(inputs)} inputs, expected {len(self.input_names)} ({', '.join(self.input_names)})")
+        args = [self._tvm.runtime.tensor(_as_numpy(x)) for x in inputs]
+        out = self._main(*args)
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return [o.numpy() for o in outs]
+
+    def __repr__(self) -> str:
+        return f"TVMRunner({self.model_path.name!r}, inputs={self.input_names}, target={self.target})"
+
+
+__all__ = ["META_FILE", "TVMRunner", "require_tvm"]

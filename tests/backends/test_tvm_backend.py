@@ -1,0 +1,71 @@
+"""tvm backend (untuned LLVM build): compiled libraries match the graph, run through the artifact
+runtime without torch, keep the dynamic batch, and refuse graphpress ops in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("tvm", reason='apache-tvm not installed (pip install -e ".[tvm]")')
+
+from graphpress.backends import get_backend
+from graphpress.errors import BackendError
+from graphpress.ir.graph import Graph
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        h = h + F.max_pool2d(h, 3, 1, 1)  # a residual join
+        return self.fc(h.mean((2, 3)))
+
+
+def test_mlp_and_cnn_build_and_match_the_graph(tmp_path):
+    torch.manual_seed(0)
+    for name, model, x in (("mlp", nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)), torch.randn(2, 32)),
+                           ("cnn", SmallCNN(), torch.randn(2, 3, 8, 8))):
+        g = Graph.capture(model.eval(), (x,), name=name)
+        lowered = get_backend("tvm").lower(g, tmp_path / name)
+        assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
+        assert lowered.files == ["model.so", "model.json"] and lowered.info["target"]["kind"] == "llvm"
+        meta = json.loads((tmp_path / name / "model.json").read_text())
+        assert meta["inputs"] == list(g.input_names) and meta["outputs"] == list(g.output_names)
+        runner = get_backend("tvm").runner(tmp_path / name / "model.so")
+        for batch in (1, 5):  # the batch stays symbolic
+            xb = torch.randn(batch, *x.shape[1:])
+            out = runner(xb.numpy())[0]
+            assert out.shape[0] == batch
+            np.testing.assert_allclose(out, g.run(xb)[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_graphpress_ops_are_refused_in_one_line(tmp_path):
+    import graphpress.passes.quant  # noqa: F401 -- registers quantize-layerwise
+    from graphpress.passes.base import make_pass
+
+    g = Graph.capture(nn.Sequential(nn.Linear(32, 32)).eval(), (torch.randn(2, 32),), name="q")
+    g.calibration = [(torch.randn(64, 32),)]
+    q = make_pass("quantize-layerwise", {"bits": [4], "target_bits": 4, "activations": "none"})(g).graph
+    with pytest.raises(BackendError, match=r"^tvm: 'q' calls graphpress\.wlinear_nbits.*no TVM lowering yet") as err:
+        get_backend("tvm").lower(q, tmp_path / "q")
+    assert "\n" not in str(err.value)
+
+
+def test_bad_target_and_missing_metadata(tmp_path):
+    with pytest.raises(BackendError, match="target must be a dict"):
+        get_backend("tvm", target="llvm")
+    g = Graph.capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 4),), name="m")
+    get_backend("tvm").lower(g, tmp_path / "m", check=False)
+    (tmp_path / "m" / "model.json").unlink()
+    with pytest.raises(BackendError, match="model.json: cannot read the TVM artifact's metadata"):
+        get_backend("tvm").runner(tmp_path / "m" / "model.so")
