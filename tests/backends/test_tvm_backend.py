@@ -69,3 +69,13 @@ def test_bad_target_and_missing_metadata(tmp_path):
     (tmp_path / "m" / "model.json").unlink()
     with pytest.raises(BackendError, match="model.json: cannot read the TVM artifact's metadata"):
         get_backend("tvm").runner(tmp_path / "m" / "model.so")
+
+
+def test_transformers_bert_from_config_builds_and_matches(tmp_path):
+    pytest.importorskip("transformers")
+    from graphpress.zoo.hf_tiny import tiny_bert
+
+    ids = torch.randint(0, 100, (2, 16))
+    g = Graph.capture(tiny_bert().eval(), (ids,), name="bert")
+    lowered = get_backend("tvm").lower(g, tmp_path / "bert")
+    assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
