@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.check import check_sets
 from graphpress.backends.he.program import ENCODINGS, HEProgram, build_program
 from graphpress.backends.he.protocol import get_protocol
 from graphpress.backends.he.quant import QuantConfig
@@ -65,12 +67,6 @@ def write_program(folder: Path, program: HEProgram, weights: dict[str, np.ndarra
     np.savez_compressed(folder / program.weights, **{k: v.astype(_int_dtype(v)) for k, v in weights.items()})
     (folder / PROGRAM_FILE).write_text(program.to_json(), encoding="utf-8")
     return [PROGRAM_FILE, program.weights, program.client_graph]
-
-
-def _check_sets(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    sets = [("example inputs", tuple(graph.example_inputs))]
-    sets += [(f"random inputs (seed {s})", graph.random_inputs(s)) for s in seeds]
-    return sets
 
 
 def _agreement(ref: torch.Tensor, got: torch.Tensor) -> float | None:
@@ -219,7 +215,7 @@ class HEBackend:
         runner = HERunner(folder, verify=True)
         setup = runner.setup_seconds
         runs, worst, cost = [], None, None
-        for label, inputs in _check_sets(graph, self.check_seeds):
+        for label, inputs in check_sets(graph, self.check_seeds):
             run = runner.run(*inputs)  # raises naming the layer when a decrypted value is wrong
             if cost is None:
                 cost = cost_report(runner.program, run, label=label)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.check import check_against_graph
 from graphpress.errors import BackendError
-from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 
 MODEL_FILE = "model.pt2"
@@ -52,7 +52,7 @@ class TorchRunner:
         self.model_path = Path(model_path)
         try:
             program = torch.export.load(str(self.model_path))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise BackendError(f"{self.model_path.name}: torch.export.load failed: {_first_line(err)}") from err
         self.module = program.module()
         sig = program.graph_signature
@@ -75,31 +75,9 @@ class TorchRunner:
         return f"TorchRunner({self.model_path.name!r}, inputs={self.input_names})"
 
 
-def _check_sets(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    sets = [("example inputs", tuple(graph.example_inputs))]
-    for seed in seeds:
-        sets.append((f"random inputs (seed {seed})", graph.random_inputs(seed)))
-    return sets
-
-
 def check_program(graph: Graph, model_path: Path, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
-    """Load ``model_path`` back and compare it with ``graph.run``; raise one ``BackendError`` line
-    naming the first output outside tolerance."""
-    t0 = time.perf_counter()
-    runner = TorchRunner(model_path)
-    runs, worst = [], None
-    for label, inputs in _check_sets(graph, seeds):
-        refs = graph.run(*inputs)
-        tests = [torch.from_numpy(o) for o in runner(*inputs)]
-        diffs = compare_outputs(refs, tests, graph.output_names)
-        for d in diffs:
-            if not d.within_tol:
-                raise BackendError(f"torch: output {d.name!r} of {graph.name!r} differs from the graph on {label}: max abs err {d.max_abs:.3g}")
-            if worst is None or d.max_abs > worst["max_abs"]:
-                worst = {"output": d.name, "inputs": label, "max_abs": d.max_abs}
-        runs.append({"inputs": label, "outputs": [d.to_dict() for d in diffs]})
-    return {"passed": True, "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)",
-            "runs": runs, "worst": worst, "check_s": round(time.perf_counter() - t0, 3)}
+    """Load ``model_path`` back and compare it with ``graph.run`` (:func:`graphpress.backends.check.check_against_graph`)."""
+    return check_against_graph(graph, TorchRunner(model_path), "torch", seeds)
 
 
 class TorchBackend:
@@ -123,7 +101,7 @@ class TorchBackend:
         t0 = time.perf_counter()
         try:
             program = graph.export_program()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise BackendError(f"torch: torch.export of {graph.name!r} failed: {_first_line(err)}") from err
         path = folder / MODEL_FILE
         torch.export.save(program, str(path))

@@ -28,12 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.check import check_against_graph
 from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
 from graphpress.errors import BackendError
-from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 
 MODEL_FILE = "model.so"
@@ -56,31 +54,9 @@ def _custom_ops(graph: Graph) -> list[str]:
     return sorted({str(n.target) for n in graph.gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("graphpress.")})
 
 
-def _check_sets(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    sets = [("example inputs", tuple(graph.example_inputs))]
-    for seed in seeds:
-        sets.append((f"random inputs (seed {seed})", graph.random_inputs(seed)))
-    return sets
-
-
 def check_library(graph: Graph, model_path: Path, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
-    """Load ``model_path`` into a Relax VM and compare it with ``graph.run``; one ``BackendError``
-    line names the first output outside tolerance."""
-    t0 = time.perf_counter()
-    runner = TVMRunner(model_path)
-    runs, worst = [], None
-    for label, inputs in _check_sets(graph, seeds):
-        refs = graph.run(*inputs)
-        tests = [torch.from_numpy(o) for o in runner(*inputs)]
-        diffs = compare_outputs(refs, tests, graph.output_names)
-        for d in diffs:
-            if not d.within_tol:
-                raise BackendError(f"tvm: output {d.name!r} of {graph.name!r} differs from the graph on {label}: max abs err {d.max_abs:.3g}")
-            if worst is None or d.max_abs > worst["max_abs"]:
-                worst = {"output": d.name, "inputs": label, "max_abs": d.max_abs}
-        runs.append({"inputs": label, "outputs": [d.to_dict() for d in diffs]})
-    return {"passed": True, "tolerance": "graphpress.ir.compare.tolerance (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|); ints exact)",
-            "runs": runs, "worst": worst, "check_s": round(time.perf_counter() - t0, 3)}
+    """Load ``model_path`` into a Relax VM and compare it with ``graph.run`` (:func:`graphpress.backends.check.check_against_graph`)."""
+    return check_against_graph(graph, TVMRunner(model_path), "tvm", seeds)
 
 
 class TVMBackend:
