@@ -244,7 +244,7 @@ def insert_call(
     with graph.gm.graph.inserting_before(before):
         node = graph.gm.graph.call_function(target, args, kwargs or {})
     if like is not None:
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta"):
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta", "custom"):
             if key in like.meta:
                 node.meta[key] = like.meta[key]
         node.meta["graphpress"] = dict(graph.annotations(like))

@@ -49,15 +49,28 @@ def test_mlp_and_cnn_build_and_match_the_graph(tmp_path):
             np.testing.assert_allclose(out, g.run(xb)[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_graphpress_ops_are_refused_in_one_line(tmp_path):
+def test_graphpress_ops_are_expanded_and_a_computed_weight_is_refused_in_one_line(tmp_path):
     import graphpress.passes.quant  # noqa: F401 -- registers quantize-layerwise
     from graphpress.passes.base import make_pass
 
     g = Graph.capture(nn.Sequential(nn.Linear(32, 32)).eval(), (torch.randn(2, 32),), name="q")
     g.calibration = [(torch.randn(64, 32),)]
     q = make_pass("quantize-layerwise", {"bits": [4], "target_bits": 4, "activations": "none"})(g).graph
-    with pytest.raises(BackendError, match=r"^tvm: 'q' calls graphpress\.wlinear_nbits.*no TVM lowering yet") as err:
-        get_backend("tvm").lower(q, tmp_path / "q")
+    lowered = get_backend("tvm").lower(q, tmp_path / "q")  # 4-bit weight dequantized to a float constant
+    assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
+    assert list(lowered.info["expanded_ops"]) == ["graphpress.wlinear_nbits"] and "32x32 float32" in lowered.info["expanded_ops"]["graphpress.wlinear_nbits"]
+
+    class ComputedWeight(nn.Module):  # the compact circulant weight is computed in the graph, not stored
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Parameter(torch.randn(2, 2, 4))
+
+        def forward(self, x):
+            return torch.ops.graphpress.circulant_linear(x, self.c * 2, None)
+
+    c = Graph.capture(ComputedWeight().eval(), (torch.randn(2, 8),), name="c")
+    with pytest.raises(BackendError, match=r"^tvm: 'c': graphpress\.circulant_linear node '\w+': its compact weight c is not a constant") as err:
+        get_backend("tvm").lower(c, tmp_path / "c")
     assert "\n" not in str(err.value)
 
 

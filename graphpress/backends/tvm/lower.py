@@ -15,8 +15,9 @@ Steps (see ``docs/backends/tvm.md``):
 
 This is the untuned build: TVM's default schedules, which on CPU run many times slower than ONNX
 Runtime (MetaSchedule tuning is a later step of the backend). graphpress custom ops
-(``graphpress::*``: quantized, circulant, sparse) have no Relax translation yet; a graph holding
-one fails with a one-line error naming the op.
+(``graphpress::*``: quantized, circulant, sparse) are expanded before step 1 into ATen ops and
+dense float constants (:mod:`graphpress.ir.expand_ops`; ``info["expanded_ops"]`` says how, per op);
+an op with no expansion fails with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from typing import Any
 
 from graphpress.backends.base import LoweredModel
 from graphpress.backends.check import check_against_graph
+from graphpress.backends.tvm.fixups import apply_fixups
+from graphpress.backends.tvm.regions import RegionRecorder, group_regions
 from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
 from graphpress.errors import BackendError
+from graphpress.ir.expand_ops import ExpansionError, expand_graphpress_ops
 from graphpress.ir.graph import Graph
 
 MODEL_FILE = "model.so"
@@ -48,10 +52,6 @@ def host_target(num_cores: int | None = None) -> dict[str, Any]:
     from tvm.target import codegen
 
     return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": int(num_cores or os.cpu_count() or 1)}
-
-
-def _custom_ops(graph: Graph) -> list[str]:
-    return sorted({str(n.target) for n in graph.gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("graphpress.")})
 
 
 def check_library(graph: Graph, model_path: Path, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
@@ -83,24 +83,31 @@ class TVMBackend:
         tvm = require_tvm()
         from tvm.relax.frontend.torch import from_exported_program
 
-        custom = _custom_ops(graph)
-        if custom:
-            raise BackendError(f"tvm: {graph.name!r} calls {', '.join(custom)}: graphpress ops have no TVM lowering yet; "
-                               "lower with --backend onnxruntime or torch")
+        try:  # graphpress ops -> ATen ops and dense constants; the check still compares with `graph`
+            source, expanded_ops = expand_graphpress_ops(graph)
+        except ExpansionError as err:
+            raise BackendError(f"tvm: {graph.name!r}: {err}") from err
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         target = self.target or host_target()
-        info: dict[str, Any] = {"target": target, "tvm_version": tvm.__version__, "tuned": False}
+        info: dict[str, Any] = {"target": target, "tvm_version": tvm.__version__, "tuned": False, "expanded_ops": expanded_ops}
         t0 = time.perf_counter()
         try:
-            program = graph.export_program()
+            program = source.export_program()
         except Exception as err:
             raise BackendError(f"tvm: torch.export of {graph.name!r} failed: {_first_line(err)}") from err
         try:
-            mod = from_exported_program(program)
+            with RegionRecorder() as recorder:  # which Relax bindings each fuse-blocks region emitted (regions.py)
+                mod = from_exported_program(program)
+            mod, info["fixups"] = apply_fixups(mod)  # exact repairs of importer gaps (fixups.py)
         except Exception as err:
             raise BackendError(f"tvm: Relax import of {graph.name!r} failed: {_first_line(err)}") from err
         info["import_s"] = round(time.perf_counter() - t0, 3)
+        mod, info["regions"], info["kernels"] = group_regions(mod, recorder, target)  # each region -> one TIR kernel
+        # The export's batch bound (65536) would make TVM's static memory planner reserve buffers
+        # for that batch (BERT with a dynamic sequence: bad_alloc); without it buffers are sized per call.
+        if mod["main"].attrs is not None and "tir_var_upper_bound" in mod["main"].attrs:
+            mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
         t0 = time.perf_counter()
         try:
             executable = tvm.compile(mod, target=tvm.target.Target(target))
