@@ -26,15 +26,22 @@ def check_sets(graph: Graph, seeds: Sequence[int]) -> list[tuple[str, tuple[torc
     return sets
 
 
-def check_against_graph(graph: Graph, run: Callable[..., list[np.ndarray]], backend: str, seeds: Sequence[int] = (0, 1)) -> dict[str, Any]:
-    """Compare ``run(*inputs)`` (the lowered model) with ``graph.run`` on :func:`check_sets`.
+def check_against_graph(
+    graph: Graph,
+    run: Callable[..., list[np.ndarray]],
+    backend: str,
+    seeds: Sequence[int] = (0, 1),
+    extra_sets: Sequence[tuple[str, tuple[torch.Tensor, ...]]] = (),
+) -> dict[str, Any]:
+    """Compare ``run(*inputs)`` (the lowered model) with ``graph.run`` on :func:`check_sets`
+    plus ``extra_sets`` (labelled input tuples, e.g. the shapes a tuned library specializes).
 
     Returns the check report (``passed``, ``tolerance``, ``runs``, ``worst``, ``check_s``); raises
     one ``BackendError`` line, prefixed ``backend``, naming the first output outside tolerance.
     """
     t0 = time.perf_counter()
     runs, worst = [], None
-    for label, inputs in check_sets(graph, seeds):
+    for label, inputs in [*check_sets(graph, seeds), *extra_sets]:
         refs = graph.run(*inputs)
         tests = [torch.from_numpy(o) for o in run(*inputs)]
         diffs = compare_outputs(refs, tests, graph.output_names)

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import typer
 
 from graphpress.cli.report import (
@@ -108,6 +109,8 @@ def run(
     he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="HE backend: interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
     he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="HE backend: fixed-point bits of the encrypted activations (default 8)."),
     he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="HE backend: fixed-point bits of the weights (default 8)."),
+    tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="TVM backend: tune with MetaSchedule for this many trials (batch 1) before writing the artifact."),
+    tvm_db: Optional[Path] = typer.Option(None, "--tvm-db", help="TVM backend: reuse the tuning database of an earlier tuned artifact (or its tuning/ folder)."),
 ) -> None:
     """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
     from graphpress.api import check_out_dir, compress
@@ -118,6 +121,7 @@ def run(
         for k, v in {"encoding": he_encoding, "protocol": he_protocol, "act_bits": he_act_bits, "weight_bits": he_weight_bits}.items()
         if v is not None
     }
+    tvm_options = {k: v for k, v in {"tune_trials": tvm_tune, "tuning_db": tvm_db}.items() if v is not None}
     if backend == "he":
         from graphpress.backends import get_backend
 
@@ -125,8 +129,15 @@ def run(
     elif he_options:
         flags = ", ".join(f"--he-{k.replace('_', '-')}" for k in he_options)
         raise GraphpressError(f"{flags}: only for --backend he (got --backend {backend})")
+    elif backend == "tvm" and tvm_options:
+        from graphpress.backends import get_backend
+
+        backend_arg = get_backend("tvm", **tvm_options)  # a bad database path fails here
     else:
         backend_arg = backend
+    if tvm_options and backend != "tvm":
+        flags = ", ".join(f"--tvm-{'tune' if k == 'tune_trials' else 'db'}" for k in tvm_options)
+        raise GraphpressError(f"{flags}: only for --backend tvm (got --backend {backend})")
     if bench is None:
         bench = backend != "he"  # encrypted inference is seconds per call: time it with 'compress bench
     with progress() as bar:
@@ -381,6 +392,63 @@ def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat:
 
 
 # ---------------------------------------------------------------------------- he-calibrate
+@app.command()
+@handle_errors
+def tune(
+    artifact: Path = typer.Argument(..., help="A --backend tvm artifact folder written by 'compress run'."),
+    trials: int = typer.Option(64, "--trials", "-n", help="Measured candidates in all (MetaSchedule's global budget); 0 rebuilds from the stored database."),
+    per_task: Optional[int] = typer.Option(None, "--per-task", help="At most this many trials per kernel."),
+    batch: int = typer.Option(1, "--batch", help="The batch to tune for (the library keeps running other batches, untuned)."),
+    dim: Optional[list[str]] = typer.Option(None, "--dim", help="Another dynamic dim's tuning value, e.g. --dim seq=128 (repeatable)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop the tuning worker after this many seconds (the artifact stays as it was)."),
+) -> None:
+    """Tune a TVM artifact with MetaSchedule in a torch-free subprocess; the database is kept in the artifact."""
+    from rich.table import Table
+
+    from graphpress.backends.tvm.tune import tune_artifact
+    from graphpress.runtime.bench import compare_latency
+
+    if batch < 1:
+        raise GraphpressError(f"--batch {batch}: must be at least 1")
+    if per_task is not None and per_task < 1:
+        raise GraphpressError(f"--per-task {per_task}: must be at least 1")
+    dims: dict[str, int] = {}
+    for item in dim or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise GraphpressError(f"--dim {item!r}: expected NAME=INT, e.g. --dim seq=128")
+        dims[name.strip()] = int(value)
+    with progress() as bar:
+        task = bar.add_task("tuning: extracting kernels", total=max(trials, 1))
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev["event"] == "tasks":
+                bar.update(task, description=f"tuning {len(ev['tasks'])} kernels")
+            elif ev["event"] == "progress":
+                bar.update(task, completed=ev["done"], description=f"tuning {ev['task']}")
+
+        summary = tune_artifact(artifact, trials, per_task=per_task, batch=batch, dims=dims, progress=on_event, timeout_s=timeout)
+        bar.update(task, completed=max(trials, 1), description="tuned")
+    from graphpress.backends.tvm.runner import TVMRunner
+
+    runner = TVMRunner(Path(artifact) / "model.so")
+    rng = np.random.default_rng(0)
+    ranges = json.loads((Path(artifact) / "model.json").read_text()).get("input_int_ranges") or [None] * len(summary["shapes"])
+    xs = [rng.integers(r[0], r[1] + 1, size=sh).astype("int64") if r else rng.standard_normal(sh).astype("float32") for sh, r in zip(summary["shapes"], ranges)]
+    cmp = compare_latency({"untuned (main)": lambda: runner.run_function("main", *xs), "tuned (main_static)": lambda: runner.run_function("main_static", *xs)},
+                          (), rounds=30, min_time_s=0.2)
+    t = Table(title=f"{artifact}: TVM tuning", title_justify="left")
+    for col in ("shapes", "kernels tuned", "trials", "tuning s", "db records", "untuned ms", "tuned ms", "speed-up"):
+        t.add_column(col, justify="right")
+    r = cmp.results
+    t.add_row(str(summary["shapes"]), f"{summary.get('tuned_kernels')}/{summary.get('tir_kernels')}", f"{summary['trials_measured']}/{summary['trials']}",
+              f"{summary['tuning_s']:.0f}", f"{summary['records_before']} -> {summary['records']}",
+              f"{r['untuned (main)'].median_ms:.3f}", f"{r['tuned (main_static)'].median_ms:.3f}",
+              f"{r['untuned (main)'].median_ms / r['tuned (main_static)'].median_ms:.2f}x")
+    console.print(t)
+    console.print(f"artifact updated: [bold]{artifact}[/bold] (tuning/ holds the database; report.md has a tuning section)")
+
+
 @app.command("he-calibrate")
 @handle_errors
 def he_calibrate(

@@ -86,7 +86,7 @@ def symbolic_bindings(func: Any, shapes: Sequence[Sequence[int]]) -> dict[Any, i
             raise BackendError(f"tvm: input {i} has rank {len(dims)} but the tuning shape {list(shape)} has rank {len(shape)}")
         for d, (dim, value) in enumerate(zip(dims, shape)):
             value = int(value)
-            if isinstance(dim, tvm.tirx.Var) if hasattr(tvm, "tirx") else isinstance(dim, tvm.tir.Var):
+            if isinstance(dim, tvm.tirx.Var):
                 if out.get(dim, value) != value:
                     raise BackendError(f"tvm: symbolic dim {dim} of input {i} gets two values ({out[dim]} and {value}) in the tuning shapes")
                 out[dim] = value
@@ -101,17 +101,15 @@ def static_module(mod: Any, shapes: Sequence[Sequence[int]]) -> Any:
     main = mod["main"]
     bound = main.bind_symbolic_vars(symbolic_bindings(main, shapes))
     funcs = {gv.name_hint: f for gv, f in mod.functions.items() if gv.name_hint != "main"}
-    return tvm.IRModule({"main": bound, **funcs})
+    return tvm.IRModule({"main": bound, **funcs}, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def with_static_copy(mod: Any, shapes: Sequence[Sequence[int]]) -> Any:
     """``mod`` plus :data:`STATIC_FN`: ``main`` with the symbolic dims bound to ``shapes``."""
     main = mod["main"]
     bound = main.bind_symbolic_vars(symbolic_bindings(main, shapes)).with_attr("global_symbol", STATIC_FN)
-    out = mod.clone() if hasattr(mod, "clone") else mod
-    out = out.shallow_copy() if hasattr(out, "shallow_copy") else out
-    out[STATIC_FN] = bound
-    return out
+    tvm = _tvm()
+    return tvm.IRModule({**{gv.name_hint: f for gv, f in mod.functions.items()}, STATIC_FN: bound}, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def legalize_and_fuse(mod: Any, target: dict[str, Any]) -> Any:
@@ -136,7 +134,7 @@ def compile_library(mod: Any, target: dict[str, Any], path: Path, db_dir: Path |
     Returns
     -------
     dict
-        ``build_s`` and, with a database, ``tuned_kernels`` / ``kernels`` (how many of the
+        ``build_s`` and, with a database, ``tuned_kernels`` / ``tir_kernels`` (how many of the
         module's kernels got a tuned schedule).
     """
     tvm = _tvm()
@@ -149,14 +147,12 @@ def compile_library(mod: Any, target: dict[str, Any], path: Path, db_dir: Path |
         from tvm.s_tir import meta_schedule as ms
 
         mod = legalize_and_fuse(mod, target)
-        before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         with tgt, ms.database.JSONDatabase(work_dir=str(db_dir)):
             mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
-        after = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-        # A kernel the database scheduled is marked tir.is_scheduled by the pass.
-        info["kernels"] = len(after)
-        info["tuned_kernels"] = sum(1 for f in after.values() if f.attrs is not None and "tir.is_scheduled" in f.attrs)
-        del before
+        kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+        # The pass marks each kernel it scheduled from a record ("tirx.is_scheduled" in 0.27).
+        info["tir_kernels"] = len(kernels)
+        info["tuned_kernels"] = sum(1 for f in kernels if f.attrs is not None and any(str(k).endswith("is_scheduled") for k in dict(f.attrs)))
     try:
         executable = tvm.compile(mod, target=tgt)
     except Exception as err:

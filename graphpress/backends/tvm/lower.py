@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from graphpress.backends.base import LoweredModel
 from graphpress.backends.check import check_against_graph
+from graphpress.backends.tvm.build import DB_FILES, RELAX_FILE, TUNING_DIR, compile_library, has_database, save_module, with_static_copy
 from graphpress.backends.tvm.fixups import apply_fixups
 from graphpress.backends.tvm.regions import RegionRecorder, group_regions
 from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
+from graphpress.backends.tvm.tune import tune_folder, tuning_shapes
 from graphpress.errors import BackendError
 from graphpress.ir.expand_ops import ExpansionError, expand_graphpress_ops
 from graphpress.ir.graph import Graph
@@ -59,6 +64,12 @@ def check_library(graph: Graph, model_path: Path, seeds: Sequence[int] = (0, 1))
     return check_against_graph(graph, TVMRunner(model_path), "tvm", seeds)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 class TVMBackend:
     """The ``"tvm"`` backend (see module docstring).
 
@@ -72,11 +83,34 @@ class TVMBackend:
 
     name = "tvm"
 
-    def __init__(self, target: dict[str, Any] | None = None, check_seeds: Sequence[int] = (0, 1)):
+    def __init__(
+        self,
+        target: dict[str, Any] | None = None,
+        check_seeds: Sequence[int] = (0, 1),
+        tuning_db: str | os.PathLike | None = None,
+        tune_trials: int = 0,
+        tune_per_task: int | None = None,
+        tune_batch: int = 1,
+        tune_progress: Callable[[dict[str, Any]], None] | None = None,
+    ):
         if target is not None and (not isinstance(target, dict) or "kind" not in target):
             raise BackendError(f"tvm: target must be a dict with a 'kind' (e.g. {{'kind': 'llvm'}}), got {target!r}")
         self.target = dict(target) if target is not None else None
         self.check_seeds = tuple(check_seeds)
+        self.tuning_db = None
+        if tuning_db is not None:
+            db = Path(tuning_db)
+            if db.is_dir() and not has_database(db) and has_database(db / TUNING_DIR):
+                db = db / TUNING_DIR  # an artifact folder: its tuning/ database
+            if not has_database(db):
+                raise BackendError(f"tvm: tuning_db {tuning_db}: no MetaSchedule database there ({', '.join(DB_FILES)}); pass a tuned artifact or its tuning/ folder")
+            self.tuning_db = db
+        if int(tune_trials) < 0:
+            raise BackendError(f"tvm: tune_trials must be >= 0, got {tune_trials}")
+        self.tune_trials = int(tune_trials)
+        self.tune_per_task = tune_per_task
+        self.tune_batch = int(tune_batch)
+        self.tune_progress = tune_progress
 
     def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:
         """Compile ``graph`` into ``folder/model.so`` (+ ``model.json``) and, with ``check``, verify it."""
@@ -108,23 +142,36 @@ class TVMBackend:
         # for that batch (BERT with a dynamic sequence: bad_alloc); without it buffers are sized per call.
         if mod["main"].attrs is not None and "tir_var_upper_bound" in mod["main"].attrs:
             mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
-        t0 = time.perf_counter()
-        try:
-            executable = tvm.compile(mod, target=tvm.target.Target(target))
-        except Exception as err:
-            raise BackendError(f"tvm: build of {graph.name!r} for {target} failed: {_first_line(err)}") from err
-        info["build_s"] = round(time.perf_counter() - t0, 3)
+        save_module(mod, folder / RELAX_FILE)  # what tuning and later rebuilds start from, without torch
+        meta = {
+            "inputs": list(graph.input_names), "outputs": list(graph.output_names), "target": target, "tvm_version": tvm.__version__,
+            "example_shapes": [list(x.shape) for x in graph.example_inputs],
+            "input_dims": [[d if isinstance(d, str) else None for d in spec.shape] for spec in graph.input_specs],
+            "input_dtypes": [str(x.dtype).removeprefix("torch.") for x in graph.example_inputs],
+            "input_int_ranges": [None if x.dtype.is_floating_point or x.dtype == torch.bool else [int(x.min()), int(x.max())] for x in graph.example_inputs],
+        }
         path = folder / MODEL_FILE
-        tmp = folder / (MODEL_FILE + ".tmp.so")
-        executable.export_library(str(tmp))
-        os.replace(tmp, path)
-        meta = {"inputs": list(graph.input_names), "outputs": list(graph.output_names), "target": target, "tvm_version": tvm.__version__}
-        meta_tmp = folder / (META_FILE + ".tmp")
-        meta_tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(meta_tmp, folder / META_FILE)
+        extra: list[tuple[str, tuple[Any, ...]]] = []
+        if self.tuning_db is not None:  # reuse a tuning database: tuned kernels without tuning
+            shapes = tuning_shapes(meta, self.tune_batch)
+            shutil.copytree(self.tuning_db, folder / TUNING_DIR, dirs_exist_ok=True)
+            info.update(compile_library(with_static_copy(mod, shapes), target, path, db_dir=folder / TUNING_DIR))
+            meta["static_shapes"] = shapes
+            info["tuning_db"] = {"reused": str(self.tuning_db), "shapes": shapes}
+            info["tuned"] = True
+            extra.append((f"random inputs at the tuned shapes {shapes}", graph.random_inputs(7, batch=shapes[0][0])))
+        else:
+            info.update(compile_library(mod, target, path))
+        _write_json(folder / META_FILE, meta)
         info["model_bytes"] = path.stat().st_size
-        report = check_library(graph, path, self.check_seeds) if check else {"skipped": True}
-        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=[MODEL_FILE, META_FILE], check=report, info=info)
+        report = check_against_graph(graph, TVMRunner(path), "tvm", self.check_seeds, extra) if check else {"skipped": True}
+        files = [MODEL_FILE, META_FILE, RELAX_FILE]
+        if self.tune_trials > 0:
+            info["tuning"] = tune_folder(folder, self.tune_trials, per_task=self.tune_per_task, batch=self.tune_batch, progress=self.tune_progress)
+            info["tuned"] = True
+        if (folder / TUNING_DIR).is_dir():
+            files += [f"{TUNING_DIR}/{name}" for name in DB_FILES]
+        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info)
 
     def runner(self, model_path: Path, threads: int | None = None) -> TVMRunner:
         """A :class:`TVMRunner` for a lowered model."""

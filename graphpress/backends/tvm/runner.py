@@ -1,7 +1,10 @@
 """Run a compiled TVM artifact (``model.so`` + ``model.json``) with the Relax VM; imports no torch.
 
 ``model.so`` is the exported Relax executable (weights embedded as constants); ``model.json`` names
-the inputs and outputs and records the target the library was built for. The library only runs
+the inputs and outputs and records the target the library was built for. A tuned library (see
+:mod:`graphpress.backends.tvm.tune`) also holds ``main_static``, the tuned schedules for the
+shapes listed in ``model.json["static_shapes"]``: inputs of exactly those shapes run there, any
+other shapes run through ``main``. The library only runs
 on a CPU that supports the recorded ``mcpu``'s instruction set.
 """
 
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,26 @@ def _as_numpy(x: Any) -> np.ndarray:
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.ascontiguousarray(x)
+
+
+_LOADED: dict[str, tuple[int, int]] = {}
+
+
+def _loadable(path: Path) -> Path:
+    """``path``, or a fresh copy of it when this process already loaded a different file there.
+
+    ``dlopen`` hands back the library already mapped under the same name, so after tuning rewrote
+    ``model.so`` a new runner in the same process would silently run the old library.
+    """
+    key = str(path.resolve())
+    st = path.stat()
+    stamp = (st.st_ino, st.st_mtime_ns)
+    if _LOADED.setdefault(key, stamp) == stamp:
+        return path
+    fd, copy = tempfile.mkstemp(prefix=path.stem + "-", suffix=path.suffix)
+    os.close(fd)
+    shutil.copy2(path, copy)
+    return Path(copy)
 
 
 class TVMRunner:
@@ -64,18 +89,33 @@ class TVMRunner:
         if threads is not None:
             os.environ.setdefault("TVM_NUM_THREADS", str(int(threads)))
         try:
-            lib = tvm.runtime.load_module(str(self.model_path))
+            lib = tvm.runtime.load_module(str(_loadable(self.model_path)))
         except Exception as err:
             raise BackendError(f"{self.model_path}: cannot load the TVM library: {str(err).strip().splitlines()[0]}") from err
         self._tvm = tvm
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self._main = self.vm["main"]
+        # A tuned library also holds main_static: the tuned schedules for exactly these shapes.
+        static = meta.get("static_shapes")
+        self.static_shapes = [tuple(int(d) for d in s) for s in static] if static else None
+        self._static = self.vm["main_static"] if self.static_shapes else None
+
+    def run_function(self, name: str, *inputs: Any) -> list[np.ndarray]:
+        """Run one function of the library by name (``"main"``, or ``"main_static"`` in a tuned one)."""
+        fn = {"main": self._main, "main_static": self._static}.get(name)
+        if fn is None:
+            raise BackendError(f"{self.model_path.name}: no function {name!r} (tuned libraries have main and main_static)")
+        out = fn(*[self._tvm.runtime.tensor(_as_numpy(x)) for x in inputs])
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return [o.numpy() for o in outs]
 
     def __call__(self, *inputs: Any) -> list[np.ndarray]:
         if len(inputs) != len(self.input_names):
             raise BackendError(f"{self.model_path.name}: got {len(inputs)} inputs, expected {len(self.input_names)} ({', '.join(self.input_names)})")
-        args = [self._tvm.runtime.tensor(_as_numpy(x)) for x in inputs]
-        out = self._main(*args)
+        arrays = [_as_numpy(x) for x in inputs]
+        args = [self._tvm.runtime.tensor(a) for a in arrays]
+        fn = self._static if self._static is not None and [a.shape for a in arrays] == self.static_shapes else self._main
+        out = fn(*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return [o.numpy() for o in outs]
 
