@@ -38,7 +38,7 @@ def test_mlp_and_cnn_build_and_match_the_graph(tmp_path):
         g = Graph.capture(model.eval(), (x,), name=name)
         lowered = get_backend("tvm").lower(g, tmp_path / name)
         assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
-        assert lowered.files == ["model.so", "model.json"] and lowered.info["target"]["kind"] == "llvm"
+        assert lowered.files == ["model.so", "model.json", "model.relax.json"] and lowered.info["target"]["kind"] == "llvm"
         meta = json.loads((tmp_path / name / "model.json").read_text())
         assert meta["inputs"] == list(g.input_names) and meta["outputs"] == list(g.output_names)
         runner = get_backend("tvm").runner(tmp_path / name / "model.so")
