@@ -92,3 +92,30 @@ def test_transformers_bert_from_config_builds_and_matches(tmp_path):
     g = Graph.capture(tiny_bert().eval(), (ids,), name="bert")
     lowered = get_backend("tvm").lower(g, tmp_path / "bert")
     assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
+
+
+def test_cuda_build_only_without_a_gpu(tmp_path):
+    import shutil
+
+    import tvm
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: TVM cannot compile its generated CUDA code here")
+    torch.manual_seed(0)
+    for name, model, x in (("mlp", nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)), torch.randn(2, 32)),
+                           ("cnn", SmallCNN(), torch.randn(2, 3, 8, 8))):
+        g = Graph.capture(model.eval(), (x,), name=name)
+        lowered = get_backend("tvm", target={"kind": "cuda", "arch": "sm_80"}).lower(g, tmp_path / name)
+        # dlight scheduled every kernel (an unscheduled GPU kernel fails the build), nvcc compiled them
+        assert lowered.info["cuda"]["kernels"] >= 2 and lowered.info["cuda"]["source_chars"] > 1000
+        assert (tmp_path / name / "model.so").stat().st_size > 0
+        if tvm.runtime.enabled("cuda") and tvm.cuda(0).exist:
+            assert lowered.check["passed"] and lowered.check["worst"]["max_abs"] <= 1e-4
+        else:
+            assert lowered.check["skipped"] and "no CUDA device" in lowered.check["reason"]
+            with pytest.raises(BackendError, match="built for CUDA, but this machine has no CUDA device"):
+                get_backend("tvm").runner(tmp_path / name / "model.so")
+    with pytest.raises(BackendError, match="target kind 'rocm' is not supported"):
+        get_backend("tvm", target={"kind": "rocm"})
+    with pytest.raises(BackendError, match="tuning is supported for llvm targets only"):
+        get_backend("tvm", target={"kind": "cuda"}, tune_trials=8)

@@ -142,7 +142,8 @@ def compile_library(mod: Any, target: dict[str, Any], path: Path, db_dir: Path |
 
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
-    tgt = tvm.target.Target(target)
+    # A GPU target needs a host for the VM's own code: this CPU.
+    tgt = tvm.target.Target(target, host={"kind": "llvm"}) if target.get("kind") == "cuda" else tvm.target.Target(target)
     if has_database(db_dir):
         from tvm.s_tir import meta_schedule as ms
 
@@ -158,6 +159,8 @@ def compile_library(mod: Any, target: dict[str, Any], path: Path, db_dir: Path |
     except Exception as err:
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         raise BackendError(f"tvm: build for {target} failed: {type(err).__name__}: {lines[-1] if lines else ''}") from err
+    if target.get("kind") == "cuda":
+        info["cuda"] = cuda_kernels(executable.mod)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.so")
     executable.export_library(str(tmp))
@@ -166,7 +169,23 @@ def compile_library(mod: Any, target: dict[str, Any], path: Path, db_dir: Path |
     return info
 
 
+def cuda_kernels(module: Any) -> dict[str, Any]:
+    """The CUDA kernels inside a built module: ``__global__`` count and source size (checks that a
+    ``cuda`` build really produced device code, on a machine that cannot run it)."""
+    found = {"kernels": 0, "source_chars": 0}
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if getattr(m, "kind", "") == "cuda":
+            src = m.inspect_source("")
+            found["kernels"] += src.count("__global__")
+            found["source_chars"] += len(src)
+        stack.extend(m.imports)
+    return found
+
+
 __all__ = [
+    "cuda_kernels",
     "DB_FILES", "RELAX_FILE", "STATIC_FN", "TUNING_DIR", "compile_library", "has_database", "legalize_and_fuse",
     "load_module", "save_module", "static_module", "symbolic_bindings", "with_static_copy",
 ]

@@ -95,6 +95,10 @@ class TVMBackend:
     ):
         if target is not None and (not isinstance(target, dict) or "kind" not in target):
             raise BackendError(f"tvm: target must be a dict with a 'kind' (e.g. {{'kind': 'llvm'}}), got {target!r}")
+        if target is not None and target["kind"] not in ("llvm", "cuda"):
+            raise BackendError(f"tvm: target kind {target['kind']!r} is not supported; use 'llvm' (CPU) or 'cuda'")
+        if target is not None and target["kind"] == "cuda" and (tuning_db is not None or tune_trials):
+            raise BackendError("tvm: tuning is supported for llvm targets only; drop tune_trials / tuning_db for a cuda target")
         self.target = dict(target) if target is not None else None
         self.check_seeds = tuple(check_seeds)
         self.tuning_db = None
@@ -164,7 +168,13 @@ class TVMBackend:
             info.update(compile_library(mod, target, path))
         _write_json(folder / META_FILE, meta)
         info["model_bytes"] = path.stat().st_size
-        report = check_against_graph(graph, TVMRunner(path), "tvm", self.check_seeds, extra) if check else {"skipped": True}
+        if check and target["kind"] == "cuda" and not (tvm.runtime.enabled("cuda") and tvm.cuda(0).exist):
+            # Build-only: the CUDA code was generated and compiled, but nothing here can run it.
+            report = {"skipped": True, "reason": "no CUDA device on this machine: build only (the kernels are in info['cuda'])"}
+        elif check:
+            report = check_against_graph(graph, TVMRunner(path), "tvm", self.check_seeds, extra)
+        else:
+            report = {"skipped": True}
         files = [MODEL_FILE, META_FILE, RELAX_FILE]
         if self.tune_trials > 0:
             info["tuning"] = tune_folder(folder, self.tune_trials, per_task=self.tune_per_task, batch=self.tune_batch, progress=self.tune_progress)

@@ -88,12 +88,19 @@ class TVMRunner:
         self.target = meta.get("target")
         if threads is not None:
             os.environ.setdefault("TVM_NUM_THREADS", str(int(threads)))
+        device = tvm.cpu()
+        if (self.target or {}).get("kind") == "cuda":
+            # A CPU-only TVM wheel cannot even load a CUDA library: say so before trying.
+            if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+                raise BackendError(f"{self.model_path}: built for CUDA, but this machine has no CUDA device TVM can use "
+                                   "(CPU-only TVM wheel or no GPU); run it on a GPU machine or re-export for llvm")
+            device = tvm.cuda(0)
         try:
             lib = tvm.runtime.load_module(str(_loadable(self.model_path)))
         except Exception as err:
             raise BackendError(f"{self.model_path}: cannot load the TVM library: {str(err).strip().splitlines()[0]}") from err
         self._tvm = tvm
-        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.vm = relax.VirtualMachine(lib, device)
         self._main = self.vm["main"]
         # A tuned library also holds main_static: the tuned schedules for exactly these shapes.
         static = meta.get("static_shapes")
