@@ -13,11 +13,13 @@ and the closest valid key.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
@@ -49,6 +51,51 @@ class Pass(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
+
+# ---------------------------------------------------------------------------- progress
+# A pass that loops over layers for seconds or minutes calls report_progress(i, n, what); the
+# caller (the CLI, through graphpress.api.compress) listens with progress_hook. A context
+# variable, not a Pipeline argument, so passes keep their one-argument __call__ and a pass run
+# outside any pipeline reports to nobody at no cost.
+ProgressHook = Callable[[int, int, str], None]
+_PROGRESS: contextvars.ContextVar[ProgressHook | None] = contextvars.ContextVar("graphpress_pass_progress", default=None)
+
+
+def report_progress(done: int, total: int, what: str = "") -> None:
+    """Tell the listener (if any) that a pass has finished ``done`` of ``total`` steps.
+
+    Parameters
+    ----------
+    done : int
+        Steps finished so far (0 before the first one).
+    total : int
+        Steps in all (e.g. the layers the pass visits).
+    what : str
+        What the step is (a layer name), shown next to ``done/total``.
+    """
+    hook = _PROGRESS.get()
+    if hook is not None:
+        hook(int(done), int(total), str(what))
+
+
+def progress_iter(items: typing.Iterable[Any], what: Callable[[Any], str] = lambda x: str(getattr(x, "name", ""))) -> Iterator[Any]:
+    """Yield ``items`` and report ``i/n`` (with ``what(item)``) before each: a per-layer loop's
+    progress in one line, ``for layer in progress_iter(layers):``."""
+    items = list(items)
+    for i, item in enumerate(items):
+        report_progress(i, len(items), what(item))
+        yield item
+    report_progress(len(items), len(items), "")
+
+
+@contextlib.contextmanager
+def progress_hook(hook: ProgressHook | None) -> Iterator[None]:
+    """Within the block, :func:`report_progress` calls ``hook(done, total, what)``."""
+    token = _PROGRESS.set(hook)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 def register(name: str):

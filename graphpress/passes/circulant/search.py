@@ -59,7 +59,7 @@ import torch
 from graphpress.errors import PassError
 from graphpress.ir.circulant import expand, project
 from graphpress.ir.graph import Graph
-from graphpress.passes.base import PassResult, make_pass, register
+from graphpress.passes.base import PassResult, make_pass, progress_iter, register
 from graphpress.passes.circulant.cost import get_cost_model
 from graphpress.passes.circulant.layers import Layer, find_layers
 from graphpress.passes.circulant.reconstruct import (
@@ -239,7 +239,7 @@ def output_sensitivities(
     with torch.no_grad():
         refs = [graph.run(*batch) for batch in batches]
         out: dict[str, dict[int, float]] = {}
-        for layer in layers:
+        for layer in progress_iter(layers):
             out[layer.name] = {1: 0.0}
             sizes = [b for b in feasible[layer.name] if b > 1]
             if not sizes:

@@ -53,7 +53,7 @@ from torch import fx
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg, pair
-from graphpress.passes.base import PassResult, register
+from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.ilp import allocate
 from graphpress.passes.layers import QLayer, find_layers, record
 from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
@@ -248,7 +248,7 @@ class PruneWeights:
             hess = self._measure(graph, todo)
         stats_layers: dict[str, dict[str, Any]] = {}
         groups = _by_input(todo)
-        for group in groups:
+        for group in progress_iter(groups, lambda g: g[0].name):
             if data_aware and cfg.sequential:
                 hess.update(self._measure(graph, group))
             for layer in group:

@@ -42,6 +42,7 @@ from torch import fx
 from graphpress.errors import PassError
 from graphpress.ir.compare import kl_divergence
 from graphpress.ir.graph import Graph
+from graphpress.passes.base import progress_iter
 from graphpress.passes.fisher import fisher_diagonal
 from graphpress.passes.layers import QLayer, record
 
@@ -186,7 +187,7 @@ def measured_sensitivities(graph: Graph, layers: Sequence[QLayer], options: dict
     refs = [graph.run(*b) for b in batches]
     noise: dict[str, dict[int, float]] = {}
     kl: dict[str, dict[int, float]] = {}
-    for layer in layers:
+    for layer in progress_iter(layers):
         noise[layer.name], kl[layer.name] = {}, {}
         weight = graph.get_tensor(layer.weight_target)
         saved = weight.detach().clone()

@@ -48,7 +48,7 @@ import graphpress.ir.ops_sparse  # noqa: F401 -- registers graphpress::sparse_li
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
-from graphpress.passes.base import PassResult, register
+from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.layers import QLayer, find_layers, record, rows
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
@@ -261,11 +261,11 @@ class SparsifyActivations:
             grid = [0.0] + [min(cfg.step * i, cfg.max_layer_sparsity) for i in range(1, n + 1)]
             options = {name: [c.thresholds(p) for p in grid] for name, c in cal.items()}
             if cfg.greedy_metric == "layer":
-                curves = {name: [cal[name].noise(t) for t in opts] for name, opts in options.items()}
+                curves = {name: [cal[name].noise(t) for t in opts] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
             else:
                 refs = [graph.run(*b)[0] for b in graph.calibration_batches()]
                 by_name = {layer.name: layer.node.name for layer in chosen}
-                curves = {name: [0.0] + [_model_noise(graph, refs, {by_name[name]: t}) for t in opts[1:]] for name, opts in options.items()}
+                curves = {name: [0.0] + [_model_noise(graph, refs, {by_name[name]: t}) for t in opts[1:]] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
             level = greedy(curves, sizes, grid, cfg.target_sparsity)
             plan = {name: options[name][i] for name, i in level.items()}
 
