@@ -531,6 +531,12 @@ def demo(
     console.print(f"artifact: [bold]{result.folder}[/bold]")
 
 
+# ---------------------------------------------------------------------------- samples
+from graphpress.cli.samples import samples as _samples  # noqa: E402 -- its own module; registered here
+
+app.command("samples")(handle_errors(_samples))
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="compress")
