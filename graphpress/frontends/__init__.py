@@ -90,10 +90,12 @@ def load(
             raise FrontendError(f"{path}: is a graphpress artifact, not a model source; run it with graphpress.runtime.load or 'compress bench'")
         if is_hf_folder(path):
             return load_hf_folder(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
-        raise FrontendError(f"{path}: folder has no config.json; expected a Hugging Face model folder")
+        raise FrontendError(
+            f"{path}: folder is neither a graphpress artifact (no manifest.json) nor a Hugging Face model folder (no config.json)"
+        )
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx(path, example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+        return load_onnx(path, example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
     if suffix == ".safetensors":
         return load_safetensors(path, arch or "", example_inputs=example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
     if suffix == ".bin" and not arch and (is_llama2c(path) or not _is_torch_file(path)):

@@ -46,7 +46,16 @@ def from_module(
     """
     if not isinstance(module, torch.nn.Module):
         raise FrontendError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    inputs = resolve_example_inputs(module, example_inputs, input_shape, who=name or type(module).__name__)
+    where = (source or {}).get("path") or name or type(module).__name__
+    with_inf = check_finite_weights(module, where=where)
+    try:
+        inputs = resolve_example_inputs(module, example_inputs, input_shape, who=name or type(module).__name__)
+    except Exception:
+        if with_inf:  # e.g. sampling example tokens from a model whose weights hold Inf
+            _refuse_inf(where, with_inf)
+        raise
+    if with_inf:
+        check_finite_outputs(module, inputs, with_inf, where=where)
     return Graph.capture(
         module,
         inputs,
@@ -57,6 +66,70 @@ def from_module(
         output_names=output_names,
         source=source or {"frontend": "torch_module", "class": f"{type(module).__module__}.{type(module).__qualname__}"},
     )
+
+
+def _non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a floating tensor."""
+    if not (t.is_floating_point() or t.is_complex()) or t.is_meta:
+        return 0, 0
+    t = t.detach()
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def check_finite_weights(module: torch.nn.Module, *, where: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """Refuse weights holding NaN before capture, naming the tensor; list those holding Inf.
+
+    NaN is never a meaningful weight. An infinite value can be one (an additive ``-inf``
+    attention mask stored as a buffer or initializer), so tensors with Inf are returned as
+    ``(name, shape, count)`` for :func:`check_finite_outputs`, which refuses them only when the
+    model's outputs are not finite.
+
+    Raises
+    ------
+    FrontendError
+        ``"<where>: weight 'conv1.weight' (16, 3, 3, 3) holds 3 NaN value(s) ..."``.
+    """
+    seen: set[int] = set()
+    with_inf: list[tuple[str, tuple[int, ...], int]] = []
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        nans, infs = _non_finite(t)
+        if nans:
+            raise FrontendError(
+                f"{where}: weight {name!r} {tuple(t.shape)} holds {nans} NaN value(s) of {t.numel()}"
+                f"{f' and {infs} Inf' if infs else ''}; the file is damaged or the training diverged: "
+                "re-export the weights from a healthy checkpoint"
+            )
+        if infs:
+            with_inf.append((name, tuple(t.shape), infs))
+    return with_inf
+
+
+def _refuse_inf(where: str, with_inf: list[tuple[str, tuple[int, ...], int]]) -> None:
+    name, shape, infs = with_inf[0]
+    more = f" (and {len(with_inf) - 1} more weight(s) with Inf)" if len(with_inf) > 1 else ""
+    raise FrontendError(
+        f"{where}: weight {name!r} {shape} holds {infs} Inf value(s){more} and the model's outputs are not finite; "
+        "the file is damaged or the training diverged: re-export the weights from a healthy checkpoint"
+    )
+
+
+def check_finite_outputs(
+    module: torch.nn.Module, inputs: Sequence[torch.Tensor], with_inf: list[tuple[str, tuple[int, ...], int]], *, where: str
+) -> None:
+    """Run ``module`` once: when its outputs are not finite, the Inf weights are the cause; say so."""
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+    except Exception:  # noqa: BLE001 -- capture reports a model that cannot run; Inf alone is no proof
+        return
+    leaves = list(out.values()) if isinstance(out, dict) else (list(out) if isinstance(out, (tuple, list)) else [out])
+    if all(bool(torch.isfinite(o).all()) for o in leaves if isinstance(o, torch.Tensor) and o.is_floating_point()):
+        return
+    _refuse_inf(where, with_inf)
 
 
 def resolve_example_inputs(
