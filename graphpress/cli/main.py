@@ -7,8 +7,11 @@ stderr with exit code 2; an unexpected exception prints one line too (exit 3) un
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -20,13 +23,14 @@ import numpy as np
 import typer
 
 from graphpress.cli.report import (
+    StageProgress,
     console,
     err_console,
     fmt_bytes,
     latency_table,
     passes_table,
-    progress,
     result_table,
+    set_user_stderr,
     summary_table,
 )
 from graphpress.errors import GraphpressError
@@ -41,14 +45,30 @@ app = typer.Typer(
 _DEBUG = {"on": False}
 
 
-def _quiet() -> None:
-    # torch.export / torch.onnx warn loudly about things users cannot act on.
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TORCH_LOGS", "-all")
-    import logging
+@contextlib.contextmanager
+def _quiet():
+    """Without --debug, library chatter never reaches the user's stderr while a command runs.
 
-    for name in ("torch", "torch.onnx", "torch._export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.export prints partial graphs on ``sys.stderr`` when it fails, torch logs through
+    handlers bound to the stderr of import time, and torch / onnx warn about things users
+    cannot act on: ``sys.stderr`` is redirected to a buffer, logging is disabled and warnings
+    are ignored, all restored afterwards. The one-line error is printed after this block, and
+    plain progress lines go to the real stderr (:func:`graphpress.cli.report.set_user_stderr`).
+    """
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    if _DEBUG["on"]:
+        yield
+        return
+    previous = logging.root.manager.disable
+    set_user_stderr(sys.stderr)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.CRITICAL)
+            yield
+    finally:
+        logging.disable(previous)
+        set_user_stderr(None)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -56,29 +76,27 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _quiet()
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except GraphpressError as err:
-            if _DEBUG["on"]:
+        message, code = None, 0
+        with _quiet():
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
                 raise
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/red]")
-            raise typer.Exit(130) from None
-        except Exception as err:  # noqa: BLE001 -- last line of defence for users
-            if _DEBUG["on"]:
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            err_console.print(
-                f"[red]internal error:[/red] {type(err).__name__}: {first[:300]} (rerun with --debug for the traceback)",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(3) from None
+            except GraphpressError as err:
+                if _DEBUG["on"]:
+                    raise
+                message, code = f"[red]error:[/red] {err}", 2
+            except KeyboardInterrupt as err:
+                message, code = f"[red]interrupted[/red]{': ' + str(err) if str(err) else ''}", 130
+            except Exception as err:  # noqa: BLE001 -- last line of defence for users
+                if _DEBUG["on"]:
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                message = f"[red]internal error:[/red] {type(err).__name__}: {first[:300]} (rerun with --debug for the traceback)"
+                code = 3
+        # outside _quiet: the user's own stderr again
+        err_console.print(message, highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
 
     return wrapper
 
@@ -105,6 +123,11 @@ def run(
     finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Unlabelled inputs for recovery fine-tuning by distillation."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Maximum fine-tuning epochs (early stopping on a held-out split)."),
     finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Fine-tuning learning rate."),
+    finetune_trainable: str = typer.Option(
+        "auto",
+        "--finetune-trainable",
+        help="What fine-tuning trains: auto (the tensors passes mark trainable, else every weight), annotated, or all (pruned weights keep their zeros).",
+    ),
     he_encoding: Optional[str] = typer.Option(None, "--he-encoding", help="HE backend: coeff-circulant (default) | coeff-dense | slot-dense."),
     he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="HE backend: interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
     he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="HE backend: fixed-point bits of the encrypted activations (default 8)."),
@@ -116,6 +139,10 @@ def run(
     from graphpress.api import check_out_dir, compress
 
     check_out_dir(out, overwrite)  # fail before minutes of work
+    from graphpress.train.distill import TRAINABLE
+
+    if finetune_trainable not in TRAINABLE:
+        raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(TRAINABLE)}")
     he_options = {
         k: v
         for k, v in {"encoding": he_encoding, "protocol": he_protocol, "act_bits": he_act_bits, "weight_bits": he_weight_bits}.items()
@@ -139,30 +166,8 @@ def run(
         flags = ", ".join(f"--tvm-{'tune' if k == 'tune_trials' else 'db'}" for k in tvm_options)
         raise GraphpressError(f"{flags}: only for --backend tvm (got --backend {backend})")
     if bench is None:
-        bench = backend != "he"  # encrypted inference is seconds per call: time it with 'compress bench
-    with progress() as bar:
-        stage_task = bar.add_task("capture", total=None)
-        pass_task = None
-        epoch_task = None
-
-        def on_epoch(epoch: int, total: int, record: dict) -> None:
-            nonlocal epoch_task
-            if epoch_task is None:
-                epoch_task = bar.add_task("fine-tune", total=total)
-            bar.update(epoch_task, completed=epoch, description=f"fine-tune (val loss {record['val_loss']:.4g})")
-
-        def on_stage(name: str) -> None:
-            bar.update(stage_task, description=name)
-
-        def on_event(kind: str, i: int, total: int, record: Any) -> None:
-            nonlocal pass_task
-            if pass_task is None:
-                pass_task = bar.add_task("passes", total=total)
-            if kind == "start":
-                bar.update(pass_task, description=f"pass {record.name}")
-            else:
-                bar.update(pass_task, completed=i + 1, description="passes")
-
+        bench = backend != "he"  # encrypted inference is seconds per call: time it with 'compress bench'
+    with StageProgress() as prog:
         result = compress(
             checkpoint,
             out=out,
@@ -175,25 +180,36 @@ def run(
             baseline=baseline,
             calibration=calibration,
             finetune_inputs=finetune_data,
-            finetune={"epochs": finetune_epochs, "lr": finetune_lr},
-            on_event=on_event,
-            on_epoch=on_epoch,
-            on_stage=on_stage,
+            finetune={"epochs": finetune_epochs, "lr": finetune_lr, "trainable": finetune_trainable},
+            **_progress_hooks(prog),
         )
-        bar.update(stage_task, description="done", total=1, completed=1)
     if result.manifest["passes"]:
         console.print(passes_table(result.manifest["passes"]))
     if result.manifest.get("finetune"):
         ft = result.manifest["finetune"]
         best = ft["history"][ft["best_epoch"] - 1]["val_loss"] if ft["best_epoch"] > 0 else "no improvement"
+        what = {"all": "weights", "annotated": "compact values"}.get(ft.get("trainable", ""), "values")
         console.print(
-            f"fine-tuned {ft['params_trained']:,} values in {len(ft['history'])} epoch(s)"
+            f"fine-tuned {ft['params_trained']:,} {what} in {len(ft['history'])} epoch(s)"
             f"{' (stopped early)' if ft['stopped_early'] else ''}; best epoch {ft['best_epoch']}, val loss {best}"
         )
     _print_result(result.manifest)
     if result.manifest["backend"] == "he":
         _print_he_lowering(result.folder)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+def _progress_hooks(prog: StageProgress) -> dict[str, Callable[..., None]]:
+    """The :func:`graphpress.api.compress` hooks that drive ``prog``: stages, passes, a pass's
+    layers, fine-tuning epochs, verification sets and latency rounds."""
+
+    def on_event(kind: str, i: int, total: int, record: Any) -> None:
+        prog.step(i if kind == "start" else i + 1, total, f"pass {record.name}")
+
+    def on_epoch(epoch: int, total: int, record: dict) -> None:
+        prog.step(epoch, total, f"epoch (val loss {record['val_loss']:.4g})")
+
+    return {"on_stage": prog.stage, "on_event": on_event, "on_epoch": on_epoch, "on_step": prog.inner}
 
 
 def _print_he_lowering(folder: Path) -> None:
@@ -314,6 +330,7 @@ def bench(
     batch: int = typer.Option(1, "--batch", help="Batch size for the dynamic batch dimension."),
     repeat: Optional[int] = typer.Option(None, "--repeat", help="Timed runs (default 50; 3 encrypted inferences for HE artifacts)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for the runtime."),
+    dim: Optional[list[str]] = typer.Option(None, "--dim", help="A dynamic dim's size, e.g. --dim seq=128 (repeatable; default: the size it was exported with)."),
 ) -> None:
     """Measure an artifact's latency on random inputs of its input specs (HE: per-layer predicted vs measured)."""
     import numpy as np
@@ -325,11 +342,12 @@ def bench(
         raise GraphpressError(f"--batch {batch}: must be at least 1")
     if repeat is not None and repeat < 1:
         raise GraphpressError(f"--repeat {repeat}: must be at least 1")
+    dims = parse_dims(dim)
     model = load(artifact, **({"threads": threads} if threads else {}))
+    shapes = bench_shapes(model.manifest, batch, dims)
     rng = np.random.default_rng(0)
     inputs = []
-    for spec in model.manifest["inputs"]:
-        shape = [batch if d == "batch" else int(d) for d in spec["shape"]]
+    for spec, shape in zip(model.manifest["inputs"], shapes):
         if spec["dtype"].startswith("float"):
             inputs.append(rng.standard_normal(shape).astype(spec["dtype"]))
         else:
@@ -338,11 +356,55 @@ def bench(
         _bench_he(artifact, model, inputs, batch, repeat or 3)
         return
     res = benchmark(lambda: model(*inputs), repeat=repeat or 50)
-    t = Table(title=f"{artifact} ({model.manifest['backend']}, batch {batch})", title_justify="left")
+    shown = ", ".join(f"{s['name']} {tuple(sh)}" for s, sh in zip(model.manifest["inputs"], shapes))
+    t = Table(title=f"{artifact} ({model.manifest['backend']}, batch {batch}; {shown})", title_justify="left")
     for col in ("median ms", "p10 ms", "p90 ms", "runs"):
         t.add_column(col, justify="right")
     t.add_row(f"{res.median_ms:.3f}", f"{res.p10_ms:.3f}", f"{res.p90_ms:.3f}", str(res.n))
     console.print(t)
+
+
+def parse_dims(items: Optional[list[str]], option: str = "--dim") -> dict[str, int]:
+    """``["seq=128"]`` -> ``{"seq": 128}``; one-line error for anything else."""
+    dims: dict[str, int] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise GraphpressError(f"{option} {item!r}: expected NAME=INT with INT >= 1, e.g. {option} seq=128")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def bench_shapes(manifest: dict[str, Any], batch: int, dims: dict[str, int]) -> list[list[int]]:
+    """Concrete input shapes of an artifact: ``batch`` for the batch dim, ``dims`` (``--dim``)
+    or the example shape the model was exported with for any other symbolic dim.
+
+    Raises a one-line error for a ``--dim`` that names no dim of the inputs, or a symbolic dim
+    with neither (artifacts written before the manifest kept example shapes).
+    """
+    names = {d for spec in manifest["inputs"] for d in spec["shape"] if isinstance(d, str)}
+    unknown = sorted(set(dims) - names - {"batch"})
+    if unknown:
+        have = ", ".join(sorted(names)) or "none"
+        raise GraphpressError(f"--dim {unknown[0]}: the artifact's inputs have no such dim (dynamic dims: {have})")
+    examples = manifest.get("example_shapes") or {}
+    shapes = []
+    for spec in manifest["inputs"]:
+        example = examples.get(spec["name"])
+        shape = []
+        for i, d in enumerate(spec["shape"]):
+            if not isinstance(d, str):
+                shape.append(int(d))
+            elif d in dims:
+                shape.append(dims[d])
+            elif d == "batch":
+                shape.append(batch)
+            elif example is not None and i < len(example):
+                shape.append(int(example[i]))
+            else:
+                raise GraphpressError(f"{spec['name']}: dynamic dim '{d}' has no recorded size; pass --dim {d}=N")
+        shapes.append(shape)
+    return shapes
 
 
 def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat: int) -> None:
@@ -370,11 +432,11 @@ def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat:
     from graphpress.backends.he.lower import cost_report
 
     runs = []
-    with progress() as bar:
-        task = bar.add_task("encrypted inference", total=repeat)
-        for _ in range(repeat):
+    with StageProgress() as prog:
+        prog.stage("encrypted inference", total=repeat)
+        for i in range(repeat):
             runs.append(runner.run(*inputs))
-            bar.update(task, advance=1)
+            prog.step(i + 1, repeat, "encrypted inference")
     cost = cost_report(runner.program, runs[0], label=f"random inputs, median of {repeat} runs")
     for i, row in enumerate(cost["layers"]):
         row["measured_s"] = statistics.median(r.layers[i]["measured_s"] for r in runs)
@@ -412,23 +474,18 @@ def tune(
         raise GraphpressError(f"--batch {batch}: must be at least 1")
     if per_task is not None and per_task < 1:
         raise GraphpressError(f"--per-task {per_task}: must be at least 1")
-    dims: dict[str, int] = {}
-    for item in dim or []:
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise GraphpressError(f"--dim {item!r}: expected NAME=INT, e.g. --dim seq=128")
-        dims[name.strip()] = int(value)
-    with progress() as bar:
-        task = bar.add_task("tuning: extracting kernels", total=max(trials, 1))
+    dims = parse_dims(dim)
+    with StageProgress() as prog:
+        prog.stage("tuning: extracting kernels")
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev["event"] == "tasks":
-                bar.update(task, description=f"tuning {len(ev['tasks'])} kernels")
+                prog.stage(f"tuning {len(ev['tasks'])} kernels", total=max(trials, 1))
             elif ev["event"] == "progress":
-                bar.update(task, completed=ev["done"], description=f"tuning {ev['task']}")
+                prog.step(ev["done"], max(trials, 1), f"trials (kernel {ev['task']})")
 
         summary = tune_artifact(artifact, trials, per_task=per_task, batch=batch, dims=dims, progress=on_event, timeout_s=timeout)
-        bar.update(task, completed=max(trials, 1), description="tuned")
+        prog.stage("measuring tuned vs untuned")
     from graphpress.backends.tvm.runner import TVMRunner
 
     runner = TVMRunner(Path(artifact) / "model.so")
@@ -477,9 +534,11 @@ def he_calibrate(
     if repeat < 3:
         raise GraphpressError(f"--repeat {repeat}: use at least 3 (medians)")
     total = len(default_grid(degrees))
-    with progress() as bar:
-        task = bar.add_task("measure BFV operations", total=total)
-        entries = calibrate(degrees, repeat=repeat, on_entry=lambda i, n, e: bar.update(task, completed=i, description=f"N={e['poly_degree']} {e['coeff_modulus_bits']}"))
+    with StageProgress() as prog:
+        prog.stage("measure BFV operations", total=total)
+        entries = calibrate(
+            degrees, repeat=repeat, on_entry=lambda i, n, e: prog.step(i, n, f"parameter sets (N={e['poly_degree']} {e['coeff_modulus_bits']})")
+        )
     console.print(he_costs_table(entries, f"HE op costs (us, medians of {repeat}), cached in {he_op_costs.cache_path()}"))
 
 
@@ -498,24 +557,27 @@ def demo(
     from graphpress.runtime import load
     from graphpress.zoo.digits import accuracy, digits_data, train_digits_cnn
 
+    from graphpress.passes import Pipeline
+
+    Pipeline.from_recipe(recipe)  # a bad recipe name or option fails before the training
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="graphpress-demo-")) / "digits-cnn"
     check_out_dir(out, overwrite)
-    with progress() as bar:
-        task = bar.add_task("train digits CNN (scikit-learn load_digits)", total=None)
+    with StageProgress() as prog:
+        prog.stage("train digits CNN (scikit-learn load_digits)")
         model, acc_before = train_digits_cnn()
-        bar.update(task, total=1, completed=1)
-        stage = bar.add_task("compress", total=None)
         x_train, _, x_test, y_test = digits_data()
+        hooks = _progress_hooks(prog)
+        stage = hooks.pop("on_stage")
         result = compress(
             model,
             out=out,
             recipe=recipe,
             example_inputs=(x_train[:2],),
             overwrite=overwrite,
-            on_stage=lambda s: bar.update(stage, description=f"compress: {s}"),
+            on_stage=lambda s: stage(f"compress: {s}"),
+            **hooks,
         )
-        bar.update(stage, total=1, completed=1, description="compress: done")
     artifact = load(result.folder)
     acc_after = accuracy(lambda x: torch.from_numpy(artifact(x.numpy())[0]), x_test, y_test)
     console.print(passes_table(result.manifest["passes"]))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import sys
+import threading
+import time
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -43,6 +47,185 @@ def progress() -> Progress:
     )
 
 
+# The stderr a command started with. The CLI swallows what libraries print on sys.stderr while a
+# command runs (torch.export dumps partial graphs there); plain progress lines still reach the user.
+_STDERR: dict[str, IO[str] | None] = {"stream": None}
+
+
+def set_user_stderr(stream: IO[str] | None) -> None:
+    """Where plain progress lines go while ``sys.stderr`` is redirected (None: ``sys.stderr``)."""
+    _STDERR["stream"] = stream
+
+
+def fmt_seconds(s: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines: ``$GRAPHPRESS_PROGRESS_INTERVAL``, else 20 s."""
+    raw = os.environ.get("GRAPHPRESS_PROGRESS_INTERVAL", "")
+    try:
+        value = float(raw) if raw.strip() else 20.0
+    except ValueError:
+        value = 20.0
+    return value if value > 0 else 20.0
+
+
+class _Counter:
+    """``done/total`` of one level (stage steps, or layers inside a pass) and when it started."""
+
+    def __init__(self, done: int, total: int | None, what: str):
+        self.done, self.total, self.what = done, total, what
+        self.start = time.perf_counter()
+
+    def text(self, unit: str = "") -> str:
+        """``layer 3/12 conv1`` with a unit, ``epoch 3/10`` (``what`` first) without."""
+        count = f"{self.done}/{self.total}" if self.total else (str(self.done) if self.done else "")
+        if unit:
+            return " ".join(x for x in (unit + count if count else unit.strip(), self.what) if x)
+        return " ".join(x for x in (self.what, count) if x)
+
+    def eta(self) -> float | None:
+        if not self.total or self.done <= 0 or self.done >= self.total:
+            return None
+        return (time.perf_counter() - self.start) / self.done * (self.total - self.done)
+
+
+class StageProgress:
+    """Progress of a long command: a rich bar on a terminal, plain lines in logs and pipes.
+
+    Three levels: a *stage* (``capture``, ``passes``, ``fine-tune``, ``bench``...), a step
+    inside it (``pass 2/4 quantize-layerwise``, ``epoch 3/10``) and an inner count (``layer
+    7/20 conv3`` inside a pass). On a terminal each stage is one rich bar. Otherwise (stdout
+    is a file or a pipe) a background thread prints one plain line to stderr every
+    ``interval`` seconds (:func:`progress_interval`, 20 s by default): stage, counts, elapsed
+    time and ETA, so a 15-minute run in a CI log is never silent for more than that.
+
+    Parameters
+    ----------
+    terminal : bool, optional
+        Force the mode (default: whether :data:`console` is a terminal).
+    interval : float, optional
+        Seconds between plain lines (default :func:`progress_interval`).
+    stream : text stream, optional
+        Where plain lines go (default: the command's stderr).
+    """
+
+    def __init__(self, *, terminal: bool | None = None, interval: float | None = None, stream: IO[str] | None = None):
+        self.terminal = console.is_terminal if terminal is None else terminal
+        self.interval = interval or progress_interval()
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._t0 = time.perf_counter()
+        self._stage = ""
+        self._stage_t0 = self._t0
+        self._step: _Counter | None = None
+        self._inner: _Counter | None = None
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "StageProgress":
+        if self.terminal:
+            self._bar = progress()
+            self._bar.__enter__()
+        else:
+            self._thread = threading.Thread(target=self._tick, name="graphpress-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._bar is not None:
+            if self._task is not None and exc[0] is None:
+                task = self._bar.tasks[-1]
+                self._bar.update(self._task, total=task.total or 1, completed=task.total or 1)
+            self._bar.__exit__(*exc)
+
+    # ------------------------------------------------------------------ updates
+    def stage(self, name: str, total: int | None = None) -> None:
+        """Start stage ``name`` (the previous one is done); ``total`` steps when known."""
+        with self._lock:
+            self._stage, self._stage_t0 = name, time.perf_counter()
+            self._step = _Counter(0, total, "") if total else None
+            self._inner = None
+        if self._bar is not None:
+            if self._task is not None:
+                done = self._bar.tasks[-1].total or 1
+                self._bar.update(self._task, total=done, completed=done)
+            self._task = self._bar.add_task(name, total=total)
+
+    def step(self, done: int, total: int | None = None, what: str = "") -> None:
+        """Step ``done`` of ``total`` in the current stage (e.g. ``pass 2/4``, ``epoch 3/10``)."""
+        with self._lock:
+            if self._step is None or (total and self._step.total != total) or done < self._step.done:
+                self._step = _Counter(done, total, what)
+            else:
+                self._step.done, self._step.what = done, what
+            self._inner = None
+        self._refresh()
+
+    def inner(self, done: int, total: int, what: str = "") -> None:
+        """A count inside the current step (``layer 7/20 conv3`` inside a pass); without a step
+        (``verify``, ``bench``), the stage's own count."""
+        if self._step is None or not self._step.total:
+            with self._lock:
+                if self._step is None or done < self._step.done or self._step.total != total:
+                    self._step = _Counter(done, total, what)
+                else:
+                    self._step.done, self._step.what = done, what
+            self._refresh()
+            return
+        with self._lock:
+            if self._inner is None or done < self._inner.done or self._inner.total != total:
+                self._inner = _Counter(done, total, what)
+            else:
+                self._inner.done, self._inner.what = done, what
+        self._refresh()
+
+    # ------------------------------------------------------------------ rendering
+    def line(self) -> str:
+        """The current state in one plain line: stage, counts, elapsed, ETA."""
+        with self._lock:
+            now = time.perf_counter()
+            parts = [self._stage or "working"]
+            if self._step is not None:
+                parts.append(self._step.text())
+            if self._inner is not None:
+                parts.append(self._inner.text("layer "))
+            eta = (self._inner or self._step).eta() if (self._inner or self._step) else None
+            timing = f"elapsed {fmt_seconds(now - self._stage_t0)}"
+            timing += f", ETA {fmt_seconds(eta)}" if eta is not None else ""
+            return f"[{fmt_seconds(now - self._t0)}] " + ": ".join(p for p in parts if p) + f" ({timing})"
+
+    def _refresh(self) -> None:
+        if self._bar is None or self._task is None:
+            return
+        with self._lock:
+            step, inner = self._step, self._inner
+            desc = ": ".join(x for x in (self._stage, step.what if step else "", inner.text("layer ") if inner else "") if x)
+        self._bar.update(self._task, description=desc, total=step.total if step else None, completed=step.done if step else 0)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            stream = self._stream or _STDERR["stream"] or sys.stderr
+            try:
+                stream.write(f"progress {self.line()}\n")
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe must not kill the command
+                return
+
+
 def passes_table(steps: list[dict[str, Any]]) -> Table:
     t = Table(title="Passes", title_justify="left")
     for col in ("pass", "kind", "changed", "time", "params", "step max err", "step SQNR dB", "stats"):
@@ -80,18 +263,42 @@ def result_table(manifest: dict[str, Any]) -> Table:
 
 
 def latency_table(manifest: dict[str, Any]) -> Table | None:
-    """Latency per runtime, interleaved medians, with speed-up against the first row."""
+    """Latency per runtime: interleaved medians, p10-p90 spread, speed-up against the first row.
+
+    A speed-up is replaced by ``-`` and the caption says why when it cannot be trusted: the
+    machine was busy, or a figure's p90/p10 spread is wide
+    (:func:`graphpress.runtime.bench.latency_warnings`).
+    """
+    from graphpress.runtime.bench import latency_warnings
+
     m = manifest["metrics"]
     lat = m.get("latency_ms") or {}
     if not lat:
+        if m.get("latency_error"):
+            t = Table(title="latency", title_justify="left", caption=f"not measured: {m['latency_error']}", caption_justify="left")
+            t.add_column("runtime")
+            return t
         return None
-    t = Table(title=f"latency, batch {m.get('latency_batch', 1)} (medians of interleaved runs)", title_justify="left")
+    reasons, withheld = latency_warnings(m)
+    spread = m.get("latency_spread_ms") or {}
+    threads = f", {m['latency_threads']} threads" if m.get("latency_threads") else ""
+    caption = None
+    if reasons:
+        caption = "[yellow]warning:[/yellow] speed-ups withheld: " + "; ".join(reasons) + ". Rerun 'compress bench' on a quiet machine."
+    t = Table(
+        title=f"latency, batch {m.get('latency_batch', 1)}{threads} (medians of interleaved runs)",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
     t.add_column("runtime")
     t.add_column("median ms", justify="right")
+    t.add_column("p10-p90 ms", justify="right")
     t.add_column("speed-up", justify="right")
     first = next(iter(lat.values()))
     for runtime, ms in lat.items():
-        t.add_row(runtime, f"{ms:.3f}", f"{first / ms:.2f}x")
+        sp = f"{spread[runtime][0]:.3f}-{spread[runtime][1]:.3f}" if runtime in spread else "-"
+        t.add_row(runtime, f"{ms:.3f}", sp, "-" if runtime in withheld else f"{first / ms:.2f}x")
     return t
 
 

@@ -16,6 +16,7 @@ only when torch is already imported, so timing an ONNX artifact never imports to
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 import time
@@ -156,6 +157,7 @@ def compare_latency(
     rounds: int = 30,
     warmup: int = 3,
     min_time_s: float = 0.0,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> LatencyComparison:
     """Time several variants interleaved (A B A B ...) and compare medians with the first.
 
@@ -175,6 +177,9 @@ def compare_latency(
         Untimed rounds first (also interleaved).
     min_time_s : float
         Keep adding rounds until the slowest variant has at least this much timed time.
+    on_round : callable, optional
+        ``on_round(done, rounds)`` after every timed round (progress; ``done`` may exceed
+        ``rounds`` while ``min_time_s`` adds rounds).
 
     Returns
     -------
@@ -212,10 +217,82 @@ def compare_latency(
                 sync()
                 times[n].append(time.perf_counter() - t0)
             r += 1
+            if on_round is not None:
+                on_round(r, max(rounds, r))
     results = {n: BenchResult.from_times(times[n]) for n in names}
     base = results[names[0]].median_ms
     ratios = {n: (results[n].median_ms / base if base > 0 else float("nan")) for n in names}
     return LatencyComparison(results=results, baseline=names[0], ratios=ratios)
 
 
-__all__ = ["BenchResult", "LatencyComparison", "benchmark", "compare_latency"]
+# ---------------------------------------------------------------------------- trusting a figure
+WIDE_SPREAD = 1.5  # p90 / p10 above this: the figure moved too much to compare with another
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_load() -> dict[str, Any]:
+    """``{"cpus": usable CPUs, "loadavg_1m": 1-minute load average}`` (0.0 where the OS has none)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return {"cpus": usable_cpus(), "loadavg_1m": round(float(load), 2)}
+
+
+def is_busy(loadavg_1m: float, cpus: int, threads: int) -> bool:
+    """Whether other work shared the CPUs while timing: the load average exceeds what the
+    timed calls themselves put there (``threads``) by more than half the CPUs."""
+    return loadavg_1m > threads + 0.5 * cpus
+
+
+def latency_warnings(metrics: Mapping[str, Any]) -> tuple[list[str], set[str]]:
+    """Why ratios between the latency figures of ``metrics`` should not be trusted.
+
+    Returns ``(reasons, rows)``: one sentence per reason (a busy machine; a runtime whose
+    p90/p10 exceeds :data:`WIDE_SPREAD`) and the runtimes whose ratio must not be printed (all
+    of them when the machine was busy or the first row, the reference, is wide). Metrics from
+    before spreads were recorded give no reasons.
+    """
+    lat = metrics.get("latency_ms") or {}
+    spread = metrics.get("latency_spread_ms") or {}
+    reasons: list[str] = []
+    rows: set[str] = set()
+    load = metrics.get("latency_load") or {}
+    threads = int(metrics.get("latency_threads") or 1)
+    if load and is_busy(float(load.get("loadavg_1m", 0.0)), int(load.get("cpus", 1)), threads):
+        reasons.append(
+            f"the machine was busy (load average {load['loadavg_1m']:.1f} on {load['cpus']} CPUs, {threads} used for timing)"
+        )
+        rows |= set(lat)
+    wide = {}
+    for name, pair in spread.items():
+        p10, p90 = float(pair[0]), float(pair[1])
+        if p10 > 0 and p90 / p10 > WIDE_SPREAD:
+            wide[name] = p90 / p10
+    if wide:
+        reasons.append(
+            "wide spread (p90/p10 > " + f"{WIDE_SPREAD:g}): " + ", ".join(f"{k} {v:.1f}x" for k, v in wide.items())
+        )
+        first = next(iter(lat), None)
+        rows |= set(lat) if first in wide else set(wide)
+    return reasons, rows
+
+
+__all__ = [
+    "BenchResult",
+    "LatencyComparison",
+    "WIDE_SPREAD",
+    "benchmark",
+    "compare_latency",
+    "is_busy",
+    "latency_warnings",
+    "machine_load",
+    "usable_cpus",
+]

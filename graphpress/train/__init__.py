@@ -9,7 +9,8 @@ from graphpress.train.distill import (
     distill,
     distill_loss,
     load_inputs,
+    resolve_trainable,
     trainable_targets,
 )
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "distill_loss", "load_inputs", "trainable_targets"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "distill_loss", "load_inputs", "resolve_trainable", "trainable_targets"]

@@ -30,7 +30,13 @@ Which tensors are trained (``DistillConfig.trainable``):
   never a dense ``(p*b, q*b)`` expansion -- and the graph keeps its structure by construction:
   the gradient flows through the same ops the graph runs, and only the compact tensor moves.
 * ``"all"`` -- every floating tensor a ``get_attr`` reads (weights, biases, folded BN
-  statistics): plain full fine-tuning of a dense graph.
+  statistics): plain full fine-tuning of a dense graph. A tensor that is at least
+  ``ZERO_MASK_FRACTION`` exact zeros (a pruning mask, e.g. after ``prune-weights``) keeps its
+  zeros: its gradient is masked and the zeros are re-imposed after every step, so fine-tuning
+  never undoes the sparsity a pass bought.
+* ``"auto"`` (the default) -- ``"annotated"`` when some node carries ``trainable_inputs``
+  (circulant vectors, polynomial coefficients), else ``"all"`` (e.g. after ``prune-channels``,
+  whose smaller dense weights are the compressed structure itself).
 
 Early stopping: a seeded split holds out ``val_fraction`` of the rows; after every epoch the
 validation loss is measured, the best weights (starting with the untrained ones, epoch 0) are
@@ -60,8 +66,12 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import ANNOTATION_KEY, Graph, TensorSpec, _flatten_outputs
 
 LOSSES = ("auto", "kl", "mse")
-TRAINABLE = ("annotated", "all")
-NO_ANNOTATION = "nothing to fine-tune: no node is annotated with trainable_inputs; use trainable='all'"
+TRAINABLE = ("auto", "annotated", "all")
+NO_ANNOTATION = (
+    "nothing to fine-tune: no node is annotated with trainable_inputs; "
+    "use trainable='all' or 'auto' (CLI: --finetune-trainable all)"
+)
+ZERO_MASK_FRACTION = 0.1  # with trainable 'all', a tensor this sparse keeps its zeros
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,8 @@ class DistillConfig:
     seed : int
         Seed of the split, the shuffles and the global RNG during training.
     trainable : str
-        ``"annotated"`` (tensors behind ``trainable_inputs`` annotations) or ``"all"``.
+        ``"auto"`` (annotated tensors when a pass annotated any, else all), ``"annotated"``
+        (tensors behind ``trainable_inputs`` annotations) or ``"all"``.
     """
 
     version: int = 1
@@ -103,7 +114,7 @@ class DistillConfig:
     loss: str = "auto"
     weight_decay: float = 0.0
     seed: int = 0
-    trainable: str = "annotated"
+    trainable: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,6 +161,10 @@ class DistillResult:
         (not floating, or without a batch dimension).
     train_rows, val_rows : int
         Rows in each split (a static-batch graph drops the rows that do not fill a batch).
+    trainable : str
+        The selection used (``"annotated"`` or ``"all"``; ``"auto"`` resolved).
+    masked : list of str
+        Trained tensors whose zeros were kept (``"all"`` on a pruned tensor).
     """
 
     graph: Graph
@@ -164,6 +179,8 @@ class DistillResult:
     losses: dict[str, str] = field(default_factory=dict)
     train_rows: int = 0
     val_rows: int = 0
+    trainable: str = "annotated"
+    masked: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (everything but the graph; non-finite floats as strings)."""
@@ -179,6 +196,8 @@ class DistillResult:
             "losses": dict(self.losses),
             "train_rows": self.train_rows,
             "val_rows": self.val_rows,
+            "trainable": self.trainable,
+            "masked": list(self.masked),
         }
 
 
@@ -229,6 +248,14 @@ def _constant_sources(graph: Graph, node: fx.Node, arg: fx.Node, pos: Any) -> li
     return sorted(found)
 
 
+def resolve_trainable(graph: Graph, mode: str) -> str:
+    """``"auto"`` -> ``"annotated"`` when some node of ``graph`` has ``trainable_inputs``, else ``"all"``."""
+    if mode != "auto":
+        return mode
+    annotated = any(n.meta.get(ANNOTATION_KEY, {}).get("trainable_inputs") for n in graph.nodes)
+    return "annotated" if annotated else "all"
+
+
 def trainable_targets(graph: Graph, mode: str = "annotated") -> list[str]:
     """Targets of the tensors :func:`distill` trains (nodes in graph order, then argument order), one name per tensor.
 
@@ -239,7 +266,7 @@ def trainable_targets(graph: Graph, mode: str = "annotated") -> list[str]:
     mode : str
         ``"annotated"``: tensors behind the positions listed in
         ``graph.annotations(node)["trainable_inputs"]``; ``"all"``: every floating tensor a
-        ``get_attr`` reads.
+        ``get_attr`` reads; ``"auto"``: :func:`resolve_trainable`.
 
     Raises
     ------
@@ -248,6 +275,7 @@ def trainable_targets(graph: Graph, mode: str = "annotated") -> list[str]:
     """
     if mode not in TRAINABLE:
         raise PassError(f"distill: trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
+    mode = resolve_trainable(graph, mode)
     targets: list[str] = []
     if mode == "all":
         for n in graph.nodes:
@@ -411,7 +439,8 @@ def distill(
         output mismatch, or a student whose outputs do not depend differentiably on the tensors.
     """
     cols = _columns(student, inputs)
-    targets = trainable_targets(student, config.trainable)
+    mode = resolve_trainable(student, config.trainable)
+    targets = trainable_targets(student, mode)
     n_rows = cols[0].shape[0]
 
     # A graph exported with a static batch only runs at its captured batch size.
@@ -436,6 +465,11 @@ def distill(
     targets_out, kinds = _teacher_targets(teacher, cols, config.batch_size, config.loss)
     tensors = [student.get_tensor(t) for t in targets]
     tensors = _prepare_leaves(student, targets, tensors)
+    # pruned tensors keep their zeros under 'all' (annotated tensors are compact by construction)
+    masks: list[torch.Tensor | None] = [
+        (t != 0) if mode == "all" and t.numel() and float((t == 0).float().mean()) >= ZERO_MASK_FRACTION else None
+        for t in tensors
+    ]
 
     # Only the trained tensors may require grad: autograd then skips every other weight (no
     # wasted backward work, no stray .grad on tensors we promise not to touch).
@@ -495,9 +529,13 @@ def distill(
                         if not checked:
                             _check_differentiable(grads, targets)
                             checked = True
-                        for t, g in zip(tensors, grads):
-                            t.grad = g
+                        for t, g, m in zip(tensors, grads, masks):
+                            t.grad = g if m is None or g is None else g * m
                         opt.step()
+                        with torch.no_grad():
+                            for t, m in zip(tensors, masks):
+                                if m is not None:
+                                    t.mul_(m)
                         run_sum += float(loss.detach()) * len(rows)
                         run_rows += len(rows)
                 train_loss = run_sum / max(run_rows, 1)
@@ -547,6 +585,8 @@ def distill(
         losses={student.output_names[k] if k < len(student.output_names) else f"output_{k}": kind for k, kind in kinds.items()},
         train_rows=len(train_idx),
         val_rows=int(n_val),
+        trainable=mode,
+        masked=[t for t, m in zip(targets, masks) if m is not None],
     )
 
 
@@ -639,7 +679,7 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def load_inputs(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...]:
+def load_inputs(path: str | Path, *, label: str = "fine-tuning data") -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Read fine-tuning inputs from a file: one tensor, or one tensor per graph input.
 
     Parameters
@@ -649,6 +689,8 @@ def load_inputs(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...]:
         tensors, or a list of per-batch tuples, concatenated per position), ``.npy`` (one
         array), ``.npz`` (arrays in file order), ``.safetensors`` (tensors in natural name order:
         ``x_2`` before ``x_10``).
+    label : str
+        What the file is, first in every error (``"--calibration"`` from the CLI).
 
     Returns
     -------
@@ -662,10 +704,12 @@ def load_inputs(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """
     p = Path(path)
     if not p.is_file():
-        raise PassError(f"fine-tuning data {p}: no such file")
+        raise PassError(
+            f"{label} {p}: no such file; give a {'/'.join(SUPPORTED)} file of model inputs (e.g. written by 'compress samples')"
+        )
     ext = p.suffix.lower()
     if ext not in SUPPORTED:
-        raise PassError(f"fine-tuning data {p}: unsupported extension {ext or '(none)'}; use one of {', '.join(SUPPORTED)}")
+        raise PassError(f"{label} {p}: unsupported extension {ext or '(none)'}; use one of {', '.join(SUPPORTED)}")
     try:
         if ext in (".pt", ".pth"):
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -687,8 +731,8 @@ def load_inputs(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...]:
         raise
     except Exception as err:  # noqa: BLE001 -- every reader fails its own way on a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PassError(f"fine-tuning data {p}: cannot read it as {ext}: {first[:200]}") from None
-    tensors = _to_tensors(obj, p)
+        raise PassError(f"{label} {p}: cannot read it as {ext}: {first[:200]}") from None
+    tensors = _to_tensors(obj, p, label)
     return tensors[0] if len(tensors) == 1 else tensors
 
 
@@ -700,7 +744,7 @@ def _from_numpy(a: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a).copy())
 
 
-def _to_tensors(obj: Any, p: Path) -> tuple[torch.Tensor, ...]:
+def _to_tensors(obj: Any, p: Path, label: str = "fine-tuning data") -> tuple[torch.Tensor, ...]:
     if isinstance(obj, torch.Tensor):
         return (obj,)
     if isinstance(obj, Mapping):
@@ -711,16 +755,16 @@ def _to_tensors(obj: Any, p: Path) -> tuple[torch.Tensor, ...]:
         if all(isinstance(x, (tuple, list)) and x and all(isinstance(y, torch.Tensor) for y in x) for x in obj):
             widths = {len(x) for x in obj}
             if len(widths) != 1:
-                raise PassError(f"fine-tuning data {p}: batches hold different numbers of tensors {sorted(widths)}")
+                raise PassError(f"{label} {p}: batches hold different numbers of tensors {sorted(widths)}")
             try:
                 return tuple(torch.cat([b[i] for b in obj]) for i in range(widths.pop()))
             except RuntimeError as err:
-                raise PassError(f"fine-tuning data {p}: batches do not stack: {str(err).splitlines()[0][:200]}") from None
+                raise PassError(f"{label} {p}: batches do not stack: {str(err).splitlines()[0][:200]}") from None
     if isinstance(obj, (tuple, list, Mapping)) and not obj:
-        raise PassError(f"fine-tuning data {p}: holds no tensors")
+        raise PassError(f"{label} {p}: holds no tensors")
     raise PassError(
-        f"fine-tuning data {p}: holds a {type(obj).__name__}; expected a tensor, a tuple/list/dict of tensors, or a list of batch tuples"
+        f"{label} {p}: holds a {type(obj).__name__}; expected a tensor, a tuple/list/dict of tensors, or a list of batch tuples"
     )
 
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "distill_loss", "load_inputs", "trainable_targets"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "distill_loss", "load_inputs", "resolve_trainable", "trainable_targets"]
