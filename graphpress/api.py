@@ -230,6 +230,7 @@ def export(
     """
     from graphpress.backends import get_backend
     from graphpress.runtime import make_manifest, write_artifact
+    from graphpress.runtime.artifact import claim_scratch
 
     stage = on_stage or (lambda _s: None)
     out = check_out_dir(out, overwrite)
@@ -237,6 +238,7 @@ def export(
     be = get_backend(backend)
     check_inputs = check_inputs or [graph.example_inputs]
     with tempfile.TemporaryDirectory(prefix="graphpress-lower-") as tmp:
+        claim_scratch(tmp)  # records this pid, so the next run removes the folder if this one is killed
         stage("lower")
         lowered = be.lower(graph, Path(tmp))
         files = {name: Path(tmp) / name for name in lowered.files}

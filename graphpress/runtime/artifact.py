@@ -2,10 +2,15 @@
 
 Layout and manifest schema are documented in ``docs/artifact.md``. Rules:
 
-* Everything is written to a temporary sibling ``.OUT.tmp-<random>`` and renamed into place, so
-  a crash or error never leaves a half-written ``OUT`` (and the temporary folder is removed).
+* Everything is written to a temporary sibling ``.OUT.tmp-<pid>-<random>`` and renamed into
+  place, so a crash or error never leaves a half-written ``OUT`` (and the temporary folder is
+  removed). A run that was killed leaves its sibling behind; the next write into the same
+  parent folder removes siblings whose process is gone (:func:`clean_stale_siblings`).
 * ``manifest["files"]`` holds the sha256 and size of every file except ``manifest.json``
-  itself; :func:`read_artifact` checks them.
+  itself, and ``manifest["manifest_sha256"]`` the hash of the manifest itself (its canonical
+  JSON without that field); :func:`read_artifact` checks both.
+* Folders get ordinary permissions (``0o777`` less the umask, files ``0o666`` less the umask),
+  not the owner-only mode of a fresh temporary folder.
 * An existing ``OUT`` is replaced only with ``overwrite=True`` and only when it is ours: a folder
   whose ``manifest.json`` says ``"format": "graphpress-artifact"`` and which holds no file the
   manifest does not list. A file, a user folder, or an artifact with extra files is refused even
@@ -22,8 +27,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Sequence
@@ -35,7 +42,16 @@ FORMAT = "graphpress-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+SELF_HASH = "manifest_sha256"
 _CHUNK = 1 << 20
+# A temporary sibling's process may be gone without a trace (SIGKILL, a reboot): siblings named
+# without a pid (older graphpress) are judged by age alone; write_artifact finishes in minutes.
+STALE_SIBLING_AGE_S = 3600.0
+# Lowering folders in the temp dir live as long as a run's lower/verify/bench stages.
+STALE_SCRATCH_AGE_S = 6 * 3600.0
+SCRATCH_PREFIXES = ("graphpress-lower-", "graphpress-baseline-")
+SCRATCH_OWNER = ".graphpress-owner"
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]+$")
 
 
 # --------------------------------------------------------------------------------------- specs
@@ -153,6 +169,27 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
         raise ArtifactError(f"manifest is not JSON-serializable: {err}") from err
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without ``manifest_sha256``.
+
+    Canonical, so re-indenting the file does not count as an edit while any changed value does.
+    """
+    body = {k: v for k, v in _jsonable(manifest).items() if k != SELF_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sealed_manifest_text(manifest: Mapping[str, Any]) -> str:
+    """``manifest`` as ``manifest.json`` text with its ``manifest_sha256`` filled in.
+
+    The digest is taken over the manifest as it will be read back (after the JSON round trip that
+    turns numpy scalars, paths and tuples into plain JSON), so reading it verifies.
+    """
+    parsed = json.loads(dump_manifest({k: v for k, v in manifest.items() if k != SELF_HASH}))
+    parsed[SELF_HASH] = manifest_digest(parsed)
+    return dump_manifest(parsed)
+
+
 def make_manifest(
     graph: Any,
     lowered: Any,
@@ -246,13 +283,165 @@ def _place_file(src: bytes | str | os.PathLike, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir`` / ``open`` would: mkdtemp
+    makes ``0o700`` folders, which would hide the artifact from every other user."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            executable = path.stat().st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _stale(path: Path, pid: int | None, max_age_s: float) -> bool:
+    """A leftover of a run that is over: its process is gone, or (no pid known, or a pid reused
+    for too long) it is older than ``max_age_s``."""
+    if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        return True
+    return _age_s(path) > (max_age_s if pid is None else max(max_age_s, 24 * 3600.0))
+
+
+def clean_stale_siblings(parent: str | os.PathLike, *, max_age_s: float = STALE_SIBLING_AGE_S) -> list[Path]:
+    """Remove the temporary siblings killed runs of :func:`write_artifact` left in ``parent``.
+
+    ``.OUT.tmp-<pid>-*`` folders (a write in progress) are deleted when their process is gone.
+    ``.OUT.old-<pid>-*`` (an old artifact moved aside while being replaced) is renamed back to
+    ``OUT`` when ``OUT`` is missing -- the replacement never landed -- and deleted otherwise.
+    Names without a pid count as stale after ``max_age_s``.
+
+    Returns
+    -------
+    list of Path
+        What was removed (a restored folder is not listed).
+    """
+    parent = Path(parent)
+    removed: list[Path] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        m = _SIBLING.match(path.name)
+        if not m or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        if not _stale(path, pid, max_age_s):
+            continue
+        target = parent / m["name"]
+        if m["kind"] == "old" and not (target.exists() or target.is_symlink()) and (path / MANIFEST).is_file():
+            try:
+                os.rename(path, target)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def clean_stale_scratch(
+    tmpdir: str | os.PathLike | None = None, *, max_age_s: float = STALE_SCRATCH_AGE_S
+) -> list[Path]:
+    """Remove lowering folders (``graphpress-lower-*``, ``graphpress-baseline-*``) that killed runs
+    left in the temp dir.
+
+    A folder claimed with :func:`claim_scratch` records its process; it is removed once that
+    process is gone. An unclaimed one is removed when older than ``max_age_s``.
+
+    Returns
+    -------
+    list of Path
+        The folders removed.
+    """
+    root = Path(tmpdir or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = [p for p in root.iterdir() if p.name.startswith(SCRATCH_PREFIXES)]
+    except OSError:
+        return removed
+    for path in entries:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            pid: int | None = int((path / SCRATCH_OWNER).read_text(encoding="ascii").split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid == os.getpid() or not _stale(path, pid, max_age_s):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def claim_scratch(folder: str | os.PathLike) -> Path:
+    """Mark a lowering folder as this process's (a hidden owner file holding the pid) and clean
+    the stale ones beside it, so a killed run's folder is removed by the next run.
+
+    Returns
+    -------
+    Path
+        ``folder``.
+    """
+    folder = Path(folder)
+    (folder / SCRATCH_OWNER).write_text(f"{os.getpid()}\n", encoding="ascii")
+    clean_stale_scratch(folder.parent)
+    return folder
+
+
 def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> str:
     """Whether an artifact may be written at ``out_dir``: ``"new"``, ``"empty"`` or ``"replace"``.
 
     Call it before long work so a refusal comes first. Raises a one-line :class:`ArtifactError`
-    when ``out_dir`` exists without ``overwrite``, or is not ours to replace.
+    when ``out_dir`` exists without ``overwrite``, or is not ours to replace. It also removes
+    what killed runs left behind: stale temporary siblings in ``out_dir``'s parent
+    (:func:`clean_stale_siblings`) and stale lowering folders in the temp dir
+    (:func:`clean_stale_scratch`).
     """
     out = Path(os.path.abspath(out_dir))
+    # Every run checks its destination first: the place to clear what killed runs left behind.
+    clean_stale_siblings(out.parent)
+    clean_stale_scratch()
     if not (out.is_symlink() or out.exists()):
         return "new"
     if out.is_symlink() or not out.is_dir():
@@ -320,7 +509,7 @@ def write_artifact(
         raise ArtifactError(f"model_file {manifest['model_file']!r} is not among the files written ({', '.join(names) or 'none'})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         for name, src in names.items():
             _place_file(src, tmp / name)
@@ -336,9 +525,10 @@ def write_artifact(
             if p.is_file() and (rel := p.relative_to(tmp).as_posix()) != MANIFEST
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            f.write(dump_manifest(man))
+            f.write(sealed_manifest_text(man))
             f.flush()
             os.fsync(f.fileno())
+        _ordinary_permissions(tmp)
         _swap_in(tmp, out, mode)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,7 +546,7 @@ def _swap_in(tmp: Path, out: Path, mode: str) -> None:
     ``"replace"`` (our artifact, moved aside first and restored if the rename fails).
     """
     if mode == "replace":
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         aside.rmdir()  # reserve a unique name; rename needs the target absent (or empty)
         os.rename(out, aside)
         try:
@@ -392,8 +582,8 @@ def read_artifact(folder: str | os.PathLike, *, verify_hashes: bool = True) -> A
     ------
     ArtifactError
         One line for: folder missing, manifest missing or invalid JSON, another format or an
-        unknown ``format_version``, a missing field, a listed file missing, a sha256 mismatch
-        (naming the file).
+        unknown ``format_version``, a manifest edited after writing (``manifest_sha256``), a
+        missing field, a listed file missing, a sha256 mismatch (naming the file).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -410,6 +600,11 @@ def read_artifact(folder: str | os.PathLike, *, verify_hashes: bool = True) -> A
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: unknown format_version {version!r}; this graphpress ({graphpress.__version__}) reads version {FORMAT_VERSION}")
+    sealed = manifest.get(SELF_HASH)
+    if not isinstance(sealed, str):
+        raise ArtifactError(f"{path}: no {SELF_HASH}; the manifest was edited or not written by graphpress: re-run 'compress' to rebuild the artifact")
+    if manifest_digest(manifest) != sealed:
+        raise ArtifactError(f"{path}: edited after the artifact was written ({SELF_HASH} mismatch); re-run 'compress' to rebuild the artifact")
     for key in ("backend", "model_file", "inputs", "outputs", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path}: missing field {key!r}")
@@ -441,7 +636,12 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "REPORT",
+    "claim_scratch",
+    "clean_stale_scratch",
+    "clean_stale_siblings",
     "dump_manifest",
+    "manifest_digest",
+    "sealed_manifest_text",
     "make_manifest",
     "read_artifact",
     "sha256_file",

@@ -68,6 +68,15 @@ def _load_he(artifact: Artifact, *, providers: Sequence[Any] | None = None, thre
     return load_runner(artifact.folder)
 
 
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str] | None:
+    """Shape and dtype name of a torch tensor without converting it (numpy has no bfloat16, so
+    ``.numpy()`` would fail before the dtype could be judged); None for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return tuple(x.shape), str(x.dtype).removeprefix("torch.")
+    return None
+
+
 def _as_array(x: Any) -> np.ndarray:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
@@ -128,11 +137,16 @@ class LoadedModel:
             raise ArtifactError(f"{self.folder.name}: got {len(inputs)} inputs, expected {len(self.inputs)}: {want}")
         arrays, bound = [], {}
         for spec, want_dtype, x in zip(self.inputs, self._dtypes, inputs):
-            a = _as_array(x)
-            got = f"got {tuple(a.shape)} {a.dtype}"
-            if a.ndim != len(spec.shape):
+            meta = _shape_dtype(x)
+            if meta is None:
+                a = _as_array(x)
+                shape, dtype = tuple(a.shape), str(a.dtype)
+            else:
+                shape, dtype = meta
+            got = f"got {shape} {dtype}"
+            if len(shape) != len(spec.shape):
                 raise ArtifactError(f"input {spec.name!r}: expected rank {len(spec.shape)} {self._expected(spec)}, {got}")
-            for axis, (want, have) in enumerate(zip(spec.shape, a.shape)):
+            for axis, (want, have) in enumerate(zip(spec.shape, shape)):
                 if isinstance(want, int):
                     if want != have:
                         raise ArtifactError(f"input {spec.name!r}: expected {self._expected(spec)}, {got} (dim {axis})")
@@ -141,9 +155,10 @@ class LoadedModel:
                     first = bound.setdefault(want, (spec.name, have))
                     if first[1] != have:
                         raise ArtifactError(f"input {spec.name!r}: dim {axis} ({want}) is {have} but input {first[0]!r} has {first[1]}")
-            if want_dtype is not None and a.dtype != want_dtype:
+            # Compared by name: bfloat16 (torch, or numpy via ml_dtypes) has no plain numpy dtype.
+            if want_dtype is not None and dtype != str(want_dtype):
                 raise ArtifactError(f"input {spec.name!r}: expected dtype {spec.dtype} {spec.shape_str()}, {got}; cast it first")
-            arrays.append(a)
+            arrays.append(_as_array(x) if meta is not None else a)
         return arrays
 
     def __call__(self, *inputs: Any) -> list[np.ndarray]:

@@ -74,6 +74,7 @@ def test_round_trip_runs_and_matches_torch(lowered, tmp_path):
     assert manifest["inputs"] == [{"name": "image", "shape": ["batch", 3, 8, 8], "dtype": "float32"}]
     assert manifest["outputs"] == [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}]
     assert set(manifest["files"]) == {"model.onnx", "report.md"}
+    assert manifest["manifest_sha256"] == artifact_mod.manifest_digest(manifest)
     assert manifest["files"]["model.onnx"]["bytes"] == (out / "model.onnx").stat().st_size
     assert manifest["files"]["model.onnx"]["sha256"] == artifact_mod.sha256_file(out / "model.onnx")
     assert manifest["lowering"]["check"]["passed"] is True
@@ -255,7 +256,8 @@ def test_load_errors_are_one_line(lowered, tmp_path):
         ({"files": {**json.loads(good)["files"], "weights.bin": {"sha256": "0", "bytes": 1}}}, r"weights\.bin: listed in manifest.json but missing"),
         ({"files": {**json.loads(good)["files"], "../x": {"sha256": "0", "bytes": 1}}}, "invalid artifact file name '../x'"),
     ]:
-        manifest_path.write_text(json.dumps({**json.loads(good), **change}))
+        # re-sealed, as a tool that knows the format would: the checks behind the seal still hold
+        manifest_path.write_text(artifact_mod.sealed_manifest_text({**json.loads(good), **change}))
         with pytest.raises(ArtifactError, match=pattern) as err:
             load(out)
         assert "\n" not in str(err.value)
@@ -325,3 +327,154 @@ def test_unloadable_manifest_is_refused_before_writing(lowered, tmp_path):
     with pytest.raises(ArtifactError, match="manifest lacks 'inputs'"):
         write_artifact(tmp_path / "art", {"model.onnx": folder / "model.onnx"}, manifest, "")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ manifest integrity (issue 15)
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["inputs"][0].update(shape=[4, 3, 8, 8]),
+        lambda m: m.update(backend="torch"),
+        lambda m: m["metrics"].update(size_bytes=0),
+        lambda m: m.pop("manifest_sha256"),
+    ],
+    ids=["input-shape", "backend", "metric", "seal-removed"],
+)
+def test_edited_manifest_is_refused(lowered, tmp_path, edit):
+    out = _write(tmp_path / "art", lowered)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ArtifactError) as err:
+        load(out)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and "manifest_sha256" in msg and "re-run 'compress'" in msg
+    assert "\n" not in msg
+
+
+def test_reformatted_manifest_still_loads(lowered, tmp_path):
+    out = _write(tmp_path / "art", lowered)
+    path = out / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=None, sort_keys=True))
+    assert load(out)(np.zeros((1, 3, 8, 8), np.float32))[0].shape == (1, 10)
+
+
+def test_artifact_has_ordinary_permissions(lowered, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = _write(tmp_path / "art", lowered)
+        assert out.stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0o700
+        for name in ("manifest.json", "model.onnx", "report.md"):
+            assert (out / name).stat().st_mode & 0o777 == 0o644, name
+        os.umask(0o027)
+        out2 = _write(tmp_path / "art2", lowered)
+        assert out2.stat().st_mode & 0o777 == 0o750
+        assert (out2 / "model.onnx").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = datetime.now().timestamp() - seconds
+    os.utime(path, (t, t))
+
+
+def test_killed_write_leftovers_are_cleaned_by_the_next_run(lowered, tmp_path):
+    dead, alive = _dead_pid(), os.getppid()
+    leftovers = {
+        f".art.tmp-{dead}-abcd1234": True,  # its writer is gone
+        f".other.tmp-{dead}-zz9": True,  # another artifact's, same parent
+        f".art.tmp-{alive}-live0001": False,  # a write in progress elsewhere
+        ".art.tmp-legacy01": True,  # older graphpress, no pid: judged by age
+        ".art.tmp-fresh001": False,
+    }
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"partial")
+    _age(tmp_path / ".art.tmp-legacy01", 2 * 3600)
+    _write(tmp_path / "art", lowered)
+    left = {p.name for p in tmp_path.iterdir()}
+    for name, stale in leftovers.items():
+        assert (name not in left) == stale, name
+    assert "art" in left
+
+
+def test_aside_copy_of_a_killed_replace_is_restored(lowered, tmp_path):
+    # killed between moving the old artifact aside and renaming the new one in: OUT is gone
+    old = _write(tmp_path / "art", lowered)
+    aside = tmp_path / f".art.old-{_dead_pid()}-q1w2e3r4"
+    os.rename(old, aside)
+    assert artifact_mod.clean_stale_siblings(tmp_path) == []
+    assert not aside.exists() and read_artifact(tmp_path / "art").backend == "onnxruntime"
+
+
+def test_stale_lowering_folders_are_cleaned(tmp_path):
+    dead = _dead_pid()
+    folders = {
+        "graphpress-lower-dead0001": ("owner", dead, True),
+        "graphpress-lower-live0001": ("owner", os.getppid(), False),
+        "graphpress-baseline-old00001": ("age", 7 * 3600, True),
+        "graphpress-lower-new00001": ("age", 60, False),
+        "unrelated-old": ("age", 7 * 3600, False),
+    }
+    for name, (kind, value, _) in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"x")
+        if kind == "owner":
+            (tmp_path / name / artifact_mod.SCRATCH_OWNER).write_text(f"{value}\n")
+        else:
+            _age(tmp_path / name, value)
+    removed = artifact_mod.clean_stale_scratch(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, _, stale) in folders.items() if stale)
+    # claiming a folder records this process and sweeps its neighbours
+    mine = tmp_path / "graphpress-lower-mine0001"
+    mine.mkdir()
+    (tmp_path / "graphpress-lower-dead0002").mkdir()
+    (tmp_path / "graphpress-lower-dead0002" / artifact_mod.SCRATCH_OWNER).write_text(f"{dead}\n")
+    artifact_mod.claim_scratch(mine)
+    assert (mine / artifact_mod.SCRATCH_OWNER).read_text().strip() == str(os.getpid())
+    assert not (tmp_path / "graphpress-lower-dead0002").exists() and mine.exists()
+    assert artifact_mod.clean_stale_scratch(tmp_path) == []  # our own folder is never stale
+
+
+def test_check_destination_sweeps_stale_scratch(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifact_mod.tempfile, "gettempdir", lambda: str(tmp_path))
+    stale = tmp_path / "graphpress-lower-abandoned"
+    stale.mkdir()
+    _age(stale, 7 * 3600)
+    assert artifact_mod.check_destination(tmp_path / "out", overwrite=False) == "new"
+    assert not stale.exists()
+
+
+# ------------------------------------------------------------------ half-precision inputs (issue 15)
+@pytest.mark.parametrize(
+    "make, dtype",
+    [
+        (lambda x: x.astype(np.float64), "float64"),
+        (lambda x: x.astype(np.float16), "float16"),
+        (lambda x: torch.from_numpy(x).to(torch.float16), "float16"),
+        (lambda x: torch.from_numpy(x).to(torch.bfloat16), "bfloat16"),
+        (lambda x: torch.from_numpy(x).double(), "float64"),
+    ],
+    ids=["np-f64", "np-f16", "torch-f16", "torch-bf16", "torch-f64"],
+)
+def test_float_inputs_of_the_wrong_width_get_one_dtype_error(lowered, tmp_path, make, dtype):
+    model = load(_write(tmp_path / "art", lowered))
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    with pytest.raises(ArtifactError) as err:
+        model(make(x))
+    assert str(err.value) == f"input 'image': expected dtype float32 (batch, 3, 8, 8), got (2, 3, 8, 8) {dtype}; cast it first"
+
+
+def test_numpy_bfloat16_input_gets_the_dtype_error(lowered, tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    model = load(_write(tmp_path / "art", lowered))
+    with pytest.raises(ArtifactError, match=r"expected dtype float32 \(batch, 3, 8, 8\), got \(2, 3, 8, 8\) bfloat16; cast it first"):
+        model(np.zeros((2, 3, 8, 8), ml_dtypes.bfloat16))
