@@ -247,8 +247,8 @@ def test_errors_are_one_line_and_name_what_is_expected():
     teacher, student = _perturbed_pair(annotate=False)
     x = _data(64, seed=5)
     with pytest.raises(PassError) as err:
-        distill(student, teacher, x)
-    assert str(err.value) == NO_ANNOTATION
+        distill(student, teacher, x, DistillConfig(trainable="annotated"))
+    assert str(err.value) == NO_ANNOTATION and "--finetune-trainable all" in NO_ANNOTATION
     _, student = _perturbed_pair()
     spec = "expected 1 input(s) input_1: (batch, 16) float32"
     cases = [
@@ -351,3 +351,45 @@ def test_trains_the_compact_vector_of_the_circulant_custom_op():
     ref = dense[2](torch.relu(held_out @ expand(c).T + student.get_tensor("bias")))
     torch.testing.assert_close(out, ref.detach(), rtol=1e-4, atol=1e-5)
     assert after < before / 2, (before, after)  # measured: 0.0183 -> 0.0058 (a random dense teacher)
+
+
+# ------------------------------------------------------------------ trainable: auto, and pruned zeros kept
+def test_auto_trains_annotated_tensors_when_a_pass_annotated_some():
+    teacher, student = _perturbed_pair()
+    x = _data(64, seed=5)
+    result = distill(student, teacher, x, DistillConfig(epochs=2, lr=1e-3))  # default: auto
+    assert DistillConfig().trainable == "auto"
+    assert result.trainable == "annotated" and result.trained == ["0.weight"]
+    assert result.to_dict()["trainable"] == "annotated"
+
+
+def test_auto_trains_every_weight_without_annotations():
+    """After a pass that annotates nothing (prune-channels), auto means full fine-tuning."""
+    teacher, student = _perturbed_pair(annotate=False)
+    x = _data(128, seed=5)
+    result = distill(student, teacher, x, DistillConfig(epochs=8, lr=5e-3))
+    assert result.trainable == "all"
+    assert sorted(result.trained) == sorted(trainable_targets(student, "all")) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert result.best_val_loss < result.initial_val_loss
+
+
+def test_all_keeps_the_zeros_of_a_pruned_tensor():
+    teacher, student = _perturbed_pair(annotate=False)
+    w = student.get_tensor("0.weight")
+    pruned = w * (torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) > 0.5)
+    student.set_tensor("0.weight", pruned.clone())
+    zeros = student.get_tensor("0.weight") == 0
+    assert 0.4 < float(zeros.float().mean()) < 0.6
+    result = distill(student, teacher, _data(128, seed=5), DistillConfig(epochs=5, lr=5e-3, trainable="all"))
+    assert result.masked == ["0.weight"]
+    after = student.get_tensor("0.weight")
+    assert torch.equal(after[zeros], torch.zeros(int(zeros.sum())))  # the sparsity survived training
+    assert not torch.equal(after[~zeros], pruned[~zeros])  # while the kept weights trained
+    assert result.best_val_loss < result.initial_val_loss
+
+
+def test_load_inputs_names_the_option_and_the_fix(tmp_path):
+    with pytest.raises(PassError) as err:
+        load_inputs(tmp_path / "calib.pt", label="--calibration")
+    msg = str(err.value)
+    assert msg.startswith(f"--calibration {tmp_path / 'calib.pt'}: no such file") and "compress samples" in msg
