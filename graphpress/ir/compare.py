@@ -30,10 +30,13 @@ def tolerance(dtype: torch.dtype, ref_absmax: float = 1.0) -> tuple[float, float
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB; ``inf`` when equal."""
+    """Signal-to-quantization-noise ratio in dB; ``inf`` when equal, ``-inf`` when the error is
+    not finite (a NaN must never pass an SQNR floor by comparing false)."""
     ref, test = ref.double(), test.double()
     noise = (ref - test).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
+    if math.isnan(noise) or math.isinf(noise):
+        return -math.inf
     if noise == 0:
         return math.inf
     if signal == 0:
@@ -78,7 +81,12 @@ def _json_float(x: float) -> float | str:
 def compare_outputs(
     refs: Sequence[torch.Tensor], tests: Sequence[torch.Tensor], names: Sequence[str] | None = None
 ) -> list[OutputDiff]:
-    """Compare paired outputs; integer/bool outputs must be equal exactly."""
+    """Compare paired outputs; integer/bool outputs must be equal exactly.
+
+    Positions where the reference and the test hold the same non-finite value (both NaN, or the
+    same infinity) count as equal and are left out of the error and SQNR figures; a NaN or Inf
+    on one side only makes the output fail.
+    """
     if len(refs) != len(tests):
         raise ValueError(f"{len(tests)} outputs, expected {len(refs)}")
     names = list(names or [f"output_{i}" for i in range(len(refs))])
@@ -92,12 +100,22 @@ def compare_outputs(
             diffs.append(OutputDiff(name, bad, bad, math.inf if bad == 0 else -math.inf, bad == 0, 0.0, 0.0))
             continue
         r64, t64 = r.double(), t.double()
-        absmax = float(r64.abs().max()) if r64.numel() else 0.0
+        # Where the reference itself is NaN (or +-Inf) the test agrees by being the same non-finite
+        # value there: e.g. log of a negative input in both graphs. Those positions are left out
+        # of every figure; a non-finite value anywhere else is a divergence.
+        same = (torch.isnan(r64) & torch.isnan(t64)) | (torch.isinf(r64) & (r64 == t64))
+        if bool(same.any()):
+            keep = ~same
+            r64, t64 = r64[keep], t64[keep]
+        finite_ref = r64[torch.isfinite(r64)]
+        absmax = float(finite_ref.abs().max()) if finite_ref.numel() else 0.0
         rtol, atol = tolerance(r.dtype, absmax)
         err = (r64 - t64).abs()
-        max_abs = float(err.max()) if err.numel() else 0.0
+        if err.numel() and bool(torch.isnan(err).any()):
+            max_abs = math.inf  # a NaN on one side only: as far off as it gets
+        else:
+            max_abs = float(err.max()) if err.numel() else 0.0
         max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
-        finite = bool(torch.isfinite(t64).all()) or not bool(torch.isfinite(r64).all())
-        ok = finite and bool(torch.all(err <= atol + rtol * r64.abs()))
-        diffs.append(OutputDiff(name, max_abs, max_rel, sqnr_db(r, t), ok, atol, rtol))
+        ok = bool(torch.isfinite(r64).all() and torch.isfinite(t64).all()) and bool(torch.all(err <= atol + rtol * r64.abs()))
+        diffs.append(OutputDiff(name, max_abs, max_rel, sqnr_db(r64, t64), ok, atol, rtol))
     return diffs

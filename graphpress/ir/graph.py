@@ -205,24 +205,49 @@ class Graph:
         return list(self.calibration) if self.calibration else [self.example_inputs]
 
     def random_inputs(self, seed: int, batch: int | None = None) -> tuple[torch.Tensor, ...]:
-        """Seeded random inputs shaped like the examples (floats ~ N(0,1) scaled to the examples' std;
-        integers uniform in the examples' observed range, e.g. token ids)."""
+        """Seeded random inputs shaped like the examples.
+
+        Floats are ~ N(0,1) scaled to the examples' mean and std, except where negative values
+        would leave an op's domain: an input that reaches ``sqrt``, ``rsqrt``, ``log*`` or a
+        fractional ``pow`` through views, slices, copies, reductions and positive scaling only
+        is drawn from ``|N(0,1)|`` scaled to the examples' spread and shifted to their minimum
+        (floored at 0). Integers are uniform in the examples' observed range (e.g. token ids).
+        """
         gen = torch.Generator().manual_seed(seed)
+        positive = self._positive_inputs()
         out = []
-        for x in self.example_inputs:
+        for i, x in enumerate(self.example_inputs):
             shape = list(x.shape)
             if batch is not None and 0 in self.dynamic_dims and shape:
                 shape[0] = batch
             if x.dtype.is_floating_point:
-                std = float(x.float().std()) if x.numel() > 1 else 1.0
-                mean = float(x.float().mean())
-                out.append((torch.randn(shape, generator=gen) * (std or 1.0) + mean).to(x.dtype))
+                xf = x.float()
+                finite = xf[torch.isfinite(xf)]
+                std = float(finite.std()) if finite.numel() > 1 else 1.0
+                mean = float(finite.mean()) if finite.numel() else 0.0
+                if i in positive:
+                    low = max(float(finite.min()), 0.0) if finite.numel() else 0.0
+                    draw = torch.randn(shape, generator=gen).abs() * (std or 1.0) + low
+                else:
+                    draw = torch.randn(shape, generator=gen) * (std or 1.0) + mean
+                out.append(draw.to(x.dtype))
             elif x.dtype == torch.bool:
                 out.append(torch.randint(0, 2, shape, generator=gen).bool())
             else:
                 lo, hi = int(x.min()), int(x.max())
                 out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype))
         return tuple(out)
+
+    def _positive_inputs(self) -> set[int]:
+        """Positions of floating inputs that reach a domain-restricted op (``sqrt``, ``rsqrt``,
+        ``log*``, fractional ``pow``) through sign-keeping ops only, so that drawing them
+        non-negative keeps that op's argument non-negative (see :meth:`random_inputs`)."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        return {
+            i
+            for i, (node, x) in enumerate(zip(placeholders, self.example_inputs))
+            if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and _reaches_domain_op(node)
+        }
 
     # ------------------------------------------------------------------ nodes
     @property
@@ -438,6 +463,80 @@ class Graph:
         elif self.dynamic_batch and shape:
             shape[0] = self.dynamic_dims[0]
         return TensorSpec(name, tuple(shape), dtype_name(t.dtype))
+
+
+# Ops undefined (NaN) for negative arguments: the first argument must stay >= 0.
+_DOMAIN_OPS = {"sqrt", "rsqrt", "log", "log2", "log10"}
+# Ops whose result is >= 0 wherever their input is (views, slicing, copies, concatenation,
+# dtype/layout changes, max/avg pooling, sums and means).
+_SIGN_KEEPING = {
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten",
+    "expand", "slice", "select", "narrow", "clone", "contiguous", "alias", "detach", "_to_copy", "to",
+    "cat", "stack", "getitem", "index_select", "repeat", "unflatten", "split", "split_with_sizes",
+    "chunk", "unbind", "type_as", "max_pool2d", "max_pool1d", "adaptive_max_pool2d", "avg_pool2d",
+    "adaptive_avg_pool2d", "mean", "sum",
+}
+
+
+def _aten_name(node: fx.Node) -> str:
+    """``"sqrt"`` for ``aten.sqrt.default`` / ``torch.sqrt`` / ``Tensor.sqrt``; ``""`` otherwise."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op != "call_function":
+        return ""
+    packet = getattr(node.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", None) or getattr(node.target, "__name__", "")
+    return str(name).split(".")[-1].rstrip("_")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _domain_use(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` needs ``value`` (an argument of it) to be non-negative."""
+    name = _aten_name(user)
+    first = user.args[0] if user.args else None
+    if name in _DOMAIN_OPS:
+        return first is value
+    if name == "pow" and first is value and len(user.args) > 1:
+        exponent = user.args[1]
+        # A fractional power of a negative number is NaN; integer powers are defined everywhere.
+        return not isinstance(exponent, fx.Node) and float(exponent) != round(float(exponent))
+    return False
+
+
+def _passes_sign(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user``'s result has the sign of ``value`` wherever it depends on it."""
+    name = _aten_name(user)
+    if name in _SIGN_KEEPING:
+        return True
+    if name in ("mul", "div") and len(user.args) == 2:
+        other = user.args[1] if user.args[0] is value else user.args[0]
+        return _positive_number(other) and (name == "mul" or user.args[0] is value)
+    if name == "add" and len(user.args) == 2:
+        other = user.args[1] if user.args[0] is value else user.args[0]
+        return _positive_number(other) or (isinstance(other, (int, float)) and other == 0)
+    return False
+
+
+def _reaches_domain_op(start: fx.Node, limit: int = 10_000) -> bool:
+    """Whether ``start``'s value flows into a domain-restricted op (see :data:`_DOMAIN_OPS`)
+    through sign-keeping ops only (a LayerNorm's ``rsqrt(var + eps)`` does not count: the
+    variance is non-negative whatever the input)."""
+    stack, seen = [start], {start}
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        for user in node.users:
+            if _domain_use(user, node):
+                return True
+            if user in seen or user.op == "output":
+                continue
+            if not _passes_sign(user, node):
+                continue
+            seen.add(user)
+            stack.append(user)
+    return False
 
 
 def _export_dynamic(module: torch.nn.Module, inputs: tuple, dims: dict[int, str]) -> torch.export.ExportedProgram:

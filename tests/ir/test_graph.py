@@ -158,3 +158,69 @@ def test_export_program_roundtrip(graph):
     ep = graph.export_program()
     x = torch.randn(7, 3, 8, 8)
     torch.testing.assert_close(ep.module()(x), graph.run(x)[0])
+
+
+# ------------------------------------------------------------ op domains and NaN (issue 15, point 7)
+class DomainOps(nn.Module):
+    """Every input feeds an op that is NaN for negative arguments, through views and scaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, a, b, c, d, e):
+        y = torch.sqrt(a.view(a.shape[0], -1)) + torch.log(b[:, :6] * 2.0)
+        y = y + c.pow(0.5) + torch.rsqrt(d.permute(0, 1) + 0.1)
+        return self.fc(y + torch.log2(e).clamp(min=-10)), torch.layer_norm(e, (6,))
+
+
+class FreeOps(nn.Module):
+    def forward(self, x, y):
+        # integer powers, sqrt of a square and a layer norm accept any sign
+        return torch.sqrt(x * x + 1.0) + y.pow(2) + torch.layer_norm(y, (4,))
+
+
+def _examples(*shapes):
+    gen = torch.Generator().manual_seed(3)
+    return tuple(torch.randn(*s, generator=gen) for s in shapes)
+
+
+def test_random_inputs_respect_op_domains():
+    g = Graph.capture(DomainOps(), _examples((2, 6), (2, 8), (2, 6), (2, 6), (2, 6)))
+    assert g._positive_inputs() == {0, 1, 2, 3, 4}
+    for seed in range(3):
+        inputs = g.random_inputs(seed, batch=5)
+        assert all(float(x.min()) >= 0 for x in inputs)
+        assert [tuple(x.shape) for x in inputs] == [(5, 6), (5, 8), (5, 6), (5, 6), (5, 6)]
+        assert all(bool(torch.isfinite(o).all()) for o in g.run(*inputs))
+    # seeded: the same draw twice
+    torch.testing.assert_close(g.random_inputs(1)[0], g.random_inputs(1)[0])
+
+
+def test_random_inputs_of_sign_free_ops_keep_their_spread():
+    g = Graph.capture(FreeOps(), _examples((2, 4), (2, 4)))
+    assert g._positive_inputs() == set()
+    x, y = g.random_inputs(0, batch=64)
+    assert float(x.min()) < 0 and float(y.min()) < 0
+
+
+def test_pipeline_exact_pass_on_a_sqrt_model_is_not_blamed_for_nan():
+    from graphpress.passes import Pipeline
+
+    g = Graph.capture(DomainOps(), _examples((2, 6), (2, 8), (2, 6), (2, 6), (2, 6)))
+    report = Pipeline(["eliminate-dead-code"], random_inputs=3).run(g)
+    assert report.steps[0].step[0].within_tol and report.steps[0].step[0].max_abs == 0.0
+
+
+def test_compare_outputs_same_nan_positions_are_equal():
+    nan, inf = float("nan"), float("inf")
+    ref = torch.tensor([1.0, nan, 3.0, -inf])
+    (same,) = compare_outputs([ref], [torch.tensor([1.0, nan, 3.0 + 1e-7, -inf])])
+    assert same.within_tol and same.max_abs < 1e-6 and same.sqnr_db > 100
+    (moved,) = compare_outputs([ref], [torch.tensor([nan, 2.0, 3.0, -inf])])
+    assert not moved.within_tol and moved.max_abs == float("inf") and moved.sqnr_db == -float("inf")
+    (new_nan,) = compare_outputs([torch.ones(3)], [torch.tensor([1.0, nan, 1.0])])
+    assert not new_nan.within_tol and new_nan.sqnr_db == -float("inf")
+    (flipped,) = compare_outputs([ref], [torch.tensor([1.0, nan, 3.0, inf])])
+    assert not flipped.within_tol
+    assert sqnr_db(torch.ones(3), torch.tensor([1.0, nan, 1.0])) == -float("inf")  # never passes a floor
