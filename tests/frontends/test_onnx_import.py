@@ -528,6 +528,17 @@ CASES = [
     ("dropout_mask", "Dropout", [f32(3, 4)], {}, 13, 2),
     ("identity", "Identity", [f32(3)], {}, 13, 1),
     ("concat", "Concat", [f32(2, 3), f32(2, 1)], dict(axis=-1), 13, 1),
+    # issue 15, point 8: classic model-zoo ops
+    ("lrn_alexnet", "LRN", [np.abs(f32(2, 7, 5, 5)) * 30], dict(size=5, alpha=1e-4, beta=0.75, bias=1.0), 13, 1),
+    ("lrn_size3_custom", "LRN", [f32(2, 6, 3, 4) * 4], dict(size=3, alpha=0.3, beta=0.6, bias=2.0), 13, 1),
+    ("lrn_defaults_opset1", "LRN", [f32(1, 4, 3, 3) * 10], dict(size=3), 7, 1),
+    ("add_size1_both_sides", "Add", [f32(2, 3, 1, 5), Init(f32(1, 1, 4, 1))], {}, 13, 1),
+    ("mul_size1_leading", "Mul", [f32(2, 1, 4), Init(f32(3, 1))], {}, 13, 1),
+    ("sub_size1_rank_grow", "Sub", [f32(2, 3), Init(f32(4, 1, 1))], {}, 13, 1),
+    ("div_size1_input", "Div", [f32(1, 3), Init(np.abs(f32(4, 1)) + 1)], {}, 13, 1),
+    ("pow_size1", "Pow", [np.abs(f32(2, 1, 3)) + 0.5, Init(f32(4, 1))], {}, 13, 1),
+    ("equal_size1", "Equal", [np.array([[1, 2, 3]], np.int64), Init(np.array([[1], [2]], np.int64))], {}, 13, 1),
+    ("prelu_size1_batch", "PRelu", [f32(1, 3, 4, 4), Init(f32(3, 1, 1))], {}, 9, 1),
 ]
 
 
@@ -570,3 +581,123 @@ def test_single_op_matches_onnxruntime(case):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype, (g.dtype, w.dtype)
         assert _max_err(g, w) < TOL
+
+
+# ---------------------------------------------------- opset < 7: broadcast / axis and PRelu slopes
+
+
+def _legacy_model(op, x_shape, b, attrs, opset):
+    """One ``op`` node at ``opset`` with a constant second input; IR 3 lists initializers as inputs."""
+    init = onnx.numpy_helper.from_array(b, "b")
+    graph = oh.make_graph(
+        [oh.make_node(op, ["x", "b"], ["y"], **attrs)],
+        op,
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape)), oh.make_tensor_value_info("b", TensorProto.FLOAT, list(b.shape))],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, list(x_shape))],
+        initializer=[init],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=3)
+
+
+# (id, op, x shape, B, attributes, B as the opset-13 reference model must see it)
+LEGACY = [
+    ("add_axis1_bias", "Add", (2, 3, 4, 5), f32(3), dict(broadcast=1, axis=1), (3, 1, 1)),
+    ("mul_axis1_2d", "Mul", (2, 3, 4, 5), f32(3, 4), dict(broadcast=1, axis=1), (3, 4, 1)),
+    ("sub_axis0", "Sub", (2, 3, 4), f32(2), dict(broadcast=1, axis=0), (2, 1, 1)),
+    ("div_suffix", "Div", (2, 3, 4, 5), np.abs(f32(4, 5)) + 1, dict(broadcast=1), (4, 5)),
+    ("add_size1_axis1", "Add", (2, 3, 4, 5), f32(1), dict(broadcast=1, axis=1), (1, 1, 1)),
+    ("mul_negative_axis", "Mul", (2, 3, 4, 5), f32(3, 4), dict(broadcast=1, axis=-3), (3, 4, 1)),
+    ("pow_axis1", "Pow", (2, 3, 4), f32(3), dict(broadcast=1, axis=1), (3, 1)),
+    ("prelu6_channel_vector", "PRelu", (2, 3, 4, 5), np.array([0.1, 0.2, 0.3], np.float32), {}, (3, 1, 1)),
+    ("prelu6_channel_c11", "PRelu", (2, 3, 4, 5), np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1, 1), {}, (3, 1, 1)),
+    ("prelu6_1d_input", "PRelu", (4, 3), np.array([0.1, 0.2, 0.3], np.float32), {}, (3,)),
+    ("prelu6_shared", "PRelu", (2, 3, 4, 5), np.array([0.25], np.float32), {}, (1,)),
+]
+
+
+@pytest.mark.parametrize("opset", [1, 6])
+@pytest.mark.parametrize("case", LEGACY, ids=[c[0] for c in LEGACY])
+def test_legacy_broadcast_matches_onnxruntime(case, opset):
+    """onnxruntime runs no opset < 7 models, so its reference is the same op at opset 13 with B
+    reshaped as the old rules place it; graphpress must import the old model to the same values."""
+    _, op, x_shape, b, attrs, ref_shape = case
+    if op == "Pow" and opset < 7:
+        attrs = dict(attrs)  # Pow-1 has broadcast/axis too
+    model = _legacy_model(op, x_shape, b, attrs, opset)
+    x = (np.abs(f32(*x_shape)) + 0.5) if op == "Pow" else f32(*x_shape)
+    imported = import_onnx(model)
+    got = _run(imported, torch.from_numpy(x))[0]
+    ref_b = b.reshape(ref_shape)
+    reference, _ = _single_op_model(op, [x, Init(ref_b)], {}, 13, 1)
+    want = _ort(reference, x)[0]
+    assert got.shape == want.shape == x.shape
+    assert _max_err(got, want) < TOL
+    if op != "PRelu" and b.size > 1 and ref_shape != b.shape:
+        # and the plain numpy reading of B would have been wrong (or not even broadcastable)
+        try:
+            naive = _ort(_single_op_model(op, [x, Init(b)], {}, 13, 1)[0], x)[0]
+        except Exception:  # noqa: BLE001 -- shapes that do not broadcast at all
+            naive = None
+        assert naive is None or naive.shape != want.shape or _max_err(naive, want) > 1e-3
+
+
+def test_opset6_prelu_slope_is_per_channel_not_per_column():
+    """A [C] slope on NCHW input at opset 6 scales channels; at opset 9 the same file means
+    numpy broadcasting over the last dim (W == C here), which onnxruntime confirms."""
+    x = -np.abs(f32(1, 3, 2, 3))  # all negative: y = slope * x everywhere
+    slope = np.array([1.0, 2.0, 3.0], np.float32)
+    got6 = _run(import_onnx(_legacy_model("PRelu", x.shape, slope, {}, 6)), torch.from_numpy(x))[0]
+    np.testing.assert_allclose(got6, x * slope.reshape(3, 1, 1), rtol=1e-6)
+    model9 = _legacy_model("PRelu", x.shape, slope, {}, 9)
+    model9.ir_version = 8
+    got9 = _run(import_onnx(model9), torch.from_numpy(x))[0]
+    np.testing.assert_allclose(got9, _ort(model9, x)[0], rtol=1e-6)
+    np.testing.assert_allclose(got9, x * slope, rtol=1e-6)
+
+
+def test_input_with_a_fixed_size1_leading_dim_broadcasts(tmp_path):
+    """A (1, C, 1) graph input added to (N, C, L) activations: loads (static shapes, reason
+    recorded) and matches onnxruntime, instead of tying its size-1 dim to the batch."""
+    from graphpress.frontends import load
+
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "bias"], ["s"]), oh.make_node("Mul", ["s", "gain"], ["y"])],
+        "g",
+        [
+            oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4]),
+            oh.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 3, 1]),
+            oh.make_tensor_value_info("gain", TensorProto.FLOAT, [1, 1, 4]),
+        ],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+    )
+    path = tmp_path / "bias_input.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8), str(path))
+    captured = load(path)
+    assert "static_batch" in captured.source
+    x, bias, gain = captured.example_inputs
+    assert tuple(bias.shape) == (1, 3, 1) and tuple(gain.shape) == (1, 1, 4)
+    want = _ort(str(path), x.numpy(), bias.numpy(), gain.numpy())[0]
+    assert _max_err(captured.run(x, bias, gain)[0].numpy(), want) < TOL
+
+
+def _lrn_reference(x, size, alpha, beta, bias):
+    """The ONNX spec formula, element by element over the channel window."""
+    c = x.shape[1]
+    square_sum = np.zeros_like(x, dtype=np.float64)
+    for i in range(c):
+        lo, hi = max(0, i - (size - 1) // 2), min(c - 1, i + int(np.ceil((size - 1) / 2)))
+        square_sum[:, i] = (x[:, lo : hi + 1].astype(np.float64) ** 2).sum(axis=1)
+    return (x / (bias + alpha / size * square_sum) ** beta).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [2, 4, 5])
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 5, 7), (3, 4)])
+def test_lrn_window_matches_the_spec(size, shape):
+    """onnxruntime only runs odd sizes (see the single-op table); even windows reach one channel
+    further after than before, which the spec formula checks, on 2-D to 4-D inputs."""
+    x = f32(*shape) * 3
+    model, feeds = _single_op_model("LRN", [x], dict(size=size, alpha=0.2, beta=0.7, bias=1.5), 13, 1)
+    got = _run(import_onnx(model), torch.from_numpy(x))[0]
+    assert _max_err(got, _lrn_reference(x, size, 0.2, 0.7, 1.5)) < TOL
+    if size % 2 and len(shape) == 4:
+        assert _max_err(got, _ort(model, *feeds)[0]) < TOL

@@ -26,7 +26,6 @@ from onnx import TensorProto
 
 from graphpress.errors import FrontendError
 from graphpress.frontends import load
-from graphpress.frontends.checkpoint import pickled_globals
 
 ARCH = "tests.frontends.models:small_cnn"
 CODE = "refused: the checkpoint contains pickled code or objects"
@@ -78,6 +77,8 @@ def test_every_pickled_payload_is_reported_as_code(tmp_path, payload, fmt, capfd
     assert msg.startswith(f"{path}: {CODE} ({named}")
     assert "corrupt" not in msg and "\n" not in msg
     assert MARKER not in "".join(capfd.readouterr())  # nothing ran
+    from graphpress.frontends.checkpoint import pickled_globals
+
     assert pickled_globals(path)[0] == named
 
 
@@ -103,9 +104,10 @@ def test_hf_pytorch_model_bin_payload(tmp_path):
 
 def test_plain_checkpoints_still_load_and_damage_is_still_corrupt(tmp_path, shared_models):
     # an OrderedDict of tensors and plain numbers next to it are data, not code
-    good = tmp_path / "good.pt"
+    from graphpress.frontends.checkpoint import pickled_globals
     from tests.frontends.models import small_cnn
 
+    good = tmp_path / "good.pt"
     torch.save({"state_dict": small_cnn().state_dict(), "best": 0.9, "epoch": 3}, good, _use_new_zipfile_serialization=False)
     assert pickled_globals(good) == []
     assert load(good, arch=ARCH).source["frontend"] == "checkpoint"

@@ -52,8 +52,26 @@ def prelu(ctx: Emitter, node: OnnxNode, x: Value, slope: Value) -> Value:
     static = ctx.static(slope)
     if static is not None and static.numel() == 1:
         return ctx.call(F.leaky_relu, x, float(static.reshape(-1)[0]))
+    slope = _legacy_channel_slope(ctx, node, x, slope)
     negative = ctx.call(operator.mul, x, slope)
     return ctx.call(torch.where, ctx.call(operator.ge, x, 0), x, negative)
+
+
+def _legacy_channel_slope(ctx: Emitter, node: OnnxNode, x: Value, slope: Value) -> Value:
+    """Before opset 7 a PRelu slope that is not a single value is per channel (dim 1 of NCHW
+    input), whatever its own shape: ``[C]`` or ``[C, 1, 1]``. Reshaped to ``[C, 1, ..., 1]`` so
+    numpy broadcasting (which would align ``[C]`` with the last dim) applies it to the channels."""
+    if node.opset >= 7:
+        return slope
+    rank = ctx.rank(x)
+    shape = ctx.shape(slope)
+    if rank < 2 or shape is None:
+        return slope
+    channels = ctx.dim(x, 1)
+    sizes = [d for d in shape if d != 1]
+    if len(sizes) != 1 or (isinstance(channels, int) and isinstance(sizes[0], int) and sizes[0] != channels):
+        return slope  # not one value per channel: numpy broadcasting is the only reading left
+    return ctx.method("reshape", slope, [-1, *([1] * (rank - 2))])
 
 
 @converter("Gelu", since=20)

@@ -1,7 +1,10 @@
 """Element-wise converters: arithmetic, unary math, comparison/logic, Where, Clip, Cast, variadic.
 
-ONNX broadcasting for these ops is numpy broadcasting, which torch shares, so most converters are
-one call.  Where semantics differ (integer ``Div`` truncates, ``Mod`` has two flavours, ``Pow``
+ONNX broadcasting for these ops is numpy broadcasting (from opset 7), which torch shares, so most
+converters are one call. Before opset 7 a binary op broadcast only with ``broadcast=1``, and then
+``B``'s dims lined up with ``A``'s from ``axis`` on (``A`` (2, 3, 4, 5) + ``B`` (3,) with
+``axis=1``), not from the right: :func:`legacy_broadcast` reshapes ``B`` so that numpy rules
+give the same result.  Where semantics differ (integer ``Div`` truncates, ``Mod`` has two flavours, ``Pow``
 keeps the base's type) the converter says so.  0-d constants are passed as Python scalars
 (``x * 0.5`` instead of a buffer holding 0.5) where torch accepts them.
 """
@@ -31,12 +34,34 @@ def _is_integral(dtype: torch.dtype | None) -> bool:
     return dtype is not None and not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
+def legacy_broadcast(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
+    """``b`` reshaped for numpy broadcasting under the opset < 7 rules.
+
+    With ``broadcast=1`` and an ``axis``, ``b``'s dims match ``a``'s dims ``axis ..
+    axis + rank(b) - 1``: trailing size-1 dims are appended so numpy aligns them the same way.
+    Without ``axis`` the old rule is suffix matching, which numpy already does. With
+    ``broadcast=0`` the shapes must be equal and nothing changes.
+    """
+    if node.opset >= 7 or not node.attr("broadcast", 0) or node.attr("axis") is None:
+        return b
+    rank_a, rank_b = ctx.rank(a, "input A"), ctx.rank(b, "input B")
+    axis = int(node.attr("axis"))
+    axis = axis + rank_a if axis < 0 else axis
+    if not 0 <= axis <= rank_a - rank_b:
+        ctx.fail(f"axis {node.attr('axis')} does not fit input B of rank {rank_b} into input A of rank {rank_a}")
+    trailing = rank_a - axis - rank_b
+    if trailing == 0 or rank_b == 0:
+        return b
+    return ctx.method("reshape", b, [*(ctx.dim(b, i) for i in range(rank_b)), *([1] * trailing)])
+
+
 _ARITHMETIC = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul}
 
 
 @converter("Add", "Sub", "Mul")
 def arithmetic(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
     """``a + b`` / ``a - b`` / ``a * b`` (shape values stay symbolic)."""
+    b = legacy_broadcast(ctx, node, a, b)
     folded = symbolic.binary(ctx, node.op_type, a, b)
     if folded is not None:
         return folded
@@ -46,6 +71,7 @@ def arithmetic(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
 @converter("Div")
 def div(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
     """True division for floats; integer division truncates toward zero in ONNX."""
+    b = legacy_broadcast(ctx, node, a, b)
     folded = symbolic.binary(ctx, "Div", a, b)
     if folded is not None:
         return folded
@@ -70,6 +96,7 @@ def mod(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
 @converter("Pow")
 def pow_(ctx: Emitter, node: OnnxNode, base: Value, exponent: Value) -> Value:
     """``base ** exponent``; the result keeps the base's dtype as ONNX requires."""
+    exponent = legacy_broadcast(ctx, node, base, exponent)
     result = ctx.call(torch.pow, *_scalars(ctx, base, exponent))
     base_dtype, exp_dtype = ctx.dtype(base), ctx.dtype(exponent)
     if _is_integral(base_dtype) and exp_dtype is not None and exp_dtype.is_floating_point:
@@ -144,6 +171,7 @@ _COMPARE = {
 @converter(*_COMPARE)
 def compare(ctx: Emitter, node: OnnxNode, a: Value, b: Value) -> Value:
     """Comparisons and logical ops, written as Python operators (``x < 0``)."""
+    b = legacy_broadcast(ctx, node, a, b)
     if node.op_type == "Equal":
         folded = symbolic.equal(a, b)
         if folded is not None:

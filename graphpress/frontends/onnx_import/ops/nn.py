@@ -242,6 +242,34 @@ def global_max_pool(ctx: Emitter, node: OnnxNode, x: Value) -> Value:
     return ctx.call(torch.amax, x, dim=tuple(range(2, ctx.rank(x))), keepdim=True)
 
 
+@converter("LRN")
+def lrn(ctx: Emitter, node: OnnxNode, x: Value) -> Value:
+    """Local response normalization across channels (AlexNet, GoogLeNet).
+
+    ``y = x / (bias + alpha / size * sum(x^2 over the channel window)) ** beta``, the window
+    running from ``c - floor((size-1)/2)`` to ``c + ceil((size-1)/2)``. Written out rather than
+    as ``F.local_response_norm``, which centres an even-sized window the other way.
+    """
+    size = node.attr("size")
+    if not isinstance(size, int) or size < 1:
+        ctx.fail("attribute 'size' (a positive int) is required")
+    alpha, beta, bias = float(node.attr("alpha", 1e-4)), float(node.attr("beta", 0.75)), float(node.attr("bias", 1.0))
+    rank = ctx.rank(x)
+    if rank < 2:
+        ctx.fail(f"expected an input of rank >= 2 (N x C x ...), got rank {rank}")
+    before = (size - 1) // 2
+    after = size - 1 - before
+    square = ctx.call(operator.mul, x, x)
+    # (N, 1, C, L): the channel window becomes a (size x 1) average pool with zero padding,
+    # i.e. the window sum / size, whatever the spatial rank.
+    flat = ctx.method("unsqueeze", ctx.method("reshape", square, [ctx.dim(x, 0), ctx.dim(x, 1), -1]), 1)
+    padded = ctx.call(F.pad, flat, [0, 0, before, after])
+    mean = ctx.call(F.avg_pool2d, padded, (size, 1), (1, 1))
+    mean = ctx.method("view_as", ctx.method("squeeze", mean, 1), x)
+    scale = ctx.call(operator.add, ctx.call(operator.mul, mean, alpha), bias)
+    return ctx.call(operator.truediv, x, ctx.call(torch.pow, scale, beta))
+
+
 @converter("Dropout")
 def dropout(ctx: Emitter, node: OnnxNode, x: Value, ratio: Value = None, training_mode: Value = None):
     """Inference: identity.  The optional mask output is all ``True``."""
