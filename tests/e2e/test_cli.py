@@ -69,6 +69,14 @@ def test_stories260k_logits_artifact(shared_models, tmp_path):
         want = model(tokens).numpy()
     assert got.shape == (4, 24, 512)
     assert np.abs(got - want).max() < 1e-4
+    # compress bench fills the 'seq' dim from the example shape, or from --dim
+    res = invoke("bench", out, "--repeat", "3")
+    assert res.exit_code == 0, res.output
+    seq = json.loads((out / "manifest.json").read_text())["example_shapes"]["tokens"][1]
+    assert f"tokens (1, {seq})" in res.output and "median ms" in res.output
+    res = invoke("bench", out, "--repeat", "3", "--batch", "2", "--dim", "seq=7")
+    assert res.exit_code == 0, res.output
+    assert "tokens (2, 7)" in res.output
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
@@ -256,3 +264,23 @@ def test_finetune_option_recovers(tmp_path):
     ft = json.loads((out / "manifest.json").read_text())["finetune"]
     assert ft["trained"] and all("circ" in t or "bias" in t or "fold" in t for t in ft["trained"])
     assert ft["best_val_loss"] <= ft["initial_val_loss"]
+
+
+def test_finetune_after_prune_channels(tmp_path):
+    """docs/passes/prune-channels.md's route: prune channels, then --finetune-data (auto: all weights)."""
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text("name: prune\npasses:\n  - fold-batchnorm\n  - prune-channels: {sparsity: 0.5}\n")
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(0)), data)
+    out = tmp_path / "art"
+    args = ["run", "tests.frontends.models:wide_cnn", "-r", recipe, "--no-bench", "--finetune-data", data, "--finetune-epochs", "3"]
+    res = invoke(*args, "-o", out)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    ft = manifest["finetune"]
+    assert ft["trainable"] == "all" and ft["params_trained"] == manifest["metrics"]["params_after"]
+    assert ft["best_val_loss"] <= ft["initial_val_loss"]
+    assert f"fine-tuned {ft['params_trained']:,} weights" in res.output
+    # asking for annotated tensors only names the option that fixes it
+    res = runner.invoke(app, [str(a) for a in (*args, "--finetune-trainable", "annotated", "-o", tmp_path / "art2")])
+    assert res.exit_code == 2 and "--finetune-trainable all" in res.output
