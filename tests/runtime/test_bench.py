@@ -80,3 +80,22 @@ def test_compare_latency_ratios_and_per_variant_inputs():
     assert "slow" in res.table() and res.to_dict()["baseline"] == "fast"
     with pytest.raises(ValueError, match="no inputs for variants"):
         compare_latency({"fast": fast, "slow": slow}, {"fast": (1,)})
+
+
+def test_compare_latency_reports_every_round():
+    from graphpress.runtime.bench import compare_latency as cmp
+
+    seen = []
+    res = cmp({"a": lambda: None, "b": lambda: None}, rounds=4, warmup=1, on_round=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(r.n == 4 for r in res.results.values())
+
+
+def test_machine_load_counts_usable_cpus():
+    import os
+
+    from graphpress.runtime.bench import machine_load, usable_cpus
+
+    load = machine_load()
+    assert load["cpus"] == usable_cpus() == len(os.sched_getaffinity(0))
+    assert 0 <= load["loadavg_1m"] and abs(load["loadavg_1m"] - os.getloadavg()[0]) < 1.0
