@@ -255,6 +255,7 @@ def passes(
     t = Table(title="Registered passes", title_justify="left")
     t.add_column("name")
     t.add_column("kind")
+    t.add_column("budget (default)")
     t.add_column("options")
     t.add_column("what it does")
     for name, cls in registered().items():
@@ -262,7 +263,15 @@ def passes(
             continue
         defaults = config_to_dict(cls.Config())
         opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items() if k != "version")
-        t.add_row(name, "exact" if cls.exact else "lossy", opts or "-", describe(cls))
+        if cls.exact:
+            budget = "allclose"
+        else:
+            parts = [f"SQNR >= {defaults['min_sqnr_db']:g} dB"] if defaults.get("min_sqnr_db") is not None else []
+            parts += [f"KL <= {defaults['max_kl']:g}"] if defaults.get("max_kl") is not None else []
+            budget = ", ".join(parts) or "none"
+            if "on_budget" in defaults:
+                budget += f"; on miss: {defaults['on_budget']}"
+        t.add_row(name, "exact" if cls.exact else "lossy", budget, opts or "-", describe(cls))
     console.print(t)
 
 

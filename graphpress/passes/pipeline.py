@@ -6,10 +6,15 @@ Contract (see docs/pipeline.md):
   ``random_inputs`` seeded random inputs (at another batch size when the batch is dynamic).
 * After every pass: structural ``verify()``; numeric comparison with the *previous* graph --
   exact passes must be allclose with dtype-aware tolerance (:func:`graphpress.ir.compare.tolerance`),
-  lossy passes must meet the budget their config declares (``min_sqnr_db``, ``max_kl``) -- and a
-  cumulative comparison with the original, recorded for the report.
+  lossy passes must meet the budget their config declares (``min_sqnr_db``, ``max_kl``; every
+  lossy pass has an explicit default, there is no hidden one) -- and a cumulative comparison with
+  the original, recorded for the report.
+* A lossy pass that misses its budget and whose config says ``on_budget: adapt`` is backed off on
+  its most sensitive layers and re-run on the graph from before it, bisecting how far
+  (:mod:`graphpress.passes.budget`); its stats then say what it achieved against what was asked.
 * A failure raises one :class:`VerificationError` naming the pass, its step, the passes before
-  it, the output that diverged and the first graph node whose value diverged.
+  it, the output that diverged and the first graph node whose value diverged; a budget miss also
+  names the best value reached and the option to change.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from graphpress.errors import GraphpressError, PassError, VerificationError
 from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, sqnr_db, tolerance
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import Pass, config_to_dict, make_pass
+from graphpress.passes.budget import Adaptive
 
-DEFAULT_MIN_SQNR_DB = 20.0  # budget for a lossy pass that declares none
 
 
 @dataclass
@@ -122,6 +127,8 @@ class Pipeline:
                 p = make_pass(p)
             elif isinstance(p, tuple):
                 p = make_pass(p[0], p[1])
+            if not p.exact:
+                budget_of(p)  # a lossy pass without a budget is refused before any work
             self.passes.append(p)
         self.random_inputs = random_inputs
         self.seed = seed
@@ -184,58 +191,179 @@ class Pipeline:
             where = _where(p.name, i, total, [s.name for s in steps])
             before = current.clone()
             t0 = time.perf_counter()
-            try:
-                result = p(current)
-            except GraphpressError as err:
-                raise type(err)(f"{where} failed: {err}") from err
-            except Exception as err:  # noqa: BLE001 -- a bug in a pass must still name the pass
-                msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise PassError(f"{where} failed: {type(err).__name__}: {msg[:300]}") from err
+            first = self._attempt(p, current, where, inputs, previous_outputs, original)
+            chosen = first
+            if first.problem and not p.exact and _adapts(p):
+                chosen = self._back_off(p, before, where, inputs, previous_outputs, original, first)
             record.time_s = time.perf_counter() - t0
-            current = result.graph
-            record.changed, record.stats = bool(result.changed), dict(result.stats)
-            try:
-                current.verify()
-            except VerificationError as err:
-                raise VerificationError(f"{where} produced an invalid graph: {err}") from None
-            outputs = [current.run(*x) for x in inputs]
-            record.step = _merge_diffs([compare_outputs(r, o, current.output_names) for r, o in zip(previous_outputs, outputs)])
-            record.cumulative = _merge_diffs([compare_outputs(r, o, current.output_names) for r, o in zip(original, outputs)])
-            record.params_after = current.parameter_count()
-            if not p.exact:
-                record.kl = _logits_kl(previous_outputs, outputs)
-            problem = self._judge(p, record)
-            if problem:
-                record.error = problem
-                node = first_divergence(before, current, inputs[0])
+            record.changed, record.stats = chosen.changed, chosen.stats
+            record.step, record.cumulative, record.kl = chosen.step, chosen.cumulative, chosen.kl
+            record.params_after = chosen.graph.parameter_count()
+            if chosen.problem:
+                record.error = chosen.problem
+                node = first_divergence(before, chosen.graph, inputs[0])
                 at = f"; first diverging node: '{node}'" if node else ""
-                raise VerificationError(f"{where} broke the model: {problem}{at}")
-            previous_outputs = outputs
+                # the first try's miss (at what was asked), then what backing off reached
+                raise VerificationError(f"{where} broke the model: {first.problem}{_advice(p, first, chosen)}{at}")
+            current = chosen.graph
+            previous_outputs = chosen.outputs
             steps.append(record)
             if on_event:
                 on_event("end", i, total, record)
         return PipelineReport(current, steps, params0, current.parameter_count(), time.perf_counter() - t_all)
 
+    def _attempt(self, p: Pass, graph: Graph, where: str, inputs: list, previous: list, original: list) -> "_Attempt":
+        """Run ``p`` on ``graph`` (which it may change in place), verify the structure, compare
+        the outputs with the previous graph and the original, and judge the budget."""
+        try:
+            result = p(graph)
+        except GraphpressError as err:
+            raise type(err)(f"{where} failed: {err}") from err
+        except Exception as err:  # noqa: BLE001 -- a bug in a pass must still name the pass
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise PassError(f"{where} failed: {type(err).__name__}: {msg[:300]}") from err
+        out = result.graph
+        try:
+            out.verify()
+        except VerificationError as err:
+            raise VerificationError(f"{where} produced an invalid graph: {err}") from None
+        outputs = [out.run(*x) for x in inputs]
+        step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
+        cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
+        kl = None if p.exact else _logits_kl(previous, outputs)
+        attempt = _Attempt(out, bool(result.changed), dict(result.stats), step, cumulative, kl, outputs)
+        attempt.problem = self._judge(p, step, kl)
+        return attempt
+
+    def _back_off(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list, first: "_Attempt") -> "_Attempt":
+        """Bisect the pass's back-off level (see :mod:`graphpress.passes.budget`) on clones of
+        ``before``; the passing attempt with the fewest moves, or the best failing one."""
+        levels = int(p.adapt_levels())
+        tries = [first]
+        first.level = 0
+        if levels <= 0:
+            return first
+
+        def run(level: int) -> _Attempt:
+            a = self._attempt(p.back_off(level), before.clone(), where, inputs, previous, original)
+            a.level = level
+            tries.append(a)
+            return a
+
+        # Gallop up (1, 4, 16, ... moves, then all of them) to the first level that passes -- a
+        # target only a little too ambitious is met in one or two tries -- then bisect below it.
+        lo, level, hi = 0, 1, None
+        while hi is None:
+            a = run(min(level, levels))
+            if a.problem is None:
+                hi = a
+            elif a.level >= levels:
+                break
+            else:
+                lo, level = a.level, a.level * 4
+        if hi is not None:
+            while hi.level - lo > 1:
+                a = run((lo + hi.level) // 2)
+                if a.problem is None:
+                    hi = a
+                else:
+                    lo = a.level
+            chosen = hi
+        else:
+            chosen = max(tries, key=lambda a: a.quality(p))
+        chosen.stats["on_budget"] = {
+            "mode": "adapt",
+            "met": chosen.problem is None,
+            "backed_off_moves": chosen.level,
+            "moves_available": levels,
+            "first_try": first.problem,
+            "tries": [{"moves": a.level, "sqnr_db": _round(a.worst_sqnr), "kl": _round(a.kl)} for a in tries],
+        }
+        chosen.tried = len(tries)
+        return chosen
+
     @staticmethod
-    def _judge(p: Pass, record: StepRecord) -> str | None:
+    def _judge(p: Pass, step: list[OutputDiff], kl: float | None) -> str | None:
         if p.exact:
-            for d in record.step:
+            for d in step:
                 if not d.within_tol:
                     return (
                         f"output '{d.name}' max abs error {d.max_abs:.3g} exceeds the exact-pass tolerance "
                         f"(atol {d.atol:.3g}, rtol {d.rtol:.3g})"
                     )
             return None
-        floor = getattr(p.config, "min_sqnr_db", None)
-        floor = DEFAULT_MIN_SQNR_DB if floor is None and getattr(p.config, "max_kl", None) is None else floor
+        floor, max_kl = budget_of(p)
         if floor is not None:
-            for d in record.step:
+            for d in step:
                 if d.sqnr_db < floor:
                     return f"output '{d.name}' SQNR {d.sqnr_db:.1f} dB is below the pass budget min_sqnr_db={floor}"
-        max_kl = getattr(p.config, "max_kl", None)
-        if max_kl is not None and record.kl is not None and record.kl > max_kl:
-            return f"KL divergence {record.kl:.4g} nats exceeds the pass budget max_kl={max_kl}"
+        if max_kl is not None and kl is not None and kl > max_kl:
+            return f"KL divergence {kl:.4g} nats exceeds the pass budget max_kl={max_kl}"
         return None
+
+
+@dataclass
+class _Attempt:
+    """One run of a pass (the first, or a backed-off one) and how it measured."""
+
+    graph: Graph
+    changed: bool
+    stats: dict[str, Any]
+    step: list[OutputDiff]
+    cumulative: list[OutputDiff]
+    kl: float | None
+    outputs: list[tuple[torch.Tensor, ...]]
+    problem: str | None = None
+    level: int = 0
+    tried: int = 1
+
+    @property
+    def worst_sqnr(self) -> float:
+        return min((d.sqnr_db for d in self.step), default=math.inf)
+
+    def quality(self, p: Pass) -> tuple[float, float]:
+        """Higher is closer to the budget: SQNR first when the pass has a floor, else -KL."""
+        floor, _ = budget_of(p)
+        kl = -self.kl if self.kl is not None else 0.0
+        return (self.worst_sqnr, kl) if floor is not None else (kl, self.worst_sqnr)
+
+
+def budget_of(p: Pass) -> tuple[float | None, float | None]:
+    """``(min_sqnr_db, max_kl)`` a lossy pass is held to: what its config declares.
+
+    Every lossy pass in graphpress declares an explicit default; both None (set so by the user)
+    means no budget. A config without either field is refused: there is no hidden default.
+    """
+    cfg = p.config
+    if not (hasattr(cfg, "min_sqnr_db") or hasattr(cfg, "max_kl")):
+        raise PassError(f"pass '{p.name}' is lossy but its config declares no budget: give it a min_sqnr_db and/or max_kl option")
+    return getattr(cfg, "min_sqnr_db", None), getattr(cfg, "max_kl", None)
+
+
+def _adapts(p: Pass) -> bool:
+    return getattr(p.config, "on_budget", None) == "adapt" and isinstance(p, Adaptive)
+
+
+def _round(v: float | None) -> float | None:
+    if v is None:
+        return None
+    return round(v, 3) if math.isfinite(v) else v
+
+
+def _advice(p: Pass, first: _Attempt, chosen: _Attempt) -> str:
+    """The tail of a budget failure: what was reached and the option to change."""
+    if not isinstance(p, Adaptive):
+        return ""
+    floor, _ = budget_of(p)
+    budget_opt = "min_sqnr_db" if floor is not None else "max_kl"
+    asked = p.achieved(first.stats)
+    if not _adapts(p):
+        return f" at {asked}; {p.advice()}, set on_budget: adapt, or change {budget_opt}"
+    measure = f"SQNR {chosen.worst_sqnr:.1f} dB" if floor is not None else f"KL {chosen.kl:.4g} nats"
+    if chosen is first or chosen.level == 0:
+        return f" at {asked} (nothing to back off); {p.advice()} or change {budget_opt}"
+    return (f" at {asked}; backing off ({chosen.tried - 1} more tries, up to {p.adapt_levels()} moves) reached at best {measure} "
+            f"at {p.achieved(chosen.stats)}; {p.advice()} or change {budget_opt}")
 
 
 def _where(name: str, i: int, total: int, before: list[str]) -> str:
@@ -303,4 +431,4 @@ def first_divergence(before: Graph, after: Graph, inputs: Sequence[torch.Tensor]
     return None
 
 
-__all__ = ["Pipeline", "PipelineReport", "StepRecord", "first_divergence", "sqnr_db"]
+__all__ = ["Pipeline", "PipelineReport", "StepRecord", "budget_of", "first_divergence", "sqnr_db"]

@@ -1,6 +1,7 @@
 """Pipeline contract: verification after every pass, budgets, and errors that name the pass."""
 
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -197,3 +198,91 @@ def test_builtin_recipe_by_name_and_missing_file():
     assert load_recipe("default").name == "default"
     with pytest.raises(PassError, match="recipe file not found"):
         load_recipe("no/such/recipe.yaml")
+
+
+# ---------------------------------------------------------------------------- on_budget
+@dataclass(frozen=True)
+class SoftNoiseConfig:
+    version: int = 1
+    std: float = 1e-1
+    min_sqnr_db: float | None = 30.0
+    max_kl: float | None = None
+    on_budget: str = "adapt"
+
+
+@register("test-soft-noise")
+class SoftNoise:
+    """Lossy noise that can back off: level k divides the noise by 2**k (up to 10 levels)."""
+
+    exact = False
+    Config = SoftNoiseConfig
+
+    def __init__(self, config=SoftNoiseConfig(), level=0):
+        self.config, self.level = config, level
+
+    def __call__(self, graph):
+        std = self.config.std / 2**self.level
+        gen = torch.Generator().manual_seed(0)
+        for name, p in list(graph.gm.named_parameters()):
+            graph.set_tensor(name, p + std * torch.randn(p.shape, generator=gen))
+        return PassResult(graph, True, {"std": std})
+
+    def adapt_levels(self):
+        return 10
+
+    def back_off(self, level):
+        return SoftNoise(self.config, level)
+
+    def achieved(self, stats):
+        return f"std {stats['std']:g}"
+
+    def advice(self):
+        return "lower std"
+
+
+@dataclass(frozen=True)
+class NoBudgetConfig:
+    version: int = 1
+
+
+@register("test-no-budget")
+class NoBudget:
+    exact = False
+    Config = NoBudgetConfig
+
+    def __init__(self, config=NoBudgetConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        return PassResult(graph, False, {})
+
+
+def test_adapt_finds_the_least_back_off_that_meets_the_budget(graph):
+    report = Pipeline([("test-soft-noise", {"min_sqnr_db": 40.0})]).run(graph)
+    step = report.steps[0]
+    ob = step.stats["on_budget"]
+    assert step.worst_step_sqnr_db >= 40.0 and ob["met"] and ob["first_try"].startswith("output")
+    k = ob["backed_off_moves"]
+    assert step.stats["std"] == 0.1 / 2**k
+    by_level = {t["moves"]: t["sqnr_db"] for t in ob["tries"]}
+    assert by_level[k] >= 40.0 and (k - 1) in by_level and by_level[k - 1] < 40.0  # one less fails
+    assert len(ob["tries"]) <= 8  # gallop 1, 4, 10 then bisect: not all 11 levels
+    # a second run is the same (deterministic search)
+    again = Pipeline([("test-soft-noise", {"min_sqnr_db": 40.0})]).run(graph)
+    assert again.steps[0].stats["on_budget"]["backed_off_moves"] == k
+
+
+def test_a_budget_no_back_off_meets_is_one_line_with_the_best_value(graph):
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("test-soft-noise", {"min_sqnr_db": 200.0})]).run(graph)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "below the pass budget min_sqnr_db=200.0 at std 0.1; backing off" in msg
+    assert re.search(r"backing off \(\d+ more tries, up to 10 moves\) reached at best SQNR [0-9.]+ dB at std 9\.7656[0-9]e-05; lower std or change min_sqnr_db", msg)
+    with pytest.raises(VerificationError, match=r"at std 0.1; lower std, set on_budget: adapt, or change min_sqnr_db"):
+        Pipeline([("test-soft-noise", {"min_sqnr_db": 40.0, "on_budget": "fail"})]).run(graph)
+
+
+def test_a_lossy_pass_without_a_budget_is_refused_before_any_work():
+    with pytest.raises(PassError, match="pass 'test-no-budget' is lossy but its config declares no budget"):
+        Pipeline(["test-no-budget"])

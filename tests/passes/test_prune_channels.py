@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphpress.passes.prune.structured  # noqa: F401 -- registers prune-channels
-from graphpress.errors import PassError
+from graphpress.errors import PassError, VerificationError
 from graphpress.ir.graph import Graph
 from graphpress.passes import Pipeline
 from graphpress.passes.base import make_pass
@@ -343,7 +343,7 @@ def test_pipeline_torch_export_and_onnx_of_the_pruned_option_a_block(tmp_path):
     from graphpress.backends.onnxruntime.lower import check_onnx, lower_to_onnx
 
     g = capture(randomize_bn(OptionA()), 2, 3, 8, 8)
-    report = Pipeline([("prune-channels", {"sparsity": 0.5})]).run(g)
+    report = Pipeline([("prune-channels", {"sparsity": 0.5, "min_sqnr_db": -100.0})]).run(g)  # half of a random block: no floor
     p = report.graph
     assert report.steps[0].changed and report.params_after < 0.45 * report.params_before
     ep = p.export_program()
@@ -389,3 +389,44 @@ def test_llama_mlp_hidden_channels_prune_through_the_swiglu_product():
     assert r.stats["skipped"] == {"tok_embeddings": "skipped by config"}
     p.verify()
     assert_same_outputs(g, p, batch=2)
+
+
+# ---------------------------------------------------------------------------- on_budget
+def test_adapt_backs_off_the_most_sensitive_groups_until_the_budget_holds():
+    g = capture(randomize_bn(OptionA()), 2, 3, 8, 8)
+    first = prune(g, sparsity=0.5)
+    report = Pipeline([("prune-channels", {"sparsity": 0.5, "min_sqnr_db": 10.0})]).run(g)
+    step = report.steps[0]
+    s = step.stats
+    assert s["asked_sparsity"] == 0.5 and 0.0 <= s["achieved_sparsity"] < 0.5 and step.worst_step_sqnr_db >= 10.0
+    assert s["backed_off_layers"] and all(v["got"] < v["asked"] == 0.5 for v in s["backed_off_layers"].values())
+    assert report.params_after > first.graph.parameter_count()  # kept more channels than asked
+    ob = s["on_budget"]
+    assert ob["met"] and ob["tries"][0]["sqnr_db"] < 10.0
+
+
+def test_fail_is_one_line_with_the_sparsity_and_the_option():
+    g = capture(randomize_bn(OptionA()), 2, 3, 8, 8)
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("prune-channels", {"sparsity": 0.5, "min_sqnr_db": 10.0, "on_budget": "fail"})]).run(g)
+    msg = str(err.value)
+    assert "\n" not in msg and "below the pass budget min_sqnr_db=10.0 at sparsity 0.500 (sparsity 0.5)" in msg
+    assert "lower sparsity, set on_budget: adapt, or change min_sqnr_db" in msg
+
+
+def test_a_met_target_runs_once_and_is_unchanged_by_on_budget():
+    # the removed channels are zero: nothing changes numerically, the budget holds on the first try
+    model = Chain().eval()
+    zero(model.c1, [0, 2, 5, 7], model.bn1)
+    g = capture(model, 2, 3, 8, 8)
+    adapt = Pipeline([("prune-channels", {"sparsity": 0.5, "layer_ratios": {"c1": 0.5}, "skip": ["c2"], "min_sqnr_db": 40.0})]).run(g)
+    s = adapt.steps[0].stats
+    assert "on_budget" not in s and s["backed_off_layers"] == {} and s["achieved_sparsity"] == 0.5
+    assert adapt.steps[0].worst_step_sqnr_db > 40.0
+
+
+def test_the_default_budget_is_a_real_floor():
+    from graphpress.passes.base import get_pass_class
+
+    cfg = get_pass_class("prune-channels").Config()
+    assert cfg.min_sqnr_db == 0.0 and cfg.on_budget == "adapt"

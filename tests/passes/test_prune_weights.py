@@ -163,6 +163,48 @@ def test_data_aware_methods_need_calibration():
 
 def test_pipeline_checks_the_budget(net_graph):
     with pytest.raises(VerificationError, match="pass 'prune-weights' .* below the pass budget min_sqnr_db=30.0"):
-        Pipeline([("prune-weights", {"method": "magnitude", "sparsity": 0.9, "min_sqnr_db": 30.0})], random_inputs=0).run(net_graph)
+        Pipeline([("prune-weights", {"method": "magnitude", "sparsity": 0.9, "min_sqnr_db": 30.0, "on_budget": "fail"})], random_inputs=0).run(net_graph)
     ok = Pipeline([("prune-weights", {"method": "sparsegpt", "sparsity": 0.3, "min_sqnr_db": 10.0})], random_inputs=0).run(net_graph)
     assert ok.steps[0].stats["pruned"] == 4
+
+
+# ---------------------------------------------------------------------------- on_budget
+def test_adapt_backs_off_the_most_sensitive_layers_until_the_budget_holds(net_graph):
+    report = Pipeline([("prune-weights", {"method": "wanda", "sparsity": 0.8, "min_sqnr_db": 15.0})], random_inputs=0).run(net_graph)
+    step = report.steps[0]
+    s = step.stats
+    assert s["asked_sparsity"] == 0.8 and 0.0 < s["achieved_sparsity"] < 0.8 and step.worst_step_sqnr_db >= 15.0
+    assert s["backed_off_layers"] and all(v["got"] < v["asked"] == 0.8 for v in s["backed_off_layers"].values())
+    for name, v in s["backed_off_layers"].items():  # each layer really has the sparsity reported
+        if v["got"] > 0:
+            assert abs(s["layers"][name]["sparsity"] - v["got"]) < 0.02
+        else:
+            assert s["kept_dense"][name] == "backed off to dense to meet the budget"
+    assert s["on_budget"]["met"] and s["on_budget"]["tries"][0]["sqnr_db"] < 15.0
+
+
+def test_fail_is_one_line_with_the_sparsity_and_the_option(net_graph):
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("prune-weights", {"method": "wanda", "sparsity": 0.8, "min_sqnr_db": 15.0, "on_budget": "fail"})], random_inputs=0).run(net_graph)
+    msg = str(err.value)
+    assert "\n" not in msg and "below the pass budget min_sqnr_db=15.0 at sparsity 0.8" in msg
+    assert "lower sparsity, set on_budget: adapt, or change min_sqnr_db" in msg
+
+
+def test_a_met_target_runs_once_and_is_unchanged_by_on_budget(net_graph):
+    cfg = {"method": "sparsegpt", "sparsity": 0.3, "min_sqnr_db": 10.0}
+    adapt = Pipeline([("prune-weights", cfg)], random_inputs=0).run(net_graph)
+    fail = Pipeline([("prune-weights", {**cfg, "on_budget": "fail"})], random_inputs=0).run(net_graph)
+    a = adapt.steps[0].stats
+    assert "on_budget" not in a and a["backed_off_layers"] == {} and abs(a["achieved_sparsity"] - 0.3) < 0.01
+    x = images(4, 9)
+    torch.testing.assert_close(adapt.graph.run(x)[0], fail.graph.run(x)[0])
+
+
+def test_the_default_budget_is_explicit():
+    from graphpress.passes.base import get_pass_class
+
+    cfg = get_pass_class("prune-weights").Config()
+    assert cfg.min_sqnr_db == 10.0 and cfg.on_budget == "adapt"
+    with pytest.raises(PassError, match="option 'on_budget': 'retry' is not one of 'adapt', 'fail'"):
+        make_pass("prune-weights", {"on_budget": "retry"})

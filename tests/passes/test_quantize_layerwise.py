@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphpress.passes.quant  # noqa: F401 -- registers the passes
-from graphpress.errors import PassError
+from graphpress.errors import PassError, VerificationError
 from graphpress.ir.compare import sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.ir.quant import symmetric_per_channel
@@ -242,6 +243,55 @@ def test_pipeline_checks_the_budget(mlp_graph):
     assert report.steps[0].changed and report.steps[0].worst_step_sqnr_db > 15.0
     with pytest.raises(Exception, match="below the pass budget min_sqnr_db=60"):
         Pipeline([("quantize-layerwise", {"bits": [2], "target_bits": 2, "activations": "none", "min_sqnr_db": 60.0})]).run(mlp_graph)
+
+
+# ---------------------------------------------------------------------------- on_budget
+LOW = {"bits": [8, 2], "target_bits": 3.0, "importance": "measured", "activations": "none", "min_sqnr_db": 20.0}
+
+
+def test_adapt_raises_the_most_important_layers_until_the_budget_holds(mlp_graph):
+    report = Pipeline([("quantize-layerwise", LOW)], random_inputs=0).run(mlp_graph)
+    step = report.steps[0]
+    s = step.stats
+    assert s["asked_bits"] == 3.0 and s["average_bits"] > 3.0  # achieved more bits than asked ...
+    assert step.worst_step_sqnr_db >= 20.0  # ... and the budget holds
+    assert s["backed_off_layers"] and all(v == {"asked": 2, "got": 8} for v in s["backed_off_layers"].values())
+    assert all(s["bits"][n] == 8 for n in s["backed_off_layers"])
+    ob = s["on_budget"]
+    assert ob["met"] and ob["tries"][0]["sqnr_db"] < 20.0 and ob["backed_off_moves"] == len(s["backed_off_layers"])
+
+
+def test_fail_is_one_line_with_the_bits_and_the_option(mlp_graph):
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("quantize-layerwise", {**LOW, "on_budget": "fail"})], random_inputs=0).run(mlp_graph)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.search(r"below the pass budget min_sqnr_db=20.0 at [0-9.]+ average bits \(target_bits 3\)", msg)
+    assert "raise target_bits, set on_budget: adapt, or change min_sqnr_db" in msg
+    # out of reach even with every layer back at 8 bits: the best SQNR reached, and what to change
+    with pytest.raises(VerificationError, match=r"reached at best SQNR [0-9.]+ dB at 8\.00 average bits \(target_bits 3\); raise target_bits or change min_sqnr_db"):
+        Pipeline([("quantize-layerwise", {**LOW, "min_sqnr_db": 200.0})], random_inputs=0).run(mlp_graph)
+
+
+def test_a_met_target_runs_once_and_is_unchanged_by_on_budget(mlp_graph):
+    cfg = {"bits": [8, 4], "target_bits": 6.0, "importance": "zd", "activations": "none"}
+    adapt = Pipeline([("quantize-layerwise", cfg)], random_inputs=0).run(mlp_graph)
+    fail = Pipeline([("quantize-layerwise", {**cfg, "on_budget": "fail"})], random_inputs=0).run(mlp_graph)
+    a, f = adapt.steps[0].stats, fail.steps[0].stats
+    assert "on_budget" not in a and a["backed_off_layers"] == {} and a["bits"] == f["bits"] and a["average_bits"] <= 6.0
+    x = torch.randn(8, 32)
+    torch.testing.assert_close(adapt.graph.run(x)[0], fail.graph.run(x)[0])
+
+
+def test_an_unreachable_bit_target_takes_the_lowest_widths_or_fails():
+    # a conv takes 8 bits only with int8 activations: 6 average bits cannot be met
+    torch.manual_seed(0)
+    g = Graph.capture(nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 36, 1)).eval(), (torch.randn(4, 8, 6, 6),))
+    r = run(g, bits=[8, 4], target_bits=6.0)  # 2304 conv weights at 8 bits, 1152 linear ones at 4: 6.67 bits at least
+    assert r.stats["bits"] == {"0": 8, "3": 4} and "out of reach" in r.stats["budget_unreachable"]
+    assert r.stats["asked_bits"] == 6.0 and abs(r.stats["average_bits"] - 20 / 3) < 1e-3
+    with pytest.raises(PassError, match="cannot be met: the lowest allocation takes .* set on_budget: adapt"):
+        run(g, bits=[8, 4], target_bits=6.0, on_budget="fail")
 
 
 # ---------------------------------------------------------------------------- refinement and MSE ranges

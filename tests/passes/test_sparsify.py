@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphpress.passes.sparsity  # noqa: F401 -- registers the pass
-from graphpress.errors import PassError
+from graphpress.errors import PassError, VerificationError
 from graphpress.ir.graph import Graph
 from graphpress.passes import Pipeline
 from graphpress.passes.base import make_pass
@@ -153,7 +153,47 @@ def test_pipeline_budget_and_onnx_lowering(mlp, tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), g.gm(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="SQNR"):
         Pipeline([("sparsify-activations", {"target_sparsity": 0.9, "max_layer_sparsity": 0.95, "allocation": "uniform",
-                                            "include_classifier": True, "min_sqnr_db": 40})], random_inputs=0).run(mlp)
+                                            "include_classifier": True, "min_sqnr_db": 40, "on_budget": "fail"})], random_inputs=0).run(mlp)
+
+
+# ---------------------------------------------------------------------------- on_budget
+AMBITIOUS = {"target_sparsity": 0.8, "max_layer_sparsity": 0.9, "allocation": "greedy", "include_classifier": True, "min_sqnr_db": 15.0}
+
+
+def test_adapt_backs_off_the_most_costly_layers_until_the_budget_holds(mlp):
+    report = Pipeline([("sparsify-activations", AMBITIOUS)], random_inputs=0).run(mlp)
+    step = report.steps[0]
+    s = step.stats
+    assert s["asked_sparsity"] == 0.8 and 0.0 < s["achieved_sparsity"] < 0.8
+    assert step.worst_step_sqnr_db >= 15.0
+    assert s["backed_off_layers"] and all(v["got"] < v["asked"] for v in s["backed_off_layers"].values())
+    ob = s["on_budget"]
+    assert ob["met"] and ob["first_try"].startswith("output") and 0 < ob["backed_off_moves"] <= ob["moves_available"]
+    assert ob["tries"][0]["sqnr_db"] < 15.0 and len(ob["tries"]) <= 2 * ob["moves_available"].bit_length() + 2
+    # one move fewer misses the budget (the search returns the least back-off that passed)
+    fewer = [t for t in ob["tries"] if t["moves"] == ob["backed_off_moves"] - 1]
+    assert all(t["sqnr_db"] < 15.0 for t in fewer)
+    # the calibration was reused: every sparse op's thresholds come from the first run's rows
+    assert measure_sparsity(report.graph, mlp.calibration)
+
+
+def test_fail_names_the_best_value_and_the_option_in_one_line(mlp):
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("sparsify-activations", {**AMBITIOUS, "on_budget": "fail"})], random_inputs=0).run(mlp)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "below the pass budget min_sqnr_db=15.0 at sparsity 0.8" in msg and "lower target_sparsity, set on_budget: adapt" in msg
+
+
+def test_a_met_target_runs_once_and_is_unchanged_by_on_budget(mlp):
+    cfg = {"target_sparsity": 0.3, "min_sqnr_db": 5.0}
+    adapt = Pipeline([("sparsify-activations", cfg)], random_inputs=0).run(mlp)
+    fail = Pipeline([("sparsify-activations", {**cfg, "on_budget": "fail"})], random_inputs=0).run(mlp)
+    a, f = adapt.steps[0].stats, fail.steps[0].stats
+    assert "on_budget" not in a and a["backed_off_layers"] == {}
+    assert a["achieved_sparsity"] == f["achieved_sparsity"] and abs(a["achieved_sparsity"] - 0.3) < 0.02
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(adapt.graph.run(x)[0], fail.graph.run(x)[0])
 
 
 def test_nothing_to_do_and_refusals(mlp):

@@ -24,13 +24,21 @@ when the kept positions are contiguous). Padding zeros are dropped where they st
 
 What changes numerically: only the removed channels. If every removed channel was already zero
 (zero producer rows and batch-norm scale/shift), the outputs are unchanged up to float rounding
-(tested). Without fine-tuning, removing half of the channels of a trained model loses accuracy;
-the default budget ``min_sqnr_db = -100`` accepts any valid graph (set a real floor or ``max_kl``
-when pruning gently). Lossy (``exact = False``).
+(tested). Without fine-tuning, removing half of the channels of a trained model loses accuracy
+(ResNet-20 at 50% of every group: SQNR -8 dB). Lossy (``exact = False``); the default budget
+``min_sqnr_db = 0`` rejects an output whose error outweighs its signal. ``on_budget="adapt"``
+(default): on a miss the pipeline backs off (:mod:`graphpress.passes.budget`): the groups whose
+pruning costs the most output noise per channel (measured: the graph's outputs on the calibration
+batches with that group alone pruned) lose a quarter of their ratio at a time, and the pass
+re-runs; ``stats`` give ``asked_sparsity``, ``achieved_sparsity`` (share of the prunable groups'
+channels removed) and ``backed_off_layers`` (per group). ``"fail"``: a miss is an error. Pruning
+to fine-tune afterwards: set ``min_sqnr_db`` lower (e.g. ``-100``) or ``on_budget: fail``
+with a floor you choose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -52,6 +60,7 @@ from graphpress.ir.rewrite import (
 )
 from graphpress.ir.summary import node_flops
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.budget import check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.prune.deps import (
     BATCH_NORMS,
     CONVS,
@@ -89,8 +98,11 @@ class PruneChannelsConfig:
     layer_ratios : dict of str to float
         Sparsity per group (by group or layer name), overriding ``sparsity``.
     min_sqnr_db, max_kl : float, optional
-        Budget the pipeline checks against the previous graph. The default accepts any valid
-        graph: half the channels without fine-tuning is a large change by design.
+        Budget the pipeline checks against the previous graph (0 dB SQNR by default: pruning
+        without fine-tuning is a large change, but not one whose error outweighs the output).
+    on_budget : "adapt" or "fail"
+        On a budget miss, back off on the most sensitive groups until it holds (``adapt``), or
+        fail (:mod:`graphpress.passes.budget`).
     """
 
     version: int = 1
@@ -100,10 +112,12 @@ class PruneChannelsConfig:
     min_channels: int = 1
     skip: tuple[str, ...] = ()
     layer_ratios: dict[str, float] = field(default_factory=dict)
-    min_sqnr_db: float | None = -100.0
+    min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
+    on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
+        check_on_budget(NAME, self.on_budget)
         if self.score not in SCORES:
             close = difflib.get_close_matches(str(self.score), SCORES, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -120,7 +134,7 @@ class PruneChannelsConfig:
 
     def __hash__(self) -> int:
         return hash((self.version, self.sparsity, self.score, self.round_to, self.min_channels, self.skip,
-                     tuple(sorted(self.layer_ratios.items())), self.min_sqnr_db, self.max_kl))
+                     tuple(sorted(self.layer_ratios.items())), self.min_sqnr_db, self.max_kl, self.on_budget))
 
 
 def kept_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
@@ -380,6 +394,49 @@ class PruneChannels:
 
     def __init__(self, config: PruneChannelsConfig = PruneChannelsConfig()):
         self.config = config
+        # The last full run's ratio per pruned group, shared with its back-off copies (budget.py);
+        # a back-off copy prunes group g at _override[g] instead.
+        self._state: dict[str, Any] | None = None
+        self._level = 0
+        self._override: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ backing off
+    NOTCHES = 4  #: a group backs off in quarters of its ratio
+
+    def adapt_levels(self) -> int:
+        """Ratio notches the last run's pruned groups can give back (0 before a run)."""
+        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
+
+    def back_off(self, level: int) -> "PruneChannels":
+        """This pass with the first ``level`` notches of its ladder given back."""
+        copy = PruneChannels(self.config)
+        copy._state, copy._level = self._state, int(level)
+        return copy
+
+    def achieved(self, stats: dict[str, Any]) -> str:
+        return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (sparsity {self.config.sparsity:g})"
+
+    def advice(self) -> str:
+        return "lower sparsity"
+
+    @torch.no_grad()
+    def _measure_groups(self, graph: Graph) -> None:
+        """The ladder: each group's relative output noise with it alone pruned at its ratio."""
+        state = self._state
+        batches = graph.calibration_batches()
+        refs = [graph.run(*b) for b in batches]
+        costs = {}
+        for name, steps in state["steps"].items():
+            alone = PruneChannels(dataclasses.replace(self.config, sparsity=0.0, layer_ratios={name: steps[0]}, skip=()))
+            g = alone(graph.clone()).graph
+            noise = signal = 0.0
+            for b, ref in zip(batches, refs):
+                for r, o in zip(ref, g.run(*b)):
+                    if r.is_floating_point():
+                        noise += float((o.double() - r.double()).pow(2).sum())
+                        signal += float(r.double().pow(2).sum())
+            costs[name] = convex_costs(noise / signal if signal > 0 else noise, steps)
+        state["moves"] = ladder(costs, state["sizes"])
 
     def _names(self, analysis: ChannelAnalysis, option: str, names: Any) -> None:
         known = {n for g in analysis.groups for n in [g.name, *g.layers]}
@@ -390,6 +447,8 @@ class PruneChannels:
                 raise _err(option, f"no channel group or layer named '{name}': {hint}")
 
     def _ratio(self, g: ChannelGroup) -> float:
+        if g.name in self._override:
+            return self._override[g.name]
         for name in [g.name, *g.layers]:
             if name in self.config.layer_ratios:
                 return float(self.config.layer_ratios[name])
@@ -400,6 +459,12 @@ class PruneChannels:
         analysis = analyze(graph)
         self._names(analysis, "skip", cfg.skip)
         self._names(analysis, "layer_ratios", cfg.layer_ratios)
+        backing_off = self._level > 0 and self._state is not None
+        if backing_off:
+            if "moves" not in self._state:
+                self._measure_groups(graph)
+            taken = notches_at(self._state["moves"], self._level)
+            self._override = {n: steps[taken.get(n, 0)] for n, steps in self._state["steps"].items()}
         params_before, macs_before = graph.parameter_count(), macs_per_sample(graph)
         pinned = {g.name: "; ".join(g.pinned) for g in analysis.groups if g.pinned}
         skipped: dict[str, str] = {}
@@ -415,8 +480,17 @@ class PruneChannels:
                 skipped[g.name] = f"keeps all {g.size} channels at this ratio, round_to and min_channels"
                 continue
             todo.append((g, k))
+        if not backing_off:
+            self._state = {"steps": {g.name: [self._ratio(g) * (1 - j / self.NOTCHES) for j in range(self.NOTCHES + 1)] for g, _ in todo},
+                           "sizes": {g.name: g.size for g, _ in todo}, "channels": sum(g.size for g, _ in todo)}
+        asked = {n: steps[0] for n, steps in self._state["steps"].items()} if self._state else {}
+        budget = {
+            "asked_sparsity": cfg.sparsity,
+            "achieved_sparsity": sum(g.size - k for g, k in todo) / self._state["channels"] if self._state and self._state["channels"] else 0.0,
+            "backed_off_layers": {n: {"asked": round(asked[n], 4), "got": round(r, 4)} for n, r in self._override.items() if r < asked[n] - 1e-12},
+        }
         if not todo:
-            return PassResult(graph, changed=False, stats={"pruned_groups": 0, "pinned": pinned, "skipped": skipped})
+            return PassResult(graph, changed=False, stats={"pruned_groups": 0, "pinned": pinned, "skipped": skipped, **budget})
         if cfg.score == "wanda":
             scores = wanda_scores(graph, [g for g, _ in todo], analysis)
         else:
@@ -444,6 +518,7 @@ class PruneChannels:
             "macs_after": macs_per_sample(graph),
             "pinned": pinned,
             "skipped": skipped,
+            **budget,
         }
         return PassResult(graph, changed=True, stats=stats)
 

@@ -34,7 +34,13 @@ weights ``sum n_l (1 - s_l) <= (1 - sparsity) sum n_l``.
 Weights read by another op too (a classifier tied to an embedding) are left dense with the
 reason; so are grouped convs for the data-aware methods when a group has fewer than ``m`` inputs.
 
-Exactness: lossy (``exact = False``); the pipeline checks ``min_sqnr_db`` / ``max_kl`` when set.
+Exactness: lossy (``exact = False``); the pipeline checks ``min_sqnr_db`` (default 10 dB, as for
+activation sparsity) / ``max_kl``. ``on_budget="adapt"`` (default): on a miss the pipeline backs
+off (:mod:`graphpress.passes.budget`): the layers whose pruning costs the most output noise per
+weight (measured: the graph's outputs on the calibration batches with that layer alone pruned as
+the first run pruned it) lose a quarter of their sparsity at a time (an ``N:M`` layer goes
+dense), and the pass re-runs; ``stats`` give ``asked_sparsity``, ``achieved_sparsity`` and
+``backed_off_layers``. ``"fail"``: a miss is an error.
 Zeros alone make a model neither smaller nor faster: ``store-sparse`` stores the weights
 compressed, and speed needs structured pruning (``prune-channels``).
 """
@@ -54,6 +60,7 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg, pair
 from graphpress.passes.base import PassResult, progress_iter, register
+from graphpress.passes.budget import check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.layers import QLayer, find_layers, record
 from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
@@ -101,7 +108,10 @@ class PruneWeightsConfig:
     skip : tuple of str
         Layers left dense.
     min_sqnr_db, max_kl : float, optional
-        Budget the pipeline checks against the previous graph.
+        Budget the pipeline checks against the previous graph (10 dB SQNR by default).
+    on_budget : "adapt" or "fail"
+        On a budget miss, back off on the most sensitive layers until it holds (``adapt``), or
+        fail (:mod:`graphpress.passes.budget`).
     """
 
     version: int = 1
@@ -116,10 +126,12 @@ class PruneWeightsConfig:
     icbs_rounds: int = 3
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
-    min_sqnr_db: float | None = None
+    min_sqnr_db: float | None = 10.0
     max_kl: float | None = None
+    on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
+        check_on_budget(NAME, self.on_budget)
         for option, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("icbs_start", ("wanda", "sparsegpt"))):
             value = getattr(self, option)
             if value not in allowed:
@@ -148,7 +160,7 @@ class PruneWeightsConfig:
 
     def __hash__(self) -> int:
         return hash((self.version, self.sparsity, self.pattern, self.method, self.allocation, self.sequential, self.damp, self.block_size,
-                     self.icbs_start, self.icbs_rounds, tuple(sorted(self.layer_sparsity.items())), self.skip, self.min_sqnr_db, self.max_kl))
+                     self.icbs_start, self.icbs_rounds, tuple(sorted(self.layer_sparsity.items())), self.skip, self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -213,6 +225,57 @@ class PruneWeights:
 
     def __init__(self, config: PruneWeightsConfig = PruneWeightsConfig()):
         self.config = config
+        # The last full run's per-layer sparsity and pruned weights, shared with its back-off
+        # copies (budget.py).
+        self._state: dict[str, Any] | None = None
+        self._level = 0
+
+    # ------------------------------------------------------------------ backing off
+    NOTCHES = 4  #: an unstructured layer backs off in quarters of its sparsity
+
+    def adapt_levels(self) -> int:
+        """Sparsity notches the last run's pruned layers can give back (0 before a run)."""
+        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
+
+    def back_off(self, level: int) -> "PruneWeights":
+        """This pass with the first ``level`` notches of its ladder given back."""
+        copy = PruneWeights(self.config)
+        copy._state, copy._level = self._state, int(level)
+        return copy
+
+    def achieved(self, stats: dict[str, Any]) -> str:
+        return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (sparsity {self.config.target:g})"
+
+    def advice(self) -> str:
+        return "lower sparsity" if self.config.parsed_pattern.kind != "nm" else "use a sparser-keeping pattern or skip layers"
+
+    @torch.no_grad()
+    def _backed_off_sparsity(self, graph: Graph) -> dict[str, float]:
+        state = self._state
+        if "moves" not in state:
+            # each layer's cost: the relative output noise with it alone pruned as the first run did
+            batches = graph.calibration_batches()
+            refs = [graph.run(*b) for b in batches]
+            costs = {}
+            for name, steps in state["steps"].items():
+                if len(steps) < 2:
+                    continue
+                target = state["targets"][name]
+                saved = graph.get_tensor(target).detach().clone()
+                graph.get_tensor(target).copy_(state["pruned"][name])
+                try:
+                    noise = signal = 0.0
+                    for b, ref in zip(batches, refs):
+                        for r, o in zip(ref, graph.run(*b)):
+                            if r.is_floating_point():
+                                noise += float((o.double() - r.double()).pow(2).sum())
+                                signal += float(r.double().pow(2).sum())
+                finally:
+                    graph.get_tensor(target).copy_(saved)
+                costs[name] = convex_costs(noise / signal if signal > 0 else noise, steps)
+            state["moves"] = ladder(costs, state["params"])
+        taken = notches_at(state["moves"], self._level)
+        return {name: steps[taken.get(name, 0)] for name, steps in state["steps"].items()}
 
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
@@ -242,7 +305,19 @@ class PruneWeights:
         data_aware = cfg.method != "magnitude"
         if data_aware and not graph.calibration:
             raise _err("method", f"'{cfg.method}' needs calibration data (graph.calibration, or --calibration on the CLI); 'magnitude' does not")
-        sparsity = self._allocate(graph, todo, cfg)
+        backed_off: dict[str, dict[str, float]] = {}
+        if self._level > 0 and self._state is not None:
+            sparsity = self._backed_off_sparsity(graph)
+            asked = {n: steps[0] for n, steps in self._state["steps"].items()}
+            backed_off = {n: {"asked": asked[n], "got": sparsity[n]} for n in asked if sparsity[n] < asked[n]}
+            for l in [l for l in todo if sparsity.get(l.name, 1.0) <= 0.0]:
+                kept[l.name] = "backed off to dense to meet the budget"
+                todo.remove(l)
+            if not todo:
+                return PassResult(graph, changed=False, stats={"pruned": 0, "kept_dense": kept, "asked_sparsity": cfg.target, "achieved_sparsity": 0.0,
+                                                               "backed_off_layers": backed_off})
+        else:
+            sparsity = self._allocate(graph, todo, cfg)
         hess: dict[str, list[torch.Tensor]] = {}
         if data_aware and not cfg.sequential:
             hess = self._measure(graph, todo)
@@ -256,10 +331,21 @@ class PruneWeights:
         total = sum(l.params for l in todo)
         zeros = sum(e["zeros"] for e in stats_layers.values())
         all_params = sum(l.params for l in layers)
+        if self._level == 0 or self._state is None:
+            steps = {}
+            for l in todo:
+                s0 = float(sparsity[l.name])
+                steps[l.name] = [s0, 0.0] if pattern.kind == "nm" else [s0 * (1 - j / self.NOTCHES) for j in range(self.NOTCHES + 1)]
+            self._state = {"steps": steps, "targets": {l.name: l.weight_target for l in todo}, "params": {l.name: l.params for l in todo},
+                           "pruned": {l.name: graph.get_tensor(l.weight_target).detach() for l in todo}, "eligible": total}
+        eligible = self._state["eligible"]
         stats = {
             "method": cfg.method,
             "pattern": pattern.describe(),
             "allocation": cfg.allocation,
+            "asked_sparsity": cfg.target,
+            "achieved_sparsity": zeros / eligible if eligible else 0.0,
+            "backed_off_layers": backed_off,
             "pruned": len(todo),
             "sparsity_pruned_layers": zeros / total,
             "sparsity_all_layers": zeros / all_params if all_params else 0.0,

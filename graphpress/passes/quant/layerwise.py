@@ -59,6 +59,13 @@ Stats: per-layer bits, importance, SQNR of the layer output on the calibration b
 (float layer vs quantized op on the same float inputs), bytes before/after, what refinement did,
 and the achieved average bits. Lossy: ``exact = False``; the pipeline checks ``min_sqnr_db``
 (default 15 dB, explicit) and ``max_kl``.
+
+``on_budget="adapt"`` (default): a ``target_bits`` / ``size_budget`` below what the layers can take
+(convs take 8 bits only) gives the lowest allocation instead of an error, and on an SQNR / KL
+miss the pipeline backs off (:mod:`graphpress.passes.budget`): the demoted layers with the most
+importance per weight go back up one width at a time (importance scores are cached, so a re-run
+re-quantizes only). ``stats`` then give ``asked_bits`` (or ``asked_bytes``), ``average_bits`` and
+``backed_off_layers``. ``"fail"``: both are errors.
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ from graphpress.ir.rewrite import (
     pair,
 )
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.budget import check_on_budget, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.quant import importance as imp
 from graphpress.passes.layers import QLayer, find_layers, record
@@ -176,7 +184,10 @@ class QuantizeLayerwiseConfig:
     seed : int
         Seed of ``order="random"``.
     min_sqnr_db, max_kl : float, optional
-        Budget the pipeline checks against the previous graph.
+        Budget the pipeline checks against the previous graph (15 dB SQNR by default).
+    on_budget : "adapt" or "fail"
+        When the bit budget is out of reach or the SQNR / KL budget is missed, take the closest
+        allocation / back off on the most important layers (``adapt``), or fail.
     """
 
     version: int = 1
@@ -200,8 +211,10 @@ class QuantizeLayerwiseConfig:
     seed: int = 0
     min_sqnr_db: float | None = 15.0
     max_kl: float | None = None
+    on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
+        check_on_budget(NAME, self.on_budget)
         if not self.bits or any(b not in ALLOWED_BITS for b in self.bits):
             raise _err("bits", f"{list(self.bits)} must be widths in {', '.join(map(str, ALLOWED_BITS))}")
         if self.target_bits is not None and self.size_budget is not None:
@@ -234,7 +247,7 @@ class QuantizeLayerwiseConfig:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
                      self.weight_rounding, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut,
-                     self.seed, self.min_sqnr_db, self.max_kl))
+                     self.seed, self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
     def budget(self) -> tuple[str, float]:
@@ -336,6 +349,50 @@ class QuantizeLayerwise:
 
     def __init__(self, config: QuantizeLayerwiseConfig = QuantizeLayerwiseConfig()):
         self.config = config
+        # The last full run's allocation and options, shared with its back-off copies (budget.py).
+        self._state: dict[str, Any] | None = None
+        self._level = 0
+        self._unreachable: str | None = None
+
+    # ------------------------------------------------------------------ backing off
+    def adapt_levels(self) -> int:
+        """Width steps up the last run's demoted layers can take (0 before a run)."""
+        if not self._state:
+            return 0
+        bits, options = self._state["bits"], self._state["options"]
+        return sum(sum(1 for b in options[n] if b > bits[n]) for n in bits)
+
+    def back_off(self, level: int) -> "QuantizeLayerwise":
+        """This pass with the first ``level`` width steps of its ladder taken back up."""
+        copy = QuantizeLayerwise(self.config)
+        copy._state, copy._level, copy._unreachable = self._state, int(level), self._unreachable
+        return copy
+
+    def achieved(self, stats: dict[str, Any]) -> str:
+        kind, amount = self.config.budget
+        asked = f"target_bits {amount:g}" if kind == "bits" else f"size_budget {amount:g} bytes"
+        return f"{stats.get('average_bits', float('nan')):.2f} average bits ({asked})"
+
+    def advice(self) -> str:
+        return "raise target_bits" if self.config.budget[0] == "bits" else "raise size_budget"
+
+    def _backed_off_bits(self) -> dict[str, int]:
+        state = self._state
+        bits, options = state["bits"], state["options"]
+        if "moves" not in state:
+            # a layer's cost: its importance at its allocated width, none once at the top width;
+            # per weight given back, so cheap wins (small, important layers) come first
+            costs = {}
+            for n, b in bits.items():
+                ups = sorted(x for x in options[n] if x > b)
+                if ups:
+                    imp_n = float(state["importance"][n])
+                    costs[n] = [imp_n * (ups[-1] - x) / (ups[-1] - b) for x in [b, *ups]]
+            state["moves"] = ladder(costs, state["params"])
+        out = dict(bits)
+        for n, k in notches_at(state["moves"], self._level).items():
+            out[n] = sorted(x for x in options[n] if x > bits[n])[k - 1]
+        return out
 
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
@@ -370,7 +427,12 @@ class QuantizeLayerwise:
 
         quant_tag = f"g{cfg.group_size}|sym{cfg.symmetric}|act{cfg.activations}"
         scores = imp.sensitivities(graph, active, options, cfg.importance, quantizer, quant_tag=quant_tag, zd_cut=cfg.zd_cut)
-        bits = self._allocate(active, options, scores, cfg)
+        if self._level > 0 and self._state is not None:
+            bits = self._backed_off_bits()
+        else:
+            bits = self._allocate(active, options, scores, cfg)
+            self._state = {"bits": dict(bits), "options": dict(options), "importance": dict(scores["importance"]),
+                           "params": {l.name: l.params for l in active}}
 
         plans = self._plan(graph, active, bits, cfg)
         stats_layers = self._rewrite(graph, plans, weights, scores, cfg)
@@ -389,6 +451,7 @@ class QuantizeLayerwise:
         stats = {
             "quantized": sum(1 for p in plans if p.bits < FLOAT_BITS),
             "budget": {"kind": kind, "amount": amount},
+            f"asked_{kind}": amount,
             "average_bits": round(avg, 4),
             "bits": {l.name: bits[l.name] for l in active},
             "importance_method": cfg.importance,
@@ -407,6 +470,10 @@ class QuantizeLayerwise:
         }
         if scores.get("unmeasured"):
             stats["importance_unmeasured_blocks"] = scores["unmeasured"]
+        if self._unreachable:
+            stats["budget_unreachable"] = self._unreachable
+        asked = self._state["bits"] if self._state else bits
+        stats["backed_off_layers"] = {n: {"asked": asked[n], "got": b} for n, b in bits.items() if b != asked.get(n, b)}
         return PassResult(graph, changed=stats["quantized"] > 0, stats=stats)
 
     # ------------------------------------------------------------------ steps
@@ -421,10 +488,15 @@ class QuantizeLayerwise:
             budget = amount
             what = f"pass '{NAME}': option 'size_budget' (bytes)"
         floor = math.fsum(min(c.values()) for c in cost.values())
+        self._unreachable = None
         if floor > budget * (1 + 1e-12):
             least = floor / sum(l.params for l in layers) if kind == "bits" else floor
-            raise PassError(f"{what} cannot be met: the lowest allocation takes {least:.6g}{' bits' if kind == 'bits' else ' bytes'}; "
-                            f"raise the budget or add lower widths to 'bits'")
+            why = f"the lowest allocation takes {least:.6g}{' bits' if kind == 'bits' else ' bytes'}"
+            if cfg.on_budget == "fail":
+                raise PassError(f"{what} cannot be met: {why}; raise the budget, add lower widths to 'bits' or set on_budget: adapt")
+            # adapt: the closest allocation, every layer at its lowest width
+            self._unreachable = f"{what} is out of reach ({why}); every layer takes its lowest width"
+            return {l.name: min(options[l.name]) for l in layers}
         if cfg.allocation == "ilp":
             sens = scores["sensitivity"]
             items = [[(b, float(sens[l.name][b]), cost[l.name][b]) for b in options[l.name]] for l in layers]

@@ -27,6 +27,12 @@ output projection only, not query/key/value) or ``"none"``; the default is ``"ou
 ``chess`` and ``"all"`` otherwise.
 
 Lossy (``exact = False``); the pipeline checks ``min_sqnr_db`` (default 10 dB) / ``max_kl``.
+``on_budget="adapt"`` (default): on a miss the pipeline backs off (:mod:`graphpress.passes.budget`)
+-- the layers whose sparsity costs the most output noise (measured: the model's first output
+with only that layer sparsified at its allocated level, on the calibration batches) lose one
+sparsity step at a time (a grid step of the greedy allocation, ``step`` for uniform), reusing the
+calibration statistics; ``stats`` then give ``asked_sparsity``, ``achieved_sparsity`` and
+``backed_off_layers``. ``"fail"``: a miss is an error.
 Stats: per layer the role, target and achieved sparsity on the calibration data, thresholds, and
 output noise; model-wide the achieved sparsity and the *activated-parameter fraction* (the share
 of all graph parameters a batch-1 call still reads). :func:`measure_sparsity` measures the
@@ -49,6 +55,7 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, progress_iter, register
+from graphpress.passes.budget import check_on_budget, ladder, notches_at
 from graphpress.passes.layers import QLayer, find_layers, record, rows
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
@@ -90,7 +97,10 @@ class SparsifyActivationsConfig:
     max_rows : int
         Calibration rows per layer used for thresholds and errors (evenly strided subsample).
     min_sqnr_db, max_kl : float, optional
-        The pipeline's budget for this pass.
+        The pipeline's budget for this pass (10 dB SQNR by default).
+    on_budget : "adapt" or "fail"
+        On a budget miss, back off on the most sensitive layers until it holds (``adapt``), or
+        fail (:mod:`graphpress.passes.budget`).
     """
 
     version: int = 1
@@ -107,8 +117,10 @@ class SparsifyActivationsConfig:
     max_rows: int = 16384
     min_sqnr_db: float | None = 10.0
     max_kl: float | None = None
+    on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
+        check_on_budget(NAME, self.on_budget)
         for option, allowed in (("method", th.METHODS), ("allocation", ("uniform", "greedy")), ("greedy_metric", ("layer", "model"))):
             value = getattr(self, option)
             if value not in allowed:
@@ -213,6 +225,46 @@ class SparsifyActivations:
 
     def __init__(self, config: SparsifyActivationsConfig = SparsifyActivationsConfig()):
         self.config = config
+        # What the last full run measured, shared with the back-off copies (budget.py): the
+        # calibration per layer, the allocated sparsity and its softer steps, and the ladder.
+        self._state: dict[str, Any] | None = None
+        self._level = 0
+
+    # ------------------------------------------------------------------ backing off
+    def adapt_levels(self) -> int:
+        """Sparsity steps the last run can give back (0 before a run)."""
+        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
+
+    def back_off(self, level: int) -> "SparsifyActivations":
+        """This pass with the ``level`` most costly sparsity steps given back (calibration reused)."""
+        copy = SparsifyActivations(self.config)
+        copy._state, copy._level = self._state, int(level)
+        return copy
+
+    def achieved(self, stats: dict[str, Any]) -> str:
+        return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (target_sparsity {self.config.target_sparsity:g})"
+
+    def advice(self) -> str:
+        return "lower target_sparsity"
+
+    def _backed_off_plan(self, graph: Graph, chosen: list[QLayer]) -> dict[str, th.Thresholds]:
+        state = self._state
+        if "moves" not in state:
+            # each layer's cost: the model's output noise with it alone sparsified at its allocated
+            # level (measured), scaled along its steps by its own layer-noise curve (cheap)
+            refs = [graph.run(*b)[0] for b in graph.calibration_batches()]
+            nodes = {layer.name: layer.node.name for layer in chosen}
+            costs: dict[str, list[float]] = {}
+            for name, steps in state["steps"].items():
+                if name not in nodes or len(steps) < 2:
+                    continue
+                measured = _model_noise(graph, refs, {nodes[name]: steps[0]})
+                curve = [state["cal"][name].noise(t) for t in steps]
+                costs[name] = [measured * (v / curve[0]) if curve[0] > 0 else measured * (t.sparsity / steps[0].sparsity) ** 2
+                               for v, t in zip(curve, steps)]
+            state["moves"] = ladder(costs, state["sizes"])
+        taken = notches_at(state["moves"], self._level)
+        return {name: steps[taken.get(name, 0)] for name, steps in state["steps"].items()}
 
     def _choose(self, graph: Graph) -> tuple[list[QLayer], dict[str, str], Skips]:
         cfg = self.config
@@ -247,27 +299,35 @@ class SparsifyActivations:
         chosen, roles, skipped = self._choose(graph)
         if not chosen:
             return PassResult(graph, changed=False, stats={"layers": {}, "skipped": dict(skipped), "roles": roles})
-        values = record(graph, [layer.input_node for layer in chosen])
-        xs = {layer.name: _subsample(rows(values[layer.input_node.name], "linear"), cfg.max_rows) for layer in chosen}
         weights = {layer.name: graph.get_tensor(layer.weight_target) for layer in chosen}
         sizes = {layer.name: layer.params for layer in chosen}
 
-        cal = {name: th.LayerCalibration(cfg.method, xs[name], weights[name]) for name in xs}
-        if cfg.allocation == "uniform" or cfg.target_sparsity == 0:
-            plan = {name: c.thresholds(cfg.target_sparsity) for name, c in cal.items()}
-            curves = None
+        curves = None
+        if self._level > 0 and self._state is not None:
+            cal = self._state["cal"]
+            plan = self._backed_off_plan(graph, chosen)
         else:
-            n = int(round(cfg.max_layer_sparsity / cfg.step))
-            grid = [0.0] + [min(cfg.step * i, cfg.max_layer_sparsity) for i in range(1, n + 1)]
-            options = {name: [c.thresholds(p) for p in grid] for name, c in cal.items()}
-            if cfg.greedy_metric == "layer":
-                curves = {name: [cal[name].noise(t) for t in opts] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
+            values = record(graph, [layer.input_node for layer in chosen])
+            xs = {layer.name: _subsample(rows(values[layer.input_node.name], "linear"), cfg.max_rows) for layer in chosen}
+            cal = {name: th.LayerCalibration(cfg.method, xs[name], weights[name]) for name in xs}
+            if cfg.allocation == "uniform" or cfg.target_sparsity == 0:
+                plan = {name: c.thresholds(cfg.target_sparsity) for name, c in cal.items()}
+                m = max(1, round(cfg.target_sparsity / cfg.step))
+                steps = {name: [plan[name]] + [c.thresholds(cfg.target_sparsity * (1 - j / m)) for j in range(1, m + 1)] for name, c in cal.items()}
             else:
-                refs = [graph.run(*b)[0] for b in graph.calibration_batches()]
-                by_name = {layer.name: layer.node.name for layer in chosen}
-                curves = {name: [0.0] + [_model_noise(graph, refs, {by_name[name]: t}) for t in opts[1:]] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
-            level = greedy(curves, sizes, grid, cfg.target_sparsity)
-            plan = {name: options[name][i] for name, i in level.items()}
+                n = int(round(cfg.max_layer_sparsity / cfg.step))
+                grid = [0.0] + [min(cfg.step * i, cfg.max_layer_sparsity) for i in range(1, n + 1)]
+                options = {name: [c.thresholds(p) for p in grid] for name, c in cal.items()}
+                if cfg.greedy_metric == "layer":
+                    curves = {name: [cal[name].noise(t) for t in opts] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
+                else:
+                    refs = [graph.run(*b)[0] for b in graph.calibration_batches()]
+                    by_name = {layer.name: layer.node.name for layer in chosen}
+                    curves = {name: [0.0] + [_model_noise(graph, refs, {by_name[name]: t}) for t in opts[1:]] for name, opts in progress_iter(options.items(), lambda kv: kv[0])}
+                level = greedy(curves, sizes, grid, cfg.target_sparsity)
+                plan = {name: options[name][i] for name, i in level.items()}
+                steps = {name: [options[name][j] for j in range(i, -1, -1)] for name, i in level.items()}
+            self._state = {"cal": cal, "steps": steps, "sizes": sizes}
 
         per_layer: dict[str, dict[str, Any]] = {}
         dead = []
@@ -302,6 +362,7 @@ class SparsifyActivations:
         chosen_weights = sum(sizes.values())
         stats = {
             "method": cfg.method, "allocation": cfg.allocation, "target_sparsity": cfg.target_sparsity,
+            "asked_sparsity": cfg.target_sparsity,
             "achieved_sparsity": skipped_reads / chosen_weights if chosen_weights else 0.0,
             "sparsified_layers": len(per_layer), "sparsified_weights": done,
             "activated_parameter_fraction": 1.0 - skipped_reads / all_params,
@@ -309,6 +370,12 @@ class SparsifyActivations:
         }
         if curves is not None:
             stats["greedy_metric"] = cfg.greedy_metric
+        if self._level > 0 and self._state is not None:
+            asked = {name: steps[0].sparsity for name, steps in self._state["steps"].items()}
+            stats["backed_off_layers"] = {name: {"asked": round(asked[name], 4), "got": round(plan[name].sparsity, 4)}
+                                          for name in asked if plan[name].sparsity < asked[name] - 1e-12}
+        else:
+            stats["backed_off_layers"] = {}
         return PassResult(graph, changed=bool(per_layer), stats=stats)
 
 
