@@ -297,8 +297,12 @@ class Pipeline:
             for d in step:
                 if d.sqnr_db < floor:
                     return f"output '{d.name}' SQNR {d.sqnr_db:.1f} dB is below the pass budget min_sqnr_db={floor}"
-        if max_kl is not None and kl is not None and kl > max_kl:
-            return f"KL divergence {kl:.4g} nats exceeds the pass budget max_kl={max_kl}"
+        if max_kl is not None and kl is not None:
+            # NaN compares false with everything: it must fail the budget, not pass it
+            if math.isnan(kl):
+                return f"KL divergence is NaN (the logits have a NaN or Inf the graph before the pass does not) and fails the pass budget max_kl={max_kl}"
+            if kl > max_kl:
+                return f"KL divergence {kl:.4g} nats exceeds the pass budget max_kl={max_kl}"
         return None
 
 
@@ -322,9 +326,10 @@ class _Attempt:
         return min((d.sqnr_db for d in self.step), default=math.inf)
 
     def quality(self, p: Pass) -> tuple[float, float]:
-        """Higher is closer to the budget: SQNR first when the pass has a floor, else -KL."""
+        """Higher is closer to the budget: SQNR first when the pass has a floor, else -KL (a NaN
+        KL is the worst)."""
         floor, _ = budget_of(p)
-        kl = -self.kl if self.kl is not None else 0.0
+        kl = (-math.inf if math.isnan(self.kl) else -self.kl) if self.kl is not None else 0.0
         return (self.worst_sqnr, kl) if floor is not None else (kl, self.worst_sqnr)
 
 
@@ -391,11 +396,28 @@ def _merge_diffs(per_set: list[list[OutputDiff]]) -> list[OutputDiff]:
 
 
 def _logits_kl(refs: list[tuple[torch.Tensor, ...]], outs: list[tuple[torch.Tensor, ...]]) -> float | None:
-    """KL on the first floating output with a last dim > 1 (treated as logits), worst over sets."""
+    """KL on the first floating output with a last dim > 1 (treated as logits), worst over sets.
+
+    Rows (positions) where the reference logits are not finite and the pass's are the same
+    non-finite values are left out, as :func:`~graphpress.ir.compare.compare_outputs` does: the
+    graph before the pass gave them already. A non-finite logit anywhere else makes the KL NaN,
+    which fails any ``max_kl`` (:meth:`Pipeline._judge`); so does a NaN in any set (``max``
+    would hide it)."""
     kls = []
     for r, o in zip(refs, outs):
         if r and r[0].dtype.is_floating_point and r[0].dim() >= 2 and r[0].shape[-1] > 1:
-            kls.append(kl_divergence(r[0], o[0]))
+            if not o or o[0].shape != r[0].shape:
+                kls.append(math.nan)  # compare_outputs fails the shape too
+                continue
+            ref, out = r[0].reshape(-1, r[0].shape[-1]), o[0].reshape(-1, r[0].shape[-1])
+            agree = (torch.isnan(ref) & torch.isnan(out)) | (torch.isinf(ref) & (ref == out)) | (torch.isfinite(ref) & torch.isfinite(out))
+            inherited = agree.all(-1) & ~torch.isfinite(ref).all(-1)
+            if bool(inherited.any()):
+                ref, out = ref[~inherited], out[~inherited]
+            if ref.shape[0]:
+                kls.append(kl_divergence(ref, out))
+    if any(math.isnan(k) for k in kls):
+        return math.nan
     return max(kls) if kls else None
 
 

@@ -1,6 +1,7 @@
 """Pipeline contract: verification after every pass, budgets, and errors that name the pass."""
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -286,3 +287,56 @@ def test_a_budget_no_back_off_meets_is_one_line_with_the_best_value(graph):
 def test_a_lossy_pass_without_a_budget_is_refused_before_any_work():
     with pytest.raises(PassError, match="pass 'test-no-budget' is lossy but its config declares no budget"):
         Pipeline(["test-no-budget"])
+
+
+# ---------------------------------------------------------------------------- NaN KL
+@dataclass(frozen=True)
+class NanLogitConfig:
+    version: int = 1
+    min_sqnr_db: float | None = None
+    max_kl: float | None = 1.0
+
+
+@register("test-nan-logit")
+class NanLogit:
+    """Lossy pass that makes one logit NaN (fc.bias[3]); only a KL budget can see it."""
+
+    exact = False
+    Config = NanLogitConfig
+
+    def __init__(self, config=NanLogitConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        b = graph.get_tensor("fc.bias").detach().clone()
+        b[3] = float("nan")
+        graph.set_tensor("fc.bias", b)
+        return PassResult(graph, True, {})
+
+
+def test_a_nan_kl_fails_the_max_kl_budget(graph):
+    # before: `kl > max_kl` is False for NaN, so the NaN model passed its KL budget
+    with pytest.raises(VerificationError) as err:
+        Pipeline(["test-nan-logit"]).run(graph)
+    msg = str(err.value)
+    assert "\n" not in msg and "pass 'test-nan-logit'" in msg
+    assert "KL divergence is NaN" in msg and "fails the pass budget max_kl=1.0" in msg
+
+
+def test_logits_kl_leaves_out_nan_rows_the_reference_has_and_keeps_others():
+    from graphpress.passes.pipeline import _logits_kl
+
+    ref = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 1.0]])
+    same = ref.clone()
+    same[0, 0] = 1.5
+    # row 1 is NaN in both: inherited, left out; row 0 alone gives the KL
+    kl = _logits_kl([(ref,)], [(same,)])
+    from graphpress.ir.compare import kl_divergence
+
+    assert kl == pytest.approx(kl_divergence(ref[:1], same[:1])) and kl > 0
+    # a NaN the pass introduces, in any set, is NaN (max over sets must not hide it)
+    new_nan = ref.clone()
+    new_nan[0, 1] = float("nan")
+    assert math.isnan(_logits_kl([(ref,), (ref,)], [(new_nan,), (ref,)]))
+    assert math.isnan(_logits_kl([(ref,), (ref,)], [(ref,), (new_nan,)]))
+    assert _logits_kl([(ref[:1],)], [(ref[:1],)]) == 0.0
