@@ -105,6 +105,55 @@ def ladder(costs: dict[str, Sequence[float]], sizes: dict[str, float] | None = N
     return moves
 
 
+def priced_ladder(costs: dict[str, Sequence[float]], prices: dict[str, Sequence[float]]) -> list[str]:
+    """:func:`ladder` where each notch has its own price instead of one size per unit.
+
+    Parameters
+    ----------
+    costs : dict of str to sequence of float
+        As for :func:`ladder`: per unit, its cost to the budget after ``j`` notches.
+    prices : dict of str to sequence of float
+        Per unit, what each notch gives back, ``prices[u][j]`` for the move from notch ``j`` to
+        ``j + 1`` (``len(costs[u]) - 1`` entries): e.g. the HE cost a layer adds when its block
+        size is halved. A notch that gives back nothing (or less than nothing: it is cheaper
+        too) is priced at a tiny positive amount, so a free notch that lowers the cost comes first.
+
+    Returns
+    -------
+    list of str
+        The moves, in order (the first ``k`` are the moves of level ``k``); the next move is the
+        one that removes the most cost per price paid, ties to the unit named first.
+
+    Examples
+    --------
+    >>> priced_ladder({"a": [4.0, 1.0, 0.0], "b": [2.0, 0.0]}, {"a": [4.0, 1.0], "b": [1.0]})
+    ['b', 'a', 'a']
+    """
+    def finite(v: float) -> float:
+        return float(v) if math.isfinite(float(v)) else 1e300
+
+    units = [u for u in costs if len(costs[u]) > 1]
+    for u in units:
+        if len(prices.get(u, ())) != len(costs[u]) - 1:
+            raise ValueError(f"unit {u!r}: {len(costs[u]) - 1} notches but {len(prices.get(u, ()))} prices")
+    order = {u: i for i, u in enumerate(units)}
+    c = {u: [finite(v) for v in costs[u]] for u in units}
+    price = {u: [max(float(p), 1e-30) if math.isfinite(float(p)) else 1e300 for p in prices[u]] for u in units}
+    taken = dict.fromkeys(units, 0)
+    moves: list[str] = []
+    for _ in range(sum(len(c[u]) - 1 for u in units)):
+        open_units = [u for u in units if taken[u] < len(c[u]) - 1]
+
+        def gain(u: str) -> tuple[float, int]:
+            j = taken[u]
+            return ((c[u][j] - c[u][j + 1]) / price[u][j], -order[u])
+
+        best = max(open_units, key=gain)
+        taken[best] += 1
+        moves.append(best)
+    return moves
+
+
 def convex_costs(sensitivity: float, levels: Sequence[float]) -> list[float]:
     """Costs for :func:`ladder` of a unit measured once: ``sensitivity * (x_j / x_0)^2`` for its
     notch settings ``levels`` (``x_0`` the first run's sparsity, say; the error of zeroing a share
@@ -121,4 +170,4 @@ def notches_at(moves: list[str], level: int) -> dict[str, int]:
     return out
 
 
-__all__ = ["ON_BUDGET", "Adaptive", "check_on_budget", "convex_costs", "ladder", "notches_at"]
+__all__ = ["ON_BUDGET", "Adaptive", "check_on_budget", "convex_costs", "ladder", "notches_at", "priced_ladder"]

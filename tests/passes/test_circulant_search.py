@@ -409,3 +409,100 @@ def test_verify_keeps_the_jointly_quieter_assignment(cnn_graph):
     y, yb = cnn_graph.run(x)[0].double(), res.graph.run(x)[0].double()
     assert noise[kept] == pytest.approx(float((yb - y).pow(2).sum() / y.pow(2).sum()), rel=1e-3)
     assert joint_output_noise  # exported
+
+
+# ---------------------------------------------------------------------------- on_budget
+# SmallCNN on random calibration, method mean + frobenius Ω (fast): uniform:8 converts conv2 and
+# conv3 at b = 8 (cost 37) and measures 28.2 dB on the example inputs.
+_ADAPT = {"budget": "uniform:8", "sensitivity": "frobenius", "method": "mean"}
+
+
+def test_adapt_backs_off_the_most_sensitive_layers_until_the_budget_holds(cnn_graph):
+    import graphpress.passes.circulant.projection  # noqa: F401
+    from graphpress.passes.pipeline import Pipeline
+
+    first = Pipeline([("circulant-search", {**_ADAPT, "min_sqnr_db": -100.0})], random_inputs=0).run(cnn_graph).steps[0]
+    assert first.worst_step_sqnr_db < 30.0 and first.stats["backed_off_layers"] == {}
+    report = Pipeline([("circulant-search", {**_ADAPT, "min_sqnr_db": 30.0})], random_inputs=0).run(cnn_graph)
+    step = report.steps[0]
+    s = step.stats
+    assert step.worst_step_sqnr_db >= 30.0 and s["on_budget"]["met"] and s["on_budget"]["backed_off_moves"] >= 1
+    assert s["on_budget"]["tries"][0]["sqnr_db"] == pytest.approx(first.worst_step_sqnr_db, abs=1e-3)
+    asked = first.stats["blocks"]
+    assert s["asked_budget"] == {"spec": "uniform:8", "cost": first.stats["budget"]["value"]}
+    assert s["backed_off_layers"] and all(v["got"] < v["asked"] == asked[n] for n, v in s["backed_off_layers"].items())
+    for name, b in s["blocks"].items():  # only the layers reported backed off have changed, each to a smaller size
+        assert b == (s["backed_off_layers"][name]["got"] if name in s["backed_off_layers"] else asked[name])
+        assert s["layers"][name]["b"] == b and s["layers"][name]["cost"] == s["layers"][name]["costs"][b]
+    assert s["achieved_cost"] == s["cost"] == pytest.approx(sum(r["cost"] for r in s["layers"].values()))
+    assert s["achieved_cost"] > s["asked_budget"]["cost"] == first.stats["achieved_cost"]
+    # the projection applied is the backed-off assignment: b > 1 layers are circulant ops, the rest dense
+    ops = [n for n in report.graph.call_nodes() if "circulant" in str(n.target)]
+    assert len(ops) == s["converted"] == sum(1 for b in s["blocks"].values() if b > 1)
+    # the ladder follows the plan's sensitivities: the first move is the halving that removes the
+    # most Ω per unit of cost added, among the layers the first run converted
+    rows = first.stats["layers"]
+
+    def gain(name):
+        b = asked[name]
+        lower = max(x for x in rows[name]["feasible"] if x < b)
+        return (rows[name]["sensitivities"][b] - rows[name]["sensitivities"][lower]) / max(rows[name]["costs"][lower] - rows[name]["costs"][b], 1e-30)
+
+    converted = [n for n, b in asked.items() if b > 1]
+    best = max(converted, key=gain)
+    assert best in s["backed_off_layers"]
+
+
+def test_adapt_reuses_the_plan_and_only_re_projects(cnn_graph, monkeypatch):
+    import graphpress.passes.circulant.projection  # noqa: F401
+    from graphpress.passes.pipeline import Pipeline
+
+    calls = []
+    original = CirculantSearch.plan
+    monkeypatch.setattr(CirculantSearch, "plan", lambda self, g: calls.append(1) or original(self, g))
+    report = Pipeline([("circulant-search", {**_ADAPT, "min_sqnr_db": 30.0})], random_inputs=0).run(cnn_graph)
+    assert len(report.steps[0].stats["on_budget"]["tries"]) >= 2 and len(calls) == 1
+
+
+def test_fail_is_one_line_with_the_cost_and_the_option(cnn_graph):
+    import graphpress.passes.circulant.projection  # noqa: F401
+    from graphpress.errors import VerificationError
+    from graphpress.passes.pipeline import Pipeline
+
+    with pytest.raises(VerificationError) as err:
+        Pipeline([("circulant-search", {**_ADAPT, "min_sqnr_db": 30.0, "on_budget": "fail"})], random_inputs=0).run(cnn_graph)
+    msg = str(err.value)
+    assert "\n" not in msg and "pass 'circulant-search'" in msg and "below the pass budget min_sqnr_db=30.0" in msg
+    assert "at cost 37 (budget uniform:8 = 37 HE product-equivalents); lower K in budget 'uniform:8', set on_budget: adapt, or change min_sqnr_db" in msg
+    # other budget kinds name their own number
+    assert search(budget="fraction:0.5").advice() == "raise the fraction in budget 'fraction:0.5'"
+    assert search(budget="absolute:20").advice() == "raise the cost in budget 'absolute:20'"
+
+
+def test_a_met_budget_runs_once_and_is_unchanged_by_on_budget(cnn_graph, monkeypatch):
+    import graphpress.passes.circulant.projection  # noqa: F401
+    from graphpress.passes.pipeline import Pipeline
+
+    calls = []
+    original = CirculantSearch.__call__
+    monkeypatch.setattr(CirculantSearch, "__call__", lambda self, g: calls.append(self._level) or original(self, g))
+    cfg = {**_ADAPT, "min_sqnr_db": 20.0}
+    adapt = Pipeline([("circulant-search", cfg)], random_inputs=0).run(cnn_graph)
+    assert calls == [0]
+    fail = Pipeline([("circulant-search", {**cfg, "on_budget": "fail"})], random_inputs=0).run(cnn_graph)
+    a, f = adapt.steps[0].stats, fail.steps[0].stats
+    assert "on_budget" not in a and a["backed_off_layers"] == {} and a["blocks"] == f["blocks"] == {"conv1": 1, "conv2": 8, "conv3": 8, "conv4": 1, "fc": 1}
+    assert a["achieved_cost"] == a["asked_budget"]["cost"] == a["cost"] == 37.0
+    x = cnn_graph.random_inputs(3, batch=4)
+    torch.testing.assert_close(adapt.graph.run(*x)[0], fail.graph.run(*x)[0], rtol=0, atol=0)
+
+
+def test_on_budget_option_and_default_budget():
+    cfg = CirculantSearchConfig()
+    assert cfg.on_budget == "adapt" and cfg.min_sqnr_db == 0.0 and cfg.max_kl is None
+    with pytest.raises(PassError, match="option 'on_budget': 'retry' is not one of 'adapt', 'fail'"):
+        make_pass("circulant-search", {"on_budget": "retry"})
+    with pytest.raises(PassError, match="option 'on_budget': 'retry' is not one of adapt, fail"):
+        CirculantSearchConfig(on_budget="retry")
+    s = search(budget="uniform:8")
+    assert s.adapt_levels() == 0  # nothing to back off before a run

@@ -41,12 +41,23 @@ Guarantee: at a ``uniform:K`` budget the uniform assignment is feasible (K is ad
 candidates of every layer it fits), so the optimum's ``sum Omega`` is <= the uniform one's.
 
 The decision is applied by the ``block-circulant`` projection pass (``blocks`` = the chosen size
-of every layer). Lossy: ``exact = False``; the default budget ``min_sqnr_db=0.0`` is explicit
-because projection without fine-tuning usually falls below the pipeline's 20 dB default floor.
+of every layer). Lossy: ``exact = False``; the pipeline holds it to ``min_sqnr_db`` (default
+0 dB: projection changes the model by design and fine-tuning recovers it) / ``max_kl``.
+
+Budget misses (``on_budget``, :mod:`graphpress.passes.budget`). With ``"adapt"`` (default) the
+pipeline backs a run that misses that budget off: each converted layer can halve its block size
+one feasible size at a time down to dense, and the halvings are taken in the order that removes
+the most sensitivity ``Omega`` (the plan's own per-layer, per-size values, not re-measured) per
+unit of cost added -- the most sensitive layers first. A backed-off run reuses the first run's
+plan (no Fisher, sensitivity or ILP again) and only re-projects. ``stats`` give
+``asked_budget`` (spec and cost), ``achieved_cost``, ``blocks`` and ``backed_off_layers``
+(``{layer: {"asked": b, "got": b'}}``); the achieved cost is then above the asked budget.
+``"fail"``: a miss is an error.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import time
@@ -60,6 +71,7 @@ from graphpress.errors import PassError
 from graphpress.ir.circulant import expand, project
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import PassResult, make_pass, progress_iter, register
+from graphpress.passes.budget import check_on_budget, notches_at, priced_ladder
 from graphpress.passes.circulant.cost import get_cost_model
 from graphpress.passes.circulant.layers import Layer, find_layers
 from graphpress.passes.circulant.reconstruct import (
@@ -158,6 +170,10 @@ class CirculantSearchConfig:
         Layer names forced dense.
     min_sqnr_db, max_kl : float or None
         Pipeline budget of this lossy pass; 0 dB by default (see module docstring).
+    on_budget : ``"adapt"`` | ``"fail"``
+        On a miss of that budget, back the most sensitive layers off to smaller block sizes
+        until it holds (``adapt``), or fail (see module docstring and
+        :mod:`graphpress.passes.budget`).
     """
 
     version: int = 1
@@ -173,6 +189,10 @@ class CirculantSearchConfig:
     skip: tuple[str, ...] = ()
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
+    on_budget: Literal["adapt", "fail"] = "adapt"
+
+    def __post_init__(self) -> None:
+        check_on_budget(NAME, self.on_budget)
 
 
 def layer_sensitivity(
@@ -307,6 +327,54 @@ class CirculantSearch:
             raise PassError(f"pass '{NAME}': option 'fisher_micro_batch' must be >= 1, got {config.fisher_micro_batch}")
         if config.poly_degree < 2 or config.poly_degree & (config.poly_degree - 1):
             raise PassError(f"pass '{NAME}': option 'poly_degree': {config.poly_degree} is not a power of two >= 2")
+        # The last full run's plan and back-off ladder, shared with its back-off copies (budget.py).
+        self._state: dict[str, Any] | None = None
+        self._level = 0
+
+    # ------------------------------------------------------------------ backing off
+    def adapt_levels(self) -> int:
+        """Block-size halvings the last run's converted layers can give back (0 before a run)."""
+        return len(self._state["moves"]) if self._state else 0
+
+    def back_off(self, level: int) -> "CirculantSearch":
+        """This pass with the first ``level`` halvings of its ladder applied (the plan is reused)."""
+        other = CirculantSearch(self.config)
+        other._state, other._level = self._state, int(level)
+        return other
+
+    def achieved(self, stats: dict[str, Any]) -> str:
+        asked = stats.get("asked_budget") or {"spec": self.budget.spec, "cost": stats.get("budget", {}).get("value", math.nan)}
+        cost = stats.get("achieved_cost", stats.get("cost", math.nan))
+        return f"cost {cost:.4g} (budget {asked['spec']} = {asked['cost']:.4g} {self.cost_model.unit})"
+
+    def advice(self) -> str:
+        b = self.budget
+        if b.kind == "uniform":
+            return f"lower K in budget '{b.spec}'"
+        return f"raise the {'fraction' if b.kind == 'fraction' else 'cost'} in budget '{b.spec}'"
+
+    def _ladder(self, plan_stats: dict[str, Any], applied: dict[str, int]) -> dict[str, Any]:
+        """The back-off ladder of a first run: each converted layer halves its block size one
+        feasible size at a time down to dense; a halving's cost to the budget is the drop in the
+        layer's sensitivity Ω (the plan's own, not re-measured) and its price the HE cost it adds,
+        so the most sensitive layers per unit of cost go first (:func:`~graphpress.passes.budget.priced_ladder`)."""
+        rows = plan_stats["layers"]
+        notches: dict[str, list[int]] = {}
+        omegas: dict[str, list[float]] = {}
+        prices: dict[str, list[float]] = {}
+        for name, b0 in applied.items():
+            steps = [b for b in sorted(rows[name]["feasible"], reverse=True) if b <= b0]
+            if b0 <= 1 or len(steps) < 2:
+                continue
+            notches[name] = steps
+            omegas[name] = [rows[name]["sensitivities"][b] for b in steps]
+            prices[name] = [rows[name]["costs"][lo] - rows[name]["costs"][hi] for hi, lo in zip(steps, steps[1:])]
+        return {"blocks": dict(applied), "notches": notches, "moves": priced_ladder(omegas, prices), "stats": plan_stats}
+
+    def _backed_off_blocks(self) -> dict[str, int]:
+        state = self._state
+        taken = notches_at(state["moves"], self._level)
+        return {n: (state["notches"][n][taken.get(n, 0)] if n in state["notches"] else b) for n, b in state["blocks"].items()}
 
     # ------------------------------------------------------------------ pieces
     def candidates_for(self, layer: Layer) -> list[int]:
@@ -464,7 +532,47 @@ class CirculantSearch:
         return SearchPlan(layers, chosen, stats)
 
     def __call__(self, graph: Graph) -> PassResult:
+        if self._level > 0 and self._state is not None:
+            return self._run_backed_off(graph)
         plan = self.plan(graph)
+        first = copy.deepcopy(plan.stats)  # before the projection adds to it
+        result = self._apply(graph, plan)
+        stats = result.stats
+        stats["asked_budget"] = {"spec": self.budget.spec, "cost": stats["budget"]["value"]}
+        stats["achieved_cost"] = stats.get("applied_cost", stats["cost"])
+        stats["backed_off_layers"] = {}
+        applied = {n: (1 if n in stats.get("not_applied", {}) else b) for n, b in plan.blocks.items()}
+        self._state = self._ladder(first, applied)
+        return result
+
+    def _run_backed_off(self, graph: Graph) -> PassResult:
+        """Apply the first run's assignment with ``self._level`` halvings of the ladder, on the
+        graph from before the pass (the pipeline's clone): no sensitivity or ILP is re-run."""
+        state = self._state
+        blocks = self._backed_off_blocks()
+        stats = copy.deepcopy(state["stats"])
+        layers, _ = find_layers(graph)
+        missing = sorted(set(blocks) - {l.name for l in layers})
+        if missing:
+            raise PassError(f"pass '{NAME}': backing off: layer '{missing[0]}' of the first run is not in this graph; run the pass on the graph it planned")
+        layers = [l for l in layers if l.name in blocks]
+        for name, b in blocks.items():
+            row = stats["layers"][name]
+            row.update(b=b, cost=row["costs"][b], sensitivity=row["sensitivities"][b])
+        stats["blocks"] = dict(blocks)
+        stats["cost"] = math.fsum(stats["layers"][n]["cost"] for n in blocks)
+        stats["objective"] = math.fsum(stats["layers"][n]["sensitivity"] for n in blocks)
+        stats["converted"] = sum(1 for b in blocks.values() if b > 1)
+        result = self._apply(graph, SearchPlan(layers, blocks, stats))
+        stats = result.stats
+        asked = state["blocks"]
+        stats["asked_budget"] = {"spec": self.budget.spec, "cost": stats["budget"]["value"]}
+        stats["achieved_cost"] = stats.get("applied_cost", stats["cost"])
+        stats["backed_off_layers"] = {n: {"asked": asked[n], "got": b} for n, b in blocks.items() if b < asked[n]}
+        return result
+
+    def _apply(self, graph: Graph, plan: SearchPlan) -> PassResult:
+        """Project ``plan.blocks`` with ``block-circulant``, complete the stats, annotate the nodes."""
         t0 = time.perf_counter()
         projection = self._project(graph, plan.blocks)
         graph = projection.graph
