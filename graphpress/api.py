@@ -330,7 +330,10 @@ def _measure_latency(
     x1 = batch_one(graph)
     variants: dict[str, Callable[[], Any]] = {"torch eager (original)": _torch_call(original, x1)}
     load_before = machine_load()
+    from graphpress.runtime.artifact import claim_scratch
+
     with tempfile.TemporaryDirectory(prefix="graphpress-baseline-") as tmp_base:
+        claim_scratch(tmp_base)  # a killed run's baseline folder is removed by the next run
         if baseline and original is not graph:
             base = be.lower(original, Path(tmp_base), check=False)
             variants[f"{lowered.backend} (original)"] = _runner_call(_bench_runner(be, Path(tmp_base) / base.model_file, n), x1)

@@ -469,7 +469,10 @@ def test_bad_layer_names_and_infeasible_budget(mlp_graph):
     with pytest.raises(PassError, match="option 'skip': names unknown layer 'fcc2': did you mean 'fc2'"):
         run(mlp_graph, skip=["fcc2"])
     with pytest.raises(PassError, match="option 'target_bits' .* cannot be met: the lowest allocation takes 4 bits"):
-        run(mlp_graph, bits=[8, 4], target_bits=3.0, activations="none")
+        run(mlp_graph, bits=[8, 4], target_bits=3.0, activations="none", on_budget="fail")
+    # adapt (the default) takes the lowest width everywhere and says the target was out of reach
+    lowest = run(mlp_graph, bits=[8, 4], target_bits=3.0, activations="none")
+    assert set(lowest.stats["bits"].values()) == {4} and "is out of reach (the lowest allocation takes 4 bits)" in lowest.stats["budget_unreachable"]
     fixed = run(mlp_graph, bits=[8, 4], target_bits=8.0, layer_bits={"fc2": 4}, activations="none")
     assert fixed.stats["bits"]["fc2"] == 4 and fixed.stats["bits"]["fc1"] == 8
 
