@@ -98,6 +98,14 @@ class _Counter:
         return (time.perf_counter() - self.start) / self.done * (self.total - self.done)
 
 
+def _advance(counter: "_Counter | None", done: int, total: int, what: str) -> "_Counter":
+    """The counter after a report: a new one when the count restarts or its total changes."""
+    if counter is None or done < counter.done or counter.total != total:
+        return _Counter(done, total, what)
+    counter.done, counter.what = done, what
+    return counter
+
+
 class StageProgress:
     """Progress of a long command: a rich bar on a terminal, plain lines in logs and pipes.
 
@@ -179,19 +187,11 @@ class StageProgress:
     def inner(self, done: int, total: int, what: str = "") -> None:
         """A count inside the current step (``layer 7/20 conv3`` inside a pass); without a step
         (``verify``, ``bench``), the stage's own count."""
-        if self._step is None or not self._step.total:
-            with self._lock:
-                if self._step is None or done < self._step.done or self._step.total != total:
-                    self._step = _Counter(done, total, what)
-                else:
-                    self._step.done, self._step.what = done, what
-            self._refresh()
-            return
         with self._lock:
-            if self._inner is None or done < self._inner.done or self._inner.total != total:
-                self._inner = _Counter(done, total, what)
+            if self._step is None or not self._step.total:
+                self._step = _advance(self._step, done, total, what)
             else:
-                self._inner.done, self._inner.what = done, what
+                self._inner = _advance(self._inner, done, total, what)
         self._refresh()
 
     # ------------------------------------------------------------------ rendering

@@ -64,6 +64,28 @@ class Adaptive(Protocol):
         ...
 
 
+class SteppedBackOff:
+    """The back-off half of :class:`Adaptive` for passes whose last full run leaves
+    ``self._state["steps"]``: per layer, its allocated value followed by its softer steps.
+
+    Back-off copies share that state (nothing is measured again) and differ only in ``_level``,
+    the number of ladder moves they apply.
+    """
+
+    _state: dict[str, Any] | None
+    _level: int
+
+    def adapt_levels(self) -> int:
+        """Softer steps the last run's layers can give back (0 before a run)."""
+        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
+
+    def back_off(self, level: int) -> Any:
+        """This pass with the first ``level`` moves of its ladder applied (state shared)."""
+        copy = type(self)(self.config)  # type: ignore[attr-defined]
+        copy._state, copy._level = self._state, int(level)
+        return copy
+
+
 def ladder(costs: dict[str, Sequence[float]], sizes: dict[str, float] | None = None) -> list[str]:
     """The back-off moves, in order: each entry names the unit softened by one more notch.
 

@@ -60,7 +60,7 @@ from graphpress.ir.rewrite import (
 )
 from graphpress.ir.summary import node_flops
 from graphpress.passes.base import PassResult, register
-from graphpress.passes.budget import check_on_budget, convex_costs, ladder, notches_at
+from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.prune.deps import (
     BATCH_NORMS,
     CONVS,
@@ -386,7 +386,7 @@ def macs_per_sample(graph: Graph) -> int:
 
 
 @register(NAME)
-class PruneChannels:
+class PruneChannels(SteppedBackOff):
     """Structured channel pruning with dependency groups (see module docstring)."""
 
     exact = False
@@ -402,16 +402,6 @@ class PruneChannels:
 
     # ------------------------------------------------------------------ backing off
     NOTCHES = 4  #: a group backs off in quarters of its ratio
-
-    def adapt_levels(self) -> int:
-        """Ratio notches the last run's pruned groups can give back (0 before a run)."""
-        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
-
-    def back_off(self, level: int) -> "PruneChannels":
-        """This pass with the first ``level`` notches of its ladder given back."""
-        copy = PruneChannels(self.config)
-        copy._state, copy._level = self._state, int(level)
-        return copy
 
     def achieved(self, stats: dict[str, Any]) -> str:
         return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (sparsity {self.config.sparsity:g})"

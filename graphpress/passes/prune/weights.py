@@ -60,7 +60,7 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg, pair
 from graphpress.passes.base import PassResult, progress_iter, register
-from graphpress.passes.budget import check_on_budget, convex_costs, ladder, notches_at
+from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.layers import QLayer, find_layers, record
 from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
@@ -217,7 +217,7 @@ def _relative(objective: float, w: torch.Tensor, h: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------- the pass
 @register(NAME)
-class PruneWeights:
+class PruneWeights(SteppedBackOff):
     """Zero weights of linear / conv layers by magnitude, Wanda, SparseGPT or iCBS (see module docstring)."""
 
     exact = False
@@ -232,16 +232,6 @@ class PruneWeights:
 
     # ------------------------------------------------------------------ backing off
     NOTCHES = 4  #: an unstructured layer backs off in quarters of its sparsity
-
-    def adapt_levels(self) -> int:
-        """Sparsity notches the last run's pruned layers can give back (0 before a run)."""
-        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
-
-    def back_off(self, level: int) -> "PruneWeights":
-        """This pass with the first ``level`` notches of its ladder given back."""
-        copy = PruneWeights(self.config)
-        copy._state, copy._level = self._state, int(level)
-        return copy
 
     def achieved(self, stats: dict[str, Any]) -> str:
         return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (sparsity {self.config.target:g})"

@@ -55,7 +55,7 @@ from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, progress_iter, register
-from graphpress.passes.budget import check_on_budget, ladder, notches_at
+from graphpress.passes.budget import SteppedBackOff, check_on_budget, ladder, notches_at
 from graphpress.passes.layers import QLayer, find_layers, record, rows
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
@@ -217,7 +217,7 @@ def greedy(curves: dict[str, list[float]], weights: dict[str, int], grid: Sequen
 
 
 @register(NAME)
-class SparsifyActivations:
+class SparsifyActivations(SteppedBackOff):
     """TEAL / CHESS / WINA activation sparsity on linear layers (see module docstring)."""
 
     exact = False
@@ -231,16 +231,6 @@ class SparsifyActivations:
         self._level = 0
 
     # ------------------------------------------------------------------ backing off
-    def adapt_levels(self) -> int:
-        """Sparsity steps the last run can give back (0 before a run)."""
-        return sum(len(v) - 1 for v in self._state["steps"].values()) if self._state else 0
-
-    def back_off(self, level: int) -> "SparsifyActivations":
-        """This pass with the ``level`` most costly sparsity steps given back (calibration reused)."""
-        copy = SparsifyActivations(self.config)
-        copy._state, copy._level = self._state, int(level)
-        return copy
-
     def achieved(self, stats: dict[str, Any]) -> str:
         return f"sparsity {stats.get('achieved_sparsity', 0.0):.3f} (target_sparsity {self.config.target_sparsity:g})"
 
