@@ -22,22 +22,13 @@ import torch
 import torch.fx as fx
 
 from graphpress.ir.graph import op_name
+from graphpress.ir.opsets import CHANNEL_PRESERVING, CONV_ANY, JOIN, LINEAR
 
 if TYPE_CHECKING:
     from graphpress.ir.graph import Graph
 
-aten = torch.ops.aten
-
-# Element-wise binary ops whose operands must agree channel-for-channel.
-ELEMENTWISE_JOIN = {aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum}
-# Ops that pass channels through unchanged (a channel's identity survives them).
-CHANNEL_PRESERVING = {
-    aten.batch_norm, aten.relu, aten.relu_, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.hardtanh,
-    aten.dropout, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.clone, aten.contiguous,
-    aten.leaky_relu, aten.hardswish, aten.layer_norm,
-}
 # Ops that start a new channel space (the "producers" that pruning shrinks).
-PRODUCERS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.linear, aten.convolution}
+PRODUCERS = CONV_ANY | LINEAR
 
 
 def _packet(node: fx.Node):
@@ -97,7 +88,7 @@ def dependency_groups(graph: "Graph") -> list[set[str]]:
     for node in graph.call_nodes():
         if _packet(node) in PRODUCERS:
             find(node.name)
-        if _packet(node) in ELEMENTWISE_JOIN:
+        if _packet(node) in JOIN:
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             if len(operands) < 2:
                 continue

@@ -26,12 +26,10 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
 from torch import fx
 
 from graphpress.ir.graph import Graph
-
-aten = torch.ops.aten
+from graphpress.ir.opsets import NON_KERNEL
 
 REGION_KEY = "region"
 EXPORT_KEY = "graphpress_region"
@@ -39,12 +37,7 @@ KINDS = ("conv_bn_relu", "residual_block", "mlp_block")
 
 # Ops that launch no kernel: views of their input (torch returns an alias), tuple access, shape
 # bookkeeping and assertions.
-NON_KERNEL_OPS = (
-    aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.squeeze,
-    aten.unsqueeze, aten.expand, aten.t, aten.transpose, aten.permute, aten.slice, aten.select,
-    aten.narrow, aten.alias, aten.detach, aten.sym_size, aten._assert_tensor_metadata,
-    aten._assert_scalar, aten.sym_constrain_range_for_size,
-)
+NON_KERNEL_OPS = NON_KERNEL
 
 
 def _packet(node: fx.Node) -> Any:

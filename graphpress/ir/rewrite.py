@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import TRAINING_STAT_NORM
 
 aten = torch.ops.aten
 
@@ -149,8 +150,6 @@ def rank_of(graph: Graph, node: Any) -> int | None:
 # In-place ops that change only tensor metadata (``requires_grad``), never data: pure for inference.
 METADATA_ONLY_INPLACE = (aten.detach_,)
 
-# Ops that update running statistics in training mode without a ``Tensor(a!)`` in their schema.
-_STAT_UPDATING = (aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit, aten.instance_norm)
 
 
 def _nodes_in(value: Any) -> list[fx.Node]:
@@ -171,7 +170,7 @@ def _written_inputs(node: fx.Node) -> list[fx.Node]:
     for i, a in enumerate(schema.arguments):
         if a.alias_info is not None and a.alias_info.is_write:
             out.extend(_nodes_in(node.args[i] if i < len(node.args) else node.kwargs.get(a.name)))
-    if packet(node) in _STAT_UPDATING and arg(node, 5, "training", False) is True:
+    if packet(node) in TRAINING_STAT_NORM and arg(node, 5, "training", False) is True:
         out.extend(_nodes_in(node.args[3:5]))
     return out
 

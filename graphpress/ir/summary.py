@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphpress.ir.graph import op_name
+from graphpress.ir.opsets import CONV_ANY, MATMUL_LIKE
 
 if TYPE_CHECKING:
     from graphpress.ir.graph import Graph
@@ -73,11 +74,11 @@ def node_flops(node: fx.Node) -> int:
     out = _val_shape(node)
     packet = getattr(node.target, "overloadpacket", None)
     args = node.args
-    if packet in (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution) and len(args) > 1:
+    if packet in CONV_ANY and len(args) > 1:
         w = _val_shape(args[1])
         if len(w) >= 3:
             return 2 * _numel(out) * _numel(w[1:])
-    if packet in (aten.linear, aten.addmm, aten.mm, aten.matmul, aten.bmm, aten.baddbmm):
+    if packet in MATMUL_LIKE:
         a_idx = 1 if packet in (aten.addmm, aten.baddbmm) else 0
         a = _val_shape(args[a_idx]) if isinstance(args[a_idx], fx.Node) else ()
         if a:

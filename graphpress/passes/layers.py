@@ -25,10 +25,10 @@ import torch
 from torch import fx
 
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import RELU
 from graphpress.ir.rewrite import arg, is_op
 
 aten = torch.ops.aten
-RELU = (aten.relu, aten.relu_)
 
 
 @dataclass

@@ -62,26 +62,13 @@ from torch import fx
 
 from graphpress.errors import BackendError
 from graphpress.ir.graph import Graph, op_name
+from graphpress.ir.opsets import AFFINE_IN_FIRST_ARG, NON_POLYNOMIAL, SIZED_RESHAPE
 
 aten = torch.ops.aten
 
 # SEAL's 128-bit security bound on the total coefficient-modulus bits, by ring degree
 MAX_COEFF_BITS = {8192: 218, 16384: 438, 32768: 881}
 MAX_DENSE_ELEMENTS = 64_000_000  # float64 entries of the traced affine maps (about 0.5 GB)
-
-_NOT_POLYNOMIAL = {
-    "aten.relu", "aten.relu_", "aten.gelu", "aten.gelu_", "aten.silu", "aten.silu_", "aten.max_pool2d",
-    "aten.max_pool2d_with_indices", "aten.max_pool1d", "aten.adaptive_max_pool2d", "aten.sigmoid", "aten.tanh",
-    "aten.softmax", "aten._softmax", "aten.log_softmax", "aten.hardtanh", "aten.leaky_relu", "aten.elu",
-}
-# Ops that are affine in their first argument when every other argument is a constant.
-_AFFINE = {
-    aten.conv1d, aten.conv2d, aten.linear, aten.avg_pool1d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.flatten,
-    aten.view, aten.reshape, aten._unsafe_view, aten.batch_norm, aten.mean, aten.sum, aten.permute, aten.transpose,
-    aten.contiguous, aten.clone, aten.dropout, aten.neg, aten.unsqueeze, aten.squeeze, aten.alias, aten.detach,
-    aten.constant_pad_nd, aten.pad,
-}
-_RESHAPES = {aten.view, aten.reshape, aten._unsafe_view}
 
 
 def _circulant_ops() -> set:
@@ -278,7 +265,7 @@ class _Tracer:
         keys = list(sym.terms)
         rows = torch.cat([sym.bias, torch.zeros_like(sym.bias)] + [sym.terms[k] for k in keys])
         n_rows = rows.shape[0]
-        if packet in _RESHAPES:
+        if packet in SIZED_RESHAPE:
             rest = [(n_rows, *shape)] + list(rest[1:])
         try:
             out = node.target(rows, *rest, **kwargs)
@@ -420,7 +407,7 @@ class _Tracer:
             return _Batch()
         if name == "graphpress.linear_act":
             raise self.fail(node, "a fused linear + activation is not a polynomial: run polynomial-activations before fuse-linear-activation")
-        if name in _NOT_POLYNOMIAL:
+        if packet in NON_POLYNOMIAL:
             raise self.fail(node, "not a polynomial: run the polynomial-activations pass first")
         syms = [a for a in args if isinstance(a, _Sym)]
         if packet in (aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_, aten.rsub):
@@ -430,11 +417,11 @@ class _Tracer:
             return self.binary(node, args[0], args[1], alpha)
         if packet in (aten.square,) or (packet is aten.pow and args[1] == 2):
             return self.product(node, args[0], args[0])
-        if packet in _AFFINE or packet in self.circulant:
+        if packet in AFFINE_IN_FIRST_ARG or packet in self.circulant:
             if len(syms) != 1 or not isinstance(args[0], _Sym) or any(isinstance(a, _Sym) for a in kwargs.values()):
                 raise self.fail(node, "only the first argument may be encrypted")
             rest = [a for a in args[1:]]
-            if any(isinstance(a, _Batch) for a in torch.utils._pytree.tree_leaves(rest)) and packet not in _RESHAPES:
+            if any(isinstance(a, _Batch) for a in torch.utils._pytree.tree_leaves(rest)) and packet not in SIZED_RESHAPE:
                 raise self.fail(node, "uses the batch size")
             return self.apply_affine(node, args[0], rest, kwargs)
         raise self.fail(node, "not supported by the polynomial protocol (supported: conv/linear/avg-pool/batch-norm/reshapes, "

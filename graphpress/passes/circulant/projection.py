@@ -50,6 +50,7 @@ import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.circula
 from graphpress.errors import PassError
 from graphpress.ir.circulant import expand, project
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import BATCH_NORM
 from graphpress.ir.rewrite import (
     Skips,
     add_constant,
@@ -74,7 +75,6 @@ aten = torch.ops.aten
 CIRCULANT_LINEAR = torch.ops.graphpress.circulant_linear.default
 CIRCULANT_CONV2D = torch.ops.graphpress.circulant_conv2d.default
 
-_BATCH_NORMS = (aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit, aten.native_batch_norm)
 _NAME = "block-circulant"
 METHODS = ("mean", "fisher", "reconstruct")
 
@@ -307,7 +307,7 @@ def _bn_handling(graph: Graph, new_nodes: list[fx.Node]) -> str:
     """How batch-norm relates to the converted layers (see module docstring)."""
     if not new_nodes:
         return "no layer converted"
-    separate = [n for n in new_nodes if any(packet(u) in _BATCH_NORMS and u.args and u.args[0] is n for u in n.users)]
+    separate = [n for n in new_nodes if any(packet(u) in BATCH_NORM and u.args and u.args[0] is n for u in n.users)]
     folded = [n for n in new_nodes if graph.annotations(n).get("folded_batchnorm") and n not in separate]
     parts = []
     if separate:

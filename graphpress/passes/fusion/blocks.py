@@ -39,6 +39,7 @@ from torch import fx
 from graphpress.errors import PassError
 from graphpress.ir import ops as gp_ops  # noqa: F401 -- registers torch.ops.graphpress.linear_act
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import ACTIVATION, ADD, CONV_ANY, LINEAR_LIKE, RELU, RESHAPE, SHORTCUT_SLICE
 from graphpress.ir.regions import (
     KINDS,
     clear_regions,
@@ -51,16 +52,9 @@ from graphpress.passes.base import PassResult, register
 
 aten = torch.ops.aten
 
-_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
-_ACTS = (aten.relu, aten.relu_, aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.sigmoid, aten.sigmoid_,
-         aten.tanh, aten.tanh_, aten.hardtanh, aten.hardtanh_)
-_RELUS = (aten.relu, aten.relu_)
 _LINEAR_ACT = torch.ops.graphpress.linear_act
-_LINEARS = (aten.linear, aten.addmm, aten.mm, _LINEAR_ACT)
-# Shape-only ops that may sit inside an MLP block (GPT-2's Conv1D reshapes around addmm).
-_RESHAPES = (aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.unsqueeze, aten.squeeze)
-_SHORTCUT_OPS = (aten.slice, aten.pad, aten.constant_pad_nd)
-_ADDS = (aten.add, aten.add_)
+_LINEARS = (*LINEAR_LIKE, _LINEAR_ACT)
+# RESHAPE: shape-only ops that may sit inside an MLP block (GPT-2's Conv1D reshapes around addmm).
 
 
 @dataclass(frozen=True)
@@ -142,7 +136,7 @@ def _inner_read_outside(members: list[fx.Node], output: fx.Node) -> bool:
 
 
 def _plain_add(node: fx.Node) -> bool:
-    return is_op(node, *_ADDS) and arg(node, 2, "alpha", 1) == 1 and len(node.args) >= 2 and all(
+    return is_op(node, *ADD) and arg(node, 2, "alpha", 1) == 1 and len(node.args) >= 2 and all(
         isinstance(a, fx.Node) for a in node.args[:2])
 
 
@@ -169,7 +163,7 @@ def _unit_back(graph: Graph, tail: fx.Node) -> tuple[list[fx.Node], fx.Node] | N
     """``(members, conv)`` when ``tail`` ends a conv unit: conv [+ channel constant] [-> inference bn]."""
     members, cur = [], tail
     for _ in range(3):
-        if is_op(cur, *_CONVS):
+        if is_op(cur, *CONV_ANY):
             if is_op(cur, aten.convolution) and arg(cur, 6, "transposed", False):
                 return None
             return [cur, *members], cur
@@ -200,7 +194,7 @@ def _linear_input(node: fx.Node) -> fx.Node:
 # ---------------------------------------------------------------------------- matchers
 def _residual_blocks(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
     out = []
-    for add in graph.call_nodes(*_ADDS):
+    for add in graph.call_nodes(*ADD):
         if not _plain_add(add) or any(a.op != "call_function" for a in add.args[:2]):
             continue  # a bias (constant) add, or a join of graph inputs: not a candidate
         a, b = add.args[:2]
@@ -228,7 +222,7 @@ def _residual_from(graph: Graph, add: fx.Node, main: fx.Node, short: fx.Node) ->
     stopped_at_shared_relu = False  # the main path goes on before a relu with other readers
     while True:
         relu = conv.args[0]
-        prev = _unit_back(graph, relu.args[0]) if is_op(relu, *_RELUS) and isinstance(relu.args[0], fx.Node) else None
+        prev = _unit_back(graph, relu.args[0]) if is_op(relu, *RELU) and isinstance(relu.args[0], fx.Node) else None
         if prev is None:
             break
         if _sole_user(relu) is not conv:  # the block input (read by the shortcut too), or a leak
@@ -246,7 +240,7 @@ def _residual_from(graph: Graph, add: fx.Node, main: fx.Node, short: fx.Node) ->
     block = members + shortcut + [add]
     output = add
     relu = _sole_user(add)
-    if relu is not None and is_op(relu, *_RELUS) and relu.args[0] is add:
+    if relu is not None and is_op(relu, *RELU) and relu.args[0] is add:
         block.append(relu)
         output = relu
     if _inner_read_outside(block, output):
@@ -259,7 +253,7 @@ def _shortcut(graph: Graph, short: fx.Node, x: fx.Node) -> list[fx.Node] | None:
     conv unit of ``x`` (option B); None otherwise."""
     if short is x:
         return []
-    walked, root = _through(short, _SHORTCUT_OPS)
+    walked, root = _through(short, SHORTCUT_SLICE)
     if walked and root is x and all(_zero_pad(n) for n in walked):
         return walked
     unit = _unit_back(graph, short)
@@ -281,11 +275,11 @@ def _mlp_blocks(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
     for down in graph.call_nodes(*_LINEARS):
         if is_op(down, _LINEAR_ACT):
             continue  # a linear_act is the first layer of a block, never its output
-        mid, hidden = _through(_linear_input(down), _RESHAPES)
+        mid, hidden = _through(_linear_input(down), RESHAPE)
         if is_op(hidden, _LINEAR_ACT):
             block = [hidden, *mid, down]
-        elif is_op(hidden, *_ACTS):
-            pre, up = _through(hidden.args[0], _RESHAPES)
+        elif is_op(hidden, *ACTIVATION):
+            pre, up = _through(hidden.args[0], RESHAPE)
             if not is_op(up, *_LINEARS) or is_op(up, _LINEAR_ACT):
                 continue  # activation of something else: not a candidate
             block = [up, *pre, hidden, *mid, down]
@@ -310,10 +304,10 @@ def _gated(mul: fx.Node) -> list[fx.Node] | str | None:
     """Members before ``mul`` when ``mul = act(linear_g(x)) * linear_u(x)``, a reason, or None."""
     p, q = mul.args[:2]
     for g, u in ((p, q), (q, p)):
-        if not is_op(g, *_ACTS):
+        if not is_op(g, *ACTIVATION):
             continue
-        g_pre, gate = _through(g.args[0], _RESHAPES)
-        u_pre, up = _through(u, _RESHAPES)
+        g_pre, gate = _through(g.args[0], RESHAPE)
+        u_pre, up = _through(u, RESHAPE)
         if not (is_op(gate, aten.linear, aten.addmm, aten.mm) and is_op(up, aten.linear, aten.addmm, aten.mm)):
             continue
         if _linear_input(gate) is not _linear_input(up):
@@ -324,7 +318,7 @@ def _gated(mul: fx.Node) -> list[fx.Node] | str | None:
 
 def _conv_chains(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
     out = []
-    for conv in graph.call_nodes(*_CONVS):
+    for conv in graph.call_nodes(*CONV_ANY):
         if is_op(conv, aten.convolution) and arg(conv, 6, "transposed", False):
             continue
         block, cur = [conv], conv
@@ -339,16 +333,16 @@ def _conv_chains(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
                 break
             block.append(nxt[0])
             cur = nxt[0]
-            if packet(cur) in _ACTS:
+            if packet(cur) in ACTIVATION:
                 break
-        if len(block) >= 2 and packet(block[-1]) in _ACTS:
+        if len(block) >= 2 and packet(block[-1]) in ACTIVATION:
             out.append(block)
     return out
 
 
 def _extends_chain(graph: Graph, cur: fx.Node, user: fx.Node, block: list[fx.Node]) -> bool:
     """Whether ``user`` continues conv chain ``block`` (ending at ``cur``): bias, inference bn, activation."""
-    if is_op(user, *_ACTS):
+    if is_op(user, *ACTIVATION):
         return user.args[0] is cur
     if _is_inference_bn(user):
         return user.args[0] is cur and not any(_is_inference_bn(n) for n in block)

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import CONV, CONV_TRANSPOSED
 from graphpress.ir.rewrite import (
     Skips,
     add_constant,
@@ -54,8 +55,6 @@ _BN_VARIANTS = {
     aten._native_batch_norm_legit: (5, 6, 7, True),
     aten.native_batch_norm: (5, 6, 7, True),
 }
-_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
-_TRANSPOSED = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 
 
 @dataclass(frozen=True)
@@ -144,9 +143,9 @@ def _plan(graph: Graph, bn: fx.Node, mutated: set[str]) -> _Plan | str:
         out = firsts[0]
 
     producer = bn.args[0]
-    if is_op(producer, *_TRANSPOSED) or (is_op(producer, aten.convolution) and arg(producer, 6, "transposed", False)):
+    if is_op(producer, *CONV_TRANSPOSED) or (is_op(producer, aten.convolution) and arg(producer, 6, "transposed", False)):
         return "producer is a transposed convolution"
-    if not (is_op(producer, *_CONVS) or is_op(producer, aten.convolution) or is_op(producer, aten.linear)):
+    if not (is_op(producer, *CONV) or is_op(producer, aten.convolution) or is_op(producer, aten.linear)):
         return "input is not produced by a conv or linear"
     if users_other_than(producer, bn):
         return "conv/linear output has other users"

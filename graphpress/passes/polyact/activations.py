@@ -48,6 +48,7 @@ from torch import fx
 
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import MAX_POOL_2D, NON_POLYNOMIAL
 from graphpress.ir.rewrite import Skips, add_constant, arg, insert_call, packet
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.polyact.fit import ACTIVATIONS, FIT_MODES, fit_activation
@@ -56,8 +57,9 @@ aten = torch.ops.aten
 _NAME = "polynomial-activations"
 
 _ACTS = {aten.relu: "relu", aten.relu_: "relu", aten.gelu: "gelu", aten.gelu_: "gelu", aten.silu: "silu", aten.silu_: "silu"}
-_NOT_POLYNOMIAL = (aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.hardtanh, aten.hardtanh_, aten.elu, aten.leaky_relu,
-                   aten.softmax, aten._softmax, aten.log_softmax, aten.max_pool1d, aten.max_pool3d, aten.adaptive_max_pool2d)
+# What this pass cannot replace: everything non-polynomial except the activations above and 2-d max
+# pooling (turned into average pooling); each is counted as a skip.
+_NOT_POLYNOMIAL = NON_POLYNOMIAL - frozenset(_ACTS) - MAX_POOL_2D
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class PolynomialActivations:
         skipped = Skips()
         pools = self._replace_pools(graph, skipped) if cfg.replace_max_pool else []
         if not cfg.replace_max_pool:
-            n = sum(1 for _ in graph.call_nodes(aten.max_pool2d, aten.max_pool2d_with_indices))
+            n = sum(1 for _ in graph.call_nodes(*MAX_POOL_2D))
             if n:
                 skipped.add("max_pool2d kept (replace_max_pool=false)", n)
         targets = []
@@ -176,7 +178,7 @@ class PolynomialActivations:
     @staticmethod
     def _replace_pools(graph: Graph, skipped: Skips) -> list[dict]:
         done = []
-        for node in graph.call_nodes(aten.max_pool2d, aten.max_pool2d_with_indices):
+        for node in graph.call_nodes(*MAX_POOL_2D):
             if packet(node) is aten.max_pool2d_with_indices:
                 skipped.add("max_pool2d_with_indices (its indices are used)")
                 continue

@@ -61,6 +61,23 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from graphpress.ir.graph import Graph, op_name
+from graphpress.ir.opsets import (
+    ADDITIVE_JOIN,
+    BATCH_NORM,
+    CONV_ANY,
+    JOIN,
+    LAST_DIM_NORM,
+    NONZERO_UNARY,
+    POOLING,
+    POOLING_TUPLE,
+    REDUCTION,
+    RESHAPE,
+    SHAPE_QUERY,
+    SIZED_RESHAPE,
+    SOFTMAX,
+    SPLIT,
+    ZERO_SAFE_UNARY,
+)
 from graphpress.ir.rewrite import arg, packet, refresh_meta
 
 aten = torch.ops.aten
@@ -69,33 +86,6 @@ FOREIGN = -1
 _ZERO_BASE = -2  # a zero token of pad site k is gid == _ZERO_BASE - k
 
 HEADS_REASON = "attention head reshape: not supported yet"
-
-CONVS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution}
-# f(0) == 0: a zero channel stays zero, so padding zeros may still be dropped after these.
-ZERO_SAFE_UNARY = {
-    aten.relu, aten.relu_, aten.gelu, aten.silu, aten.tanh, aten.hardtanh, aten.leaky_relu, aten.hardswish,
-    aten.elu, aten.mish, aten.dropout, aten.clone, aten.contiguous, aten.alias, aten.detach, aten._to_copy,
-    aten.to, aten.neg, aten.abs, aten.lift_fresh_copy,
-}
-NONZERO_UNARY = {
-    aten.sigmoid, aten.hardsigmoid, aten.exp, aten.rsqrt, aten.reciprocal, aten.softplus, aten.log, aten.cos,
-    aten.clamp, aten.clamp_min, aten.clamp_max, aten.sqrt, aten.erf, aten.sin,
-}
-SOFTMAX = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax}
-POOLING = {
-    aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
-    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.upsample_nearest2d,
-    aten.upsample_bilinear2d,
-}
-POOLING_TUPLE = {aten.max_pool2d_with_indices, aten.adaptive_max_pool2d}
-REDUCTIONS = {aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std}
-JOINS = {aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum}
-MAPPABLE_JOINS = {aten.add, aten.sub}
-RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze}
-SIZED_RESHAPES = {aten.view, aten.reshape, aten._unsafe_view}
-SPLITS = {aten.split, aten.split_with_sizes, aten.chunk}
-BATCH_NORMS = {aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.native_batch_norm}
-SHAPE_QUERIES = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -436,7 +426,7 @@ class _Analyzer:
             if src in self.tuples and isinstance(i, int) and i < len(self.tuples[src]):
                 self.layouts[node] = self.tuples[src][i]
             return
-        if p in CONVS:
+        if p in CONV_ANY:
             return self.conv(node)
         if p is aten.linear:
             return self.linear(node)
@@ -446,17 +436,17 @@ class _Analyzer:
             return None  # checks dtype / device only
         if p is aten.embedding:
             return self.embedding(node)
-        if p in BATCH_NORMS:
+        if p in BATCH_NORM:
             return self.batch_norm(node)
-        if p in (aten.layer_norm, aten.rms_norm):
+        if p in LAST_DIM_NORM:
             return self.layer_norm(node)
         if p in ZERO_SAFE_UNARY or p in NONZERO_UNARY or p in SOFTMAX or p is aten.pow:
             return self.unary(node, p)
         if p in POOLING or p in POOLING_TUPLE:
             return self.pooling(node, p in POOLING_TUPLE)
-        if p in JOINS:
+        if p in JOIN:
             return self.join(node, p)
-        if p in RESHAPES:
+        if p in RESHAPE:
             return self.reshape(node, p)
         if p is aten.expand:
             return self.expand(node)
@@ -470,11 +460,11 @@ class _Analyzer:
             return self.pad(node, p)
         if p is aten.cat:
             return self.cat(node)
-        if p in SPLITS:
+        if p in SPLIT:
             return self.split(node)
-        if p in REDUCTIONS:
+        if p in REDUCTION:
             return self.reduction(node, p)
-        if p in SHAPE_QUERIES:
+        if p in SHAPE_QUERY:
             return None
         if p is aten.group_norm:
             return self.unknown(node, "group_norm normalizes channels in groups")
@@ -723,7 +713,7 @@ class _Analyzer:
                 res = layouts[0]
             else:
                 ident = next((lay for lay in layouts if lay.root() is not None), None)
-                if p in MAPPABLE_JOINS and ident is not None:
+                if p in ADDITIVE_JOIN and ident is not None:
                     for i, ad, lay in lays:
                         if lay.root() is None:
                             self.maps.append(ChannelMap(node, i, ad, lay, ident))
@@ -768,7 +758,7 @@ class _Analyzer:
                     vec = vec.select(k, 0)
             out[d] = lay.take(vec.long())
         self.layouts[node] = out
-        if p in SIZED_RESHAPES or p is aten.unflatten:
+        if p in SIZED_RESHAPE or p is aten.unflatten:
             self.sized.append(SizedSite(node, out))
 
     def expand(self, node: fx.Node) -> None:

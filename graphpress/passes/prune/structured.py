@@ -58,12 +58,11 @@ from graphpress.ir.rewrite import (
     refresh_meta,
     set_arg,
 )
+from graphpress.ir.opsets import BATCH_NORM, CONV_ANY, LAST_DIM_NORM
 from graphpress.ir.summary import node_flops
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.prune.deps import (
-    BATCH_NORMS,
-    CONVS,
     ChannelAnalysis,
     ChannelGroup,
     Layout,
@@ -149,7 +148,7 @@ def kept_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -
 def _bn_scale(graph: Graph, producer: fx.Node, n: int) -> torch.Tensor:
     """``|gamma| / sqrt(var + eps)`` of a batch norm that alone reads ``producer``, else ones."""
     users = list(producer.users)
-    if len(users) != 1 or packet(users[0]) not in BATCH_NORMS or users[0].args[0] is not producer:
+    if len(users) != 1 or packet(users[0]) not in BATCH_NORM or users[0].args[0] is not producer:
         return torch.ones(n)
     bn = users[0]
     eps_index = 6 if packet(bn) is aten._native_batch_norm_legit_no_training else 7
@@ -209,7 +208,7 @@ def activation_means(graph: Graph, wanted: dict[fx.Node, int]) -> dict[str, torc
 def _consumer_input(node: fx.Node) -> tuple[fx.Node, int]:
     """The activation a consumer layer reads and its channel dim (conv: 1, linear / mm: last)."""
     x = node.args[1] if packet(node) is aten.addmm else node.args[0]
-    return x, (1 if packet(node) in CONVS else x.meta["val"].dim() - 1)
+    return x, (1 if packet(node) in CONV_ANY else x.meta["val"].dim() - 1)
 
 
 def wanda_scores(graph: Graph, groups: list[ChannelGroup], analysis: ChannelAnalysis) -> dict[int, torch.Tensor]:
@@ -308,7 +307,7 @@ def rewrite(graph: Graph, analysis: ChannelAnalysis, keep: dict[int, torch.Tenso
         set_arg(node, 8 if packet(node) is aten.convolution else 6, "groups", len(kept(cin)))
     for site in analysis.sized:
         node, p = site.node, packet(site.node)
-        if p in (aten.layer_norm, aten.rms_norm):
+        if p in LAST_DIM_NORM:
             (lay,) = site.layouts.values()
             node.update_arg(1, [len(kept(lay))])
             continue

@@ -57,6 +57,7 @@ from torch import fx
 
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph, op_name
+from graphpress.ir.opsets import RELU
 from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, fake_quant_act_dynamic, fake_quant_groupwise, fake_quant_per_channel
 from graphpress.ir.rewrite import Skips, arg, is_op
 from graphpress.passes.base import PassResult, register
@@ -64,7 +65,6 @@ from graphpress.passes.layers import QLayer, find_layers, record, rows
 
 aten = torch.ops.aten
 NAME = "awq-scale"
-_HOMOGENEOUS = (aten.relu, aten.relu_)
 ACTIVATIONS = ("none", "int8", "int8-dynamic")
 
 
@@ -182,7 +182,7 @@ def find_fold(graph: Graph, x: fx.Node, channels: int) -> _Fold | str:
                     if isinstance(found, _Fold):
                         return found
             return f"input comes from mul '{cur.name}' with no foldable factor"
-        if is_op(cur, *_HOMOGENEOUS):
+        if is_op(cur, *RELU):
             nxt = cur.args[0]
             if not isinstance(nxt, fx.Node) or len(nxt.users) != 1:
                 return f"the input of relu '{cur.name}' has other users"

@@ -85,6 +85,7 @@ from graphpress.errors import PassError
 from graphpress.ir.compare import sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.ir.ops_quant import static_accumulator
+from graphpress.ir.opsets import QUANT_PASSTHROUGH
 from graphpress.ir.quant import (
     ActQuant,
     act_params,
@@ -125,8 +126,6 @@ NAME = "quantize-layerwise"
 DEFAULT_TARGET_BITS = 6.0
 FLOAT_BITS = 32
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
-_PASSTHROUGH = (aten.max_pool2d, aten.flatten, aten.view, aten.reshape, aten._unsafe_view, aten.relu, aten.relu_, aten.clone,
-                aten.contiguous, aten.dropout)
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -940,7 +939,7 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
 def _passthrough_source(node: Any) -> fx.Node | None:
     """Walk back from a layer input through value-preserving ops (max-pool, flatten, view, relu ...)."""
     cur = node
-    while isinstance(cur, fx.Node) and is_op(cur, *_PASSTHROUGH):
+    while isinstance(cur, fx.Node) and is_op(cur, *QUANT_PASSTHROUGH):
         cur = cur.args[0]
     return cur if isinstance(cur, fx.Node) else None
 

@@ -33,13 +33,12 @@ from torch import fx
 
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import QUANT_SHORTCUT_OVERLOADS
 from graphpress.ir.rewrite import insert_call
 
 aten = torch.ops.aten
 QUANTIZE_ACT = torch.ops.graphpress.quantize_act.default
 _STATIC_OPS = (torch.ops.graphpress.qlinear.default, torch.ops.graphpress.qconv2d.default)
-_SHORTCUT_OPS = (aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-                 aten.contiguous.default, aten.alias.default)
 _SUM = aten.add.Tensor
 
 
@@ -65,7 +64,7 @@ def _output_grid(node: fx.Node) -> tuple[float, int] | None:
 def _is_shortcut_op(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
-    if node.target in _SHORTCUT_OPS:
+    if node.target in QUANT_SHORTCUT_OVERLOADS:
         return True
     # a zero pad keeps values on any grid whose zero point is representable (0 -> zp)
     if node.target is aten.constant_pad_nd.default:

@@ -19,13 +19,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from graphpress.ir.opsets import ACTIVATION_PRODUCTS, ROLE_BOUNDARY
 from graphpress.ir.rewrite import is_op
 
 aten = torch.ops.aten
 ROLES = ("attention-input", "attention-output", "mlp")
-_PRODUCTS = (aten.matmul, aten.bmm, aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
-             aten.baddbmm, aten.einsum)
-_STOP = (aten.linear, aten.conv2d, aten.embedding)
 _DEPTH = 24
 
 
@@ -34,7 +32,7 @@ def _computed(v) -> bool:
 
 
 def _is_attention_product(node: fx.Node) -> bool:
-    if not is_op(node, *_PRODUCTS):
+    if not is_op(node, *ACTIVATION_PRODUCTS):
         return False
     operands = list(node.args[1]) if is_op(node, aten.einsum) else list(node.args[:3])
     return sum(_computed(a) and _depends_on_input(a) for a in operands) >= 2
@@ -67,7 +65,7 @@ def _reaches(start: fx.Node, forward: bool) -> bool:
                 seen.add(m)
                 if _is_attention_product(m):
                     return True
-                if is_op(m, *_STOP):
+                if is_op(m, *ROLE_BOUNDARY):
                     continue
                 nxt.append(m)
         if not nxt:

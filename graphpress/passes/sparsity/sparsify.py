@@ -53,6 +53,7 @@ import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 import graphpress.ir.ops_sparse  # noqa: F401 -- registers graphpress::sparse_linear(_pc)
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
+from graphpress.ir.opsets import RESHAPE_OR_COPY
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, ladder, notches_at
@@ -60,11 +61,9 @@ from graphpress.passes.layers import QLayer, find_layers, record, rows
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
 
-aten = torch.ops.aten
 NAME = "sparsify-activations"
 SPARSE_LINEAR = torch.ops.graphpress.sparse_linear.default
 SPARSE_LINEAR_PC = torch.ops.graphpress.sparse_linear_pc.default
-_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.contiguous, aten.clone, aten.squeeze, aten.unsqueeze)
 
 
 def _err(option: str, msg: str) -> PassError:
@@ -156,7 +155,7 @@ def _feeds_output(node: fx.Node) -> bool:
             for u in n.users:
                 if u.op == "output":
                     return True
-                if is_op(u, *_RESHAPES):
+                if is_op(u, *RESHAPE_OR_COPY):
                     nxt.append(u)
         frontier = nxt
     return False
