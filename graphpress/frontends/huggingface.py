@@ -9,11 +9,13 @@ returns the model's logits (or last hidden state for headless models).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from graphpress.errors import FrontendError
 from graphpress.frontends.checkpoint import read_state_dict
@@ -21,6 +23,98 @@ from graphpress.frontends.safetensors import read_safetensors
 from graphpress.frontends.state_dict import load_into
 from graphpress.frontends.torch_module import TOKEN_DIMS, from_module
 from graphpress.ir.graph import Graph
+
+#: Sequence length of :meth:`HFLogits.example_inputs`.
+EXAMPLE_SEQ_LEN = 16
+# Token range of example inputs when a config names no vocabulary size (the zoo's tiny vocab).
+_FALLBACK_VOCAB = 1000
+
+
+class HFLogits(nn.Module):
+    """Wrap a ``transformers`` model so ``forward`` returns a plain tensor.
+
+    Parameters
+    ----------
+    hf_model : transformers.PreTrainedModel
+        Any model whose output has ``logits`` (LM heads, classifiers) or
+        ``last_hidden_state`` (bare encoders/decoders).
+
+    Notes
+    -----
+    ``forward(input_ids, attention_mask=None)`` calls the model with
+    ``return_dict=True`` and, when the model accepts it, ``use_cache=False`` (a KV cache
+    object in the output would not export and is useless for a full-sequence forward).
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.model = hf_model
+        params = inspect.signature(hf_model.forward).parameters
+        # BERT has no KV cache and takes no use_cache argument; decoders do.
+        self._pass_use_cache = "use_cache" in params
+        self._accepts_mask = "attention_mask" in params
+        config = getattr(hf_model, "config", None)
+        self.vocab_size = int(getattr(config, "vocab_size", _FALLBACK_VOCAB) or _FALLBACK_VOCAB)
+        self._example_seq_len = min(EXAMPLE_SEQ_LEN, _max_positions(config) or EXAMPLE_SEQ_LEN)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "return_dict": True}
+        if attention_mask is not None:
+            if not self._accepts_mask:
+                raise TypeError(f"{type(self.model).__name__} takes no attention_mask")
+            kwargs["attention_mask"] = attention_mask
+        if self._pass_use_cache:
+            kwargs["use_cache"] = False
+        out = self.model(**kwargs)
+        if getattr(out, "logits", None) is not None:
+            return out.logits
+        if getattr(out, "last_hidden_state", None) is not None:
+            return out.last_hidden_state
+        return out[0]
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Seeded random token ids ``LongTensor[batch, 16]`` in ``[0, vocab_size)``.
+
+        Parameters
+        ----------
+        batch : int
+            Number of sequences.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(input_ids,)``.
+        """
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randint(0, self.vocab_size, (batch, self._example_seq_len), generator=gen),)
+
+
+def _max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def wrap_hf_model(hf_model: nn.Module, attn_implementation: str | None = None) -> HFLogits:
+    """Wrap a loaded ``transformers`` model as :class:`HFLogits`, in eval mode.
+
+    Parameters
+    ----------
+    hf_model : transformers.PreTrainedModel
+        The model (e.g. from ``AutoModelForCausalLM.from_pretrained``).
+    attn_implementation : str, optional
+        If given (``"eager"`` or ``"sdpa"``), switch the model's attention kernel
+        first; ``None`` keeps what the model was loaded with. Both export.
+
+    Returns
+    -------
+    HFLogits
+    """
+    if attn_implementation is not None and hasattr(hf_model, "set_attn_implementation"):
+        hf_model.set_attn_implementation(attn_implementation)
+    return HFLogits(hf_model.eval()).eval()
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -78,8 +172,6 @@ def load_hf_folder(
     dynamic_batch: bool = True,
 ) -> Graph:
     """Capture a HF model folder; example input: seeded ``input_ids`` of shape (2, seq_len)."""
-    from graphpress.zoo.hf_tiny import wrap_hf_model
-
     folder = Path(folder)
     if not folder.exists():
         raise FrontendError(f"{folder}: folder not found")

@@ -5,8 +5,8 @@ models (hidden 64, 2 layers, 4 heads, vocab 1000, intermediate 128) wrapped in
 :class:`HFLogits`, which turns the ``ModelOutput`` into a plain logits tensor so the
 module exports with :func:`torch.export.export` (dynamic batch included).
 
-:func:`wrap_hf_model` is the same wrapper for any loaded model; the Hugging Face folder
-frontend reuses it. :func:`save_tiny_hf` writes a model folder (``config.json`` +
+:class:`HFLogits` and :func:`wrap_hf_model` (the same wrapper for any loaded model) live in
+the Hugging Face folder frontend, :mod:`graphpress.frontends.huggingface`, and are re-exported here. :func:`save_tiny_hf` writes a model folder (``config.json`` +
 ``model.safetensors``) for that frontend's tests.
 
 Attention implementation: with transformers 5.23 and torch 2.13 both ``"sdpa"`` and
@@ -22,12 +22,15 @@ when a function here needs it.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+# The wrapper is frontend code (the Hugging Face folder frontend captures through it); the zoo
+# sits above the frontends and re-exports it for its tiny models and for existing callers.
+from graphpress.frontends.huggingface import HFLogits, wrap_hf_model
 
 __all__ = [
     "HFLogits",
@@ -42,95 +45,6 @@ __all__ = [
 
 #: Sizes shared by the three tiny models.
 HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE, MAX_POSITIONS = 64, 2, 4, 1000, 128, 128
-#: Sequence length of :meth:`HFLogits.example_inputs`.
-EXAMPLE_SEQ_LEN = 16
-
-
-class HFLogits(nn.Module):
-    """Wrap a ``transformers`` model so ``forward`` returns a plain tensor.
-
-    Parameters
-    ----------
-    hf_model : transformers.PreTrainedModel
-        Any model whose output has ``logits`` (LM heads, classifiers) or
-        ``last_hidden_state`` (bare encoders/decoders).
-
-    Notes
-    -----
-    ``forward(input_ids, attention_mask=None)`` calls the model with
-    ``return_dict=True`` and, when the model accepts it, ``use_cache=False`` (a KV cache
-    object in the output would not export and is useless for a full-sequence forward).
-    """
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.model = hf_model
-        params = inspect.signature(hf_model.forward).parameters
-        # BERT has no KV cache and takes no use_cache argument; decoders do.
-        self._pass_use_cache = "use_cache" in params
-        self._accepts_mask = "attention_mask" in params
-        config = getattr(hf_model, "config", None)
-        self.vocab_size = int(getattr(config, "vocab_size", VOCAB) or VOCAB)
-        self._example_seq_len = min(EXAMPLE_SEQ_LEN, _max_positions(config) or EXAMPLE_SEQ_LEN)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "return_dict": True}
-        if attention_mask is not None:
-            if not self._accepts_mask:
-                raise TypeError(f"{type(self.model).__name__} takes no attention_mask")
-            kwargs["attention_mask"] = attention_mask
-        if self._pass_use_cache:
-            kwargs["use_cache"] = False
-        out = self.model(**kwargs)
-        if getattr(out, "logits", None) is not None:
-            return out.logits
-        if getattr(out, "last_hidden_state", None) is not None:
-            return out.last_hidden_state
-        return out[0]
-
-    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
-        """Seeded random token ids ``LongTensor[batch, 16]`` in ``[0, vocab_size)``.
-
-        Parameters
-        ----------
-        batch : int
-            Number of sequences.
-
-        Returns
-        -------
-        tuple of torch.Tensor
-            ``(input_ids,)``.
-        """
-        gen = torch.Generator().manual_seed(0)
-        return (torch.randint(0, self.vocab_size, (batch, self._example_seq_len), generator=gen),)
-
-
-def _max_positions(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def wrap_hf_model(hf_model: nn.Module, attn_implementation: str | None = None) -> HFLogits:
-    """Wrap a loaded ``transformers`` model as :class:`HFLogits`, in eval mode.
-
-    Parameters
-    ----------
-    hf_model : transformers.PreTrainedModel
-        The model (e.g. from ``AutoModelForCausalLM.from_pretrained``).
-    attn_implementation : str, optional
-        If given (``"eager"`` or ``"sdpa"``), switch the model's attention kernel
-        first; ``None`` keeps what the model was loaded with. Both export.
-
-    Returns
-    -------
-    HFLogits
-    """
-    if attn_implementation is not None and hasattr(hf_model, "set_attn_implementation"):
-        hf_model.set_attn_implementation(attn_implementation)
-    return HFLogits(hf_model.eval()).eval()
 
 
 def tiny_hf_config(name: str) -> Any:
