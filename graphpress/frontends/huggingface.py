@@ -4,7 +4,8 @@ The model is built with ``transformers`` from its config (``from_config``; nothi
 downloaded) and its weights are read by graphpress's own safe readers: safetensors files
 (single or sharded with ``model.safetensors.index.json``) or ``pytorch_model.bin`` through
 ``torch.load(weights_only=True)``. The captured graph takes ``input_ids`` (batch, seq) and
-returns the model's logits (or last hidden state for headless models).
+returns the model's logits (or last hidden state for headless models), through
+:class:`HFLogits` (also what :mod:`graphpress.zoo.hf_tiny`'s tiny models are wrapped in).
 """
 
 from __future__ import annotations
