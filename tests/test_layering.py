@@ -94,7 +94,7 @@ def test_ignored_imports_are_known_violations(tmp_path):
     listed = re.findall(r'^\s*"(graphpress\.[\w.]+ -> graphpress\.[\w.]+)",', text, flags=re.M)
     assert len(entries) == len(listed), f"every ignore_imports entry needs a comment line above it: {listed}"
     if not entries:
-        pytest.skip("no ignored imports left")
+        return  # nothing ignored: the contracts test above covers everything
     for comment, importer, imported in entries:
         assert re.search(r"issue 16 step \d", comment), f"{importer} -> {imported}: comment names no issue-16 step"
     stripped = re.sub(r"^ignore_imports = \[.*?^\]\n", "", text, flags=re.M | re.S)
