@@ -68,7 +68,7 @@ def test_quant_shortcut_overloads_exclude_bit_reinterpreting_views():
 def test_polynomial_activations_skips_exactly_what_it_cannot_replace():
     from graphpress.passes.polyact import activations
 
-    assert activations._NOT_POLYNOMIAL == frozenset({
+    assert frozenset(activations._NOT_POLYNOMIAL) == frozenset({
         aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_, aten.hardtanh, aten.hardtanh_, aten.elu, aten.leaky_relu,
         aten.softmax, aten._softmax, aten.log_softmax, aten.max_pool1d, aten.max_pool3d, aten.adaptive_max_pool2d,
     })
@@ -126,3 +126,39 @@ def test_no_pass_or_backend_module_defines_its_own_op_family():
         for line, count in private_op_families(path.read_text())
     ]
     assert offenders == []
+
+
+def test_prune_dependency_graph_slices_a_training_mode_batch_norm():
+    """``_native_batch_norm_legit`` used to be missing from prune/deps.py's copy of the batch norms:
+    the conv feeding it had its channels pinned as an unknown op. Now its four per-channel tensors
+    are sliced with the conv's output channels."""
+    import operator
+
+    from torch import nn
+
+    from graphpress.ir.graph import Graph
+    from graphpress.passes.prune.deps import analyze
+
+    class ConvBn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.h = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.h(torch.relu(self.bn(self.c(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    g = Graph.capture(ConvBn().eval(), (torch.randn(2, 3, 8, 8),))
+    bn = next(g.call_nodes(aten.batch_norm))
+    with g.gm.graph.inserting_before(bn):
+        legit = g.gm.graph.call_function(aten._native_batch_norm_legit.default, (*bn.args[:5], False, 0.1, 1e-5))
+        out = g.gm.graph.call_function(operator.getitem, (legit, 0))
+    legit.meta["val"] = (bn.meta["val"], None, None)
+    out.meta.update(bn.meta)
+    bn.replace_all_uses_with(out)
+    g.gm.graph.erase_node(bn)
+    g.gm.recompile()
+
+    conv = next(grp for grp in analyze(g).groups if grp.name == "c")
+    assert conv.size == 8 and conv.pinned == []
+    assert sorted(u.part for u in conv.passthrough) == ["bias", "running_mean", "running_var", "weight"]
