@@ -174,16 +174,16 @@ AFFINE_IN_FIRST_ARG = frozenset({
     aten.constant_pad_nd, aten.pad,
 })
 #: Ops quantize-layerwise walks back through from a layer input to find the layer that produced it:
-#: value-preserving for its integer grid (``max`` and ``relu`` keep grid points on the grid). Deliberately
-#: narrower than ``RESHAPE_OR_COPY | RELU``: ``squeeze``/``unflatten`` never sit there in the supported
-#: CNNs, and widening would change which layers share an input grid.
+#: value-preserving for its integer grid (``max`` and ``relu`` keep grid points on the grid). Kept exactly
+#: as that pass had it (narrower than ``RESHAPE_OR_COPY | RELU``): widening it would change which layers
+#: are treated as reading the same input grid, and so the bit allocation.
 QUANT_PASSTHROUGH = frozenset({
     aten.max_pool2d, aten.flatten, aten.view, aten.reshape, aten._unsafe_view, aten.relu, aten.relu_, aten.clone,
     aten.contiguous, aten.dropout,
 })
 #: Exact overloads that static activation quantization looks through on a shortcut: only these
-#: overloads are known to keep a quantized grid (``slice.Tensor`` with step 1 views, ``view.dtype``
-#: would reinterpret bits and is excluded).
+#: overloads keep the values, hence the quantized grid (``view.dtype`` would reinterpret bits and is
+#: excluded, which a packet-level family could not express).
 QUANT_SHORTCUT_OVERLOADS = frozenset({
     aten.slice.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
     aten.contiguous.default, aten.alias.default,
