@@ -195,8 +195,8 @@ def op(family: Any, *args: Any, name: str | None = None, commute: bool = False, 
 
 
 class _Const(Pattern):
-    def __init__(self, name, optional, why):
-        self.name, self.optional, self.why = name, optional, why
+    def __init__(self, name, optional, single_use, why):
+        self.name, self.optional, self.single_use, self.why = name, optional, single_use, why
 
     def _match(self, value: Any, m: Match) -> NoMatch | None:
         if value is None and self.optional:
@@ -205,16 +205,23 @@ class _Const(Pattern):
             tensor = constant_tensor(m.graph, value, m.mutated) if m.graph is not None else None
             if tensor is None:
                 return NoMatch(value, self.why or "is not a constant tensor")
+            if self.single_use and len(m.graph.tensor_users(str(value.target))) > 1:
+                return NoMatch(value, self.single_use if isinstance(self.single_use, str) else "tensor is shared with another op")
         self._capture(value, m)
         if self.name is not None:
             m.tensors[self.name] = tensor
         return None
 
 
-def const(name: str | None = None, *, optional: bool = False, why: str | None = None) -> Pattern:
+def const(name: str | None = None, *, optional: bool = False, single_use: bool | str = False, why: str | None = None) -> Pattern:
     """A ``get_attr`` tensor the graph never writes; captured as ``match[name]`` (the node) and
-    ``match.tensors[name]`` (the tensor). ``optional`` also accepts ``None`` (an absent bias)."""
-    return _Const(name, optional, why)
+    ``match.tensors[name]`` (the tensor).
+
+    ``optional`` also accepts ``None`` (an absent bias). ``single_use`` requires that no other op
+    reads the same tensor (a string is the reason reported otherwise): a rewrite that replaces a
+    shared weight would change the other reader too.
+    """
+    return _Const(name, optional, single_use, why)
 
 
 class _Any(Pattern):

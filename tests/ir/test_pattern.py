@@ -190,3 +190,21 @@ def test_a_rule_that_fires_hides_the_refusals_of_the_others_on_that_node():
     fires = Rule("fires", op(RELU, op(BATCH_NORM)), rewrite=lambda g, m: None)
     skips = Skips()
     assert apply_rules(graph, [refuses, fires], skips) == {"fires": 1} and skips == {}
+
+
+def test_single_use_const_refuses_a_tensor_another_op_reads():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(x * 2)
+
+    graph = capture(Shared(), 2, 4)
+    first = list(graph.call_nodes(*LINEAR))[0]
+    assert match(op(LINEAR, weight=const("w")), first, graph)
+    fail = match(op(LINEAR, weight=const("w", single_use=True)), first, graph)
+    assert fail.reason == "tensor is shared with another op" and fail.node is first.args[1]
+    named = match(op(LINEAR, weight=const(single_use="weight is shared")), first, graph)
+    assert named.reason == "weight is shared"

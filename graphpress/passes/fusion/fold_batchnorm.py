@@ -14,10 +14,8 @@ weight's dtype, so the only difference is the rounding of one multiply-add per o
 with allclose. The batch-norm node is removed and the tensors nothing reads any more (the old
 weight, the batch-norm's statistics) are deleted.
 
-Handles ``aten.batch_norm`` (training IR), ``aten._native_batch_norm_legit_no_training`` and
-``aten.native_batch_norm`` / ``aten._native_batch_norm_legit`` with ``training=False``, after
-``aten.conv1d/conv2d/conv3d`` (any overload), non-transposed ``aten.convolution`` or
-``aten.linear``.
+Handles every batch norm of ``opsets.BATCH_NORM`` with ``training=False`` after a non-transposed
+conv (``opsets.CONV_ANY``) or ``aten.linear``; the match is the pattern ``PATTERN`` below.
 """
 
 from __future__ import annotations
@@ -29,32 +27,13 @@ import torch
 import torch.fx as fx
 
 from graphpress.ir.graph import Graph
-from graphpress.ir.opsets import CONV, CONV_TRANSPOSED
-from graphpress.ir.rewrite import (
-    Skips,
-    add_constant,
-    arg,
-    constant_tensor,
-    erase_dead,
-    is_op,
-    is_parameter,
-    mutated_targets,
-    packet,
-    rank_of,
-    set_arg,
-    users_other_than,
-)
+from graphpress.ir.opsets import BATCH_NORM, CONV_ANY, CONV_TRANSPOSED, LINEAR
+from graphpress.ir.pattern import Match, Rule, apply_rules, argument, const, op
+from graphpress.ir.rewrite import Skips, add_constant, erase_dead, is_op, is_parameter, rank_of, set_arg
 from graphpress.passes.base import PassResult, register
 
 aten = torch.ops.aten
-
-# batch-norm variants: packet -> (index of `training` arg or None, index of `momentum`, index of `eps`, returns tuple)
-_BN_VARIANTS = {
-    aten.batch_norm: (5, 6, 7, False),
-    aten._native_batch_norm_legit_no_training: (None, 5, 6, True),
-    aten._native_batch_norm_legit: (5, 6, 7, True),
-    aten.native_batch_norm: (5, 6, 7, True),
-}
+_NOT_CONST = "batch-norm parameters are not constants"
 
 
 @dataclass(frozen=True)
@@ -76,136 +55,86 @@ class FoldBatchNorm:
 
     def __call__(self, graph: Graph) -> PassResult:
         skipped = Skips()
-        folded = 0
         params_before, bytes_before = graph.parameter_count(), graph.parameter_bytes()
-        mutated = mutated_targets(graph)
-        bns = [n for n in graph.call_nodes() if packet(n) in _BN_VARIANTS]
-        for bn in bns:
-            plan = _plan(graph, bn, mutated)
-            if isinstance(plan, str):
-                skipped.add(plan)
-                continue
-            _rewrite(graph, bn, plan)
-            folded += 1
-        removed = 0
+        folded = apply_rules(graph, [RULE], skipped).get(RULE.name, 0)
+        removed = graph.remove_unused_tensors()[0] if folded else 0
         if folded:
-            removed, _ = graph.remove_unused_tensors()
             graph.recompile()
-        stats = {
-            "folded": folded,
-            "tensors_removed": removed,
-            "params_removed": params_before - graph.parameter_count(),
+        return PassResult(graph, changed=folded > 0, stats={
+            "folded": folded, "tensors_removed": removed, "params_removed": params_before - graph.parameter_count(),
             # net: the old weights and BN tensors went, folded weights and new biases came
-            "bytes_saved": bytes_before - graph.parameter_bytes(),
-            "skipped": dict(skipped),
-        }
-        return PassResult(graph, changed=folded > 0, stats=stats)
+            "bytes_saved": bytes_before - graph.parameter_bytes(), "skipped": dict(skipped),
+        })
 
 
-@dataclass
-class _Plan:
-    producer: fx.Node
-    out: fx.Node  # the node whose users read the batch-norm's output (bn, or getitem(bn, 0))
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    gamma: torch.Tensor | None
-    beta: torch.Tensor | None
-    mean: torch.Tensor
-    var: torch.Tensor
-    eps: float
-
-
-def _plan(graph: Graph, bn: fx.Node, mutated: set[str]) -> _Plan | str:
-    """What to fold for ``bn``, or the reason it cannot be folded."""
-    training_idx, _momentum_idx, eps_idx, returns_tuple = _BN_VARIANTS[packet(bn)]
-    training = bn.args[training_idx] if training_idx is not None and training_idx < len(bn.args) else bn.kwargs.get("training", False)
-    running = [arg(bn, 3, "running_mean"), arg(bn, 4, "running_var")]
-    if training is not False or any(r is None for r in running):
+def _inference_bn(bn: fx.Node, m: Match) -> str | None:
+    """Eval-mode statistics and, for tuple-returning variants, one ``getitem(bn, 0)`` reading the
+    output (captured as ``out``) and nothing reading the saved statistics."""
+    if argument(bn, "training", False) is not False or None in (argument(bn, "running_mean"), argument(bn, "running_var")):
         return "batch-norm in training mode (uses batch statistics)"
-    mean, var = (constant_tensor(graph, r, mutated) for r in running)
-    w_node, b_node = arg(bn, 1, "weight"), arg(bn, 2, "bias")
-    gamma = constant_tensor(graph, w_node, mutated) if w_node is not None else None
-    beta = constant_tensor(graph, b_node, mutated) if b_node is not None else None
-    if mean is None or var is None or (w_node is not None and gamma is None) or (b_node is not None and beta is None):
-        return "batch-norm parameters are not constants"
-    eps = float(arg(bn, eps_idx, "eps", 1e-5))
-
-    out = bn
-    if returns_tuple:
-        getitems = list(bn.users)
-        if any(u.op != "call_function" or u.target is not operator.getitem for u in getitems):
+    m["out"] = bn
+    if len(bn.target._schema.returns) > 1:
+        if any(u.op != "call_function" or u.target is not operator.getitem for u in bn.users):
             return "batch-norm tuple output used directly"
-        if any(u.args[1] != 0 and u.users for u in getitems):
+        if any(u.args[1] != 0 and u.users for u in bn.users):
             return "batch-norm saved statistics are used"
-        firsts = [u for u in getitems if u.args[1] == 0]
+        firsts = [u for u in bn.users if u.args[1] == 0]
         if len(firsts) != 1:
             return "batch-norm output used through several getitems" if firsts else "batch-norm output unused"
-        out = firsts[0]
+        m["out"] = firsts[0]
+    return None
 
-    producer = bn.args[0]
-    if is_op(producer, *CONV_TRANSPOSED) or (is_op(producer, aten.convolution) and arg(producer, 6, "transposed", False)):
-        return "producer is a transposed convolution"
-    if not (is_op(producer, *CONV) or is_op(producer, aten.convolution) or is_op(producer, aten.linear)):
-        return "input is not produced by a conv or linear"
-    if users_other_than(producer, bn):
-        return "conv/linear output has other users"
-    weight_node, bias_node = arg(producer, 1, "weight"), arg(producer, 2, "bias")
-    weight = constant_tensor(graph, weight_node, mutated)
-    if weight is None:
-        return "conv/linear weight is not a constant"
-    bias = constant_tensor(graph, bias_node, mutated) if bias_node is not None else None
-    if bias_node is not None and bias is None:
-        return "conv/linear bias is not a constant"
-    if len(graph.tensor_users(str(weight_node.target))) > 1:
-        return "conv/linear weight is shared with another op"
+
+def _check(graph: Graph, m: Match) -> str | None:
+    """What the pattern cannot say: the weight is floating point and its rows are the BN's channels."""
+    weight, producer = m.tensors["weight"], m["producer"]
     if not weight.dtype.is_floating_point:
         return "conv/linear weight is not floating point"
-    if is_op(producer, aten.linear):
-        rank = rank_of(graph, producer)
-        if rank is None:
-            return "unknown output rank of the linear"
-        if rank != 2:
-            # batch-norm normalizes dim 1; a linear's output features are the last dim
-            return "batch-norm channel dim is not the linear's output-feature dim"
-    if mean.numel() != weight.shape[0] or var.numel() != weight.shape[0]:
+    if is_op(producer, *LINEAR) and (rank := rank_of(graph, producer)) != 2:
+        # batch-norm normalizes dim 1; a linear's output features are the last dim
+        return "unknown output rank of the linear" if rank is None else "batch-norm channel dim is not the linear's output-feature dim"
+    if {m.tensors["mean"].numel(), m.tensors["var"].numel()} != {weight.shape[0]}:
         return "batch-norm channels differ from the producer's output channels"
-    return _Plan(producer, out, weight, bias, gamma, beta, mean, var, eps)
+    return None
 
 
-def _rewrite(graph: Graph, bn: fx.Node, plan: _Plan) -> None:
-    producer = plan.producer
-    f64 = torch.float64
-    scale = torch.rsqrt(plan.var.to(f64) + plan.eps)
-    if plan.gamma is not None:
-        scale = scale * plan.gamma.to(f64)
-    shift = -plan.mean.to(f64) * scale
-    if plan.bias is not None:
-        shift = shift + plan.bias.to(f64) * scale
-    if plan.beta is not None:
-        shift = shift + plan.beta.to(f64)
-    w = plan.weight.to(f64) * scale.reshape(-1, *([1] * (plan.weight.dim() - 1)))
-    new_w = w.to(plan.weight.dtype)
-    new_b = shift.to(plan.bias.dtype if plan.bias is not None else plan.weight.dtype)
+def _rewrite(graph: Graph, m: Match) -> None:
+    producer, bn, out, weight, bias = m["producer"], m["bn"], m["out"], m.tensors["weight"], m.tensors["bias"]
 
-    old_w_node, old_b_node = arg(producer, 1, "weight"), arg(producer, 2, "bias")
-    module = graph.source_module(producer)
-    w_target, b_target = str(old_w_node.target), str(old_b_node.target) if old_b_node is not None else None
-    w_node = add_constant(
-        graph, f"{w_target}_bnfold", new_w, before=producer,
-        parameter=is_parameter(graph, w_target), module=module,
-    )
-    b_node = add_constant(
-        graph, f"{b_target or w_target.rpartition('.')[0] + '.bias'}_bnfold", new_b, before=producer,
-        parameter=is_parameter(graph, b_target) if b_target else True, module=module,
-    )
-    set_arg(producer, 1, "weight", w_node)
-    set_arg(producer, 2, "bias", b_node)
-    plan.out.replace_all_uses_with(producer)
-    ann = graph.annotations(producer)
-    ann.setdefault("folded_batchnorm", []).append(graph.source_module(bn))
-    dead = [plan.out, bn] if plan.out is not bn else [bn]
-    for d in dead:
-        for u in list(d.users):  # remaining getitems of unused saved statistics
-            if not u.users:
-                graph.gm.graph.erase_node(u)
-    erase_dead(graph, dead + [old_w_node] + ([old_b_node] if old_b_node is not None else []))
+    def f64(name: str, absent: float = 0.0):
+        return m.tensors[name].to(torch.float64) if m.tensors[name] is not None else absent
+
+    # same float64 operations, in the same order, as the formula in the module docstring
+    scale = torch.rsqrt(f64("var") + float(argument(bn, "eps", 1e-5))) * f64("gamma", 1.0)
+    shift = -f64("mean") * scale + f64("bias") * scale + f64("beta")
+    new_w = (weight.to(torch.float64) * scale.reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    new_b = shift.to(bias.dtype if bias is not None else weight.dtype)
+
+    old_w, old_b, module = m["weight"], m["bias"], graph.source_module(producer)
+    w_target, b_target = str(old_w.target), str(old_b.target) if old_b is not None else None
+    b_name = f"{b_target or w_target.rpartition('.')[0] + '.bias'}_bnfold"
+    b_param = is_parameter(graph, b_target) if b_target else True
+    set_arg(producer, 1, "weight", add_constant(graph, f"{w_target}_bnfold", new_w, before=producer,
+                                                parameter=is_parameter(graph, w_target), module=module))
+    set_arg(producer, 2, "bias", add_constant(graph, b_name, new_b, before=producer, parameter=b_param, module=module))
+    out.replace_all_uses_with(producer)
+    graph.annotations(producer).setdefault("folded_batchnorm", []).append(graph.source_module(bn))
+    # the batch norm, its getitems (of unused saved statistics too) and the replaced tensors
+    erase_dead(graph, [n for n in (old_b, old_w, bn, out, *bn.users) if n is not None])
+
+
+#: ``bn(conv_or_linear(x, W, b))``: checks in the order the skip reasons were always reported.
+PATTERN = op(
+    BATCH_NORM,
+    op(
+        CONV_ANY | CONV_TRANSPOSED | LINEAR, name="producer", why="input is not produced by a conv or linear",
+        single_use="conv/linear output has other users",
+        check=lambda n, m: "producer is a transposed convolution" if is_op(n, *CONV_TRANSPOSED)
+        or (is_op(n, aten.convolution) and argument(n, "transposed")) else None,
+        weight=const("weight", why="conv/linear weight is not a constant", single_use="conv/linear weight is shared with another op"),
+        bias=const("bias", optional=True, why="conv/linear bias is not a constant"),
+    ),
+    name="bn", check=_inference_bn, running_mean=const("mean", why=_NOT_CONST), running_var=const("var", why=_NOT_CONST),
+    weight=const("gamma", optional=True, why=_NOT_CONST), bias=const("beta", optional=True, why=_NOT_CONST),
+)
+RULE = Rule("fold-batchnorm", PATTERN, _rewrite, _check)
