@@ -30,20 +30,20 @@ import torch.fx as fx
 
 from graphpress.ir import ops as gp_ops  # registers torch.ops.graphpress.linear_act
 from graphpress.ir.graph import Graph
-from graphpress.ir.rewrite import Skips, arg, erase_dead, insert_call, is_op, node_val, packet, users_other_than
+from graphpress.ir.opsets import ACTIVATION, LINEAR_LIKE
+from graphpress.ir.pattern import Match, Rule, apply_rules, argument, op
+from graphpress.ir.rewrite import Skips, erase_dead, insert_call, is_op, node_val
 from graphpress.passes.base import PassResult, register
 
 aten = torch.ops.aten
-
-# activation packet -> config name
-_ACTS = {
-    aten.relu: "relu", aten.relu_: "relu",
-    aten.gelu: "gelu", aten.gelu_: "gelu",
-    aten.silu: "silu", aten.silu_: "silu",
-    aten.sigmoid: "sigmoid", aten.sigmoid_: "sigmoid",
-    aten.tanh: "tanh", aten.tanh_: "tanh",
-}
 SUPPORTED = ("relu", "gelu", "silu", "sigmoid", "tanh")
+#: ``act(linear(...))``, the linear read by the activation alone; a node that is not an activation
+#: of a linear is no candidate (quiet), a linear with other readers is a skip.
+PATTERN = op(
+    frozenset(p for p in ACTIVATION if p.__name__.rstrip("_") in SUPPORTED),
+    op(LINEAR_LIKE, name="lin", quiet=True, single_use="linear output has other users"),
+    name="act",
+)
 
 
 @dataclass(frozen=True)
@@ -75,88 +75,67 @@ class FuseLinearActivation:
         self.config = config
 
     def __call__(self, graph: Graph) -> PassResult:
-        skipped = Skips()
-        fused: dict[str, int] = {}
-        for lin in list(graph.call_nodes(aten.linear, aten.addmm, aten.mm)):
-            acts = [u for u in lin.users if packet(u) in _ACTS and u.args and u.args[0] is lin]
-            if not acts:
-                continue  # no activation after this linear: not a candidate
-            act_node = acts[0]
-            if users_other_than(lin, act_node):
-                skipped.add("linear output has other users")
-                continue
-            name = _act_name(act_node)
-            if name is None:
-                skipped.add("unsupported activation options")
-                continue
-            family = "gelu" if name.startswith("gelu") else name
-            if family not in self.config.activations:
-                skipped.add(f"activation '{family}' not enabled in config")
-                continue
-            operands = _operands(graph, lin)
-            if isinstance(operands, str):
-                skipped.add(operands)
-                continue
-            x, w, b = operands
-            fused_node = insert_call(
-                graph, torch.ops.graphpress.linear_act.default, (x, w, b, name), before=act_node, like=act_node
-            )
-            graph.annotations(fused_node)["fused"] = ["linear", family]
-            act_node.replace_all_uses_with(fused_node)
-            graph.gm.graph.erase_node(act_node)  # in-place forms are impure: erase explicitly
-            erase_dead(graph, [lin])
-            fused[family] = fused.get(family, 0) + 1
+        skipped, fused = Skips(), {}
+        apply_rules(graph, [Rule("fuse-linear-activation", PATTERN, lambda g, m: _rewrite(g, m, fused), self._check)], skipped)
         if fused:
             graph.recompile()
         total = sum(fused.values())
         return PassResult(graph, changed=total > 0, stats={"fused": total, "by_activation": fused, "skipped": dict(skipped)})
 
+    def _check(self, graph: Graph, m: Match) -> str | None:
+        """Refuse activation options ``linear_act`` lacks, activations off in the config, scaled or
+        broadcast ``addmm``."""
+        name, lin = _act_name(m["act"]), m["lin"]
+        if name is None:
+            return "unsupported activation options"
+        if name.partition("_")[0] not in self.config.activations:
+            return f"activation '{name.partition('_')[0]}' not enabled in config"
+        if is_op(lin, aten.addmm):
+            if argument(lin, "beta", 1) != 1 or argument(lin, "alpha", 1) != 1:
+                return "addmm has alpha/beta scaling"
+            bval, mval = node_val(graph, lin.args[0]), node_val(graph, lin.args[2])
+            if not isinstance(bval, torch.Tensor) or not isinstance(mval, torch.Tensor):
+                return "addmm operand shapes unknown"
+            if bval.dim() != 1 or bval.shape[0] != mval.shape[1]:
+                return "addmm bias is not a per-feature vector"
+        return None
+
+
+def _rewrite(graph: Graph, m: Match, fused: dict[str, int]) -> None:
+    """``act(linear(x, W, b))`` -> ``linear_act(x, W, b, act)``; ``mm``/``addmm`` give ``W`` untransposed."""
+    act, lin, name = m["act"], m["lin"], _act_name(m["act"])
+    if is_op(lin, aten.linear):
+        x, weight, bias = lin.args[0], lin.args[1], argument(lin, "bias", None)
+    else:
+        bias, x, mat2 = lin.args[:3] if is_op(lin, aten.addmm) else (None, *lin.args[:2])
+        weight = _untransposed(mat2)
+        if weight is None:  # fold-constants folds this t() when mat2 is a constant
+            weight = insert_call(graph, aten.t.default, (mat2,), before=lin, like=lin)
+            weight.meta.pop("val", None)
+            if isinstance(val := mat2.meta.get("val"), torch.Tensor):
+                weight.meta["val"] = val.t()
+    node = insert_call(graph, torch.ops.graphpress.linear_act.default, (x, weight, bias, name), before=act, like=act)
+    family = name.partition("_")[0]
+    graph.annotations(node)["fused"] = ["linear", family]
+    act.replace_all_uses_with(node)
+    graph.gm.graph.erase_node(act)  # in-place forms are impure: erase explicitly
+    erase_dead(graph, [lin])
+    fused[family] = fused.get(family, 0) + 1
+
 
 def _act_name(act: fx.Node) -> str | None:
     """``linear_act``'s ``act`` string for activation node ``act`` (None for unsupported options)."""
-    name = _ACTS[packet(act)]
-    if name == "gelu":
-        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(arg(act, 1, "approximate", "none"))
+    name = packet_name = act.target.overloadpacket.__name__.rstrip("_")
+    if packet_name == "gelu":
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(argument(act, "approximate", "none"))
     elif len(act.args) > 1 or act.kwargs:
         return None
     return name if name in gp_ops.LINEAR_ACTIVATIONS else None
 
 
-def _operands(graph: Graph, lin: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | str:
-    """``(x, W, b)`` for ``linear_act``, or why the producer cannot be expressed as ``linear``."""
-    if is_op(lin, aten.linear):
-        return lin.args[0], lin.args[1], arg(lin, 2, "bias")
-    if is_op(lin, aten.addmm):
-        if arg(lin, 3, "beta", 1) != 1 or arg(lin, 4, "alpha", 1) != 1:
-            return "addmm has alpha/beta scaling"
-        bias, x, mat2 = lin.args[:3]
-        bval, mval = node_val(graph, bias), node_val(graph, mat2)
-        if not isinstance(bval, torch.Tensor) or not isinstance(mval, torch.Tensor):
-            return "addmm operand shapes unknown"
-        if bval.dim() != 1 or bval.shape[0] != mval.shape[1]:
-            return "addmm bias is not a per-feature vector"
-    else:  # aten.mm
-        x, mat2 = lin.args[:2]
-        bias = None
-    weight = _untransposed(mat2)
-    if weight is None:
-        val = mat2.meta.get("val")
-        weight = insert_call(graph, aten.t.default, (mat2,), before=lin, like=lin)
-        if isinstance(val, torch.Tensor):
-            weight.meta["val"] = val.t()
-        else:
-            weight.meta.pop("val", None)
-    return x, weight, bias
-
-
 def _untransposed(mat2: fx.Node) -> fx.Node | None:
     """``W`` when 2-D ``mat2`` is ``W`` transposed (``t``, ``transpose``, ``permute``)."""
-    if not isinstance(mat2, fx.Node):
-        return None
-    if is_op(mat2, aten.t):
-        return mat2.args[0]
-    if is_op(mat2, aten.transpose) and int(mat2.args[1]) % 2 != int(mat2.args[2]) % 2:
-        return mat2.args[0]
-    if is_op(mat2, aten.permute) and [int(d) % 2 for d in mat2.args[1]] == [1, 0]:
+    if is_op(mat2, aten.t) or (is_op(mat2, aten.transpose) and int(mat2.args[1]) % 2 != int(mat2.args[2]) % 2) or (
+            is_op(mat2, aten.permute) and [int(d) % 2 for d in mat2.args[1]] == [1, 0]):
         return mat2.args[0]
     return None
