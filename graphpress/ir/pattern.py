@@ -8,7 +8,7 @@ A pattern describes the producer tree a rewrite needs, rooted at the node the re
 family from :mod:`graphpress.ir.opsets`, a packet or an overload); ``args`` constrain positional
 arguments and ``kw`` named ones (resolved through the op's schema, so ``weight=`` matches whether
 the exporter passed it by position or by keyword). An argument constraint is a sub-pattern or a
-literal compared with ``==``; ``any()`` accepts any value, ``const()`` a constant tensor,
+literal compared with ``==`` (a bool matches only a bool); ``any()`` accepts any value, ``const()`` a constant tensor,
 ``through(family, p)`` skips a chain of ops from ``family`` (reading their first argument) before
 matching ``p``. ``commute=True`` also tries the two positional sub-patterns swapped.
 
@@ -113,7 +113,8 @@ class Pattern:
 def _match_arg(p: Any, value: Any, where: str, owner: fx.Node, m: Match) -> NoMatch | None:
     if isinstance(p, Pattern):
         return p._match(value, m)
-    if value is ABSENT or value != p or type(value) is not type(p):
+    # 1 == 1.0 is a match, but False == 0 is not: a bool flag and a count are different arguments
+    if value is ABSENT or value != p or isinstance(value, bool) != isinstance(p, bool):
         return NoMatch(owner, f"{where} is {value!r}, not {p!r}")
     return None
 

@@ -113,6 +113,8 @@ def test_keyword_constraints_resolve_through_the_schema():
     assert match(op(BATCH_NORM, training=False), bn, graph)
     assert match(op(BATCH_NORM, training=True), bn, graph).reason == "argument 'training' is False, not True"
     assert match(op(BATCH_NORM, no_such_argument=any()), bn, graph).reason == "argument is missing"
+    assert match(op(BATCH_NORM, momentum=0.1), bn, graph)
+    assert match(op(BATCH_NORM, training=0), bn, graph).reason == "argument 'training' is False, not 0"
 
 
 class Residual(nn.Module):
