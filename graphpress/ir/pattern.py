@@ -10,7 +10,7 @@ arguments and ``kw`` named ones (resolved through the op's schema, so ``weight=`
 the exporter passed it by position or by keyword). An argument constraint is a sub-pattern or a
 literal compared with ``==`` (a bool matches only a bool); ``any()`` accepts any value, ``const()`` a constant tensor,
 ``through(family, p)`` skips a chain of ops from ``family`` (reading their first argument) before
-matching ``p``. ``commute=True`` also tries the two positional sub-patterns swapped.
+matching ``p``; ``alt(p, q, ...)`` is the first alternative that matches. ``commute=True`` also tries the two positional sub-patterns swapped.
 
 Constraints are checked in a fixed order, cheapest and most local first: the op's family, its
 ``check``, ``single_use``, keyword arguments, positional arguments. The first one that fails ends
@@ -33,7 +33,7 @@ import torch.fx as fx
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, constant_tensor, is_alive, mutated_targets, packet
 
-__all__ = ["Match", "NoMatch", "Pattern", "Rule", "any", "apply_rules", "argument", "const", "index_rules", "match", "op", "through"]
+__all__ = ["Match", "NoMatch", "Pattern", "Rule", "alt", "any", "apply_rules", "argument", "const", "index_rules", "match", "op", "through"]
 
 #: An argument the op's schema does not have (``training`` of ``_native_batch_norm_legit_no_training``).
 ABSENT = type("Absent", (), {"__repr__": lambda self: "<absent>", "__bool__": lambda self: False})()
@@ -154,14 +154,17 @@ class _Op(Pattern):
 
     def _match_args(self, node: fx.Node, pats: tuple, m: Match, first_try: bool) -> NoMatch | None:
         saved = m._save() if self.commute and first_try else None
-        for i, p in enumerate(pats):
+        # patterns are matched in the order written even when swapped, so a name the first one
+        # captures is bound when the second one refers to it
+        positions = range(len(pats)) if first_try else (1, 0)
+        for i, p in zip(positions, pats):
             value = node.args[i] if i < len(node.args) else ABSENT
             if (fail := _match_arg(p, value, f"argument {i}", node, m)) is not None:
                 if saved is None:
                     return fail
                 m._restore(saved)
                 # report the failure of the order as written, not of the swapped one
-                return None if self._match_args(node, pats[::-1], m, first_try=False) is None else fail
+                return None if self._match_args(node, pats, m, first_try=False) is None else fail
         return None
 
 
@@ -232,12 +235,17 @@ class _Any(Pattern):
     def _match(self, value: Any, m: Match) -> NoMatch | None:
         if value is ABSENT:
             return NoMatch(value, "argument is missing")
+        if self.name in m and m[self.name] is not value:
+            return NoMatch(value, f"is not {self.name} ({_label(m[self.name])})")
         self._capture(value, m)
         return None
 
 
 def any(name: str | None = None) -> Pattern:  # noqa: A001 - the matcher's vocabulary, like tinygrad's UPat.var
-    """Any value (node, literal or None) the op actually has; captured as ``match[name]``."""
+    """Any value (node, literal or None) the op actually has; captured as ``match[name]``.
+
+    A name captured earlier in the match (``any("x")`` twice) must be the same value the second time,
+    so a pattern can say that two paths start from one node."""
     return _Any(name)
 
 
@@ -263,6 +271,31 @@ def through(family: Any, pattern: Pattern, *, name: str | None = None) -> Patter
     ``match[name]`` is the list of ops passed through, outermost first.
     """
     return _Through(family, pattern, name)
+
+
+class _Alt(Pattern):
+    def __init__(self, alternatives, name):
+        if not alternatives:
+            raise ValueError("alt(): no alternatives")
+        self.alternatives, self.name = tuple(alternatives), name
+
+    def _match(self, value: Any, m: Match) -> NoMatch | None:
+        saved, fails = m._save(), []
+        for p in self.alternatives:
+            if (fail := p._match(value, m)) is None:
+                self._capture(value, m)
+                return None
+            m._restore(saved)  # a failed alternative leaves no captures behind
+            fails.append(fail)
+        # the alternative that got furthest is the one that says something: the first loud failure
+        return next((f for f in fails if not f.quiet), fails[0])
+
+
+def alt(*alternatives: Pattern, name: str | None = None) -> Pattern:
+    """The first of ``alternatives`` that matches (in order, no backtracking into a match once it
+    succeeded); ``match[name]`` is the value matched. When none matches, the failure reported is the
+    first one that is not ``quiet``, else the first."""
+    return _Alt(alternatives, name)
 
 
 def match(pattern: Pattern, node: Any, graph: Graph | None = None, mutated: set[str] | None = None) -> Match | NoMatch:

@@ -9,7 +9,7 @@ from torch import nn
 
 from graphpress.ir.graph import Graph
 from graphpress.ir.opsets import ACTIVATION, ADD, BATCH_NORM, CONV, LINEAR, MOVEMENT, RELU
-from graphpress.ir.pattern import NoMatch, Rule, any, apply_rules, argument, const, index_rules, match, op, through
+from graphpress.ir.pattern import NoMatch, Rule, alt, any, apply_rules, argument, const, index_rules, match, op, through
 from graphpress.ir.rewrite import Skips
 
 aten = torch.ops.aten
@@ -158,6 +158,46 @@ def test_through_skips_movement_ops():
     # zero movement ops is fine too
     graph2 = capture(ConvBNReLU(), 2, 3, 8, 8)
     assert match(op(BATCH_NORM, through(MOVEMENT, op(CONV))), only(graph2, *BATCH_NORM), graph2)
+
+
+def test_alt_takes_the_first_alternative_that_matches_and_drops_failed_captures():
+    graph = capture(Residual(), 2, 6)
+    add = only(graph, *ADD)
+    relu = add.args[1]
+    # the first alternative gets as far as capturing the relu, then fails on its input: its captures go
+    p = alt(op(RELU, op(CONV, name="conv"), name="act"), op(RELU, op(LINEAR, name="lin")), name="hidden")
+    m = match(p, relu, graph)
+    assert m["hidden"] is relu and m["lin"] is relu.args[0] and "act" not in m and "conv" not in m
+    assert m.nodes == [relu, relu.args[0]]
+    # none matches: the first loud failure is reported, a quiet one only when all are quiet
+    fail = match(alt(op(BATCH_NORM, quiet=True), op(RELU, op(CONV))), relu, graph)
+    assert isinstance(fail, NoMatch) and not fail.quiet and fail.node is relu.args[0] and fail.reason.startswith("is not conv")
+    quiet = match(alt(op(BATCH_NORM, quiet=True), op(CONV, quiet=True)), relu, graph)
+    assert isinstance(quiet, NoMatch) and quiet.quiet and quiet.node is relu
+    with pytest.raises(ValueError, match="no alternatives"):
+        alt()
+
+
+def test_a_name_captured_twice_must_be_the_same_value_in_either_operand_order():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            z = torch.relu(x)
+            return z + torch.relu(self.fc(z)), x + torch.relu(self.fc(x * 2))
+
+    graph = capture(Twice(), 2, 6)
+    same_input, other_input = list(graph.call_nodes(*ADD))
+    # the main side is written first and binds x = z; matched swapped, it must still bind first, or
+    # the shortcut side's relu(any("x")) would bind x to the graph input and the main side would fail
+    p = op(ADD, op(RELU, op(LINEAR, any("x"))), alt(op(RELU, any("x")), any("x")), commute=True)
+    m = match(p, same_input, graph)
+    assert m["x"] is same_input.args[0] and m.nodes == [same_input, same_input.args[1], same_input.args[1].args[0]]
+    # fc reads x * 2, the other operand is x: a named failure
+    fail = match(op(ADD, any("x"), op(RELU, op(LINEAR, any("x")))), other_input, graph)
+    assert fail.node.name == "mul" and fail.reason == f"is not x ({other_input.args[0].name})"
 
 
 def test_rules_are_indexed_by_op_and_apply_counts_fires_and_skips():
