@@ -29,6 +29,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -552,6 +553,7 @@ def sample(
     temperature: float = 1.0,
     seed: int = 0,
     bos: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Sample token sequences autoregressively by re-running the full prefix.
 
@@ -569,6 +571,8 @@ def sample(
         Seed of the private generator, so results do not depend on global RNG state.
     bos : int
         Token placed at position 0 (llama2.c's BOS is 1).
+    on_step : callable, optional
+        ``on_step(done, total)`` after each generated token (progress for long samples).
 
     Returns
     -------
@@ -585,6 +589,8 @@ def sample(
             probs = F.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen)
         tokens = torch.cat([tokens, nxt], dim=1)
+        if on_step is not None:
+            on_step(tokens.shape[1] - 1, seq_len - 1)
     return tokens
 
 

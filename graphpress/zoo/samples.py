@@ -133,7 +133,7 @@ def make_samples(kind: str, n: int | None = None, *, seed: int = 0, seq_len: int
 
 
 def _stories(n: int, seed: int, seq_len: int, on_progress: Callable[[int, int], None] | None) -> torch.Tensor:
-    from graphpress.zoo.llama2c import load_llama2c
+    from graphpress.zoo.llama2c import load_llama2c, sample
     from graphpress.zoo.paths import STORIES260K_RELPATH, expected_path, stories260k_path
 
     if seq_len < 2:
@@ -146,15 +146,7 @@ def _stories(n: int, seed: int, seq_len: int, on_progress: Callable[[int, int], 
     model = load_llama2c(path)
     if seq_len > model.args.seq_len:
         raise GraphpressError(f"samples stories --seq-len {seq_len}: stories260K's context is {model.args.seq_len} tokens")
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.ones((n, 1), dtype=torch.long)  # llama2.c's BOS is 1
-    with torch.inference_mode():
-        for step in range(seq_len - 1):
-            probs = torch.softmax(model(tokens)[:, -1, :].float(), dim=-1)
-            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=gen)], dim=1)
-            if on_progress:
-                on_progress(step + 1, seq_len - 1)
-    return tokens
+    return sample(model, n, seq_len, temperature=1.0, seed=seed, bos=1, on_step=on_progress)  # llama2.c's BOS is 1
 
 
 def write_samples(kind: str, path: str | os.PathLike, *, n: int | None = None, seed: int = 0, seq_len: int = 64,
