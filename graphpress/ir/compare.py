@@ -44,6 +44,29 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def same_nonfinite(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Where both hold the same non-finite value: both NaN, or the same infinity."""
+    return (torch.isnan(ref) & torch.isnan(test)) | (torch.isinf(ref) & (ref == test))
+
+
+def relative_noise(refs: Sequence[Sequence[torch.Tensor]], outs: Sequence[Sequence[torch.Tensor]]) -> float:
+    """Relative output noise power ``sum ||o - r||^2 / sum ||r||^2`` over the floating outputs of
+    every input set, in float64; the absolute noise power when every reference is zero.
+
+    Parameters
+    ----------
+    refs, outs : sequence of sequence of Tensor
+        Per input set, the reference outputs and the outputs to judge, in the same order.
+    """
+    noise = signal = 0.0
+    for ref, out in zip(refs, outs):
+        for r, o in zip(ref, out):
+            if r.is_floating_point():
+                noise += float((o.double() - r.double()).pow(2).sum())
+                signal += float(r.double().pow(2).sum())
+    return noise / signal if signal > 0 else noise
+
+
 def kl_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
     """Mean KL(P_ref || P_test) in nats over all positions (softmax over the last dim)."""
     p = torch.log_softmax(ref_logits.double(), -1)
@@ -103,7 +126,7 @@ def compare_outputs(
         # Where the reference itself is NaN (or +-Inf) the test agrees by being the same non-finite
         # value there: e.g. log of a negative input in both graphs. Those positions are left out
         # of every figure; a non-finite value anywhere else is a divergence.
-        same = (torch.isnan(r64) & torch.isnan(t64)) | (torch.isinf(r64) & (r64 == t64))
+        same = same_nonfinite(r64, t64)
         if bool(same.any()):
             keep = ~same
             r64, t64 = r64[keep], t64[keep]

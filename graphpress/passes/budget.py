@@ -110,21 +110,9 @@ def ladder(costs: dict[str, Sequence[float]], sizes: dict[str, float] | None = N
     >>> ladder({"a": [4.0, 1.0, 0.0], "b": [2.0, 0.0]})
     ['a', 'b', 'a']
     """
-    def finite(v: float) -> float:
-        return float(v) if math.isfinite(float(v)) else 1e300
-
-    units = [u for u in costs if len(costs[u]) > 1]
-    order = {u: i for i, u in enumerate(units)}
-    c = {u: [finite(v) for v in costs[u]] for u in units}
-    size = {u: max(float((sizes or {}).get(u, 1.0)), 1e-30) for u in units}
-    taken = dict.fromkeys(units, 0)
-    moves: list[str] = []
-    for _ in range(sum(len(c[u]) - 1 for u in units)):
-        open_units = [u for u in units if taken[u] < len(c[u]) - 1]
-        best = max(open_units, key=lambda u: ((c[u][taken[u]] - c[u][taken[u] + 1]) / size[u], -order[u]))
-        taken[best] += 1
-        moves.append(best)
-    return moves
+    # Every notch of a unit costs its one size: priced_ladder with constant prices.
+    sizes = sizes or {}
+    return priced_ladder(costs, {u: [float(sizes.get(u, 1.0))] * (len(v) - 1) for u, v in costs.items() if len(v) > 1})
 
 
 def priced_ladder(costs: dict[str, Sequence[float]], prices: dict[str, Sequence[float]]) -> list[str]:

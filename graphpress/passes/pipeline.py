@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from graphpress.errors import GraphpressError, PassError, VerificationError
-from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, sqnr_db, tolerance
+from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, same_nonfinite, sqnr_db, tolerance
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import Pass, config_to_dict, make_pass
 from graphpress.passes.budget import Adaptive
@@ -410,7 +410,7 @@ def _logits_kl(refs: list[tuple[torch.Tensor, ...]], outs: list[tuple[torch.Tens
                 kls.append(math.nan)  # compare_outputs fails the shape too
                 continue
             ref, out = r[0].reshape(-1, r[0].shape[-1]), o[0].reshape(-1, r[0].shape[-1])
-            agree = (torch.isnan(ref) & torch.isnan(out)) | (torch.isinf(ref) & (ref == out)) | (torch.isfinite(ref) & torch.isfinite(out))
+            agree = same_nonfinite(ref, out) | (torch.isfinite(ref) & torch.isfinite(out))
             inherited = agree.all(-1) & ~torch.isfinite(ref).all(-1)
             if bool(inherited.any()):
                 ref, out = ref[~inherited], out[~inherited]

@@ -69,6 +69,7 @@ import torch
 
 from graphpress.errors import PassError
 from graphpress.ir.circulant import expand, project
+from graphpress.ir.compare import relative_noise
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import PassResult, make_pass, progress_iter, register
 from graphpress.passes.budget import check_on_budget, notches_at, priced_ladder
@@ -231,15 +232,6 @@ def _from_matrices(layer: Layer, t: torch.Tensor) -> torch.Tensor:
     return t.permute(2, 3, 0, 1) if layer.kind == "conv2d" else t
 
 
-def _noise_power(ref: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    noise = signal = 0.0
-    for r, o in zip(ref, out):
-        if r.is_floating_point():
-            noise += float((o.double() - r.double()).pow(2).sum())
-            signal += float(r.double().pow(2).sum())
-    return noise, signal
-
-
 def output_sensitivities(
     graph: Graph,
     layers: list[Layer],
@@ -270,11 +262,7 @@ def output_sensitivities(
             try:
                 for b in sizes:
                     weight.copy_(swapped[b])
-                    noise = signal = 0.0
-                    for batch, ref in zip(batches, refs):
-                        n, s = _noise_power(ref, graph.run(*batch))
-                        noise, signal = noise + n, signal + s
-                    out[layer.name][b] = noise / signal if signal > 0 else noise
+                    out[layer.name][b] = relative_noise(refs, [graph.run(*batch) for batch in batches])
             finally:
                 weight.copy_(saved)
     return out
@@ -296,14 +284,11 @@ def joint_output_noise(
         try:
             for target, wb in swapped.items():
                 graph.get_tensor(target).copy_(wb)
-            noise = signal = 0.0
-            for batch, ref in zip(batches, refs):
-                n, s = _noise_power(ref, graph.run(*batch))
-                noise, signal = noise + n, signal + s
+            noise = relative_noise(refs, [graph.run(*batch) for batch in batches])
         finally:
             for target, w in saved.items():
                 graph.get_tensor(target).copy_(w)
-    return noise / signal if signal > 0 else noise
+    return noise
 
 
 @register(NAME)

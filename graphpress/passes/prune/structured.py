@@ -48,6 +48,7 @@ import torch
 from torch import fx
 
 from graphpress.errors import PassError
+from graphpress.ir.compare import relative_noise
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import (
     add_constant,
@@ -418,13 +419,7 @@ class PruneChannels(SteppedBackOff):
         for name, steps in state["steps"].items():
             alone = PruneChannels(dataclasses.replace(self.config, sparsity=0.0, layer_ratios={name: steps[0]}, skip=()))
             g = alone(graph.clone()).graph
-            noise = signal = 0.0
-            for b, ref in zip(batches, refs):
-                for r, o in zip(ref, g.run(*b)):
-                    if r.is_floating_point():
-                        noise += float((o.double() - r.double()).pow(2).sum())
-                        signal += float(r.double().pow(2).sum())
-            costs[name] = convex_costs(noise / signal if signal > 0 else noise, steps)
+            costs[name] = convex_costs(relative_noise(refs, [g.run(*b) for b in batches]), steps)
         state["moves"] = ladder(costs, state["sizes"])
 
     def _names(self, analysis: ChannelAnalysis, option: str, names: Any) -> None:

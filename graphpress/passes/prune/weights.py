@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphpress.errors import PassError
+from graphpress.ir.compare import relative_noise
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg, pair
 from graphpress.passes.base import PassResult, progress_iter, register
@@ -254,15 +255,10 @@ class PruneWeights(SteppedBackOff):
                 saved = graph.get_tensor(target).detach().clone()
                 graph.get_tensor(target).copy_(state["pruned"][name])
                 try:
-                    noise = signal = 0.0
-                    for b, ref in zip(batches, refs):
-                        for r, o in zip(ref, graph.run(*b)):
-                            if r.is_floating_point():
-                                noise += float((o.double() - r.double()).pow(2).sum())
-                                signal += float(r.double().pow(2).sum())
+                    noise = relative_noise(refs, [graph.run(*b) for b in batches])
                 finally:
                     graph.get_tensor(target).copy_(saved)
-                costs[name] = convex_costs(noise / signal if signal > 0 else noise, steps)
+                costs[name] = convex_costs(noise, steps)
             state["moves"] = ladder(costs, state["params"])
         taken = notches_at(state["moves"], self._level)
         return {name: steps[taken.get(name, 0)] for name, steps in state["steps"].items()}

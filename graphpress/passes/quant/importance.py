@@ -40,7 +40,7 @@ import torch
 from torch import fx
 
 from graphpress.errors import PassError
-from graphpress.ir.compare import kl_divergence
+from graphpress.ir.compare import kl_divergence, relative_noise
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import progress_iter
 from graphpress.passes.fisher import fisher_diagonal
@@ -167,17 +167,9 @@ def zd_score(w: torch.Tensor, cut: float = DEFAULT_ZD_CUT) -> float:
 
 # ---------------------------------------------------------------------------- measured
 def _noise_and_kl(refs: Sequence[tuple[torch.Tensor, ...]], outs: Sequence[tuple[torch.Tensor, ...]]) -> tuple[float, float | None]:
-    noise = signal = 0.0
-    kls = []
-    for ref, out in zip(refs, outs):
-        for r, o in zip(ref, out):
-            if r.is_floating_point():
-                noise += float((o.double() - r.double()).pow(2).sum())
-                signal += float(r.double().pow(2).sum())
-        if ref and ref[0].is_floating_point() and ref[0].dim() >= 2 and ref[0].shape[-1] > 1:
-            kls.append(kl_divergence(ref[0], out[0]))
-    ratio = noise / signal if signal > 0 else noise
-    return ratio, (sum(kls) / len(kls) if kls else None)
+    kls = [kl_divergence(ref[0], out[0]) for ref, out in zip(refs, outs)
+           if ref and ref[0].is_floating_point() and ref[0].dim() >= 2 and ref[0].shape[-1] > 1]
+    return relative_noise(refs, outs), (sum(kls) / len(kls) if kls else None)
 
 
 @torch.no_grad()
