@@ -311,13 +311,6 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _bench_runner(be: Any, model_path: Path, threads: int) -> Any:
-    try:
-        return be.runner(model_path, threads=threads)
-    except TypeError:  # a backend without a thread setting
-        return be.runner(model_path)
-
-
 def _measure_latency(
     graph: Graph, original: Graph, be: Any, lowered: Any, tmp: Path, baseline: bool, on_step: Step | None, threads: int | None
 ) -> dict[str, Any]:
@@ -336,8 +329,8 @@ def _measure_latency(
         claim_scratch(tmp_base)  # a killed run's baseline folder is removed by the next run
         if baseline and original is not graph:
             base = be.lower(original, Path(tmp_base), check=False)
-            variants[f"{lowered.backend} (original)"] = _runner_call(_bench_runner(be, Path(tmp_base) / base.model_file, n), x1)
-        variants[f"{lowered.backend} (compressed)"] = _runner_call(_bench_runner(be, tmp / lowered.model_file, n), x1)
+            variants[f"{lowered.backend} (original)"] = _runner_call(be.runner(Path(tmp_base) / base.model_file, threads=n), x1)
+        variants[f"{lowered.backend} (compressed)"] = _runner_call(be.runner(tmp / lowered.model_file, threads=n), x1)
         with torch_threads(n):  # torch eager gets the threads the backend's session gets
             timing = compare_latency(variants, on_round=(lambda r, total: on_step(r, total, "rounds")) if on_step else None)
     load_after = machine_load()

@@ -73,6 +73,8 @@ def _non_finite(t: torch.Tensor) -> tuple[int, int]:
     if not (t.is_floating_point() or t.is_complex()) or t.is_meta:
         return 0, 0
     t = t.detach()
+    if bool(torch.isfinite(t).all()):  # the common case: one pass, no counting
+        return 0, 0
     return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
 
 

@@ -78,11 +78,6 @@ def set_arg(node: fx.Node, index: int, name: str, value: Any, defaults: Sequence
     node.args = tuple(args)
 
 
-def users_other_than(node: fx.Node, *allowed: fx.Node) -> list[fx.Node]:
-    """Users of ``node`` not in ``allowed``."""
-    return [u for u in node.users if u not in allowed]
-
-
 def is_alive(node: fx.Node) -> bool:
     """False once the node was erased from its graph."""
     return not getattr(node, "_erased", False)
@@ -149,7 +144,6 @@ def rank_of(graph: Graph, node: Any) -> int | None:
 # ---------------------------------------------------------------------------- constants
 # In-place ops that change only tensor metadata (``requires_grad``), never data: pure for inference.
 METADATA_ONLY_INPLACE = (aten.detach_,)
-
 
 
 def _nodes_in(value: Any) -> list[fx.Node]:
@@ -291,7 +285,6 @@ __all__ = [
     "is_op",
     "arg",
     "set_arg",
-    "users_other_than",
     "is_alive",
     "topo_index",
     "fake_mode",

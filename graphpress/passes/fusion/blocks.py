@@ -224,9 +224,9 @@ def _residual_blocks(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
 
 
 def _mlp_blocks(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
-    out = []
+    out, mutated = [], mutated_targets(graph)
     for down in graph.call_nodes(*LINEAR_LIKE):
-        if not (m := match(MLP, down, graph)):
+        if not (m := match(MLP, down, graph, mutated)):
             continue
         if "x_gate" in m and m["x_gate"] is not m["x_up"]:
             skipped.add("mlp_block: gate and up projections read different inputs")
@@ -238,9 +238,9 @@ def _mlp_blocks(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
 
 
 def _conv_chains(graph: Graph, skipped: Skips) -> list[list[fx.Node]]:
-    out = []
+    out, mutated = [], mutated_targets(graph)
     for act in graph.call_nodes(*ACTIVATION):
-        if not (m := match(CONV_CHAIN, act, graph)):
+        if not (m := match(CONV_CHAIN, act, graph, mutated)):
             continue
         shared = [n for n in reversed(m.nodes) if n is not act and len(n.users) > 1]  # conv first
         if shared:
