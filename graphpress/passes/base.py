@@ -161,19 +161,9 @@ def describe(cls: type) -> str:
 
 
 # ---------------------------------------------------------------------------- configs
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A frozen config dataclass as a plain dict (tuples become lists) for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    return plain(config)
+# The dict <-> frozen-dataclass code is shared with the backends' options: graphpress.config.
+from graphpress.config import config_from_dict as _shared_config_from_dict  # noqa: E402
+from graphpress.config import config_to_dict  # noqa: E402,F401 -- re-exported
 
 
 def config_from_dict(cls: type, data: dict[str, Any], *, owner: str = "") -> Any:
@@ -181,69 +171,7 @@ def config_from_dict(cls: type, data: dict[str, Any], *, owner: str = "") -> Any
     owner = owner or cls.__name__
     if not isinstance(data, dict):
         raise PassError(f"pass '{owner}': config must be a mapping of options, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid options: {', '.join(fields)}"
-            raise PassError(f"pass '{owner}': unknown option '{key}': {hint}")
-        kwargs[key] = _coerce(value, hints.get(key, Any), f"pass '{owner}': option '{key}'")
-    version = kwargs.get("version", fields["version"].default if "version" in fields else None)
-    default_version = fields["version"].default if "version" in fields else None
-    if version is not None and default_version is not None and version > default_version:
-        raise PassError(
-            f"pass '{owner}': config version {version} is newer than this graphpress supports ({default_version}); upgrade graphpress"
-        )
-    return cls(**kwargs)
+    return _shared_config_from_dict(cls, data, owner=f"pass '{owner}'", error=PassError)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except PassError as e:
-                errors.append(str(e))
-        raise PassError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise PassError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise PassError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        seq = [_coerce(v, inner, where) for v in value]
-        return tuple(seq) if origin is tuple else seq
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise PassError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise PassError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PassError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PassError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise PassError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+# ---------------------------------------------------------------------------- end configs
