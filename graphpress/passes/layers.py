@@ -1,30 +1,37 @@
 """Which linear / conv layers of a graph a weight pass can rewrite, and what they see on calibration data.
 
-Shared by ``quantize-layerwise``, ``awq-scale``, ``sparsify-activations`` and ``prune``
-(``block-circulant`` has its own scanner: it refuses grouped convs and needs output positions).
+Shared by ``quantize-layerwise``, ``awq-scale``, ``sparsify-activations``, ``prune`` and
+``block-circulant`` (which asks for ``grouped=False, symmetric_padding=False``: circulance needs one
+``out x in`` matrix per kernel position, and its own lowering pads asymmetric ``'same'`` convs).
 
 Eligible: ``aten.linear`` with a constant 2-D float weight, and ``aten.conv2d`` with a constant
-4-D float weight (any ``groups``). A layer is named by its source module path (``fc1``,
-``layers.0.attention.wq``), falling back to the node name; a module called twice gets ``#1``...
+4-D float weight (any ``groups``). A layer is named by :mod:`graphpress.ir.names` (source module
+path, falling back to the node name; a module called twice gets ``#1``...). Which of the eligible
+layers a pass touches is its ``targets`` / ``ignore`` options (:mod:`graphpress.passes.select`).
 
 A ``relu`` that is the *only* user of a layer is recorded with it (``QLayer.relu``): the
 quantized op applies it before its output quantization (the fused form ONNX Runtime's integer
 kernels run).
 
-:func:`record` runs the graph on calibration batches with an :class:`torch.fx.Interpreter` and
-keeps the values of chosen nodes (detached, per batch): layer inputs for activation ranges, AWQ
-and LIM, layer outputs for the error statistics.
+:func:`observe` runs the graph on calibration batches with an :class:`torch.fx.Interpreter` and
+hands the value of each chosen node to a callback as it is computed (running reductions: sums,
+moments, absolute means, without keeping a batch); :func:`record` keeps the values (detached, per
+batch): layer inputs for activation ranges, AWQ and LIM, layer outputs for the error statistics.
+Every "run the graph and look at some nodes" in the passes goes through these two; interpreters
+that *change* what a node computes (masking, quantization) are not recorders and stay with their
+pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from graphpress.ir.graph import Graph
+from graphpress.ir.names import layer_name, unique_names
 from graphpress.ir.opsets import RELU
 from graphpress.ir.rewrite import arg, is_op
 
@@ -71,15 +78,30 @@ def _sole_relu(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def find_layers(graph: Graph, *, convs: bool = True) -> tuple[list[QLayer], dict[str, str]]:
+def find_layers(graph: Graph, *, convs: bool = True, grouped: bool = True, symmetric_padding: bool = True) -> tuple[list[QLayer], dict[str, str]]:
     """Eligible layers in graph order and ``{name: reason}`` for linear/conv nodes that are not.
 
-    ``convs=False`` rejects every conv (weight-only quantization has no conv kernel to lower to).
+    Parameters
+    ----------
+    graph : Graph
+        The graph to scan (not modified).
+    convs : bool
+        False rejects every conv (weight-only quantization has no conv kernel to lower to).
+    grouped : bool
+        False rejects convs with ``groups != 1`` (block-circulant needs one channel matrix).
+    symmetric_padding : bool
+        True rejects ``padding='same'`` convs whose padding is asymmetric for their kernel
+        (``QLinearConv`` pads symmetrically); False accepts them.
+
+    Returns
+    -------
+    (list of QLayer, dict of str to str)
+        The layers (names unique, :func:`graphpress.ir.names.unique_names`) and the rejected ones.
     """
     layers: list[QLayer] = []
     rejected: dict[str, str] = {}
     for node in graph.call_nodes(aten.linear, aten.conv2d):
-        name = graph.source_module(node) or node.name
+        name = layer_name(graph, node)
         w_node = node.args[1] if len(node.args) > 1 else None
         w = graph.tensor_of(w_node) if isinstance(w_node, fx.Node) else None
         if w is None or not w.dtype.is_floating_point:
@@ -94,12 +116,15 @@ def find_layers(graph: Graph, *, convs: bool = True) -> tuple[list[QLayer], dict
         if not convs:
             rejected[name] = "conv2d has no weight-only integer kernel in ONNX Runtime (use activations: int8)"
             continue
+        groups = arg(node, 6, "groups", 1)
+        if not grouped and groups != 1:
+            rejected[name] = f"grouped conv (groups={groups})"
+            continue
         if w.dim() != 4:
             rejected[name] = f"conv2d weight has {w.dim()} dims"
             continue
-        groups = arg(node, 6, "groups", 1)
         padding = arg(node, 4, "padding", [0, 0])
-        if padding == "same":
+        if symmetric_padding and padding == "same":
             dilation = arg(node, 5, "dilation", [1, 1])
             dilation = [dilation] * 2 if isinstance(dilation, int) else list(dilation) * (2 // len(dilation))
             if any(d * (k - 1) % 2 for d, k in zip(dilation, w.shape[2:])):
@@ -108,40 +133,64 @@ def find_layers(graph: Graph, *, convs: bool = True) -> tuple[list[QLayer], dict
         layers.append(
             QLayer(name, node, "conv2d", str(w_node.target), w.shape[0], w.shape[1], (w.shape[2], w.shape[3]), int(groups), _sole_relu(node))
         )
-    seen: dict[str, int] = {}
-    for layer in layers:
-        k = seen.get(layer.name, 0)
-        seen[layer.name] = k + 1
-        if k:
-            layer.name = f"{layer.name}#{k}"
+    for layer, name in zip(layers, unique_names(l.name for l in layers)):
+        layer.name = name
     return layers, rejected
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+class _Observer(fx.Interpreter):
+    """Runs the graph and hands each chosen node's tensor value to ``fn(node, value)``."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: Collection[fx.Node], fn: Callable[[fx.Node, torch.Tensor], None]):
         super().__init__(gm)
-        self.wanted = wanted
-        self.values: dict[str, torch.Tensor] = {}
+        self.wanted = {n.name for n in wanted}
+        self.fn = fn
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n.name in self.wanted and isinstance(out, torch.Tensor):
-            self.values[n.name] = out.detach()
+            self.fn(n, out.detach())
         return out
 
 
 @torch.no_grad()
+def observe(
+    graph: Graph,
+    nodes: Iterable[fx.Node],
+    fn: Callable[[fx.Node, torch.Tensor], None],
+    batches: Sequence[tuple[torch.Tensor, ...]] | None = None,
+) -> int:
+    """Run ``graph`` on each calibration batch and call ``fn(node, value)`` for each of ``nodes``.
+
+    Parameters
+    ----------
+    graph : Graph
+        The graph to run (not modified).
+    nodes : iterable of fx.Node
+        The nodes whose values ``fn`` sees (a node that yields no tensor is not reported).
+    fn : callable
+        ``fn(node, value)`` with the detached value, once per node per batch, in graph order:
+        accumulate a reduction there to keep memory flat over many batches.
+    batches : sequence of input tuples, optional
+        Default: ``graph.calibration_batches()``.
+
+    Returns
+    -------
+    int
+        The number of batches run.
+    """
+    batches = list(batches) if batches is not None else graph.calibration_batches()
+    wanted = list(nodes)
+    for batch in batches:
+        _Observer(graph.gm, wanted, fn).run(*batch)
+    return len(batches)
+
+
 def record(graph: Graph, nodes: Iterable[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]] | None = None) -> dict[str, list[torch.Tensor]]:
     """Values of ``nodes`` on each calibration batch: ``{node name: [value per batch]}``."""
-    batches = list(batches) if batches is not None else graph.calibration_batches()
-    wanted = {n.name for n in nodes}
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    for batch in batches:
-        rec = _Recorder(graph.gm, wanted)
-        rec.run(*batch)
-        for name in wanted:
-            if name in rec.values:
-                out[name].append(rec.values[name])
+    nodes = list(nodes)
+    out: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
+    observe(graph, nodes, lambda n, v: out[n.name].append(v), batches)
     return out
 
 
@@ -152,4 +201,4 @@ def rows(values: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat([v.reshape(-1, v.shape[-1]) for v in values])
 
 
-__all__ = ["RELU", "QLayer", "find_layers", "record", "rows"]
+__all__ = ["RELU", "QLayer", "find_layers", "observe", "record", "rows"]

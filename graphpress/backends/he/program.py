@@ -44,10 +44,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.* (circulant ops, linear_act)
-from graphpress.backends.he.quant import ActQuant, QuantConfig, RangeObserver, accumulator_bound, act_quant, plain_bits_for, quantize_weight
+from graphpress.backends.he.quant import HEInputQuant, QuantConfig, RangeObserver, accumulator_bound, act_quant, plain_bits_for, quantize_weight
 from graphpress.errors import BackendError
 from graphpress.ir.circulant import expand
 from graphpress.ir.graph import Graph
+from graphpress.ir.names import layer_name, unique_names
 
 aten = torch.ops.aten
 gp = torch.ops.graphpress
@@ -133,7 +134,7 @@ class Step:
         Shape of that integer array: ``(p, q, b)`` / ``(kh, kw, p, q, b)`` for compact
         circulant weights under ``coeff-circulant``, else ``(m, n)`` / ``(C_out, C_in, kh, kw)``.
     act : dict
-        The input quantizer (:class:`~graphpress.backends.he.quant.ActQuant`).
+        The input quantizer (:class:`~graphpress.backends.he.quant.HEInputQuant`).
     weight_scales : list of float
         Per output channel (length ``m``).
     acc_bound : int
@@ -170,8 +171,8 @@ class Step:
     activation: str | None = None
 
     @property
-    def act_quant(self) -> ActQuant:
-        return ActQuant.from_dict(self.act)
+    def act_quant(self) -> HEInputQuant:
+        return HEInputQuant.from_dict(self.act)
 
     @property
     def positions(self) -> int:
@@ -252,18 +253,15 @@ def _pair(v: Any, default: int) -> list[int]:
 
 def find_layers(graph: Graph) -> list[_Layer]:
     """The encrypted layers in graph order; a layer the kernels cannot run is a :class:`BackendError`."""
-    layers: list[_Layer] = []
-    seen: dict[str, int] = {}
+    nodes: list[fx.Node] = []
     for node in graph.call_nodes():
-        if node.target not in _LINEAR | _CONV:
-            if getattr(node.target, "overloadpacket", None) is aten.conv2d:  # aten.conv2d.padding ('same'/'valid')
-                raise BackendError(f"he: layer {graph.source_module(node) or node.name!r}: conv2d with string padding is not supported; re-export with integer padding")
-            continue
-        name = graph.source_module(node) or node.name
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        if k:
-            name = f"{name}#{k}"
+        if node.target in _LINEAR | _CONV:
+            nodes.append(node)
+        elif getattr(node.target, "overloadpacket", None) is aten.conv2d:  # aten.conv2d.padding ('same'/'valid')
+            raise BackendError(f"he: layer {layer_name(graph, node)!r}: conv2d with string padding is not supported; re-export with integer padding")
+    # named as the passes name them (graphpress.ir.names), so a recipe's layer names hold here too
+    layers: list[_Layer] = []
+    for node, name in zip(nodes, unique_names(layer_name(graph, n) for n in nodes)):
         w = graph.tensor_of(node.args[1]) if isinstance(node.args[1], fx.Node) else None
         if w is None or not w.dtype.is_floating_point:
             raise BackendError(f"he: layer {name!r} ({node.name}): the weight is not a constant float tensor; the server needs it in plaintext")

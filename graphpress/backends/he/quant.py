@@ -111,7 +111,7 @@ class RangeObserver:
 
 
 @dataclass(frozen=True)
-class ActQuant:
+class HEInputQuant:
     """How one layer's input is quantized: ``x_int = clip(round(x / scale), lo, hi)``."""
 
     scale: float
@@ -132,17 +132,17 @@ class ActQuant:
         return {"scale": self.scale, "lo": self.lo, "hi": self.hi}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ActQuant":
+    def from_dict(cls, d: dict[str, Any]) -> "HEInputQuant":
         return cls(float(d["scale"]), int(d["lo"]), int(d["hi"]))
 
 
-def act_quant(observer: RangeObserver, bits: int) -> ActQuant:
+def act_quant(observer: RangeObserver, bits: int) -> HEInputQuant:
     """The activation quantizer for a calibrated range (unsigned when never negative)."""
     if observer.signed:
         qmax = (1 << (bits - 1)) - 1
-        return ActQuant(observer.range() / qmax, -qmax, qmax)
+        return HEInputQuant(observer.range() / qmax, -qmax, qmax)
     qmax = (1 << bits) - 1
-    return ActQuant(observer.range() / qmax, 0, qmax)
+    return HEInputQuant(observer.range() / qmax, 0, qmax)
 
 
 def weight_scales(w: np.ndarray, bits: int, rows_axis: int) -> np.ndarray:
@@ -184,7 +184,7 @@ def plain_bits_for(bound: int) -> int:
 
 
 __all__ = [
-    "ActQuant",
+    "HEInputQuant",
     "QuantConfig",
     "RangeObserver",
     "accumulator_bound",

@@ -2,8 +2,10 @@
 
 Eligible: ``aten.linear`` with a constant 2-D weight, and ``aten.conv2d`` with a constant 4-D
 weight and ``groups == 1`` (circulance runs over the output x input channel dims at each kernel
-position; grouped and depthwise convs have no such matrix). A layer is named by its source
-module path (``layer1.0.conv1``), falling back to the node name.
+position; grouped and depthwise convs have no such matrix). The scan is the shared one
+(:func:`graphpress.passes.layers.find_layers` with ``grouped=False, symmetric_padding=False``), so
+layers are named as every other pass names them (source module path, node name fallback, ``#k``
+for repeated calls); this module adds the circulant view: output positions and feasible block sizes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import fx
 from graphpress.ir.circulant import can_use
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import pair  # noqa: F401 -- re-exported: circulant modules import it from here
+from graphpress.passes.layers import find_layers as shared_find_layers
 
 aten = torch.ops.aten
 
@@ -60,40 +63,15 @@ def _positions(node: fx.Node) -> int:
 
 
 def find_layers(graph: Graph) -> tuple[list[Layer], dict[str, str]]:
-    """Eligible layers in graph order, and ``{node name: reason}`` for linear/conv ops that are not.
+    """Eligible layers in graph order, and ``{name: reason}`` for linear/conv ops that are not.
 
     Runs shape propagation first (``graph.verify()``) so spatial sizes are known.
     """
     graph.verify()
-    layers: list[Layer] = []
-    rejected: dict[str, str] = {}
-    for node in graph.call_nodes(aten.linear, aten.conv2d):
-        name = graph.source_module(node) or node.name
-        w = graph.tensor_of(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
-        if w is None or not w.dtype.is_floating_point:
-            rejected[name] = "weight is not a constant float tensor"
-            continue
-        if node.target.overloadpacket is aten.linear:
-            if w.dim() != 2:
-                rejected[name] = f"linear weight has {w.dim()} dims"
-                continue
-            layers.append(Layer(name, node, "linear", str(node.args[1].target), w.shape[0], w.shape[1], (1, 1), _positions(node)))
-            continue
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        if groups != 1:
-            rejected[name] = f"grouped conv (groups={groups})"
-            continue
-        layers.append(
-            Layer(name, node, "conv2d", str(node.args[1].target), w.shape[0], w.shape[1], (w.shape[2], w.shape[3]), _positions(node))
-        )
-    # a module called twice would get two names equal: make them unique
-    seen: dict[str, int] = {}
-    for layer in layers:
-        k = seen.get(layer.name, 0)
-        seen[layer.name] = k + 1
-        if k:
-            layer.name = f"{layer.name}#{k}"
-    return layers, rejected
+    layers, rejected = shared_find_layers(graph, grouped=False, symmetric_padding=False)
+    return [
+        Layer(l.name, l.node, l.kind, l.weight_target, l.out_features, l.in_features, l.kernel, _positions(l.node)) for l in layers
+    ], rejected
 
 
 __all__ = ["Layer", "find_layers"]
