@@ -39,6 +39,7 @@ import torch
 
 from graphpress.backends.base import LoweredModel
 from graphpress.backends.check import check_sets
+from graphpress.backends.he.options import HEOptions
 from graphpress.backends.he.program import ENCODINGS, HEProgram, build_program
 from graphpress.backends.he.protocol import get_protocol
 from graphpress.backends.he.quant import QuantConfig
@@ -132,6 +133,7 @@ class HEBackend:
     """
 
     name = "he"
+    Options = HEOptions
 
     def __init__(
         self,
@@ -155,6 +157,16 @@ class HEBackend:
         self.poly_degree = poly_degree
         self.check_seeds = tuple(check_seeds)
         self.measure_costs = measure_costs
+        self.options = HEOptions(
+            encoding=encoding,
+            protocol=self.protocol,
+            act_bits=int(act_bits),
+            weight_bits=int(weight_bits),
+            percentile=percentile,
+            poly_degree=poly_degree,
+            check_seeds=self.check_seeds,
+            measure_costs=bool(measure_costs),
+        )
 
     # ------------------------------------------------------------------ interactive
     def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:

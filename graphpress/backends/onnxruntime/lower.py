@@ -40,6 +40,7 @@ import torch
 
 import graphpress
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.onnxruntime.options import DEFAULT_OPSET, OnnxRuntimeOptions
 from graphpress.backends.onnxruntime.qdq_cleanup import clean_qdq
 from graphpress.backends.onnxruntime.session import CPU, OrtRunner
 from graphpress.errors import BackendError
@@ -47,7 +48,6 @@ from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 from graphpress.ir.ops_quant import quantizes_activations
 
-DEFAULT_OPSET = 18
 MODEL_FILE = "model.onnx"
 # protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
 _INLINE_WEIGHT_LIMIT = 2**31 - 2**26
@@ -408,6 +408,7 @@ class OnnxRuntimeBackend:
     Parameters
     ----------
     opset : int
+    Options = OnnxRuntimeOptions
         ONNX opset to export, >= 18.
     optimize : bool
         Store ORT's offline ``ORT_ENABLE_EXTENDED`` optimizations in ``model.onnx``.
@@ -415,6 +416,7 @@ class OnnxRuntimeBackend:
         Seeds of the random input sets of the output check.
     """
 
+        self.options = OnnxRuntimeOptions(opset=int(opset), optimize=bool(optimize), check_seeds=self.check_seeds)
     name = "onnxruntime"
 
     def __init__(self, opset: int = DEFAULT_OPSET, optimize: bool = False, check_seeds: Sequence[int] = (0, 1)):

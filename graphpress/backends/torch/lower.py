@@ -24,6 +24,7 @@ import torch
 
 from graphpress.backends.base import LoweredModel
 from graphpress.backends.check import check_against_graph
+from graphpress.backends.torch.options import TorchOptions
 from graphpress.errors import BackendError
 from graphpress.ir.graph import Graph
 
@@ -90,9 +91,11 @@ class TorchBackend:
     """
 
     name = "torch"
+    Options = TorchOptions
 
     def __init__(self, check_seeds: Sequence[int] = (0, 1)):
         self.check_seeds = tuple(check_seeds)
+        self.options = TorchOptions(check_seeds=self.check_seeds)
 
     def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:
         """Write ``model.pt2`` into ``folder`` and, with ``check``, verify it against ``graph``."""

@@ -36,6 +36,7 @@ from graphpress.backends.base import LoweredModel
 from graphpress.backends.check import check_against_graph
 from graphpress.backends.tvm.build import DB_FILES, RELAX_FILE, TUNING_DIR, compile_library, has_database, save_module, with_static_copy
 from graphpress.backends.tvm.fixups import apply_fixups
+from graphpress.backends.tvm.options import TVMOptions
 from graphpress.backends.tvm.regions import RegionRecorder, group_regions
 from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
 from graphpress.backends.tvm.tune import tune_folder, tuning_shapes
@@ -82,6 +83,7 @@ class TVMBackend:
     """
 
     name = "tvm"
+    Options = TVMOptions
 
     def __init__(
         self,
@@ -115,6 +117,14 @@ class TVMBackend:
         self.tune_per_task = tune_per_task
         self.tune_batch = int(tune_batch)
         self.tune_progress = tune_progress
+        self.options = TVMOptions(
+            target=self.target,
+            check_seeds=self.check_seeds,
+            tuning_db=None if tuning_db is None else str(tuning_db),
+            tune_trials=self.tune_trials,
+            tune_per_task=tune_per_task,
+            tune_batch=self.tune_batch,
+        )
 
     def lower(self, graph: Graph, folder: Path, *, check: bool = True) -> LoweredModel:
         """Compile ``graph`` into ``folder/model.so`` (+ ``model.json``) and, with ``check``, verify it."""
