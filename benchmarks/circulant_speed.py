@@ -10,7 +10,7 @@
    cached). Speedup = median(dense) / median(circulant) from that one run. The issue's target,
    checked on the cold number: at least 5x at 4096^2, b = 16, batch 1 -- measured once more,
    alone, with 300+ interleaved rounds (the grid rows have 40+, enough to rank, noisier).
-2. **ONNX Runtime lowerings** of the same op (``graphpress.ir.ops_circulant``): ``dense``
+2. **ONNX Runtime lowerings** of the same op (``graphpress.lowering.onnx.circulant``): ``dense``
    (Gather-expansion of the stored ``c``, folded by ORT at session creation, then one MatMul),
    ``dft`` (ONNX ``DFT`` op for the input blocks, per-frequency MatMul, inverse DFT as a constant
    MatMul) and ``dft-matmul`` (the forward DFT as a constant MatMul too), interleaved per shape
@@ -55,7 +55,8 @@ import torch.nn.functional as F
 import graphpress.ir  # noqa: F401 -- registers the ops
 from graphpress.ir import ops_circulant as oc
 from graphpress.ir.circulant import expand
-from graphpress.ir.ops import ONNX_TRANSLATIONS
+from graphpress.lowering.onnx import circulant as onnx_circulant
+from graphpress.lowering.onnx import translation_table
 from graphpress.runtime import compare_latency
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "circulant_speed.json"
@@ -167,9 +168,10 @@ def _export_onnx(module: torch.nn.Module, n: int, lowering: str, path: Path) -> 
     try:
         for lg in quiet:
             lg.setLevel(logging.ERROR)
-        with oc.onnx_linear_lowering(lowering), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
+            table = translation_table(circulant_linear=lowering)
+            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, verbose=False)
         program.save(str(path))
     finally:
         for lg, level in zip(quiet, levels):
@@ -207,7 +209,7 @@ def bench_ort(rounds: int, min_time_s: float, blocks: tuple[int, ...], log) -> l
                     cmp = compare_latency(variants, (), rounds=rounds, warmup=3, min_time_s=min_time_s)
                     med = {k: r.median_ms for k, r in cmp.results.items()}
                     fastest = min(med, key=med.get)
-                    auto = oc.onnx_linear_lowering_for(p, q, b, "auto")
+                    auto = onnx_circulant.linear_lowering_for(p, q, b, "auto")
                     rows.append(
                         {
                             "n": n,
@@ -369,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                 "split_real_min_work": oc.SPLIT_REAL_MIN_WORK,
             },
             "onnx_auto_rule": {
-                "spectral_min_block": oc.ONNX_SPECTRAL_MIN_BLOCK,
-                "dense_max_weights": oc.ONNX_DENSE_MAX_WEIGHTS,
-                "default": oc.ONNX_LINEAR_LOWERING,
+                "spectral_min_block": onnx_circulant.SPECTRAL_MIN_BLOCK,
+                "dense_max_weights": onnx_circulant.DENSE_MAX_WEIGHTS,
+                "default": onnx_circulant.DEFAULT_LINEAR_LOWERING,
             },
         },
         "machine": info,

@@ -24,7 +24,7 @@ Op
     :mod:`graphpress.ir.ops_circulant` does) so that a graph rebuilds each weight once, not per
     call; the returned tensor is shared between calls and must not be written in place.
 
-    ONNX: standard ops on the two initializers, evaluated by ONNX Runtime's constant folding
+    ONNX (:mod:`graphpress.lowering.onnx.sparse_store`): standard ops on the two initializers, evaluated by ONNX Runtime's constant folding
     when it creates the session (the file keeps the packed bytes: the exporter's optimizer
     folds no node that reads a uint8 tensor, see
     ``graphpress.backends.onnxruntime.lower._optimize_keeping_packed_weights``)::
@@ -40,9 +40,8 @@ Op
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from graphpress.ir.ops_circulant import _WeightCache
@@ -166,38 +165,4 @@ def _sparse_unpack_fake(bitmask, values, shape):
     return values.new_empty([int(d) for d in shape])
 
 
-# ---------------------------------------------------------------------------- ONNX
-def _const(array: np.ndarray):
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
-
-
-def _onnx_sparse_unpack(bitmask, values, shape):
-    """onnxscript (trace mode) translation of ``graphpress::sparse_unpack`` (the graph in the module docstring)."""
-    from onnxscript import opset18 as op
-
-    shape = [int(d) for d in shape]
-    n = math.prod(shape)
-    # int32 positions halve the memory of the fold at session creation; int64 only past 2**31 elements
-    index_type, index_np = (6, np.int32) if n < 2**31 - 1 else (7, np.int64)
-    bits = op.BitwiseAnd(
-        op.BitShift(op.Unsqueeze(bitmask, _const(np.array([-1], dtype=np.int64))), _const(np.arange(8, dtype=np.uint8)), direction="RIGHT"),
-        _const(np.array(1, dtype=np.uint8)),
-    )
-    bits = op.Reshape(bits, _const(np.array([-1], dtype=np.int64)))
-    if n % 8:
-        bits = op.Slice(bits, _const(np.array([0], dtype=np.int64)), _const(np.array([n], dtype=np.int64)))
-    bits = op.Cast(bits, to=index_type)
-    pos = op.Mul(op.CumSum(bits, _const(np.array(0, dtype=index_np))), bits)
-    padded = op.Concat(op.CastLike(_const(np.zeros(1, dtype=np.float32)), values), values, axis=0)
-    return op.Reshape(op.Gather(padded, pos, axis=0), _const(np.array(shape, dtype=np.int64)))
-
-
-#: Op-to-onnxscript-function table, merged into :data:`graphpress.ir.ops.ONNX_TRANSLATIONS`.
-ONNX_TRANSLATIONS: dict[Callable, Callable] = {
-    torch.ops.graphpress.sparse_unpack.default: _onnx_sparse_unpack,
-}
-
-__all__ = ["ONNX_TRANSLATIONS", "VALUE_DTYPES", "clear_cache", "pack_sparse", "packed_bytes", "sparse_unpack", "unpack_sparse"]
+__all__ = ["VALUE_DTYPES", "clear_cache", "pack_sparse", "packed_bytes", "sparse_unpack", "unpack_sparse"]

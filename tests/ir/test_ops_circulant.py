@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import graphpress.ir  # noqa: F401 -- registers the ops
 from graphpress.ir import ops_circulant as oc
 from graphpress.ir.circulant import expand
-from graphpress.ir.ops import ONNX_TRANSLATIONS
+from graphpress.lowering.onnx import circulant as onnx_circulant
+from graphpress.lowering.onnx import translation_table
 
 LINEAR = torch.ops.graphpress.circulant_linear
 CONV = torch.ops.graphpress.circulant_conv2d
@@ -200,9 +201,10 @@ def test_register_fake_under_torch_export_with_dynamic_batch():
 
 
 def _to_onnx(ep, path, lowering):
-    with oc.onnx_linear_lowering(lowering), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    table = translation_table(circulant_linear=lowering)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
+        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, verbose=False)
     program.save(str(path))
     return {n.op_type for n in program.model_proto.graph.node}
 
@@ -224,12 +226,31 @@ def test_onnx_lowerings_match_torch_with_dynamic_batch(tmp_path, lowering):
 
 
 def test_auto_lowering_rule():
-    assert oc.onnx_linear_lowering_for(256, 256, 16, "auto") == "dft-matmul"  # 4096^2, b=16
-    assert oc.onnx_linear_lowering_for(1024, 1024, 4, "auto") == "dense"  # b=4: dense measured faster
-    assert oc.onnx_linear_lowering_for(32, 32, 16, "auto") == "dense"  # 512^2: small
-    assert oc.onnx_linear_lowering_for(256, 256, 16, "dft") == "dft"
+    assert onnx_circulant.linear_lowering_for(256, 256, 16, "auto") == "dft-matmul"  # 4096^2, b=16
+    assert onnx_circulant.linear_lowering_for(1024, 1024, 4, "auto") == "dense"  # b=4: dense measured faster
+    assert onnx_circulant.linear_lowering_for(32, 32, 16, "auto") == "dense"  # 512^2: small
+    assert onnx_circulant.linear_lowering_for(256, 256, 16, "dft") == "dft"
     with pytest.raises(ValueError, match="lowering"):
-        oc.onnx_linear_lowering_for(4, 4, 4, "fft")
+        onnx_circulant.linear_lowering_for(4, 4, 4, "fft")
+
+
+def test_lowering_is_an_option_of_the_table_not_module_state(tmp_path):
+    """Two tables with different circulant lowerings coexist; building one changes no other."""
+    pytest.importorskip("onnxruntime")
+    m = CirculantNet().eval()
+    ep = _export(m, torch.randn(3, 4, 9, 9))
+    dft = translation_table(circulant_linear="dft")
+    dense = translation_table(circulant_linear="dense")
+    assert _to_onnx(ep, tmp_path / "auto.onnx", "auto") >= {"Conv", "Gather"}
+    # "dft": a DFT of c's spectrum and one of the input blocks per linear (2 linears); "dense": none
+    for table, expected_dfts in ((dft, 4), (dense, 0)):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, verbose=False)
+        dfts = [n for n in program.model_proto.graph.node if n.op_type == "DFT"]
+        assert len(dfts) == expected_dfts, [n.name for n in dfts]
+    with pytest.raises(ValueError, match=r"circulant ONNX lowering must be one of .* got 'fft'"):
+        translation_table(circulant_linear="fft")
 
 
 @pytest.mark.parametrize("lowering", ["dense", "dft-matmul"])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphpress.errors import PassError
-from graphpress.ir.ops import LINEAR_ACTIVATIONS, ONNX_TRANSLATIONS
+from graphpress.ir.ops import LINEAR_ACTIVATIONS
+from graphpress.lowering.onnx import ONNX_TRANSLATIONS
 from graphpress.passes.base import make_pass
 
 aten = torch.ops.aten

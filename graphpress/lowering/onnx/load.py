@@ -1,0 +1,86 @@
+"""ONNX translations of the load-time dequantized ops (:mod:`graphpress.ir.ops_load`).
+
+The packed codes, scales and zero points are initializers; their dequantization is plain ONNX ops
+on them (unpack, ``Sub``, ``Mul``), constant-folded by ONNX Runtime at session creation, then
+``MatMul`` with the transpose (+ ``Add``) for ``wlinear_load`` and ``Gather`` for
+``wembedding_load``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import graphpress.ir.ops_load  # noqa: F401 -- registers graphpress::wlinear_load/wembedding_load
+
+
+def _const(array: np.ndarray):
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+
+
+def _unpack(packed, bits: int, rows: int, cols: int):
+    """uint8 codes ``(rows, cols)`` from ``(rows, cols * bits / 8)`` packed bytes, low bits first
+    (the order of :func:`graphpress.ir.quant.pack_nbits`)."""
+    from onnxscript import opset18 as op
+
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    mask = _const(np.array(2**bits - 1, dtype=np.uint8))
+    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, _const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
+                          _const(np.array([-1], dtype=np.int64))) for j in range(per)]
+    codes = op.Reshape(op.Concat(*parts, axis=-1), _const(np.array([rows, -1], dtype=np.int64)))
+    # the last byte of a row may hold padding codes (zero points of an odd block count)
+    return op.Slice(codes, _const(np.array([0], dtype=np.int64)), _const(np.array([cols], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+
+
+def _dequantized(packed, scales, zeros, n_in: int, bits: int, group_size: int, what: str):
+    """The float ``(rows, n_in)`` weight as ONNX ops on initializers (constant-folded by ORT)."""
+    from onnxscript import opset18 as op
+
+    try:
+        rows, nb, _nbytes = (int(d) for d in packed.shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: the stored weight needs a static shape, got {packed.shape}") from None
+    q = op.Cast(_unpack(op.Reshape(packed, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb * group_size), to=1)
+    q = op.Reshape(q, _const(np.array([rows, nb, group_size], dtype=np.int64)))
+    if zeros is None:
+        z = _const(np.array(2.0 ** (bits - 1), dtype=np.float32))
+    else:
+        z = op.Unsqueeze(op.Cast(_unpack(op.Reshape(zeros, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb), to=1),
+                         _const(np.array([-1], dtype=np.int64)))
+    s = op.Reshape(scales, _const(np.array([rows, nb, 1], dtype=np.int64)))
+    w = op.Reshape(op.Mul(op.Sub(q, z), s), _const(np.array([rows, nb * group_size], dtype=np.int64)))
+    if nb * group_size != n_in:
+        w = op.Slice(w, _const(np.array([0], dtype=np.int64)), _const(np.array([n_in], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+    return w
+
+
+def _onnx_wlinear_load(x, packed, scales, zeros, bias, in_features: int, bits: int, group_size: int):
+    """onnxscript (trace mode) translation of ``graphpress::wlinear_load``."""
+    from onnxscript import opset18 as op
+
+    w = _dequantized(packed, scales, zeros, int(in_features), int(bits), int(group_size), "graphpress::wlinear_load")
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return op.Add(y, bias) if bias is not None else y
+
+
+def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group_size: int):
+    """onnxscript (trace mode) translation of ``graphpress::wembedding_load``."""
+    from onnxscript import opset18 as op
+
+    table = _dequantized(packed, scales, zeros, int(dim), int(bits), int(group_size), "graphpress::wembedding_load")
+    return op.Gather(table, ids, axis=0)
+
+
+def translations() -> dict[Callable, Callable]:
+    """Op-to-onnxscript-function table of the load-time dequantized ops."""
+    return {
+        torch.ops.graphpress.wlinear_load.default: _onnx_wlinear_load,
+        torch.ops.graphpress.wembedding_load.default: _onnx_wembedding_load,
+    }
