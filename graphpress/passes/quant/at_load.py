@@ -25,8 +25,10 @@ import torch
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
+from graphpress.ir.names import layer_name, unique_names
 from graphpress.ir.rewrite import Skips, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.select import Selector, check_selector
 
 NAME = "dequantize-at-load"
 WLINEAR_NBITS = torch.ops.graphpress.wlinear_nbits.default
@@ -41,15 +43,21 @@ class DequantizeAtLoadConfig:
     ----------
     max_weights : int, optional
         Rewrite only layers with at most this many weights (``out * in``); None: all.
+    targets, ignore : tuple of str
+        Which ``wlinear_nbits`` layers (by layer name) the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Layer (source module) names left as ``MatMulNBits``.
+        Exact layer names left as ``MatMulNBits`` (the older spelling of ``ignore``).
     """
 
     version: int = 1
     max_weights: int | None = None
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_selector(NAME, self)
         if self.max_weights is not None and not (isinstance(self.max_weights, int) and self.max_weights > 0):
             raise PassError(f"pass '{NAME}': option 'max_weights' must be a positive integer or null, got {self.max_weights!r}")
 
@@ -66,20 +74,20 @@ class DequantizeAtLoad:
 
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
+        nodes = [n for n in graph.gm.graph.nodes if is_op(n, WLINEAR_NBITS)]
+        named = dict(zip(unique_names(layer_name(graph, n) for n in nodes), nodes))
+        selection = Selector.of(NAME, cfg).resolve(named)
         skipped = Skips()
         rewritten: list[str] = []
         dead = []
-        for node in list(graph.gm.graph.nodes):
-            if not is_op(node, WLINEAR_NBITS):
-                continue
-            name = graph.source_module(node) or node.name
+        for name, node in named.items():
             x, packed, scales, zeros, bias, in_features, bits, group_size = node.args[:8]
             act_bits = arg(node, 8, "act_bits", 0)
             if act_bits:
                 skipped.add("int8 activations (its kernel is the point)")
                 continue
-            if name in cfg.skip:
-                skipped.add("skipped by config")
+            if (left_out := selection.reason(name, node)) is not None:
+                skipped.add(left_out)
                 continue
             out_features = int(graph.tensor_of(packed).shape[0])
             if cfg.max_weights is not None and out_features * int(in_features) > cfg.max_weights:

@@ -62,6 +62,7 @@ from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, fake_quant_act_dynamic,
 from graphpress.ir.rewrite import Skips, arg, is_op
 from graphpress.passes.base import PassResult, register
 from graphpress.passes.layers import QLayer, find_layers, record, rows
+from graphpress.passes.select import Selector, check_selector
 
 aten = torch.ops.aten
 NAME = "awq-scale"
@@ -81,8 +82,11 @@ class AwqScaleConfig:
         Number of ``alpha`` steps in [0, 1] (``grid + 1`` points).
     max_rows : int
         Calibration rows used by the search (evenly strided subsample).
+    targets, ignore : tuple of str
+        Which eligible layers the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Layer names never scaled.
+        Exact layer names never scaled (the older spelling of ``ignore``).
     activations : "none", "int8" or "int8-dynamic"
         ``"none"``: search for group-wise weight-only quantization (AWQ; ``bits`` /
         ``group_size`` / ``symmetric`` apply). ``"int8"`` / ``"int8-dynamic"``: search for
@@ -97,9 +101,12 @@ class AwqScaleConfig:
     grid: int = 20
     max_rows: int = 4096
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     activations: str = "none"
 
     def __post_init__(self) -> None:
+        check_selector(NAME, self)
         if self.bits not in GROUP_BITS:
             raise PassError(f"pass '{NAME}': option 'bits' must be one of {', '.join(map(str, GROUP_BITS))}, got {self.bits!r}")
         if self.group_size not in GROUP_SIZES:
@@ -254,13 +261,14 @@ class AwqScale:
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
         layers, rejected = find_layers(graph, convs=False)
+        selection = Selector.of(NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
         skipped = Skips()
         for reason in rejected.values():
             skipped.add(reason)
         groups: dict[fx.Node, list[QLayer]] = {}
         for layer in layers:
-            if layer.name in cfg.skip:
-                skipped.add("skipped by config")
+            if (left_out := selection.reason(layer.name, layer.node)) is not None:
+                skipped.add(left_out)
                 continue
             groups.setdefault(layer.input_node, []).append(layer)
 

@@ -28,6 +28,7 @@ from graphpress.ir.graph import Graph
 from graphpress.ir.quant import GROUP_BITS, GROUP_SIZES, dequantize_nbits, groupwise, to_nbits, weight_sqnr_db
 from graphpress.ir.rewrite import Skips, add_constant, erase_dead, insert_call, insert_get_attr, is_op
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.select import Selector, check_selector
 
 aten = torch.ops.aten
 NAME = "quantize-embeddings"
@@ -50,8 +51,11 @@ class QuantizeEmbeddingsConfig:
         Symmetric codes (no zero points).
     min_rows : int
         Tables with fewer rows are left in float (tiny tables are not worth it).
+    targets, ignore : tuple of str
+        Which tables (by parameter name, ``tok_embeddings.weight``) the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Table (parameter) names left in float.
+        Exact table (parameter) names left in float (the older spelling of ``ignore``).
     min_sqnr_db, max_kl : float, optional
         The pipeline's budget for this pass.
     """
@@ -62,10 +66,13 @@ class QuantizeEmbeddingsConfig:
     symmetric: bool = False
     min_rows: int = 16
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     min_sqnr_db: float | None = 15.0
     max_kl: float | None = None
 
     def __post_init__(self) -> None:
+        check_selector(NAME, self)
         if self.bits not in GROUP_BITS:
             raise PassError(f"pass '{NAME}': option 'bits' must be one of {', '.join(map(str, GROUP_BITS))}, got {self.bits!r}")
         if self.group_size not in GROUP_SIZES:
@@ -104,6 +111,9 @@ class QuantizeEmbeddings:
 
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
+        tables_read = {str(n.args[0].target): n for n in graph.call_nodes(aten.embedding)
+                       if isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr"}
+        selection = Selector.of(NAME, cfg).resolve(tables_read)
         skipped = Skips()
         tables: dict[str, dict] = {}
         dead = []
@@ -116,8 +126,8 @@ class QuantizeEmbeddings:
                 continue
             target = str(weight.target)
             table = graph.get_tensor(target)
-            if target in cfg.skip:
-                skipped.add("skipped by config")
+            if (left_out := selection.reason(target, node)) is not None:
+                skipped.add(left_out)
                 continue
             if table.dim() != 2 or not table.dtype.is_floating_point:
                 skipped.add("table is not a 2-D float tensor")

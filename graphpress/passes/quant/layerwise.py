@@ -115,6 +115,7 @@ from graphpress.passes.budget import check_on_budget, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.quant import importance as imp
 from graphpress.passes.layers import QLayer, find_layers, record
+from graphpress.passes.select import Selector, check_names, check_selector
 from graphpress.passes.quant.shortcuts import QUANTIZE_ACT, quantize_shortcuts
 
 aten = torch.ops.aten
@@ -176,8 +177,12 @@ class QuantizeLayerwiseConfig:
         ``QLinearAdd``), or keeps reading the float value.
     layer_bits : dict of str to int
         Fixed bit-width per layer name (not allocated).
+    targets, ignore : tuple of str
+        Which eligible layers are quantized: exact names, ``re:`` full-match regexes or op
+        families (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
+        Layers not selected stay in float (not counted in the average).
     skip : tuple of str
-        Layers left in float (not counted in the average).
+        Exact layer names left in float (the older spelling of ``ignore``).
     zd_cut : float
         z-score cut of ``importance="zd"``.
     seed : int
@@ -206,6 +211,8 @@ class QuantizeLayerwiseConfig:
     shortcuts: Literal["quantized", "float"] = "quantized"
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     zd_cut: float = imp.DEFAULT_ZD_CUT
     seed: int = 0
     min_sqnr_db: float | None = 15.0
@@ -214,6 +221,7 @@ class QuantizeLayerwiseConfig:
 
     def __post_init__(self) -> None:
         check_on_budget(NAME, self.on_budget)
+        check_selector(NAME, self)
         if not self.bits or any(b not in ALLOWED_BITS for b in self.bits):
             raise _err("bits", f"{list(self.bits)} must be widths in {', '.join(map(str, ALLOWED_BITS))}")
         if self.target_bits is not None and self.size_budget is not None:
@@ -245,7 +253,7 @@ class QuantizeLayerwiseConfig:
     def __hash__(self) -> int:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
-                     self.weight_rounding, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.zd_cut,
+                     self.weight_rounding, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.targets, self.ignore, self.zd_cut,
                      self.seed, self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
@@ -396,15 +404,16 @@ class QuantizeLayerwise:
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
         layers, rejected = find_layers(graph, convs=cfg.activations != "none")
-        _check_names(cfg.layer_bits, "layer_bits", layers, rejected)
-        _check_names(dict.fromkeys(cfg.skip), "skip", layers, rejected)
+        names = [l.name for l in layers]
+        check_names(NAME, "layer_bits", cfg.layer_bits, [*names, *rejected], names)
+        selection = Selector.of(NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
         kept: dict[str, str] = dict(rejected)
         active: list[QLayer] = []
         options: dict[str, list[int]] = {}
         notes: dict[str, str] = {}
         for layer in layers:
-            if layer.name in cfg.skip:
-                kept[layer.name] = "skipped by config"
+            if (left_out := selection.reason(layer.name, layer.node)) is not None:
+                kept[layer.name] = left_out
                 continue
             opts, why = layer_options(layer, cfg)
             if layer.name in cfg.layer_bits:
@@ -949,17 +958,6 @@ def _count(kept: dict[str, str]) -> dict[str, int]:
     for reason in kept.values():
         counts[reason] = counts.get(reason, 0) + 1
     return counts
-
-
-def _check_names(keys: dict[str, Any], option: str, layers: list[QLayer], rejected: dict[str, str]) -> None:
-    names = [l.name for l in layers]
-    known = set(names) | set(rejected)
-    for key in keys:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), sorted(known), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else (f"layers are: {', '.join(names[:6])}" if names else "the graph has no eligible layer")
-        raise _err(option, f"names unknown layer '{key}': {hint}")
 
 
 __all__ = [
