@@ -96,7 +96,7 @@ def run_interactive(name: str, graph: Any, encoding: str, data: dict[str, Any], 
     from graphpress.backends.he.costmodel import measure_entry, predict_step
     from graphpress.backends.he.lower import HEBackend
     from graphpress.backends.he.runner import HERunner
-    from graphpress.ir import he_op_costs
+    from graphpress.lowering.he import op_costs as he_op_costs
 
     folder = Path(tempfile.mkdtemp(prefix=f"he-digits-{name.replace(' ', '-').replace('=', '')}-"))
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ Variants: ``slot-dense`` (batching, diagonal method + BSGS; convs as client-side
 weights, same value range). Per round every variant runs once, in a rotated order (A B C ...,
 B C ... A, ...), so all see the same machine drift; each run is checked exact against numpy /
 ``F.conv2d``. Reported per variant: the operation counts (checked equal to
-``graphpress.ir.he_counts``), bytes each way, and the medians (p10/p90) of
+``graphpress.lowering.he.counts``), bytes each way, and the medians (p10/p90) of
 
 * *server latency* -- the server's online operations (NTTs, products, additions, rotations), the
   sum of their ``perf_counter`` times from the context's ``OpCounter`` (the weights' plaintext

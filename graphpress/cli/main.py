@@ -525,7 +525,7 @@ def he_calibrate(
     """Measure per-operation BFV costs on this machine and cache them for the HE cost model."""
     from graphpress.backends.he import require_tenseal
     from graphpress.cli.report import he_costs_table
-    from graphpress.ir import he_op_costs
+    from graphpress.lowering.he import op_costs as he_op_costs
 
     if show:
         entries = he_op_costs.machine_entries()

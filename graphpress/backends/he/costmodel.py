@@ -1,12 +1,12 @@
 """Measured HE cost model: time each BFV operation once per machine, predict layers from counts.
 
 Claim: a layer's encrypted wall time is its operation counts (exact, from
-:mod:`graphpress.ir.he_counts`, the plans the kernels execute) times the per-operation seconds
+:mod:`graphpress.lowering.he.counts`, the plans the kernels execute) times the per-operation seconds
 measured here, within 30% per layer on the machine that measured them (checked by
 ``tests/backends/he/test_costmodel.py`` loosely and by ``benchmarks/he_digits.py`` on every
 layer of the digits CNN).
 
-:func:`measure_entry` times the operations listed in :mod:`graphpress.ir.he_op_costs` for one
+:func:`measure_entry` times the operations listed in :mod:`graphpress.lowering.he.op_costs` for one
 parameter set through a real :class:`~graphpress.backends.he.bfv.BFVContext` -- the same calls
 the kernels make, so serialization, seeded encryption and NTT form are priced as used. Each
 operation is timed ``repeat`` times (after a warm-up) and the median is kept; the operations
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from graphpress.errors import BackendError
-from graphpress.ir import he_counts, he_op_costs
+from graphpress.lowering.he import counts as he_counts, op_costs as he_op_costs
 
 #: Timed rounds per operation (medians), after one warm-up round.
 DEFAULT_REPEAT = 7
@@ -51,7 +51,7 @@ def measure_entry(
     pool: int = DEFAULT_POOL,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Median seconds of every operation of :data:`graphpress.ir.he_op_costs.OPS` at ``params``.
+    """Median seconds of every operation of :data:`graphpress.lowering.he.op_costs.OPS` at ``params``.
 
     Each timed sample runs the operation on ``pool`` distinct operands in a row and divides by
     ``pool``: a layer touches tens to hundreds of different ciphertexts, and an operation timed
@@ -171,7 +171,7 @@ def calibrate(
     Returns
     -------
     dict
-        The new entries by :func:`graphpress.ir.he_op_costs.entry_key`.
+        The new entries by :func:`graphpress.lowering.he.op_costs.entry_key`.
     """
     grid = default_grid(degrees, plain_bits)
     entries = {}

@@ -19,7 +19,7 @@ from the serialized ciphertexts.
 
 :class:`OpCounts` is plain data: it adds, subtracts (``after - before`` of two
 :meth:`OpCounter.snapshot` calls gives one layer's counts) and converts to a dict; the analytic
-formulas of :mod:`graphpress.ir.he_counts` return dicts with the same keys (except the bytes,
+formulas of :mod:`graphpress.lowering.he.counts` return dicts with the same keys (except the bytes,
 which depend on compression and are only measured).
 """
 

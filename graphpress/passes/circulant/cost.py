@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphpress.errors import PassError
-from graphpress.ir import he_counts, he_op_costs
+from graphpress.lowering.he import counts as he_counts, op_costs as he_op_costs
 from graphpress.ir.circulant import fft_matmul
 from graphpress.passes.circulant.layers import Layer
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from graphpress.backends.he.costmodel import measure_entry, predict_step, step_counts
 from graphpress.errors import PassError
-from graphpress.ir import he_counts, he_op_costs
+from graphpress.lowering.he import counts as he_counts, op_costs as he_op_costs
 from graphpress.ir.graph import Graph
 
 SECONDS = {  # a synthetic per-op table (seconds): the arithmetic below must reproduce it exactly

@@ -1,5 +1,5 @@
 """HE layer kernels: exact integer outputs against numpy / F.conv2d, operation counters equal to
-the analytic formulas of graphpress.ir.he_counts, products falling with the block size, refusals."""
+the analytic formulas of graphpress.lowering.he.counts, products falling with the block size, refusals."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from graphpress.backends.he.bfv import BFVContext, choose_params
 from graphpress.backends.he.kernels import KERNELS, get_kernel
 from graphpress.errors import BackendError
-from graphpress.ir import he_counts
+from graphpress.lowering.he import counts as he_counts
 from graphpress.ir.circulant import expand
 from graphpress.ir.ops_circulant import conv_weight
 

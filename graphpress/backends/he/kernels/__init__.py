@@ -15,7 +15,7 @@ API (every kernel)::
     y = k.run_linear(ctx, prep, x_int)              # (batch, n) -> (batch, m) int64, exact
     prep = k.prepare_conv(ctx, w_int, bias_int=None, stride=(1, 1), padding=(1, 1), what="conv1", input_hw=(32, 32))
     y = k.run_conv(ctx, prep, x_int)                # (batch, C_in, H, W) -> (batch, C_out, H_out, W_out)
-    k.counts_linear(m, n, N, b=1, vectors=1, bias=False)    # == graphpress.ir.he_counts
+    k.counts_linear(m, n, N, b=1, vectors=1, bias=False)    # == graphpress.lowering.he.counts
     k.counts_conv(c_out, c_in, h, w, kh, kw, N, b=1, stride=(1, 1), padding=(0, 0), batch=1, bias=False)
     k.max_abs_output(w_int, x_bound)                # worst |W x| for |x| <= x_bound: t must exceed twice it
 

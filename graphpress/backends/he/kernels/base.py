@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from graphpress.errors import BackendError
-from graphpress.ir import he_counts
+from graphpress.lowering.he import counts as he_counts
 
 
 def where(what: str) -> str:
@@ -106,7 +106,7 @@ class Kernel:
 
     # ------------------------------------------------------------------ counts
     def counts_linear(self, m: int, n: int, poly_degree: int, b: int = 1, vectors: int = 1, bias: bool = False) -> dict[str, int]:
-        """Analytic counts (:func:`graphpress.ir.he_counts.counts_linear`) for this encoding."""
+        """Analytic counts (:func:`graphpress.lowering.he.counts.counts_linear`) for this encoding."""
         try:
             return he_counts.counts_linear(self.name, m, n, poly_degree, b=b, vectors=vectors, bias=bias)
         except ValueError as err:
@@ -127,7 +127,7 @@ class Kernel:
         batch: int = 1,
         bias: bool = False,
     ) -> dict[str, int]:
-        """Analytic counts (:func:`graphpress.ir.he_counts.counts_conv`) for this encoding."""
+        """Analytic counts (:func:`graphpress.lowering.he.counts.counts_conv`) for this encoding."""
         try:
             return he_counts.counts_conv(self.name, c_out, c_in, h, w, kh, kw, poly_degree, b, stride, padding, batch, bias)
         except ValueError as err:

@@ -24,7 +24,7 @@ when ``j - j' = (i - i') q_t``, i.e. ``j = j'``, ``i = i'``). A pair whose digit
 ``(i - i'') q_t + (j - j') = M``, impossible when ``p_t q_t <= M`` (the left side is at most
 ``p_t q_t - 1``). So one product handles a ``p_t x q_t`` tile of blocks with ``p_t q_t <= M``;
 vectors ``nu`` of a batch sit at ``v`` offsets ``nu * p_t q_t`` (the same argument with
-``V p_t q_t <= M``). The tiling and the counts are :func:`graphpress.ir.he_counts.plan_coeff_linear`.
+``V p_t q_t <= M``). The tiling and the counts are :func:`graphpress.lowering.he.counts.plan_coeff_linear`.
 
 Convolutions (circulant over channels at each kernel position, compact ``c (kh, kw, p, q, b)``):
 the channel inside a block goes on ``u``; Cheetah's HomConv layout goes on ``v`` -- input block
@@ -34,7 +34,7 @@ a row tile), the kernel of output block ``i`` reversed at
 ``v = i*Q*A + (Q-1)*A + (h+kh-1)*W' + (w+kw-1)``. Cross terms land only on unread digits for
 valid positions ``h <= H_t - kh``, ``w <= W' - kw`` (the spatial offsets differ by less than a
 row / a block), and nothing carries into ``u`` while ``p_t * Q * A <= M``
-(:func:`graphpress.ir.he_counts.plan_coeff_conv`). The client zero-pads; a stride ``s`` conv is
+(:func:`graphpress.lowering.he.counts.plan_coeff_conv`). The client zero-pads; a stride ``s`` conv is
 the stride-1 map subsampled (same operations, ``s^2`` times more outputs than used). With
 ``b = 1`` this is exactly dense coefficient encoding (:mod:`.coeff_dense`).
 
@@ -60,7 +60,7 @@ from graphpress.backends.he.kernels.base import (
     where,
 )
 from graphpress.errors import BackendError
-from graphpress.ir.he_counts import (
+from graphpress.lowering.he.counts import (
     CoeffConvPlan,
     CoeffLinearPlan,
     plan_coeff_conv,

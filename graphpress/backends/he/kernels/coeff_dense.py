@@ -19,7 +19,7 @@ channels and row tiles are partitioned so each product fits ``N``.
 This is the ``b = 1`` case of :mod:`.coeff_circulant` (``M = N``, no twist), and the code is
 shared: the kernel views a dense ``(m, n)`` weight as compact ``(m, n, 1)`` blocks and a dense
 ``(C_out, C_in, kh, kw)`` conv weight as ``(kh, kw, C_out, C_in, 1)``. Layouts and counts:
-:func:`graphpress.ir.he_counts.plan_coeff_linear` / ``plan_coeff_conv`` with ``b = 1``.
+:func:`graphpress.lowering.he.counts.plan_coeff_linear` / ``plan_coeff_conv`` with ``b = 1``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Conv: im2col by the client -- one vector of ``C_in*kh*kw`` values per output pos
 input value is encrypted and sent up to ``kh*kw`` times (the price of not rotating over the
 image, as GAZELLE's packed convolution does). Stride and padding are applied while gathering
 the patches, so no output is wasted. Layout and counts:
-:func:`graphpress.ir.he_counts.plan_slot_linear`.
+:func:`graphpress.lowering.he.counts.plan_slot_linear`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from graphpress.backends.he.kernels.base import (
     where,
 )
 from graphpress.errors import BackendError
-from graphpress.ir.he_counts import SlotLinearPlan, conv_out, plan_slot_linear
+from graphpress.lowering.he.counts import SlotLinearPlan, conv_out, plan_slot_linear
 
 
 def _tile_offsets(plan: SlotLinearPlan, vectors: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 The HE backend (:mod:`graphpress.backends.he.costmodel`) times the real BFV operations once per
 machine and writes them here; the block-size search's ``he-measured`` cost model and the
 backend's cost report read them. This module only reads/writes JSON and does arithmetic (no
-HE library), so passes can use it.
+HE library), so passes can use it (see :mod:`graphpress.lowering.he`).
 
 Cache: ``~/.cache/graphpress/he_op_costs.json`` (``$GRAPHPRESS_HE_COSTS`` overrides the path),
 ``{"version": 1, "machines": {machine_key: {"entries": {"N:bits-bits-bits": entry}}}}``; an
@@ -23,7 +23,7 @@ entry holds the parameter set (``poly_degree``, ``coeff_modulus_bits``, ``plain_
 ``rotate``        server: one row rotation (key switch)
 ================= ==========================================================================
 
-Prediction (:func:`layer_terms`): each count of :mod:`graphpress.ir.he_counts` is priced by the
+Prediction (:func:`layer_terms`): each count of :mod:`graphpress.lowering.he.counts` is priced by the
 operation that realizes it in the kernels --
 
 * coefficient encodings: ``encryptions x (upload_coeffs + ntt)`` (every input ciphertext is
@@ -47,7 +47,7 @@ import platform
 from pathlib import Path
 from typing import Any, Mapping
 
-from graphpress.ir import he_counts
+from graphpress.lowering.he import counts as he_counts
 
 CACHE_VERSION = 1
 CACHE_ENV = "GRAPHPRESS_HE_COSTS"
@@ -180,7 +180,7 @@ def layer_terms(
     encoding : str
         ``"coeff-circulant"``, ``"coeff-dense"`` or ``"slot-dense"``.
     counts : mapping
-        :func:`graphpress.ir.he_counts.counts_linear` / ``counts_conv`` of the call.
+        :func:`graphpress.lowering.he.counts.counts_linear` / ``counts_conv`` of the call.
     seconds : mapping
         Per-operation seconds of a cache entry.
     values : int

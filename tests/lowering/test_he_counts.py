@@ -1,10 +1,10 @@
-"""graphpress.ir.he_counts without an HE library: the structural claims of each packing."""
+"""graphpress.lowering.he.counts without an HE library: the structural claims of each packing."""
 
 import math
 
 import pytest
 
-from graphpress.ir import he_counts as hc
+from graphpress.lowering.he import counts as hc
 
 
 @pytest.mark.parametrize("m,n", [(256, 256), (1024, 1024), (64, 512)])
