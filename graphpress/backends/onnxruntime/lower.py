@@ -5,9 +5,9 @@ Steps (see ``docs/backends/onnxruntime.md``):
 1. ``graph.export_program()`` re-exports the (possibly rewritten) FX graph with ``torch.export``,
    keeping the graph's dynamic dims (the batch; a sequence length for language models).
 2. ``torch.onnx.export(..., dynamo=True, opset_version=18)`` translates the ATen graph to ONNX;
-   graphpress custom ops translate through ``graphpress.ir.ops.ONNX_TRANSLATIONS`` when that
-   table exists. The exporter's progress prints and warnings are swallowed; on failure the
-   innermost error line becomes a one-line :class:`BackendError`.
+   graphpress custom ops translate through :func:`graphpress.lowering.onnx.translation_table`.
+   The exporter's progress prints and warnings are swallowed; on failure the innermost error
+   line becomes a one-line :class:`BackendError`.
 3. The symbolic dims (named by torch ``s22``, ``s77`` ...) are renamed after the graph's input
    specs (``batch``, ``seq``), and
    the model is saved as one ``model.onnx`` (weights inline below 2 GB, external data above).
@@ -47,6 +47,7 @@ from graphpress.errors import BackendError
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 from graphpress.ir.ops_quant import quantizes_activations
+from graphpress.lowering.onnx import translation_table
 
 MODEL_FILE = "model.onnx"
 # protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
@@ -105,15 +106,6 @@ def _error_line(err: BaseException) -> str:
     if len(line) > 300:
         line = line[:297] + "..."
     return f"{line} (node %{node})" if node else line
-
-
-def _custom_translations() -> dict | None:
-    """``graphpress.ir.ops.ONNX_TRANSLATIONS`` (custom op -> onnxscript function) when present."""
-    try:
-        from graphpress.ir.ops import ONNX_TRANSLATIONS  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return dict(ONNX_TRANSLATIONS) or None
 
 
 def _name_dynamic_dims(model: Any, input_specs: Any) -> dict[str, str]:
@@ -255,7 +247,7 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
                 opset_version=opset,
                 input_names=list(graph.input_names),
                 output_names=list(graph.output_names),
-                custom_translation_table=_custom_translations(),
+                custom_translation_table=translation_table(),
                 optimize=False,
             )
             if program is not None:
