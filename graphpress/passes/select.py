@@ -73,10 +73,17 @@ def family(name: str) -> frozenset | None:
     return getattr(opsets, upper)
 
 
-def _in_family(fam: frozenset, node: fx.Node | None) -> bool:
-    if node is None or not isinstance(node, fx.Node) or node.op != "call_function":
-        return False
-    return node.target in fam or packet(node) in fam
+Nodes = fx.Node | Iterable[fx.Node] | None  #: the node(s) of one unit: a layer's node, a weight's readers
+
+
+def _as_nodes(nodes: Nodes) -> tuple[fx.Node, ...]:
+    if nodes is None:
+        return ()
+    return (nodes,) if isinstance(nodes, fx.Node) else tuple(nodes)
+
+
+def _in_family(fam: frozenset, nodes: tuple[fx.Node, ...]) -> bool:
+    return any(n.op == "call_function" and (n.target in fam or packet(n) in fam) for n in nodes)
 
 
 def unknown_layer(pass_name: str, option: str, name: str, known: Iterable[str], eligible: Collection[str] = ()) -> PassError:
@@ -155,12 +162,12 @@ class _Rule:
     regex: re.Pattern | None = None
     fam: frozenset | None = None
 
-    def matches(self, name: str, node: fx.Node | None) -> bool:
+    def matches(self, name: str, nodes: tuple[fx.Node, ...]) -> bool:
         if self.name is not None:
             return name == self.name
         if self.regex is not None:
             return self.regex.fullmatch(name) is not None
-        return _in_family(self.fam, node)
+        return _in_family(self.fam, nodes)
 
 
 @dataclass(frozen=True)
@@ -170,22 +177,24 @@ class Selection:
     targets: tuple[_Rule, ...]
     ignore: tuple[_Rule, ...]
 
-    def reason(self, names: str | Iterable[str], node: fx.Node | None = None) -> str | None:
+    def reason(self, names: str | Iterable[str], nodes: Nodes = None) -> str | None:
         """None when the layer is selected, else why not (``"skipped by config"`` / ``"not in targets"``).
 
         ``names`` is the layer's name, or several names of one unit (a channel group and its
-        layers): the unit is ignored when any name is, and targeted when any name is.
+        layers, a weight and the layers reading it); ``nodes`` its node or nodes (op families
+        match on them). The unit is ignored when any name or node is, and targeted when any is.
         """
         names = [names] if isinstance(names, str) else list(names)
-        if any(r.matches(n, node) for r in self.ignore for n in names):
+        nodes = _as_nodes(nodes)
+        if any(r.matches(n, nodes) for r in self.ignore for n in names):
             return IGNORED
-        if self.targets and not any(r.matches(n, node) for r in self.targets for n in names):
+        if self.targets and not any(r.matches(n, nodes) for r in self.targets for n in names):
             return NOT_TARGETED
         return None
 
-    def selects(self, names: str | Iterable[str], node: fx.Node | None = None) -> bool:
+    def selects(self, names: str | Iterable[str], nodes: Nodes = None) -> bool:
         """Whether the pass may touch the layer (see :meth:`reason`)."""
-        return self.reason(names, node) is None
+        return self.reason(names, nodes) is None
 
 
 @dataclass(frozen=True)
@@ -202,14 +211,14 @@ class Selector:
         """The selector a config holds (options it lacks count as empty)."""
         return cls(pass_name, _entries(config, "targets"), _entries(config, "ignore"), _entries(config, "skip"))
 
-    def resolve(self, layers: Mapping[str, fx.Node | None], rejected: Iterable[str] = (), *, known: Iterable[str] = ()) -> Selection:
+    def resolve(self, layers: Mapping[str, Nodes], rejected: Iterable[str] = (), *, known: Iterable[str] = ()) -> Selection:
         """Check every entry against the graph's layers and return the :class:`Selection`.
 
         Parameters
         ----------
-        layers : mapping of str to fx.Node or None
-            The eligible layers by name, in graph order (the node lets op families match; None for
-            units that are not one node, which then only match names and regexes).
+        layers : mapping of str to fx.Node, list of fx.Node or None
+            The eligible layers by name, in graph order, with their node(s): op families match on
+            these (None: the unit matches names and regexes only).
         rejected : iterable of str
             Layers of the right kind the pass cannot rewrite: naming them is not an error.
         known : iterable of str
@@ -236,9 +245,10 @@ class Selector:
                 r = _Rule(fam=family(entry))
             else:
                 raise unknown_layer(self.pass_name, option, entry, known_names, eligible)
-            if option == "targets" and not any(r.matches(n, layers.get(n)) for n in every):
-                raise PassError(f"pass '{self.pass_name}': option 'targets': '{entry}' selects no layer: layers are: "
-                                + ", ".join(eligible[:6]) + (", ..." if len(eligible) > 6 else ""))
+            if option == "targets" and not any(r.matches(n, _as_nodes(layers.get(n))) for n in every):
+                shown = ", ".join(eligible[:6]) + (", ..." if len(eligible) > 6 else "")
+                raise PassError(f"pass '{self.pass_name}': option 'targets': '{entry}' selects no layer: "
+                                + (f"layers are: {shown}" if shown else "the graph has no eligible layer"))
             return r
 
         targets = tuple(rule("targets", e) for e in self.targets)

@@ -28,6 +28,7 @@ from torch import fx
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
+from graphpress.ir.names import layer_name
 from graphpress.ir.ops_sparse_store import VALUE_DTYPES, pack_sparse, packed_bytes
 from graphpress.ir.rewrite import (
     Skips,
@@ -38,6 +39,7 @@ from graphpress.ir.rewrite import (
     mutated_targets,
 )
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.select import Selector, check_selector
 
 NAME = "store-sparse"
 SPARSE_UNPACK = torch.ops.graphpress.sparse_unpack.default
@@ -54,15 +56,21 @@ class StoreSparseConfig:
     ----------
     min_sparsity : float
         Store a weight sparse only when at least this fraction of it is zero, in (0, 1].
+    targets, ignore : tuple of str
+        Which weights, by weight name (``fc1.weight``) or the name of a layer reading it (``fc1``), the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Weight names (``fc1.weight``) or layer (source module) names (``fc1``) left dense.
+        Exact weight or layer names left dense (the older spelling of ``ignore``).
     """
 
     version: int = 1
     min_sparsity: float = 0.3
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_selector(NAME, self)
         if not (isinstance(self.min_sparsity, (int, float)) and 0 < self.min_sparsity <= 1):
             raise PassError(f"pass '{NAME}': option 'min_sparsity' must be a fraction in (0, 1], got {self.min_sparsity!r}")
 
@@ -75,6 +83,7 @@ class _Weight:
     tensor: torch.Tensor
     getters: list[fx.Node]
     layers: list[str]
+    readers: list[fx.Node]  # the layer nodes, in the order of ``layers``
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -100,10 +109,11 @@ def _find_weights(graph: Graph, skipped: Skips) -> list[_Weight]:
             skipped.add("weight is not a non-empty float32/float16/bfloat16 tensor")
             continue
         key = _storage_key(t)
-        group = groups.setdefault(key, _Weight([], t, [], []))
+        group = groups.setdefault(key, _Weight([], t, [], [], []))
         if str(w.target) not in group.targets:
             group.targets.append(str(w.target))
-        group.layers.append(graph.source_module(node) or node.name)
+        group.layers.append(layer_name(graph, node))
+        group.readers.append(node)
     # every get_attr of the same tensor, under any name and with users or not, reads the one unpacked copy
     for n in graph.nodes:
         t = graph.tensor_of(n) if n.op == "get_attr" else None
@@ -150,9 +160,14 @@ class StoreSparse:
         skipped = Skips()
         layers: dict[str, dict] = {}
         before_total = after_total = 0
-        for weight in _find_weights(graph, skipped):
-            if set(cfg.skip) & (set(weight.targets) | set(weight.layers)):
-                skipped.add("skipped by config")
+        weights = _find_weights(graph, skipped)
+        # weights the scan refused are still valid names to ignore (every constant, every weight layer)
+        others = [str(n.target) for n in graph.nodes if n.op == "get_attr"] + [layer_name(graph, n) for n in graph.call_nodes(*WEIGHT_ARG)]
+        units = {name: w.readers for w in weights for name in [*w.targets, *w.layers]}
+        selection = Selector.of(NAME, cfg).resolve(units, others)
+        for weight in weights:
+            if (left_out := selection.reason([*weight.targets, *weight.layers], weight.readers)) is not None:
+                skipped.add(left_out)
                 continue
             t = weight.tensor
             n = t.numel()

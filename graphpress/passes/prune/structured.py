@@ -62,6 +62,8 @@ from graphpress.ir.rewrite import (
 from graphpress.ir.opsets import BATCH_NORM, CONV_ANY, LAST_DIM_NORM
 from graphpress.ir.summary import node_flops
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.layers import observe
+from graphpress.passes.select import Selector, check_names, check_selector
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.prune.deps import (
     ChannelAnalysis,
@@ -93,8 +95,11 @@ class PruneChannelsConfig:
         Kept channel counts are rounded up to a multiple of this (SIMD-friendly widths).
     min_channels : int
         No group keeps fewer channels.
+    targets, ignore : tuple of str
+        Which channel groups, by group name or the name of any layer in the group, the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Groups left whole, by group name or by the name of any layer in the group.
+        Exact group or layer names left whole (the older spelling of ``ignore``).
     layer_ratios : dict of str to float
         Sparsity per group (by group or layer name), overriding ``sparsity``.
     min_sqnr_db, max_kl : float, optional
@@ -111,6 +116,8 @@ class PruneChannelsConfig:
     round_to: int = 1
     min_channels: int = 1
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     layer_ratios: dict[str, float] = field(default_factory=dict)
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
@@ -118,6 +125,7 @@ class PruneChannelsConfig:
 
     def __post_init__(self) -> None:
         check_on_budget(NAME, self.on_budget)
+        check_selector(NAME, self)
         if self.score not in SCORES:
             close = difflib.get_close_matches(str(self.score), SCORES, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -133,7 +141,7 @@ class PruneChannelsConfig:
                 raise _err("layer_ratios", f"'{k}': {v!r} is not in [0, 1)")
 
     def __hash__(self) -> int:
-        return hash((self.version, self.sparsity, self.score, self.round_to, self.min_channels, self.skip,
+        return hash((self.version, self.sparsity, self.score, self.round_to, self.min_channels, self.skip, self.targets, self.ignore,
                      tuple(sorted(self.layer_ratios.items())), self.min_sqnr_db, self.max_kl, self.on_budget))
 
 
@@ -178,32 +186,18 @@ def norm_scores(graph: Graph, group: ChannelGroup, p: int) -> torch.Tensor:
     return s
 
 
-class _AbsMean(fx.Interpreter):
-    """Runs the graph and accumulates ``sum |x|`` per position of ``dim`` at chosen nodes."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: dict[fx.Node, int]):
-        super().__init__(gm)
-        self.wanted = {n.name: d for n, d in wanted.items()}
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        d = self.wanted.get(n.name)
-        if d is not None and isinstance(out, torch.Tensor):
-            rows = _rows(out, d).abs()
-            self.sums[n.name] = self.sums.get(n.name, 0) + rows.sum(1)
-            self.counts[n.name] = self.counts.get(n.name, 0) + rows.shape[1]
-        return out
-
-
-@torch.no_grad()
 def activation_means(graph: Graph, wanted: dict[fx.Node, int]) -> dict[str, torch.Tensor]:
     """``mean |x|`` per position along ``wanted[node]`` over the calibration batches."""
-    rec = _AbsMean(graph.gm, wanted)
-    for batch in graph.calibration_batches():
-        rec.run(*batch)
-    return {k: v / max(1, rec.counts[k]) for k, v in rec.sums.items()}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(n: fx.Node, out: torch.Tensor) -> None:  # a running sum: no batch is kept
+        rows = _rows(out, wanted[n]).abs()
+        sums[n.name] = sums.get(n.name, 0) + rows.sum(1)
+        counts[n.name] = counts.get(n.name, 0) + rows.shape[1]
+
+    observe(graph, wanted, add)
+    return {k: v / max(1, counts[k]) for k, v in sums.items()}
 
 
 def _consumer_input(node: fx.Node) -> tuple[fx.Node, int]:
@@ -417,18 +411,10 @@ class PruneChannels(SteppedBackOff):
         refs = [graph.run(*b) for b in batches]
         costs = {}
         for name, steps in state["steps"].items():
-            alone = PruneChannels(dataclasses.replace(self.config, sparsity=0.0, layer_ratios={name: steps[0]}, skip=()))
+            alone = PruneChannels(dataclasses.replace(self.config, sparsity=0.0, layer_ratios={name: steps[0]}, skip=(), targets=(), ignore=()))
             g = alone(graph.clone()).graph
             costs[name] = convex_costs(relative_noise(refs, [g.run(*b) for b in batches]), steps)
         state["moves"] = ladder(costs, state["sizes"])
-
-    def _names(self, analysis: ChannelAnalysis, option: str, names: Any) -> None:
-        known = {n for g in analysis.groups for n in [g.name, *g.layers]}
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(str(name), known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"groups: {', '.join(g.name for g in analysis.groups)}"
-                raise _err(option, f"no channel group or layer named '{name}': {hint}")
 
     def _ratio(self, g: ChannelGroup) -> float:
         if g.name in self._override:
@@ -441,8 +427,11 @@ class PruneChannels(SteppedBackOff):
     def __call__(self, graph: Graph) -> PassResult:
         cfg = self.config
         analysis = analyze(graph)
-        self._names(analysis, "skip", cfg.skip)
-        self._names(analysis, "layer_ratios", cfg.layer_ratios)
+        # a group is selected by its name or the name of any layer in it; pinned groups are valid names too
+        units = {n: [u.node for u in g.producers] for g in analysis.groups if not g.pinned for n in [g.name, *g.layers]}
+        pinned_names = [n for g in analysis.groups if g.pinned for n in [g.name, *g.layers]]
+        check_names(NAME, "layer_ratios", cfg.layer_ratios, [*units, *pinned_names], [g.name for g in analysis.groups])
+        selection = Selector.of(NAME, cfg).resolve(units, pinned_names)
         backing_off = self._level > 0 and self._state is not None
         if backing_off:
             if "moves" not in self._state:
@@ -456,8 +445,8 @@ class PruneChannels(SteppedBackOff):
         for g in analysis.groups:
             if g.pinned:
                 continue
-            if any(n in cfg.skip for n in [g.name, *g.layers]):
-                skipped[g.name] = "skipped by config"
+            if (left_out := selection.reason([g.name, *g.layers], [u.node for u in g.producers])) is not None:
+                skipped[g.name] = left_out
                 continue
             k = kept_count(g.size, self._ratio(g), cfg.round_to, cfg.min_channels)
             if k >= g.size:

@@ -64,6 +64,7 @@ from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.layers import QLayer, find_layers, record
+from graphpress.passes.select import Selector, check_names, check_selector
 from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
 
 NAME = "prune-weights"
@@ -106,8 +107,11 @@ class PruneWeightsConfig:
         iCBS sweeps over the blocks.
     layer_sparsity : dict of str to float
         Fixed sparsity per layer name (not allocated).
+    targets, ignore : tuple of str
+        Which eligible layers the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Layers left dense.
+        Exact layer names left dense (the older spelling of ``ignore``).
     min_sqnr_db, max_kl : float, optional
         Budget the pipeline checks against the previous graph (10 dB SQNR by default).
     on_budget : "adapt" or "fail"
@@ -127,12 +131,15 @@ class PruneWeightsConfig:
     icbs_rounds: int = 3
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     min_sqnr_db: float | None = 10.0
     max_kl: float | None = None
     on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
         check_on_budget(NAME, self.on_budget)
+        check_selector(NAME, self)
         for option, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("icbs_start", ("wanda", "sparsegpt"))):
             value = getattr(self, option)
             if value not in allowed:
@@ -161,7 +168,8 @@ class PruneWeightsConfig:
 
     def __hash__(self) -> int:
         return hash((self.version, self.sparsity, self.pattern, self.method, self.allocation, self.sequential, self.damp, self.block_size,
-                     self.icbs_start, self.icbs_rounds, tuple(sorted(self.layer_sparsity.items())), self.skip, self.min_sqnr_db, self.max_kl, self.on_budget))
+                     self.icbs_start, self.icbs_rounds, tuple(sorted(self.layer_sparsity.items())), self.skip, self.targets, self.ignore,
+                     self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -251,13 +259,8 @@ class PruneWeights(SteppedBackOff):
             for name, steps in state["steps"].items():
                 if len(steps) < 2:
                     continue
-                target = state["targets"][name]
-                saved = graph.get_tensor(target).detach().clone()
-                graph.get_tensor(target).copy_(state["pruned"][name])
-                try:
+                with graph.swap_tensors({state["targets"][name]: state["pruned"][name]}):
                     noise = relative_noise(refs, [graph.run(*b) for b in batches])
-                finally:
-                    graph.get_tensor(target).copy_(saved)
                 costs[name] = convex_costs(noise, steps)
             state["moves"] = ladder(costs, state["params"])
         taken = notches_at(state["moves"], self._level)
@@ -268,17 +271,13 @@ class PruneWeights(SteppedBackOff):
         pattern = cfg.parsed_pattern
         layers, rejected = find_layers(graph)
         kept: dict[str, str] = dict(rejected)
-        names = {l.name for l in layers}
-        for option, keys in (("skip", cfg.skip), ("layer_sparsity", cfg.layer_sparsity)):
-            unknown = [k for k in keys if k not in names]
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"layers are: {', '.join(sorted(names))}"
-                raise _err(option, f"names unknown layer '{unknown[0]}': {hint}")
+        names = [l.name for l in layers]
+        check_names(NAME, "layer_sparsity", cfg.layer_sparsity, names, names)
+        selection = Selector.of(NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
         todo: list[QLayer] = []
         for layer in layers:
-            if layer.name in cfg.skip:
-                kept[layer.name] = "skipped by config"
+            if (left_out := selection.reason(layer.name, layer.node)) is not None:
+                kept[layer.name] = left_out
             elif len(graph.tensor_users(layer.weight_target)) > 1:
                 kept[layer.name] = "weight is read by other ops too (tied)"
             elif pattern.kind == "nm" and (layer.in_features * layer.kernel[0] * layer.kernel[1]) % pattern.m:
