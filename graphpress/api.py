@@ -89,7 +89,8 @@ def compress(
     *,
     out: str | Path,
     recipe: str | Path | Recipe | dict = "default",
-    backend: str = "onnxruntime",
+    backend: Any = None,
+    backend_options: dict[str, Any] | None = None,
     arch: str | None = None,
     input_shape: Sequence[int] | str | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
@@ -114,8 +115,12 @@ def compress(
         Artifact folder; refused if it exists unless ``overwrite``.
     recipe : str, Path, Recipe or dict
         A YAML path, a built-in recipe name (``default``), or a recipe object.
-    backend : str
-        ``"onnxruntime"``.
+    backend : str or Backend, optional
+        A backend name (``"onnxruntime"``, ``"torch"``, ``"tvm"``, ``"he"``) or a configured
+        backend from :func:`graphpress.backends.get_backend`; default: the recipe's ``backend``
+        section, else ``"onnxruntime"``.
+    backend_options : dict, optional
+        The backend's options (see :func:`resolve_backend`), over the recipe's ones key by key.
     bench : bool
         Measure batch-1 latency (torch eager of the original graph, and the artifact).
     baseline : bool
@@ -138,10 +143,9 @@ def compress(
         latency rounds.
 
     Everything that can be checked without the model is checked before the capture: the output
-    folder (and that it can be written), the recipe (file, pass names, options), the backend,
-    ``input_shape``, the fine-tuning options and the data files.
+    folder (and that it can be written), the recipe (file, pass names, options), the backend and
+    its options, ``input_shape``, the fine-tuning options and the data files.
     """
-    from graphpress.backends import get_backend
     from graphpress.frontends import load
     from graphpress.frontends.torch_module import parse_shape
     from graphpress.passes.base import progress_hook
@@ -151,7 +155,8 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
     pipeline = Pipeline.from_recipe(recipe)  # pass names and options fail here, before the capture
-    get_backend(backend)  # an unknown backend fails before the capture, not after the passes
+    # an unknown backend or option fails before the capture, not after the passes
+    backend = resolve_backend(backend, backend_options, recipe=recipe)
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
     from graphpress.train import DistillConfig, distill, load_inputs
@@ -190,6 +195,60 @@ def compress(
     )
 
 
+def resolve_backend(backend: Any = None, options: dict[str, Any] | None = None, *, recipe: Recipe | None = None) -> Any:
+    """The configured backend for a run: name, options and the recipe's ``backend`` section.
+
+    Parameters
+    ----------
+    backend : str or Backend, optional
+        A backend name or an already configured backend instance; default: the recipe's
+        backend, else ``"onnxruntime"``.
+    options : dict, optional
+        Option name -> value (``--backend-option key=value``); they override the recipe's
+        options key by key.
+    recipe : Recipe, optional
+        Its ``backend`` section supplies the name and options when ``backend`` names the same
+        backend (or none).
+
+    Returns
+    -------
+    Backend
+        Constructed with validated options (its ``options`` attribute holds them).
+
+    Raises
+    ------
+    BackendError
+        An unknown backend or option, a value of the wrong type or one the backend refuses
+        (one line naming the backend, the option and, for a misspelling, the closest option);
+        options for a backend given as an instance; recipe options for another backend than
+        the one chosen.
+    """
+    from graphpress.backends import backend_options, get_backend
+    from graphpress.errors import BackendError
+
+    merged: dict[str, Any] = {}
+    if recipe is not None and recipe.backend is not None:
+        chosen = backend if isinstance(backend, str) else getattr(backend, "name", None)
+        if chosen is not None and chosen != recipe.backend:
+            if recipe.backend_options:
+                raise BackendError(
+                    f"{recipe.origin}: the recipe's backend section configures '{recipe.backend}' "
+                    f"({', '.join(sorted(recipe.backend_options))}) but the backend is '{chosen}'; "
+                    f"drop the backend choice or the recipe's backend options"
+                )
+        else:
+            try:
+                backend_options(recipe.backend, recipe.backend_options)
+            except BackendError as err:
+                raise BackendError(f"{recipe.origin}: backend: {err}") from None
+            backend = backend if backend is not None else recipe.backend
+            merged.update(recipe.backend_options)
+    if backend is None:
+        backend = "onnxruntime"
+    merged.update(options or {})
+    return get_backend(backend, **merged)  # checks the options (backend_options) before constructing
+
+
 def as_batches(data: Any, batch_size: int = 64) -> list[tuple[torch.Tensor, ...]]:
     """A tensor or a tuple of per-input tensors (rows = samples) as a list of input tuples."""
     cols = (data,) if isinstance(data, torch.Tensor) else tuple(data)
@@ -201,7 +260,8 @@ def export(
     graph: Graph,
     out: str | Path,
     *,
-    backend: str = "onnxruntime",
+    backend: Any = "onnxruntime",
+    backend_options: dict[str, Any] | None = None,
     original: Graph | None = None,
     report: PipelineReport | None = None,
     recipe: dict[str, Any] | None = None,
@@ -227,15 +287,18 @@ def export(
 
     ``threads``: intra-op threads for the latency stage, the same for torch eager and the
     backend (default: ``torch.get_num_threads()``).
+
+    ``backend`` is a name or a configured backend, ``backend_options`` its options (see
+    :func:`resolve_backend`); the options in force are written to ``manifest["backend_options"]``.
     """
-    from graphpress.backends import get_backend
+    from graphpress.config import config_to_dict
     from graphpress.runtime import make_manifest, write_artifact
     from graphpress.runtime.artifact import claim_scratch
 
     stage = on_stage or (lambda _s: None)
     out = check_out_dir(out, overwrite)
     original = original or graph
-    be = get_backend(backend)
+    be = resolve_backend(backend, backend_options)
     check_inputs = check_inputs or [graph.example_inputs]
     with tempfile.TemporaryDirectory(prefix="graphpress-lower-") as tmp:
         claim_scratch(tmp)  # records this pid, so the next run removes the folder if this one is killed
@@ -258,6 +321,8 @@ def export(
             graph, lowered, recipe=recipe, passes=report.to_dict()["passes"] if report else [], metrics=metrics
         )
         manifest.update(extra or {})
+        if getattr(be, "options", None) is not None:  # absent from artifacts written before backend options
+            manifest["backend_options"] = config_to_dict(be.options)
         # the concrete shapes behind symbolic dims ("seq"): 'compress bench' fills them from here
         manifest["example_shapes"] = {n: [int(d) for d in x.shape] for n, x in zip(graph.input_names, graph.example_inputs)}
         manifest["host"] = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
@@ -432,4 +497,416 @@ def render_report(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["compress", "export", "CompressResult", "LatencyInterrupted", "render_report", "check_out_dir", "torch_threads"]
+# ---------------------------------------------------------------------------- for the command line
+# The CLI imports only this module (and graphpress.errors): everything it needs from the layers
+# below is reached through the functions here, so the CLI never changes when a backend is added.
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends (``--backend``)."""
+    from graphpress.backends import available_backends as names
+
+    return names()
+
+
+def backend_options(backend: str, options: dict[str, Any] | None = None) -> Any:
+    """Backend ``backend``'s frozen options dataclass built from ``options``.
+
+    Parameters
+    ----------
+    backend : str
+        A registered backend name.
+    options : dict, optional
+        Option name -> value; missing options take their defaults.
+
+    Returns
+    -------
+    frozen dataclass
+        E.g. ``HEOptions(version=1, encoding='coeff-dense', ...)``.
+
+    Raises
+    ------
+    BackendError
+        An unknown backend, an unknown option (with the closest valid name) or a value of the
+        wrong type, in one line.
+    """
+    from graphpress.backends import backend_options as build
+
+    return build(backend, options)
+
+
+def finetune_trainable_modes() -> tuple[str, ...]:
+    """What ``finetune={"trainable": ...}`` accepts: ``("auto", "annotated", "all")``."""
+    from graphpress.train.distill import TRAINABLE
+
+    return tuple(TRAINABLE)
+
+
+def check_recipe(recipe: str | Path | Recipe | dict) -> Recipe:
+    """Load and validate ``recipe`` (file, built-in name, pass names and options) without a model.
+
+    Returns
+    -------
+    Recipe
+
+    Raises
+    ------
+    PassError
+        One line naming the recipe file and what to change.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    Pipeline.from_recipe(recipe)
+    return recipe
+
+
+def list_passes(include_test: bool = False) -> list[dict[str, Any]]:
+    """The registered passes, for ``compress passes``.
+
+    Parameters
+    ----------
+    include_test : bool
+        Also list passes whose name starts with ``test-`` (registered by the test suite).
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "exact", "defaults" (the default config as a dict), "summary"}`` per pass,
+        sorted by name.
+    """
+    from graphpress.passes import config_to_dict, describe, registered
+
+    return [
+        {"name": name, "exact": bool(cls.exact), "defaults": config_to_dict(cls.Config()), "summary": describe(cls)}
+        for name, cls in registered().items()
+        if include_test or not name.startswith("test-")
+    ]
+
+
+def supported_onnx_ops() -> list[str]:
+    """The ONNX op types the ONNX importer (``graphpress.frontends.onnx_import``) translates."""
+    from graphpress.frontends.onnx_import import supported_ops
+
+    return list(supported_ops())
+
+
+def load_model(source: Any, *, arch: str | None = None, input_shape: Sequence[int] | str | None = None) -> Graph:
+    """Capture ``source`` as a :class:`~graphpress.ir.graph.Graph` (:func:`graphpress.frontends.load`).
+
+    Parameters
+    ----------
+    source : nn.Module, str or Path
+        A checkpoint, safetensors, ONNX, llama2.c or Hugging Face file/folder, or
+        ``package.module:factory``.
+    arch : str, optional
+        ``package.module:factory`` for weight-only files.
+    input_shape : str or sequence of int, optional
+        Example input shape, e.g. ``"1x3x32x32"``.
+
+    Returns
+    -------
+    Graph
+    """
+    from graphpress.frontends import load
+    from graphpress.frontends.torch_module import parse_shape
+
+    if isinstance(input_shape, str):
+        input_shape = parse_shape(input_shape)
+    return load(source, arch=arch, input_shape=input_shape)
+
+
+def load_artifact(folder: str | Path, **options: Any) -> Any:
+    """Open an artifact folder for inference (:func:`graphpress.runtime.load`).
+
+    Parameters
+    ----------
+    folder : path
+        Written by :func:`compress` / :func:`export`.
+    **options
+        Runtime options, e.g. ``threads``.
+
+    Returns
+    -------
+    LoadedModel
+        Callable on numpy arrays; ``.manifest`` and ``.runner`` attributes.
+    """
+    from graphpress.runtime import load
+
+    return load(folder, **options)
+
+
+def benchmark(fn: Callable[[], Any], repeat: int = 50) -> Any:
+    """Median / p10 / p90 latency of ``fn()`` over ``repeat`` timed calls
+    (:func:`graphpress.runtime.bench.benchmark`); returns a ``BenchResult``."""
+    from graphpress.runtime import benchmark as run_benchmark
+
+    return run_benchmark(fn, repeat=repeat)
+
+
+def latency_warnings(metrics: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """Why latency ratios in ``metrics`` should not be trusted, and which rows to withhold
+    (:func:`graphpress.runtime.bench.latency_warnings`)."""
+    from graphpress.runtime.bench import latency_warnings as warnings_for
+
+    return warnings_for(metrics)
+
+
+def he_cost_report(program: Any, run: Any, *, label: str) -> dict[str, Any]:
+    """Per-layer predicted HE costs and the counts measured in ``run`` (an encrypted run of an
+    HE artifact's runner), as written to ``he_cost.json``."""
+    from graphpress.backends.he.lower import cost_report
+
+    return cost_report(program, run, label=label)
+
+
+def he_cached_costs() -> tuple[dict[str, dict[str, Any]], Path]:
+    """This machine's cached per-operation HE costs and the cache file they come from.
+
+    Returns
+    -------
+    (dict, Path)
+        Entries by parameter set (empty when ``compress he-calibrate`` never ran here), and the
+        cache path (``$GRAPHPRESS_HE_COSTS`` or ``~/.cache/graphpress/he_op_costs.json``).
+    """
+    costs = _he_op_costs()
+    return costs.machine_entries(), Path(costs.cache_path())
+
+
+def he_calibrate(
+    degrees: Sequence[int] | None = None, *, repeat: int = 15, on_entry: Callable[[int, int, dict[str, Any]], None] | None = None
+) -> tuple[dict[str, dict[str, Any]], Path]:
+    """Measure per-operation BFV costs on this machine and cache them for the HE cost model.
+
+    Parameters
+    ----------
+    degrees : sequence of int, optional
+        Ring degrees to measure (default 4096, 8192, 16384).
+    repeat : int
+        Timed repetitions per operation (medians).
+    on_entry : callable, optional
+        ``on_entry(done, total, entry)`` after each parameter set.
+
+    Returns
+    -------
+    (dict, Path)
+        The measured entries and the cache file they were written to.
+
+    Raises
+    ------
+    BackendError
+        When tenseal is not installed.
+    """
+    from graphpress.backends.he import require_tenseal
+
+    require_tenseal()
+    from graphpress.backends.he.costmodel import calibrate
+
+    costs = _he_op_costs()
+    entries = calibrate(tuple(degrees) if degrees else costs.DEFAULT_DEGREES, repeat=repeat, on_entry=on_entry)
+    return entries, Path(costs.cache_path())
+
+
+def _he_op_costs() -> Any:
+    from graphpress.lowering.he import op_costs as he_op_costs  # torch-, tenseal-free: the cache file and its format
+
+    return he_op_costs
+
+
+def tune_artifact(
+    artifact: str | Path,
+    trials: int,
+    *,
+    per_task: int | None = None,
+    batch: int = 1,
+    dims: dict[str, int] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float | None = None,
+    compare: bool = True,
+) -> dict[str, Any]:
+    """Tune a ``tvm`` artifact in place with MetaSchedule, then time untuned against tuned.
+
+    Parameters
+    ----------
+    artifact : path
+        A ``--backend tvm`` artifact folder.
+    trials : int
+        Measured candidates in all; 0 rebuilds from the stored database.
+    per_task : int, optional
+        At most this many trials per kernel.
+    batch : int
+        The batch tuned for.
+    dims : dict, optional
+        Other dynamic dims' tuning values, e.g. ``{"seq": 128}``.
+    progress : callable, optional
+        Receives the tuning worker's events (``{"event": "tasks" | "progress", ...}``).
+    timeout_s : float, optional
+        Stop the worker after this many seconds (the artifact stays as it was).
+    compare : bool
+        Time the untuned (``main``) and tuned (``main_static``) functions, 30 interleaved rounds.
+
+    Returns
+    -------
+    dict
+        The tuning summary (:func:`graphpress.backends.tvm.tune.tune_artifact`) and, with
+        ``compare``, ``"latency_ms": {"untuned": ms, "tuned": ms}``.
+    """
+    import json
+
+    import numpy as np
+
+    from graphpress.backends.tvm.runner import TVMRunner
+    from graphpress.backends.tvm.tune import tune_artifact as tune
+    from graphpress.runtime.bench import compare_latency
+
+    summary = dict(tune(artifact, trials, per_task=per_task, batch=batch, dims=dims, progress=progress, timeout_s=timeout_s))
+    if not compare:
+        return summary
+    if progress is not None:
+        progress({"event": "measuring"})
+    runner = TVMRunner(Path(artifact) / "model.so")
+    rng = np.random.default_rng(0)
+    ranges = json.loads((Path(artifact) / "model.json").read_text()).get("input_int_ranges") or [None] * len(summary["shapes"])
+    xs = [
+        rng.integers(r[0], r[1] + 1, size=sh).astype("int64") if r else rng.standard_normal(sh).astype("float32")
+        for sh, r in zip(summary["shapes"], ranges)
+    ]
+    cmp = compare_latency(
+        {"untuned": lambda: runner.run_function("main", *xs), "tuned": lambda: runner.run_function("main_static", *xs)},
+        (),
+        rounds=30,
+        min_time_s=0.2,
+    )
+    summary["latency_ms"] = {name: r.median_ms for name, r in cmp.results.items()}
+    return summary
+
+
+@dataclass
+class DemoResult:
+    """What :func:`digits_demo` produced: the compression result and test accuracies."""
+
+    result: CompressResult
+    accuracy_before: float
+    accuracy_after: float
+    test_images: int
+
+
+def digits_demo(
+    out: str | Path | None = None,
+    *,
+    recipe: str | Path | Recipe | dict = "fuse",
+    overwrite: bool = False,
+    on_stage: Stage | None = None,
+    **hooks: Any,
+) -> DemoResult:
+    """Train a small CNN on scikit-learn's digits, compress it, and measure test accuracy.
+
+    Parameters
+    ----------
+    out : path, optional
+        Artifact folder (default: a new temporary folder).
+    recipe : str, Path, Recipe or dict
+        Checked before the training.
+    overwrite : bool
+        Replace an existing artifact folder.
+    on_stage : callable, optional
+        Stage names (``"train digits CNN ..."``, then ``"compress: <stage>"``).
+    **hooks
+        ``on_event``, ``on_epoch``, ``on_step`` for :func:`compress`.
+
+    Returns
+    -------
+    DemoResult
+        Accuracy of the torch model before and of the artifact after, on the held-out images.
+    """
+    from graphpress.zoo.digits import accuracy, digits_data, train_digits_cnn
+
+    stage = on_stage or (lambda _s: None)
+    recipe = check_recipe(recipe)  # a bad recipe name or option fails before the training
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="graphpress-demo-")) / "digits-cnn"
+    check_out_dir(out, overwrite)
+    stage("train digits CNN (scikit-learn load_digits)")
+    model, acc_before = train_digits_cnn()
+    x_train, _, x_test, y_test = digits_data()
+    result = compress(
+        model, out=out, recipe=recipe, example_inputs=(x_train[:2],), overwrite=overwrite, on_stage=lambda s: stage(f"compress: {s}"), **hooks
+    )
+    artifact = load_artifact(result.folder)
+    acc_after = accuracy(lambda x: torch.from_numpy(artifact(x.numpy())[0]), x_test, y_test)
+    return DemoResult(result, acc_before, acc_after, len(y_test))
+
+
+def check_samples_request(kind: str, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Fail before any sampling or training if ``compress samples KIND -o OUT`` would be refused
+    (an unknown kind, an existing file without ``overwrite``, an unsupported extension)."""
+    from graphpress.zoo.samples import check_request
+
+    return check_request(kind, out, overwrite=overwrite)
+
+
+def write_samples(
+    kind: str,
+    out: str | Path,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    seq_len: int = 64,
+    overwrite: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, str, bool]:
+    """Write real inputs (or a trained digits checkpoint) for the shipped models.
+
+    Parameters
+    ----------
+    kind : str
+        ``digits``, ``photos``, ``stories`` or ``digits-cnn`` (see ``docs/zoo.md``).
+    out : path
+        ``.pt``, ``.npy`` or ``.safetensors`` file.
+    n, seed, seq_len : int
+        Sample count (default per kind), seed, tokens per sequence (``stories``).
+    overwrite : bool
+        Replace an existing file.
+    on_progress : callable, optional
+        ``on_progress(done, total)`` while sampling tokens.
+
+    Returns
+    -------
+    (Path, str, bool)
+        The file written, a one-line description of its contents, and whether it holds model
+        weights (rather than inputs).
+    """
+    from graphpress.zoo.samples import KINDS, describe
+    from graphpress.zoo.samples import write_samples as write
+
+    path, data = write(kind, out, n=n, seed=seed, seq_len=seq_len, overwrite=overwrite, on_progress=on_progress)
+    return path, describe(kind, data), bool(KINDS[kind].weights)
+
+
+__all__ = [
+    "CompressResult",
+    "DemoResult",
+    "LatencyInterrupted",
+    "available_backends",
+    "backend_options",
+    "benchmark",
+    "check_out_dir",
+    "check_recipe",
+    "check_samples_request",
+    "compress",
+    "digits_demo",
+    "export",
+    "finetune_trainable_modes",
+    "he_calibrate",
+    "he_cached_costs",
+    "he_cost_report",
+    "latency_warnings",
+    "list_passes",
+    "load_artifact",
+    "load_model",
+    "render_report",
+    "resolve_backend",
+    "supported_onnx_ops",
+    "torch_threads",
+    "tune_artifact",
+    "write_samples",
+]

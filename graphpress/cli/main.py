@@ -14,12 +14,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import typer
 
 from graphpress.cli.report import (
@@ -110,9 +108,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 @app.command()
 @handle_errors
 def run(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help="Model: .th/.pt/.pth checkpoint, .safetensors, .onnx, llama2.c .bin, HF folder, or package.module:factory."),
     recipe: str = typer.Option("default", "--recipe", "-r", help="Recipe YAML file or built-in name."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Backend to lower to."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Backend to lower to: onnxruntime (default, or the recipe's backend:), torch, tvm, he."),
+    backend_option: Optional[list[str]] = typer.Option(
+        None, "--backend-option", "-B", help="A backend option KEY=VALUE, the value read as YAML (repeatable), e.g. -B opset=20; see docs/backends/."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (must not exist unless --overwrite)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
@@ -128,51 +130,31 @@ def run(
         "--finetune-trainable",
         help="What fine-tuning trains: auto (the tensors passes mark trainable, else every weight), annotated, or all (pruned weights keep their zeros).",
     ),
-    he_encoding: Optional[str] = typer.Option(None, "--he-encoding", help="HE backend: coeff-circulant (default) | coeff-dense | slot-dense."),
-    he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="HE backend: interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
-    he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="HE backend: fixed-point bits of the encrypted activations (default 8)."),
-    he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="HE backend: fixed-point bits of the weights (default 8)."),
-    tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="TVM backend: tune with MetaSchedule for this many trials (batch 1) before writing the artifact."),
-    tvm_db: Optional[Path] = typer.Option(None, "--tvm-db", help="TVM backend: reuse the tuning database of an earlier tuned artifact (or its tuning/ folder)."),
+    he_encoding: Optional[str] = typer.Option(None, "--he-encoding", help="= --backend-option encoding=... (--backend he): coeff-circulant (default) | coeff-dense | slot-dense."),
+    he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="= --backend-option protocol=... (--backend he): interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
+    he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="= --backend-option act_bits=... (--backend he): fixed-point bits of the encrypted activations (default 8)."),
+    he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="= --backend-option weight_bits=... (--backend he): fixed-point bits of the weights (default 8)."),
+    tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="= --backend-option tune_trials=... (--backend tvm): MetaSchedule trials (batch 1) before writing the artifact."),
+    tvm_db: Optional[Path] = typer.Option(None, "--tvm-db", help="= --backend-option tuning_db=... (--backend tvm): reuse the tuning database of an earlier tuned artifact (or its tuning/ folder)."),
 ) -> None:
     """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
-    from graphpress.api import check_out_dir, compress
+    from graphpress.api import check_out_dir, check_recipe, compress, finetune_trainable_modes
 
     check_out_dir(out, overwrite)  # fail before minutes of work
-    from graphpress.train.distill import TRAINABLE
-
-    if finetune_trainable not in TRAINABLE:
-        raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(TRAINABLE)}")
-    he_options = {
-        k: v
-        for k, v in {"encoding": he_encoding, "protocol": he_protocol, "act_bits": he_act_bits, "weight_bits": he_weight_bits}.items()
-        if v is not None
-    }
-    tvm_options = {k: v for k, v in {"tune_trials": tvm_tune, "tuning_db": tvm_db}.items() if v is not None}
-    if backend == "he":
-        from graphpress.backends import get_backend
-
-        backend_arg: Any = get_backend("he", **he_options)  # bad options fail here, before the capture
-    elif he_options:
-        flags = ", ".join(f"--he-{k.replace('_', '-')}" for k in he_options)
-        raise GraphpressError(f"{flags}: only for --backend he (got --backend {backend})")
-    elif backend == "tvm" and tvm_options:
-        from graphpress.backends import get_backend
-
-        backend_arg = get_backend("tvm", **tvm_options)  # a bad database path fails here
-    else:
-        backend_arg = backend
-    if tvm_options and backend != "tvm":
-        flags = ", ".join(f"--tvm-{'tune' if k == 'tune_trials' else 'db'}" for k in tvm_options)
-        raise GraphpressError(f"{flags}: only for --backend tvm (got --backend {backend})")
+    modes = finetune_trainable_modes()
+    if finetune_trainable not in modes:
+        raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(modes)}")
+    name = backend or check_recipe(recipe).backend or "onnxruntime"
+    options = backend_options_from_flags(name, backend_option, ctx.params)
     if bench is None:
-        bench = backend != "he"  # encrypted inference is seconds per call: time it with 'compress bench'
+        bench = name != "he"  # encrypted inference is seconds per call: time it with 'compress bench'
     with StageProgress() as prog:
         result = compress(
             checkpoint,
             out=out,
             recipe=recipe,
-            backend=backend_arg,
+            backend=backend,
+            backend_options=options,
             arch=arch,
             input_shape=input_shape,
             overwrite=overwrite,
@@ -197,6 +179,67 @@ def run(
     if result.manifest["backend"] == "he":
         _print_he_lowering(result.folder)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+# Documented shorthands for --backend-option: flag -> (backend, option). The flags are declared
+# on `run` like any option; this table is all that maps them, and a new backend needs no entry
+# (its options are reached with --backend-option).
+BACKEND_OPTION_ALIASES: dict[str, tuple[str, str]] = {
+    "--he-encoding": ("he", "encoding"),
+    "--he-protocol": ("he", "protocol"),
+    "--he-act-bits": ("he", "act_bits"),
+    "--he-weight-bits": ("he", "weight_bits"),
+    "--tvm-tune": ("tvm", "tune_trials"),
+    "--tvm-db": ("tvm", "tuning_db"),
+}
+
+
+def parse_backend_options(items: Optional[list[str]]) -> dict[str, Any]:
+    """``["opset=20", "check_seeds=[0, 3]"]`` -> ``{"opset": 20, "check_seeds": [0, 3]}``.
+
+    Each value is read as YAML (``8`` an int, ``true`` a bool, ``[0, 1]`` a list, ``coeff-dense``
+    a string); a dash in a key reads as an underscore. The backend's options class checks keys
+    and types afterwards (:func:`graphpress.api.backend_options`).
+    """
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise GraphpressError(f"--backend-option {item!r}: expected KEY=VALUE, e.g. --backend-option opset=20")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise GraphpressError(f"--backend-option {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
+        if key in options and options[key] != value:
+            raise GraphpressError(f"--backend-option {key} given twice ({options[key]!r} and {value!r}); keep one")
+        options[key] = value
+    return options
+
+
+def backend_options_from_flags(backend: str, items: Optional[list[str]], params: dict[str, Any]) -> dict[str, Any]:
+    """The backend options of a ``run`` command line: ``--backend-option`` items and the alias
+    flags of :data:`BACKEND_OPTION_ALIASES` (``params``: the command's parameters by name).
+
+    Raises a one-line error for an alias of another backend than ``backend`` and for an alias
+    and a ``--backend-option`` that set one option to different values.
+    """
+    options = parse_backend_options(items)
+    given = {flag: params.get(flag[2:].replace("-", "_")) for flag in BACKEND_OPTION_ALIASES}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    for owner in sorted({BACKEND_OPTION_ALIASES[flag][0] for flag in given}):
+        if owner != backend:
+            flags = ", ".join(flag for flag in given if BACKEND_OPTION_ALIASES[flag][0] == owner)
+            raise GraphpressError(f"{flags}: only for --backend {owner} (got --backend {backend})")
+    for flag, value in given.items():
+        key = BACKEND_OPTION_ALIASES[flag][1]
+        value = str(value) if isinstance(value, Path) else value
+        if key in options and options[key] != value:
+            raise GraphpressError(f"{flag} {value} and --backend-option {key}={options[key]} disagree; keep one")
+        options[key] = value
+    return options
 
 
 def _progress_hooks(prog: StageProgress) -> dict[str, Callable[..., None]]:
@@ -244,13 +287,12 @@ def passes(
     """List registered passes (or supported ONNX ops)."""
     from rich.table import Table
 
-    if onnx_ops:
-        from graphpress.frontends.onnx_import import supported_ops
+    from graphpress.api import list_passes, supported_onnx_ops
 
-        ops = supported_ops()
+    if onnx_ops:
+        ops = supported_onnx_ops()
         console.print(f"{len(ops)} ONNX ops supported: " + ", ".join(ops), soft_wrap=True)
         return
-    from graphpress.passes import config_to_dict, describe, registered
 
     t = Table(title="Registered passes", title_justify="left")
     t.add_column("name")
@@ -258,12 +300,10 @@ def passes(
     t.add_column("budget (default)")
     t.add_column("options")
     t.add_column("what it does")
-    for name, cls in registered().items():
-        if name.startswith("test-"):
-            continue
-        defaults = config_to_dict(cls.Config())
+    for info in list_passes():
+        defaults = info["defaults"]
         opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items() if k != "version")
-        if cls.exact:
+        if info["exact"]:
             budget = "allclose"
         else:
             parts = [f"SQNR >= {defaults['min_sqnr_db']:g} dB"] if defaults.get("min_sqnr_db") is not None else []
@@ -271,7 +311,7 @@ def passes(
             budget = ", ".join(parts) or "none"
             if "on_budget" in defaults:
                 budget += f"; on miss: {defaults['on_budget']}"
-        t.add_row(name, "exact" if cls.exact else "lossy", budget, opts or "-", describe(cls))
+        t.add_row(info["name"], "exact" if info["exact"] else "lossy", budget, opts or "-", info["summary"])
     console.print(t)
 
 
@@ -286,10 +326,10 @@ def inspect(
 ) -> None:
     """Summarize a model (ops, params, FLOPs per layer) or an artifact (manifest, metrics)."""
     path = Path(target)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        from graphpress.runtime import load
+    from graphpress.api import load_artifact, load_model
 
-        model = load(path)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        model = load_artifact(path)
         m = model.manifest
         if as_json:
             console.print_json(json.dumps(m))
@@ -300,6 +340,8 @@ def inspect(
         t.add_column("field")
         t.add_column("value", overflow="fold")
         t.add_row("backend", f"{m['backend']} ({m['model_file']})")
+        if m.get("backend_options"):  # artifacts written before backend options have none
+            t.add_row("backend options", ", ".join(f"{k}={v!r}" for k, v in m["backend_options"].items() if k != "version"))
         t.add_row("created", f"{m.get('created')} by graphpress {m.get('graphpress_version')}")
         t.add_row("inputs", ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in m["inputs"]))
         t.add_row("outputs", ", ".join(f"{s['name']}{s['shape']} {s['dtype']}" for s in m["outputs"]))
@@ -309,9 +351,7 @@ def inspect(
         if m.get("metrics"):
             _print_result(m)
         return
-    from graphpress.frontends import load
-
-    graph = load(target, arch=arch, input_shape=input_shape)
+    graph = load_model(target, arch=arch, input_shape=input_shape)
     summary = graph.summary()
     if as_json:
         console.print_json(
@@ -345,14 +385,14 @@ def bench(
     import numpy as np
     from rich.table import Table
 
-    from graphpress.runtime import benchmark, load
+    from graphpress.api import benchmark, load_artifact
 
     if batch < 1:
         raise GraphpressError(f"--batch {batch}: must be at least 1")
     if repeat is not None and repeat < 1:
         raise GraphpressError(f"--repeat {repeat}: must be at least 1")
     dims = parse_dims(dim)
-    model = load(artifact, **({"threads": threads} if threads else {}))
+    model = load_artifact(artifact, **({"threads": threads} if threads else {}))
     shapes = bench_shapes(model.manifest, batch, dims)
     rng = np.random.default_rng(0)
     inputs = []
@@ -438,7 +478,7 @@ def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat:
             soft_wrap=True,
         )
         return
-    from graphpress.backends.he.lower import cost_report
+    from graphpress.api import he_cost_report
 
     runs = []
     with StageProgress() as prog:
@@ -446,7 +486,7 @@ def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat:
         for i in range(repeat):
             runs.append(runner.run(*inputs))
             prog.step(i + 1, repeat, "encrypted inference")
-    cost = cost_report(runner.program, runs[0], label=f"random inputs, median of {repeat} runs")
+    cost = he_cost_report(runner.program, runs[0], label=f"random inputs, median of {repeat} runs")
     for i, row in enumerate(cost["layers"]):
         row["measured_s"] = statistics.median(r.layers[i]["measured_s"] for r in runs)
         row["ratio"] = row["predicted_s"] / row["measured_s"] if row["predicted_s"] and row["measured_s"] > 0 else None
@@ -476,8 +516,7 @@ def tune(
     """Tune a TVM artifact with MetaSchedule in a torch-free subprocess; the database is kept in the artifact."""
     from rich.table import Table
 
-    from graphpress.backends.tvm.tune import tune_artifact
-    from graphpress.runtime.bench import compare_latency
+    from graphpress.api import tune_artifact
 
     if batch < 1:
         raise GraphpressError(f"--batch {batch}: must be at least 1")
@@ -492,25 +531,17 @@ def tune(
                 prog.stage(f"tuning {len(ev['tasks'])} kernels", total=max(trials, 1))
             elif ev["event"] == "progress":
                 prog.step(ev["done"], max(trials, 1), f"trials (kernel {ev['task']})")
+            elif ev["event"] == "measuring":  # api.tune_artifact times untuned vs tuned
+                prog.stage("measuring tuned vs untuned")
 
         summary = tune_artifact(artifact, trials, per_task=per_task, batch=batch, dims=dims, progress=on_event, timeout_s=timeout)
-        prog.stage("measuring tuned vs untuned")
-    from graphpress.backends.tvm.runner import TVMRunner
-
-    runner = TVMRunner(Path(artifact) / "model.so")
-    rng = np.random.default_rng(0)
-    ranges = json.loads((Path(artifact) / "model.json").read_text()).get("input_int_ranges") or [None] * len(summary["shapes"])
-    xs = [rng.integers(r[0], r[1] + 1, size=sh).astype("int64") if r else rng.standard_normal(sh).astype("float32") for sh, r in zip(summary["shapes"], ranges)]
-    cmp = compare_latency({"untuned (main)": lambda: runner.run_function("main", *xs), "tuned (main_static)": lambda: runner.run_function("main_static", *xs)},
-                          (), rounds=30, min_time_s=0.2)
     t = Table(title=f"{artifact}: TVM tuning", title_justify="left")
     for col in ("shapes", "kernels tuned", "trials", "tuning s", "db records", "untuned ms", "tuned ms", "speed-up"):
         t.add_column(col, justify="right")
-    r = cmp.results
+    untuned, tuned = summary["latency_ms"]["untuned"], summary["latency_ms"]["tuned"]
     t.add_row(str(summary["shapes"]), f"{summary.get('tuned_kernels')}/{summary.get('tir_kernels')}", f"{summary['trials_measured']}/{summary['trials']}",
               f"{summary['tuning_s']:.0f}", f"{summary['records_before']} -> {summary['records']}",
-              f"{r['untuned (main)'].median_ms:.3f}", f"{r['tuned (main_static)'].median_ms:.3f}",
-              f"{r['untuned (main)'].median_ms / r['tuned (main_static)'].median_ms:.2f}x")
+              f"{untuned:.3f}", f"{tuned:.3f}", f"{untuned / tuned:.2f}x")
     console.print(t)
     console.print(f"artifact updated: [bold]{artifact}[/bold] (tuning/ holds the database; report.md has a tuning section)")
 
@@ -523,32 +554,28 @@ def he_calibrate(
     show: bool = typer.Option(False, "--show", help="Print the cached costs without measuring."),
 ) -> None:
     """Measure per-operation BFV costs on this machine and cache them for the HE cost model."""
-    from graphpress.backends.he import require_tenseal
+    from graphpress.api import he_cached_costs, he_calibrate
     from graphpress.cli.report import he_costs_table
-    from graphpress.lowering.he import op_costs as he_op_costs
 
     if show:
-        entries = he_op_costs.machine_entries()
+        entries, path = he_cached_costs()
         if not entries:
-            raise GraphpressError(f"{he_op_costs.cache_path()}: no HE costs cached for this machine; run 'compress he-calibrate'")
-        console.print(he_costs_table(entries, f"cached HE op costs (us), {he_op_costs.cache_path()}"))
+            raise GraphpressError(f"{path}: no HE costs cached for this machine; run 'compress he-calibrate'")
+        console.print(he_costs_table(entries, f"cached HE op costs (us), {path}"))
         return
-    require_tenseal()
-    from graphpress.backends.he.costmodel import calibrate, default_grid
-
-    degrees = tuple(poly_degree) if poly_degree else he_op_costs.DEFAULT_DEGREES
-    bad = [n for n in degrees if n not in (1024, 2048, 4096, 8192, 16384, 32768)]
+    bad = [n for n in poly_degree or () if n not in (1024, 2048, 4096, 8192, 16384, 32768)]
     if bad:
         raise GraphpressError(f"--poly-degree {bad[0]}: not one of 1024, 2048, 4096, 8192, 16384, 32768")
     if repeat < 3:
         raise GraphpressError(f"--repeat {repeat}: use at least 3 (medians)")
-    total = len(default_grid(degrees))
     with StageProgress() as prog:
-        prog.stage("measure BFV operations", total=total)
-        entries = calibrate(
-            degrees, repeat=repeat, on_entry=lambda i, n, e: prog.step(i, n, f"parameter sets (N={e['poly_degree']} {e['coeff_modulus_bits']})")
+        prog.stage("measure BFV operations")
+        entries, path = he_calibrate(
+            poly_degree or None,
+            repeat=repeat,
+            on_entry=lambda i, n, e: prog.step(i, n, f"parameter sets (N={e['poly_degree']} {e['coeff_modulus_bits']})"),
         )
-    console.print(he_costs_table(entries, f"HE op costs (us, medians of {repeat}), cached in {he_op_costs.cache_path()}"))
+    console.print(he_costs_table(entries, f"HE op costs (us, medians of {repeat}), cached in {path}"))
 
 
 # ---------------------------------------------------------------------------- demo
@@ -560,44 +587,20 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
 ) -> None:
     """Train a small CNN on scikit-learn's digits, compress it, and report accuracy before/after."""
-    import torch
-
-    from graphpress.api import check_out_dir, compress
-    from graphpress.runtime import load
-    from graphpress.zoo.digits import accuracy, digits_data, train_digits_cnn
-
-    from graphpress.passes import Pipeline
-
-    Pipeline.from_recipe(recipe)  # a bad recipe name or option fails before the training
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="graphpress-demo-")) / "digits-cnn"
-    check_out_dir(out, overwrite)
-    with StageProgress() as prog:
-        prog.stage("train digits CNN (scikit-learn load_digits)")
-        model, acc_before = train_digits_cnn()
-        x_train, _, x_test, y_test = digits_data()
-        hooks = _progress_hooks(prog)
-        stage = hooks.pop("on_stage")
-        result = compress(
-            model,
-            out=out,
-            recipe=recipe,
-            example_inputs=(x_train[:2],),
-            overwrite=overwrite,
-            on_stage=lambda s: stage(f"compress: {s}"),
-            **hooks,
-        )
-    artifact = load(result.folder)
-    acc_after = accuracy(lambda x: torch.from_numpy(artifact(x.numpy())[0]), x_test, y_test)
-    console.print(passes_table(result.manifest["passes"]))
-    _print_result(result.manifest)
     from rich.table import Table
 
-    t = Table(title=f"digits test accuracy ({len(y_test)} held-out images)", title_justify="left")
+    from graphpress.api import digits_demo
+
+    with StageProgress() as prog:
+        demo_result = digits_demo(out, recipe=recipe, overwrite=overwrite, **_progress_hooks(prog))
+    result = demo_result.result
+    console.print(passes_table(result.manifest["passes"]))
+    _print_result(result.manifest)
+    t = Table(title=f"digits test accuracy ({demo_result.test_images} held-out images)", title_justify="left")
     t.add_column("model")
     t.add_column("accuracy", justify="right")
-    t.add_row("torch fp32, before", f"{acc_before:.2%}")
-    t.add_row(f"{result.manifest['backend']} artifact, after", f"{acc_after:.2%}")
+    t.add_row("torch fp32, before", f"{demo_result.accuracy_before:.2%}")
+    t.add_row(f"{result.manifest['backend']} artifact, after", f"{demo_result.accuracy_after:.2%}")
     console.print(t)
     console.print(f"artifact: [bold]{result.folder}[/bold]")
 

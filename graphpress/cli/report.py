@@ -270,7 +270,7 @@ def latency_table(manifest: dict[str, Any]) -> Table | Text | None:
     machine was busy, or a figure's p90/p10 spread is wide
     (:func:`graphpress.runtime.bench.latency_warnings`).
     """
-    from graphpress.runtime.bench import latency_warnings
+    from graphpress.api import latency_warnings
 
     m = manifest["metrics"]
     lat = m.get("latency_ms") or {}

@@ -19,17 +19,17 @@ def samples(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ) -> None:
     """Write real calibration / fine-tuning inputs (or a trained digits checkpoint) for the shipped models."""
-    from graphpress.zoo.samples import KINDS, check_request, describe, write_samples
+    from graphpress.api import check_samples_request, write_samples
 
-    check_request(kind, out, overwrite=overwrite)  # fail before sampling or training
+    check_samples_request(kind, out, overwrite=overwrite)  # fail before sampling or training
     with progress() as bar:
         task = bar.add_task(f"samples {kind}", total=None)
 
         def on_progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=f"samples {kind}: sampling tokens")
 
-        path, data = write_samples(kind, out, n=n, seed=seed, seq_len=seq_len, overwrite=overwrite, on_progress=on_progress)
+        path, description, weights = write_samples(kind, out, n=n, seed=seed, seq_len=seq_len, overwrite=overwrite, on_progress=on_progress)
         bar.update(task, total=1, completed=1, description=f"samples {kind}: done")
-    console.print(f"wrote {path}: {describe(kind, data)}", soft_wrap=True, highlight=False)
-    if KINDS[kind].weights:
+    console.print(f"wrote {path}: {description}", soft_wrap=True, highlight=False)
+    if weights:
         console.print(f"compress it with: compress run {path} --arch graphpress.zoo.digits:digits_cnn -o OUT", soft_wrap=True, highlight=False)

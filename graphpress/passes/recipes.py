@@ -15,6 +15,14 @@ A recipe file::
 ``passes`` items are a pass name, or a one-key mapping ``{name: {option: value}}``. Built-in
 recipes live in ``graphpress/recipes/*.yaml`` and are found by name (``--recipe default``).
 Every error names the file and what to change.
+
+An optional ``backend`` section names the backend the recipe is meant for and its options::
+
+    backend: onnxruntime                       # or, with options:
+    backend: {name: tvm, options: {tune_trials: 64}}
+
+Only its shape is checked here (passes never import backends); :func:`graphpress.api.compress`
+checks the name and the options against the backend's options class before any work.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from graphpress.errors import PassError
 from graphpress.passes.base import config_to_dict, make_pass
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "recipes"
-_TOP_KEYS = ("name", "description", "passes", "verify")
+_TOP_KEYS = ("name", "description", "passes", "verify", "backend")
 _VERIFY_KEYS = ("random_inputs", "seed")
+_BACKEND_KEYS = ("name", "options")
 
 
 @dataclass
@@ -44,6 +53,8 @@ class Recipe:
     random_inputs: int = 2
     seed: int = 0
     origin: str = "<dict>"
+    backend: str | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
     _validated: bool = field(default=False, repr=False)
 
     @classmethod
@@ -75,6 +86,7 @@ class Recipe:
         for key in verify:
             if key not in _VERIFY_KEYS:
                 raise PassError(f"{origin}: unknown verify option '{key}': valid options: {', '.join(_VERIFY_KEYS)}")
+        backend, backend_options = _backend_section(data.get("backend"), origin)
         recipe = cls(
             name=str(data.get("name") or Path(origin).stem),
             passes=passes,
@@ -82,6 +94,8 @@ class Recipe:
             random_inputs=int(verify.get("random_inputs", 2)),
             seed=int(verify.get("seed", 0)),
             origin=origin,
+            backend=backend,
+            backend_options=backend_options,
         )
         recipe.validate()
         return recipe
@@ -97,15 +111,40 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Round-trips through :meth:`from_dict`; configs are spelled out in full."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "passes": [{name: config_to_dict(make_pass(name, cfg).config)} for name, cfg in self.passes],
             "verify": {"random_inputs": self.random_inputs, "seed": self.seed},
         }
+        if self.backend is not None:
+            out["backend"] = {"name": self.backend, "options": dict(self.backend_options)}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _backend_section(section: Any, origin: str) -> tuple[str | None, dict[str, Any]]:
+    """``backend: NAME`` or ``backend: {name: NAME, options: {...}}`` -> (name, options)."""
+    if section is None:
+        return None, {}
+    if isinstance(section, str):
+        return section, {}
+    if not isinstance(section, dict):
+        raise PassError(f"{origin}: 'backend' must be a backend name or {{name: NAME, options: {{...}}}}, got {section!r}")
+    for key in section:
+        if key not in _BACKEND_KEYS:
+            close = difflib.get_close_matches(str(key), _BACKEND_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(_BACKEND_KEYS)}"
+            raise PassError(f"{origin}: unknown backend key '{key}': {hint}")
+    name = section.get("name")
+    if not isinstance(name, str) or not name:
+        raise PassError(f"{origin}: 'backend' needs a 'name' (e.g. backend: {{name: onnxruntime}})")
+    options = section.get("options") or {}
+    if not isinstance(options, dict):
+        raise PassError(f"{origin}: backend 'options' must be a mapping of option names to values, got {options!r}")
+    return name, dict(options)
 
 
 def builtin_recipes() -> dict[str, Path]:
