@@ -53,11 +53,13 @@ import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 import graphpress.ir.ops_sparse  # noqa: F401 -- registers graphpress::sparse_linear(_pc)
 from graphpress.errors import PassError
 from graphpress.ir.graph import Graph
+from graphpress.ir.names import layer_name
 from graphpress.ir.opsets import RESHAPE_OR_COPY
 from graphpress.ir.rewrite import Skips, add_constant, arg, erase_dead, insert_call, is_op
 from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, ladder, notches_at
-from graphpress.passes.layers import QLayer, find_layers, record, rows
+from graphpress.passes.layers import QLayer, find_layers, observe, record, rows
+from graphpress.passes.select import Selector, check_selector
 from graphpress.passes.sparsity import thresholds as th
 from graphpress.passes.sparsity.roles import role
 
@@ -91,8 +93,11 @@ class SparsifyActivationsConfig:
         Also sparsify the layer that produces a graph output.
     min_in_features : int
         Layers with fewer inputs stay dense.
+    targets, ignore : tuple of str
+        Which eligible layers the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
-        Layer names left dense.
+        Exact layer names left dense (the older spelling of ``ignore``).
     max_rows : int
         Calibration rows per layer used for thresholds and errors (evenly strided subsample).
     min_sqnr_db, max_kl : float, optional
@@ -113,6 +118,8 @@ class SparsifyActivationsConfig:
     include_classifier: bool = False
     min_in_features: int = 16
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     max_rows: int = 16384
     min_sqnr_db: float | None = 10.0
     max_kl: float | None = None
@@ -120,6 +127,7 @@ class SparsifyActivationsConfig:
 
     def __post_init__(self) -> None:
         check_on_budget(NAME, self.on_budget)
+        check_selector(NAME, self)
         for option, allowed in (("method", th.METHODS), ("allocation", ("uniform", "greedy")), ("greedy_metric", ("layer", "model"))):
             value = getattr(self, option)
             if value not in allowed:
@@ -258,6 +266,7 @@ class SparsifyActivations(SteppedBackOff):
     def _choose(self, graph: Graph) -> tuple[list[QLayer], dict[str, str], Skips]:
         cfg = self.config
         layers, rejected = find_layers(graph, convs=False)
+        selection = Selector.of(NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
         skipped = Skips()
         for reason in rejected.values():
             skipped.add(reason)
@@ -266,9 +275,9 @@ class SparsifyActivations(SteppedBackOff):
         for layer in layers:
             r = role(layer.node)
             roles[layer.name] = r
-            why = None
-            if layer.name in cfg.skip:
-                why = "skipped by config"
+            why = selection.reason(layer.name, layer.node)
+            if why is not None:
+                pass  # left out by targets / ignore / skip: that reason wins over the pass's own
             elif layer.in_features < cfg.min_in_features:
                 why = f"fewer than min_in_features={cfg.min_in_features} inputs"
             elif not cfg.include_classifier and _feeds_output(layer.node):
@@ -368,34 +377,28 @@ class SparsifyActivations(SteppedBackOff):
         return PassResult(graph, changed=bool(per_layer), stats=stats)
 
 
-class _Counting(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.kept: dict[str, list[float]] = {}
-
-    def run_node(self, n: fx.Node):
-        if n.op == "call_function" and n.target in (SPARSE_LINEAR, SPARSE_LINEAR_PC):
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            x = args[0]
-            if n.target is SPARSE_LINEAR:
-                mask = th.Thresholds(1.0, threshold=float(args[3])).mask(x)
-            else:
-                mask = th.Thresholds(1.0, thresholds=args[3], scores=args[4]).mask(x)
-            self.kept.setdefault(n.name, []).append(float(mask.double().mean()))
-        return super().run_node(n)
-
-
-@torch.no_grad()
 def measure_sparsity(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, float]:
     """Achieved sparsity of every ``sparse_linear(_pc)`` node of ``graph`` on ``batches``
-    (e.g. held-out inputs), keyed by source module name."""
+    (e.g. held-out inputs), keyed by layer name (:func:`graphpress.ir.names.layer_name`)."""
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.call_nodes(SPARSE_LINEAR, SPARSE_LINEAR_PC):
+        readers.setdefault(n.args[0], []).append(n)
+
+    def value(a: Any) -> Any:  # thresholds / scores are constants the rewrite stored
+        return graph.tensor_of(a) if isinstance(a, fx.Node) else a
+
     kept: dict[str, list[float]] = {}
-    for batch in batches:
-        c = _Counting(graph.gm)
-        c.run(*batch)
-        for name, v in c.kept.items():
-            kept.setdefault(name, []).extend(v)
-    names = {n.name: graph.source_module(n) or n.name for n in graph.gm.graph.nodes}
+
+    def count(x_node: fx.Node, x: torch.Tensor) -> None:
+        for n in readers[x_node]:
+            if n.target is SPARSE_LINEAR:
+                mask = th.Thresholds(1.0, threshold=float(value(n.args[3]))).mask(x)
+            else:
+                mask = th.Thresholds(1.0, thresholds=value(n.args[3]), scores=value(n.args[4])).mask(x)
+            kept.setdefault(n.name, []).append(float(mask.double().mean()))
+
+    observe(graph, readers, count, batches)
+    names = {n.name: layer_name(graph, n) for n in graph.gm.graph.nodes}
     return {names[k]: 1.0 - sum(v) / len(v) for k, v in kept.items()}
 
 
