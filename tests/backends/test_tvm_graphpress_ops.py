@@ -1,5 +1,5 @@
 """tvm backend on graphpress ops: each op family, produced by its real pass on a tiny model, is
-expanded into ATen ops and constants (graphpress.ir.expand_ops), builds, and matches the graph;
+expanded into ATen ops and constants (graphpress.backends.tvm.expand_ops), builds, and matches the graph;
 an op with no expansion, or a weight that is not a constant, is refused in one line.
 
 Tolerances: the backend's own check (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|)) must pass, and
@@ -25,7 +25,7 @@ import graphpress.passes.quant
 import graphpress.passes.sparsity  # noqa: F401
 from graphpress.backends import get_backend
 from graphpress.errors import BackendError
-from graphpress.ir.expand_ops import expand_graphpress_ops, graphpress_nodes
+from graphpress.backends.tvm.expand_ops import expand_graphpress_ops, graphpress_nodes
 from graphpress.ir.graph import Graph, op_name
 from graphpress.passes import Pipeline
 from graphpress.passes.base import make_pass

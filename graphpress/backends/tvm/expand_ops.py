@@ -453,7 +453,7 @@ def expand_graphpress_ops(graph: Graph) -> tuple[Graph, dict[str, str]]:
     unknown = [n for n in graphpress_nodes(graph) if n.target not in EXPANSIONS]
     if unknown:
         n = unknown[0]
-        raise ExpansionError(f"{op_name(n)} node {n.name!r} has no ATen expansion (graphpress/ir/expand_ops.py); "
+        raise ExpansionError(f"{op_name(n)} node {n.name!r} has no ATen expansion (graphpress/backends/tvm/expand_ops.py); "
                              "lower with a backend that runs graphpress ops (onnxruntime, torch)")
     g = graph.clone()
     rw = _Rewrite(g, mutated_targets(g), fake_mode(g))

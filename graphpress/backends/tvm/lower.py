@@ -16,7 +16,7 @@ Steps (see ``docs/backends/tvm.md``):
 This is the untuned build: TVM's default schedules, which on CPU run many times slower than ONNX
 Runtime (MetaSchedule tuning is a later step of the backend). graphpress custom ops
 (``graphpress::*``: quantized, circulant, sparse) are expanded before step 1 into ATen ops and
-dense float constants (:mod:`graphpress.ir.expand_ops`; ``info["expanded_ops"]`` says how, per op);
+dense float constants (:mod:`graphpress.backends.tvm.expand_ops`; ``info["expanded_ops"]`` says how, per op);
 an op with no expansion fails with a one-line error naming it.
 """
 
@@ -41,7 +41,7 @@ from graphpress.backends.tvm.regions import RegionRecorder, group_regions
 from graphpress.backends.tvm.runner import META_FILE, TVMRunner, require_tvm
 from graphpress.backends.tvm.tune import tune_folder, tuning_shapes
 from graphpress.errors import BackendError
-from graphpress.ir.expand_ops import ExpansionError, expand_graphpress_ops
+from graphpress.backends.tvm.expand_ops import ExpansionError, expand_graphpress_ops
 from graphpress.ir.graph import Graph
 
 MODEL_FILE = "model.so"
