@@ -1,8 +1,9 @@
 """The package's layering is checked, not assumed (issue 16 step 6).
 
 The contracts live in ``pyproject.toml`` under ``[tool.importlinter]``:
-cli > api > runtime | train | zoo > frontends | backends | passes > ir > errors, frontends and
-backends independent, passes importing only ir, nothing below cli importing cli and nothing
+cli > api > runtime | train | zoo > frontends | backends | passes > lowering > ir > config > errors,
+frontends and backends independent, passes importing only ir (and lowering.he, the HE cost
+arithmetic, which imports no HE library nor torch), nothing below cli importing cli and nothing
 below api importing api, the CLI importing only api (and errors). ``lint-imports`` checks every import, including the ones inside
 functions, and indirect chains.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = ("layers", "frontends-backends", "passes-only-ir", "cli-on-top", "api-above-layers", "cli-only-api")
+CONTRACTS = ("layers", "frontends-backends", "passes-only-ir", "cli-on-top", "api-above-layers", "cli-only-api", "he-costs-pure")
 
 
 def _contract_count() -> int:
@@ -76,21 +77,39 @@ def test_contracts_catch_injected_violations(tmp_path):
             "ir/graph.py": "from graphpress.api import compress",
             "runtime/bench.py": "import graphpress.cli.report",
             "cli/samples.py": "from graphpress.zoo.samples import KINDS",
+            "passes/budget.py": "from graphpress.lowering.onnx import translation_table",
+            "lowering/he/counts.py": "import torch",
         },
     )
     env = dict(os.environ, PYTHONPATH=str(src))  # the copy shadows the editable install
     proc = _run(src, env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert f"Contracts: {_contract_count() - 6} kept, 6 broken." in out, out
+    assert f"Contracts: {_contract_count() - 7} kept, 7 broken." in out, out
     for importer, imported in [
         ("graphpress.passes.base", "graphpress.backends.base"),
         ("graphpress.frontends.onnx", "graphpress.backends.onnxruntime.session"),
         ("graphpress.ir.graph", "graphpress.api"),
         ("graphpress.runtime.bench", "graphpress.cli.report"),
         ("graphpress.cli.samples", "graphpress.zoo.samples"),
+        ("graphpress.passes.budget", "graphpress.lowering.onnx"),
+        ("graphpress.lowering.he.counts", "torch"),
     ]:
         assert re.search(rf"{re.escape(importer)} -> {re.escape(imported)} \(l\.\d+[,)]", out), (importer, imported, out)
+
+
+def test_passes_may_import_only_the_he_part_of_lowering():
+    """Every lowering subpackage but ``he`` is in passes-only-ir's forbidden modules, so a new
+    one (a TVM or another target's lowering) is forbidden to passes from the start."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r'id = "passes-only-ir".*?forbidden_modules = \[(.*?)\]', text, flags=re.S)
+    assert block, "passes-only-ir contract not found"
+    forbidden = set(re.findall(r'"(graphpress\.[\w.]+)"', block.group(1)))
+    subpackages = {p.name for p in (ROOT / "graphpress" / "lowering").iterdir() if (p / "__init__.py").is_file()}
+    assert "he" in subpackages and "onnx" in subpackages, subpackages
+    missing = {f"graphpress.lowering.{name}" for name in subpackages - {"he"}} - forbidden
+    assert not missing, f"add to passes-only-ir's forbidden_modules in pyproject.toml: {sorted(missing)}"
+    assert "graphpress.lowering" not in forbidden and "graphpress.lowering.he" not in forbidden
 
 
 def test_ignored_imports_are_known_violations(tmp_path):

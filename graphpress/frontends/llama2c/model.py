@@ -14,7 +14,7 @@ The projection matrices are stored per layer in ``nn.Linear`` (out, in) layout, 
 ``wk[l]`` is ``(n_kv_heads*head_size, dim)``; run.c's comments write the transposed
 shapes, but its matmul reads the rows as output units. On stories260K the (out, in)
 reading gives 2.8 nats of next-token cross-entropy on the model's own samples, while
-the transposed reading of the square matrices does not (see tests/zoo/test_llama2c.py).
+the transposed reading of the square matrices does not (see tests/zoo/test_zoo_llama2c.py).
 
 RoPE rotates *interleaved* pairs ``(x[..., 0::2], x[..., 1::2])`` as llama2.c does
 (not the half-split rotation of Hugging Face Llama).
@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphpress.errors import FrontendError
-from graphpress.zoo.paths import STORIES260K_RELPATH, expected_path, stories260k_path
 
 __all__ = [
     "ModelArgs",
@@ -47,9 +46,7 @@ __all__ = [
     "is_llama2c_file",
     "load_llama2c",
     "save_llama2c",
-    "llama2c_tiny",
     "sample",
-    "next_token_cross_entropy",
 ]
 
 HEADER = struct.Struct("<7i")
@@ -370,13 +367,14 @@ def is_llama2c_file(path: str | Path) -> bool:
     return True
 
 
-def load_llama2c(path: str | Path | None = None) -> Llama2c:
+def load_llama2c(path: str | Path) -> Llama2c:
     """Load a llama2.c (version 0) model file into :class:`Llama2c`, in eval mode.
 
     Parameters
     ----------
-    path : str or Path, optional
-        The ``.bin`` file; defaults to the shared ``stories260K.bin``.
+    path : str or Path
+        The ``.bin`` file (:func:`graphpress.zoo.llama2c.load_llama2c` defaults it to the
+        shared ``stories260K.bin``).
 
     Returns
     -------
@@ -388,13 +386,6 @@ def load_llama2c(path: str | Path | None = None) -> Llama2c:
     FrontendError
         When the file is missing, truncated or has a bad header.
     """
-    if path is None:
-        path = stories260k_path()
-        if path is None:
-            raise FrontendError(
-                f"{expected_path(STORIES260K_RELPATH)}: stories260K model not found; "
-                "pass a path or set GRAPHPRESS_SHARED"
-            )
     path = Path(path)
     args = read_llama2c_header(path)
     data = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=HEADER.size).astype(np.float32))
@@ -494,54 +485,6 @@ def save_llama2c(model: Llama2c, path: str | Path) -> Path:
     return path
 
 
-def llama2c_tiny(
-    dim: int = 32,
-    hidden_dim: int = 64,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    vocab_size: int = 64,
-    seq_len: int = 64,
-    shared_classifier: bool = True,
-    seed: int = 0,
-) -> Llama2c:
-    """Small randomly initialised :class:`Llama2c` (no file needed), in eval mode.
-
-    Parameters
-    ----------
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len : int
-        Model hyper-parameters; the defaults exercise GQA (4 query heads, 2 kv heads).
-    shared_classifier : bool
-        Tie the classifier to the token embedding.
-    seed : int
-        Seed for the initialisation, so the factory is deterministic.
-
-    Returns
-    -------
-    Llama2c
-    """
-    args = ModelArgs(
-        dim=dim,
-        hidden_dim=hidden_dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        shared_classifier=shared_classifier,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Llama2c(args)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    continue
-                # llama2.c training init: N(0, 0.02); keeps random logits moderate.
-                p.normal_(0.0, 0.02)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -592,22 +535,3 @@ def sample(
         if on_step is not None:
             on_step(tokens.shape[1] - 1, seq_len - 1)
     return tokens
-
-
-@torch.no_grad()
-def next_token_cross_entropy(model: nn.Module, tokens: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Maps ``LongTensor[B, T]`` to logits ``[B, T, vocab]``.
-    tokens : torch.LongTensor
-        ``(B, T)`` sequences, ``T >= 2``.
-
-    Returns
-    -------
-    float
-    """
-    logits = model(tokens[:, :-1]).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
