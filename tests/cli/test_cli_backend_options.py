@@ -3,13 +3,16 @@ aliases: one table of options per backend, validated before any work, written to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 import graphpress.api
+import graphpress.backends
 import graphpress.frontends
+from graphpress.backends.torch import TorchBackend
 from graphpress.cli.main import BACKEND_OPTION_ALIASES, app, backend_options_from_flags, parse_backend_options
 from graphpress.errors import GraphpressError
 
@@ -147,3 +150,44 @@ def test_alias_mapping_is_table_driven():
     assert backend_options_from_flags("he", ["poly_degree=8192"], params) == {"poly_degree": 8192, "protocol": "polynomial"}
     with pytest.raises(GraphpressError, match=r"^--he-protocol: only for --backend he \(got --backend mine\)$"):
         backend_options_from_flags("mine", [], params)
+
+
+# ---------------------------------------------------------------------------- a new backend, no CLI change
+@dataclasses.dataclass(frozen=True)
+class LevelOptions:
+    version: int = 1
+    check_seeds: tuple[int, ...] = (0, 1)
+    level: int = 2
+
+
+class LevelBackend(TorchBackend):
+    """The torch backend under another name, with one option of its own."""
+
+    name = "level"
+    Options = LevelOptions
+
+    def __init__(self, check_seeds=(0, 1), level: int = 2):
+        super().__init__(check_seeds)
+        self.options = LevelOptions(check_seeds=tuple(check_seeds), level=level)
+
+    def lower(self, graph, folder, *, check=True):
+        lowered = super().lower(graph, folder, check=check)
+        lowered.info["level"] = self.options.level
+        return lowered
+
+
+@pytest.fixture
+def level_backend(monkeypatch):
+    monkeypatch.setitem(graphpress.backends._BACKENDS, "level", f"{__name__}:LevelBackend")
+    monkeypatch.setitem(graphpress.backends._OPTIONS, "level", f"{__name__}:LevelOptions")
+
+
+def test_a_registered_backend_gets_options_without_cli_changes(tmp_path, level_backend):
+    out = tmp_path / "art"
+    res = runner.invoke(app, ["run", ARCH, "-b", "level", "-B", "level=3", "-o", str(out), "--no-bench"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend_options"] == {"version": 1, "check_seeds": [0, 1], "level": 3}
+    assert manifest["lowering"]["info"]["level"] == 3
+    line = one_error_line(["run", ARCH, "-b", "level", "-B", "levl=3", "-o", tmp_path / "out2"])
+    assert line == "error: backend 'level': unknown option 'levl': did you mean 'level'?"
