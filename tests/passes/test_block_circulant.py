@@ -218,10 +218,10 @@ def test_nothing_fits_leaves_graph_unchanged(capture, op_count, assert_same_func
 
 def test_unknown_layer_names_and_bad_options_are_one_line_errors(capture):
     graph = capture(small_cnn(), 2, 3, 8, 8)
-    with pytest.raises(PassError, match=r"blocks names unknown layer 'fc_1': did you mean 'fc1'\?") as err:
+    with pytest.raises(PassError, match=r"option 'blocks': names unknown layer 'fc_1': did you mean 'fc1'\?") as err:
         run_pass(graph, blocks={"fc_1": 4})
     assert "\n" not in str(err.value)
-    with pytest.raises(PassError, match="skip names unknown layer 'conv9'"):
+    with pytest.raises(PassError, match="option 'skip': names unknown layer 'conv9'"):
         run_pass(graph, skip=("conv9",))
     with pytest.raises(PassError, match="power of two"):
         run_pass(graph, block_size=6)

@@ -39,7 +39,6 @@ would break circulance); ``stats["bn_handling"]`` says which case applied.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +69,7 @@ from graphpress.passes.circulant.reconstruct import (
     project_reconstruct,
 )
 from graphpress.passes.fisher import fisher_diagonal
+from graphpress.passes.select import Selector, check_names, check_selector
 
 aten = torch.ops.aten
 CIRCULANT_LINEAR = torch.ops.graphpress.circulant_linear.default
@@ -94,6 +94,9 @@ class BlockCirculantConfig:
     blocks : dict of str to int
         Per-layer block size by layer name (:func:`find_layers` names: the source module path,
         e.g. ``layer1.0.conv1``); ``1`` keeps a layer dense. A name that is no layer is an error.
+    targets, ignore : tuple of str
+        Which eligible layers the pass touches: exact names, ``re:`` full-match regexes or op
+        families (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
     skip : tuple of str
         Layer names kept dense.
     method : "mean", "fisher" or "reconstruct"
@@ -114,6 +117,8 @@ class BlockCirculantConfig:
     block_size: int = 4
     blocks: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     method: Literal["mean", "fisher", "reconstruct"] = "mean"
     fisher_micro_batch: int = 1
     damp: float = DEFAULT_DAMP
@@ -121,6 +126,7 @@ class BlockCirculantConfig:
     max_kl: float | None = None
 
     def __post_init__(self) -> None:
+        check_selector(_NAME, self)
         if not _power_of_two(self.block_size):
             raise PassError(f"pass '{_NAME}': block_size must be a power of two >= 1, got {self.block_size!r}")
         bad = {k: v for k, v in dict(self.blocks).items() if not _power_of_two(v)}
@@ -135,7 +141,7 @@ class BlockCirculantConfig:
             raise PassError(f"pass '{_NAME}': fisher_micro_batch must be an integer >= 1, got {self.fisher_micro_batch!r}")
 
     def __hash__(self) -> int:  # the dict field is unhashable; hash the sorted items instead
-        return hash((self.version, self.block_size, tuple(sorted(self.blocks.items())), self.skip, self.method,
+        return hash((self.version, self.block_size, tuple(sorted(self.blocks.items())), self.skip, self.targets, self.ignore, self.method,
                      self.fisher_micro_batch, self.damp, self.min_sqnr_db, self.max_kl))
 
 
@@ -153,8 +159,8 @@ class BlockCirculant:
         cfg = self.config
         layers, rejected = find_layers(graph)
         names = [layer.name for layer in layers]
-        _check_names(cfg.blocks, "blocks", names, rejected)
-        _check_names(dict.fromkeys(cfg.skip), "skip", names, rejected)
+        check_names(_NAME, "blocks", cfg.blocks, [*names, *rejected], names)
+        selection = Selector.of(_NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
 
         kept: dict[str, str] = {name: reason for name, reason in rejected.items()}
         blocks: dict[str, int] = {}
@@ -162,8 +168,8 @@ class BlockCirculant:
         for layer in layers:
             b = cfg.blocks.get(layer.name, cfg.block_size)
             blocks[layer.name] = 1
-            if layer.name in cfg.skip:
-                kept[layer.name] = "skipped by config"
+            if (left_out := selection.reason(layer.name, layer.node)) is not None:
+                kept[layer.name] = left_out
             elif b == 1:
                 kept[layer.name] = "b=1 requested"
             elif not layer.fits(b):
@@ -235,21 +241,6 @@ class BlockCirculant:
             "skipped": dict(skipped),
         }
         return PassResult(graph, changed=bool(plans), stats=stats)
-
-
-def _check_names(keys: dict[str, Any], option: str, names: list[str], rejected: dict[str, str]) -> None:
-    """One-line PassError for a key of ``blocks``/``skip`` that names no linear/conv layer."""
-    known = set(names) | set(rejected)
-    for key in keys:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), sorted(known), n=1)
-        if close:
-            hint = f"did you mean '{close[0]}'?"
-        else:
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            hint = f"layers are: {shown}" if names else "the graph has no eligible linear/conv layer"
-        raise PassError(f"pass '{_NAME}': {option} names unknown layer '{key}': {hint}")
 
 
 def _conv_padding(layer: Layer) -> list[int] | str:

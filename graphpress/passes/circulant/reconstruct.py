@@ -36,6 +36,7 @@ from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg
 from graphpress.passes.circulant.layers import Layer
 from graphpress.passes.circulant.layers import pair as _pair
+from graphpress.passes.layers import observe
 
 DEFAULT_DAMP = 0.01
 
@@ -61,30 +62,26 @@ def _rows(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 def input_moments(graph: Graph, layers: Sequence[Layer], batches: Iterable[tuple[torch.Tensor, ...]] | None = None) -> dict[str, torch.Tensor]:
     """``{weight target: Sigma}``: the second moment ``sum x x^T`` (float64) of each layer's inputs.
 
-    One pass of an :class:`torch.fx.Interpreter` over the calibration batches records every
-    layer's input. Layers sharing a weight tensor add their moments (the shared ``W_b`` must serve
-    both).
+    One pass over the calibration batches (:func:`graphpress.passes.layers.observe`) adds each
+    batch's moment of every layer's input to a running sum (no batch is kept). Layers sharing a
+    weight tensor add their moments (the shared ``W_b`` must serve both).
     """
-    by_node = {layer.node: layer for layer in layers}
+    readers: dict[fx.Node, list[Layer]] = {}
+    for layer in layers:
+        readers.setdefault(layer.node.args[0], []).append(layer)
     sums: dict[str, torch.Tensor] = {}
 
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            if n in by_node:
-                layer = by_node[n]
-                x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
-                rows = _rows(layer, x.detach()).double()
-                m = rows.T @ rows
-                key = layer.weight_target
-                sums[key] = sums[key] + m if key in sums else m
-            return super().run_node(n)
+    def add(x_node: fx.Node, x: torch.Tensor) -> None:
+        for layer in readers[x_node]:
+            rows = _rows(layer, x).double()
+            m = rows.T @ rows
+            key = layer.weight_target
+            sums[key] = sums[key] + m if key in sums else m
 
     batches = list(batches) if batches is not None else graph.calibration_batches()
     if not batches:
         raise PassError("block-circulant: method 'reconstruct' needs calibration inputs (graph.calibration)")
-    with torch.no_grad():
-        for batch in batches:
-            _Recorder(graph.gm).run(*batch)
+    observe(graph, readers, add, batches)
     return sums
 
 

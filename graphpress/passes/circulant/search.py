@@ -82,6 +82,7 @@ from graphpress.passes.circulant.reconstruct import (
 )
 from graphpress.passes.fisher import fisher_diagonal
 from graphpress.passes.ilp import allocate
+from graphpress.passes.select import Selector, check_selector
 
 NAME = "circulant-search"
 _BUDGET_HELP = "expected 'uniform:K' (K a power of two), 'fraction:F' (F > 0) or 'absolute:X' (X >= 0)"
@@ -167,8 +168,12 @@ class CirculantSearchConfig:
         the calibration batches and keep the one with less output noise (see module docstring).
     fisher_micro_batch : int
         Samples per squared gradient of the Fisher (passed on too).
+    targets, ignore : tuple of str
+        Which eligible layers the pass touches: exact names, ``re:`` full-match regexes or op families
+        (:mod:`graphpress.passes.select`); empty ``targets`` means all; ``ignore`` wins.
+        Layers left out are forced dense (passed on to ``block-circulant`` as given).
     skip : tuple of str
-        Layer names forced dense.
+        Exact layer names forced dense (the older spelling of ``ignore``).
     min_sqnr_db, max_kl : float or None
         Pipeline budget of this lossy pass; 0 dB by default (see module docstring).
     on_budget : ``"adapt"`` | ``"fail"``
@@ -188,12 +193,15 @@ class CirculantSearchConfig:
     damp: float = DEFAULT_DAMP
     verify: bool = True
     skip: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
     min_sqnr_db: float | None = 0.0
     max_kl: float | None = None
     on_budget: Literal["adapt", "fail"] = "adapt"
 
     def __post_init__(self) -> None:
         check_on_budget(NAME, self.on_budget)
+        check_selector(NAME, self)
 
 
 def layer_sensitivity(
@@ -244,8 +252,9 @@ def output_sensitivities(
     graph's floating outputs, where ``y_b`` are the outputs with ``W_l`` replaced by
     ``projected(l, b)`` (the dense block-circulant weight of the configured projection method) and
     every other weight untouched. Small independent perturbations add in output noise power to
-    first order, which is what makes the ILP's sum over layers meaningful. The weight is swapped
-    in place and restored (bit-identical) afterwards.
+    first order, which is what makes the ILP's sum over layers meaningful. The projection is
+    swapped in for the weight (:meth:`~graphpress.ir.graph.Graph.swap_tensors`): the weight
+    itself, which the pipeline's snapshot shares, is never written.
     """
     batches = graph.calibration_batches()
     with torch.no_grad():
@@ -256,15 +265,9 @@ def output_sensitivities(
             sizes = [b for b in feasible[layer.name] if b > 1]
             if not sizes:
                 continue
-            weight = graph.get_tensor(layer.weight_target)
-            saved = weight.detach().clone()
-            swapped = {b: projected(layer, b) for b in sizes}  # before any in-place swap: projections read the weight
-            try:
-                for b in sizes:
-                    weight.copy_(swapped[b])
+            for b in sizes:
+                with graph.swap_tensors({layer.weight_target: projected(layer, b)}):
                     out[layer.name][b] = relative_noise(refs, [graph.run(*batch) for batch in batches])
-            finally:
-                weight.copy_(saved)
     return out
 
 
@@ -280,14 +283,8 @@ def joint_output_noise(
         swapped: dict[str, torch.Tensor] = {}
         for layer, b in todo:
             swapped.setdefault(layer.weight_target, projected(layer, b))
-        saved = {t: graph.get_tensor(t).detach().clone() for t in swapped}
-        try:
-            for target, wb in swapped.items():
-                graph.get_tensor(target).copy_(wb)
+        with graph.swap_tensors(swapped):
             noise = relative_noise(refs, [graph.run(*batch) for batch in batches])
-        finally:
-            for target, w in saved.items():
-                graph.get_tensor(target).copy_(w)
     return noise
 
 
@@ -300,6 +297,8 @@ class CirculantSearch:
 
     def __init__(self, config: CirculantSearchConfig = CirculantSearchConfig()):
         self.config = config
+        # layers forced dense: the skip names until plan() resolves targets / ignore on a graph
+        self._left_out: frozenset[str] = frozenset(config.skip)
         # configuration errors surface when the pass is built (recipe load), not mid-pipeline
         self.budget = parse_budget(config.budget)
         self.cost_model = get_cost_model(config.cost_model, owner=NAME)
@@ -364,7 +363,7 @@ class CirculantSearch:
     # ------------------------------------------------------------------ pieces
     def candidates_for(self, layer: Layer) -> list[int]:
         """Feasible block sizes of ``layer`` (1 only when skipped; K added for a uniform:K budget)."""
-        if layer.name in self.config.skip:
+        if layer.name in self._left_out:
             return [1]
         cands = tuple(self.config.candidates)
         if self.budget.kind == "uniform":
@@ -373,7 +372,7 @@ class CirculantSearch:
 
     def uniform_block(self, layer: Layer, k: int) -> int:
         """Block size ``block-circulant`` with ``block_size=k`` gives ``layer``: k if it fits, else 1."""
-        return k if layer.name not in self.config.skip and layer.fits(k) else 1
+        return k if layer.name not in self._left_out and layer.fits(k) else 1
 
     def cost(self, layer: Layer, b: int) -> float:
         """``cost_l(b)`` under the configured cost model (HE models read ``poly_degree``)."""
@@ -437,12 +436,8 @@ class CirculantSearch:
         cfg = self.config
         t_all = time.perf_counter()
         layers, rejected = find_layers(graph)
-        names = {l.name for l in layers}
-        unknown = [s for s in cfg.skip if s not in names]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"eligible layers: {', '.join(sorted(names)) or 'none'}"
-            raise PassError(f"pass '{NAME}': option 'skip': no eligible layer '{unknown[0]}': {hint}")
+        selection = Selector.of(NAME, cfg).resolve({l.name: l.node for l in layers}, rejected)
+        self._left_out = frozenset(l.name for l in layers if not selection.selects(l.name, l.node))
 
         feasible = {l.name: self.candidates_for(l) for l in layers}
         t0 = time.perf_counter()
@@ -483,7 +478,7 @@ class CirculantSearch:
                 "feasible": feasible[layer.name],
                 "costs": dict(costs[layer.name]),
                 "sensitivities": dict(omegas[layer.name]),
-                **({"skipped": True} if layer.name in cfg.skip else {}),
+                **({"skipped": True} if layer.name in self._left_out else {}),
             }
         stats: dict[str, Any] = {
             "budget": {"spec": self.budget.spec, "value": budget},
@@ -585,7 +580,8 @@ class CirculantSearch:
         cfg = self.config
         return make_pass(
             "block-circulant",
-            {"blocks": dict(chosen), "method": cfg.method, "fisher_micro_batch": cfg.fisher_micro_batch, "damp": cfg.damp, "skip": list(cfg.skip)},
+            {"blocks": dict(chosen), "method": cfg.method, "fisher_micro_batch": cfg.fisher_micro_batch, "damp": cfg.damp,
+             "skip": list(cfg.skip), "targets": list(cfg.targets), "ignore": list(cfg.ignore)},
         )(graph)
 
     def _annotate(self, graph: Graph, layers: list[Layer], table: dict[str, dict[str, Any]], stats: dict[str, Any]) -> None:
