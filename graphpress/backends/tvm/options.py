@@ -32,7 +32,8 @@ class TVMOptions:
     """
 
     version: int = 1
-    target: dict[str, Any] | None = None
+    # typed Any: TVMBackend checks the dict itself and its message shows a valid target
+    target: Any = None
     check_seeds: tuple[int, ...] = (0, 1)
     tuning_db: str | None = None
     tune_trials: int = 0
