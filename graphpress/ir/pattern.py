@@ -8,7 +8,7 @@ A pattern describes the producer tree a rewrite needs, rooted at the node the re
 family from :mod:`graphpress.ir.opsets`, a packet or an overload); ``args`` constrain positional
 arguments and ``kw`` named ones (resolved through the op's schema, so ``weight=`` matches whether
 the exporter passed it by position or by keyword). An argument constraint is a sub-pattern or a
-literal compared with ``==`` (a bool matches only a bool); ``any()`` accepts any value, ``const()`` a constant tensor,
+literal compared with ``==`` (a bool matches only a bool); ``any()`` accepts any value, ``const()`` a constant tensor, ``attr()`` any ``get_attr`` node,
 ``through(family, p)`` skips a chain of ops from ``family`` (reading their first argument) before
 matching ``p``; ``alt(p, q, ...)`` is the first alternative that matches. ``commute=True`` also tries the two positional sub-patterns swapped.
 
@@ -19,7 +19,8 @@ constraint alone, or the ``why`` given for it) is what a pass counts in its ``sk
 ``quiet`` op's family mismatch means "not a candidate" and is not counted.
 
 :func:`apply_rules` runs :class:`Rule` objects (pattern, optional check on the whole match,
-rewrite) over a graph, looking rules up by the root node's op.
+rewrite) over a graph, looking rules up by the root node's op; :func:`first_match` is that look-up
+for one node, for a pass that dispatches on rules without rewriting (the pruning dependency analysis).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.fx as fx
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import Skips, constant_tensor, is_alive, mutated_targets, packet
 
-__all__ = ["Match", "NoMatch", "Pattern", "Rule", "alt", "any", "apply_rules", "argument", "const", "index_rules", "match", "op", "through"]
+__all__ = ["Match", "NoMatch", "Pattern", "Rule", "alt", "any", "apply_rules", "argument", "attr", "const", "first_match", "index_rules", "match", "op", "through"]
 
 #: An argument the op's schema does not have (``training`` of ``_native_batch_norm_legit_no_training``).
 ABSENT = type("Absent", (), {"__repr__": lambda self: "<absent>", "__bool__": lambda self: False})()
@@ -228,6 +229,24 @@ def const(name: str | None = None, *, optional: bool = False, single_use: bool |
     return _Const(name, optional, single_use, why)
 
 
+class _Attr(Pattern):
+    def __init__(self, name, why):
+        self.name, self.why = name, why
+
+    def _match(self, value: Any, m: Match) -> NoMatch | None:
+        if not (isinstance(value, fx.Node) and value.op == "get_attr"):
+            return NoMatch(value, self.why or "is not a module attribute")
+        self._capture(value, m)
+        return None
+
+
+def attr(name: str | None = None, *, why: str | None = None) -> Pattern:
+    """A ``get_attr`` node (a parameter or buffer of the module), whatever it holds and whether or
+    not the graph writes it; captured as ``match[name]``. An analysis that only needs to know an
+    operand is a module's tensor uses this; a rewrite that reads the tensor needs :func:`const`."""
+    return _Attr(name, why)
+
+
 class _Any(Pattern):
     def __init__(self, name):
         self.name = name
@@ -311,11 +330,14 @@ def match(pattern: Pattern, node: Any, graph: Graph | None = None, mutated: set[
 @dataclass(frozen=True)
 class Rule:
     """A rewrite as data: ``pattern`` rooted at an ``op()``, an optional ``check(graph, match)``
-    returning a reason to refuse a full match, and ``rewrite(graph, match)``, which edits the graph."""
+    returning a reason to refuse a full match, and ``rewrite(graph, match)``, which edits the graph.
+
+    A table that only dispatches (:func:`first_match`; the pruning dependency analysis) holds its
+    own kind of handler in ``rewrite`` and calls it with its own arguments."""
 
     name: str
     pattern: Pattern
-    rewrite: Callable[[Graph, Match], None]
+    rewrite: Callable[..., None]
     check: Callable[[Graph, Match], str | None] | None = None
 
     def __post_init__(self):
@@ -332,12 +354,37 @@ def index_rules(rules: Iterable[Rule]) -> Mapping[Any, tuple[Rule, ...]]:
     return {k: tuple(v) for k, v in index.items()}
 
 
+def first_match(rules: Iterable[Rule] | Mapping[Any, tuple[Rule, ...]], node: fx.Node, graph: Graph | None = None,
+                mutated: set[str] | None = None) -> tuple[Rule, Match] | list[NoMatch]:
+    """The first rule indexed under ``node``'s overload or packet whose pattern matches and whose
+    check passes, with its match: ``(rule, match)``.
+
+    When none does, the refusals instead, one :class:`NoMatch` per rule tried (quiet ones
+    included; a check's reason is reported at ``node``), in rule order. The list is empty when no
+    rule is indexed under the node's op, so a caller can tell "no rule for this op" from "the rules
+    for this op refused this node". ``rules`` is an :func:`index_rules` table (or rules to index).
+    Nothing is rewritten: :func:`apply_rules` calls ``rule.rewrite(graph, match)``; an analysis
+    that dispatches on rules calls its handler with its own arguments.
+    """
+    index = rules if isinstance(rules, Mapping) else index_rules(rules)
+    own = index.get(node.target, ())
+    fails: list[NoMatch] = []
+    for rule in own + tuple(r for r in index.get(packet(node), ()) if r not in own):
+        result = match(rule.pattern, node, graph, mutated)
+        if isinstance(result, Match):
+            if not (reason := rule.check(graph, result) if rule.check is not None else None):
+                return rule, result
+            result = NoMatch(node, reason)
+        fails.append(result)
+    return fails
+
+
 def apply_rules(graph: Graph, rules: Iterable[Rule] | Mapping[Any, tuple[Rule, ...]], skips: Skips | None = None) -> dict[str, int]:
     """Apply ``rules`` to every node of ``graph``, in graph order; returns ``rule name -> times fired``.
 
-    For each node the first rule that matches and passes its check fires. When none does, the
-    reason of each refusal that is not ``quiet`` is added to ``skips``. Nodes erased by an
-    earlier rewrite are passed over; the caller recompiles the graph.
+    For each node the first rule that matches and passes its check fires (:func:`first_match`).
+    When none does, the reason of each refusal that is not ``quiet`` is added to ``skips``. Nodes
+    erased by an earlier rewrite are passed over; the caller recompiles the graph.
     """
     index = rules if isinstance(rules, Mapping) else index_rules(rules)
     mutated = mutated_targets(graph)
@@ -345,20 +392,13 @@ def apply_rules(graph: Graph, rules: Iterable[Rule] | Mapping[Any, tuple[Rule, .
     for node in list(graph.gm.graph.nodes):
         if node.op != "call_function" or not is_alive(node):
             continue
-        candidates = index.get(node.target, ()) + tuple(r for r in index.get(packet(node), ()) if r not in index.get(node.target, ()))
-        reasons = []
-        for rule in candidates:
-            result = match(rule.pattern, node, graph, mutated)
-            reason = (None if result.quiet else result.reason) if isinstance(result, NoMatch) else (
-                rule.check(graph, result) if rule.check is not None else None)
-            if isinstance(result, Match) and not reason:
-                rule.rewrite(graph, result)
-                fired[rule.name] = fired.get(rule.name, 0) + 1
-                break
-            if reason:
-                reasons.append(reason)
-        else:
-            for reason in reasons:
-                if skips is not None:
-                    skips.add(reason)
+        found = first_match(index, node, graph, mutated)
+        if isinstance(found, tuple):
+            rule, m = found
+            rule.rewrite(graph, m)
+            fired[rule.name] = fired.get(rule.name, 0) + 1
+        elif skips is not None:
+            for fail in found:
+                if not fail.quiet and fail.reason:
+                    skips.add(fail.reason)
     return fired

@@ -9,7 +9,9 @@ from torch import nn
 
 from graphpress.ir.graph import Graph
 from graphpress.ir.opsets import ACTIVATION, ADD, BATCH_NORM, CONV, LINEAR, MOVEMENT, RELU
-from graphpress.ir.pattern import NoMatch, Rule, alt, any, apply_rules, argument, const, index_rules, match, op, through
+from graphpress.ir.pattern import (
+    NoMatch, Rule, alt, any, apply_rules, argument, attr, const, first_match, index_rules, match, op, through,
+)
 from graphpress.ir.rewrite import Skips
 
 aten = torch.ops.aten
@@ -250,3 +252,31 @@ def test_single_use_const_refuses_a_tensor_another_op_reads():
     assert fail.reason == "tensor is shared with another op" and fail.node is first.args[1]
     named = match(op(LINEAR, weight=const(single_use="weight is shared")), first, graph)
     assert named.reason == "weight is shared"
+
+
+def test_first_match_returns_the_rule_or_every_refusal_and_no_refusal_without_a_rule():
+    graph = capture(ConvBNReLU(), 2, 3, 8, 8)
+    relu, bn, conv = only(graph, *RELU), only(graph, *BATCH_NORM), only(graph, *CONV)
+    on_linear = Rule("on-linear", op(RELU, op(LINEAR, why="input is not a linear")), rewrite=lambda g, m: None)
+    vetoed = Rule("vetoed", op(RELU, op(BATCH_NORM)), rewrite=lambda g, m: None, check=lambda g, m: "vetoed by check")
+    fires = Rule("fires", op(RELU, op(BATCH_NORM, name="bn")), rewrite=lambda g, m: None)
+    index = index_rules([on_linear, vetoed, fires])
+    rule, m = first_match(index, relu, graph)
+    assert rule is fires and m["bn"] is bn
+    # no rule takes the relu: one refusal per rule tried, in order; a check's refusal is reported at the root
+    fails = first_match([on_linear, vetoed], relu, graph)
+    assert [(f.node, f.reason) for f in fails] == [(bn, "input is not a linear"), (relu, "vetoed by check")]
+    # no rule indexed under the op: no refusal, which a caller tells apart from refusals
+    assert first_match(index, conv, graph) == []
+    # nothing was rewritten
+    assert only(graph, *RELU) is relu
+
+
+def test_attr_takes_any_module_attribute_node_and_names_what_is_not():
+    graph = capture(ConvBNReLU(), 2, 3, 8, 8)
+    conv = only(graph, *CONV)
+    m = match(op(CONV, any("x"), attr("w")), conv)  # no graph needed: the tensor is not read
+    assert m["w"] is conv.args[1] and m["w"].op == "get_attr" and m["x"].op == "placeholder"
+    fail = match(op(CONV, attr()), conv)
+    assert fail.node is conv.args[0] and fail.reason == "is not a module attribute"
+    assert match(op(CONV, attr(why="input is not a parameter")), conv).reason == "input is not a parameter"

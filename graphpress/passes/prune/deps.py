@@ -10,9 +10,14 @@ kept) or a *zero token* (a zero written by a constant channel pad; dropped from 
 as long as it stays zero until a layer consumes it, else turned into ``FOREIGN``).
 
 Layouts flow forward through the graph by one rule per op family (``docs/passes/prune-channels.md``
-has the table). Root spaces are *joined* (union-find) where an element-wise op combines two tensors
-whose layouts are both the identity of their roots: channel ``i`` of one is channel ``i`` of the
-other (a residual add, SwiGLU's product). A :class:`ChannelGroup` is a union of root spaces;
+has the table). The rules are data: ``_RULES`` indexes, by op, a pattern (:mod:`graphpress.ir.pattern`
+over the families of :mod:`graphpress.ir.opsets`) and the handler that moves the layouts. A node no
+rule takes pins every group it reads, with the reason: its op has no rule, or the op's rules refuse
+it (a transposed convolution, ``mm`` whose weight is an activation, ``addmm`` with scaling).
+
+Root spaces are *joined* (union-find) where an element-wise op combines two tensors whose layouts
+are both the identity of their roots: channel ``i`` of one is channel ``i`` of the other (a
+residual add, SwiGLU's product). A :class:`ChannelGroup` is a union of root spaces;
 pruning keeps the same subset ``K`` of its channels in every member.
 
 Channel maps, not joins
@@ -67,6 +72,7 @@ from graphpress.ir.opsets import (
     CONV_ANY,
     JOIN,
     LAST_DIM_NORM,
+    LINEAR,
     NONZERO_UNARY,
     POOLING,
     POOLING_TUPLE,
@@ -78,6 +84,7 @@ from graphpress.ir.opsets import (
     SPLIT,
     ZERO_SAFE_UNARY,
 )
+from graphpress.ir.pattern import Match, Rule, any as any_, argument, attr, first_match, index_rules, op
 from graphpress.ir.rewrite import arg, packet, refresh_meta
 
 aten = torch.ops.aten
@@ -86,6 +93,7 @@ FOREIGN = -1
 _ZERO_BASE = -2  # a zero token of pad site k is gid == _ZERO_BASE - k
 
 HEADS_REASON = "attention head reshape: not supported yet"
+_NO_PARAM = "weight operand is not a parameter"  # addmm / mm of two activations is no layer
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -413,73 +421,24 @@ class _Analyzer:
                 self.pin(lay, f"reaches graph output '{name}'")
 
     def unknown(self, node: fx.Node, what: str | None = None) -> None:
-        what = what or f"{op_name(node)} (no pruning rule)"
+        reason = f"consumed by '{node.name}': {what or f'{op_name(node)} (no pruning rule)'}"
         for inp in node.all_input_nodes:
-            layouts = list(self.L(inp).values()) + [x for t in self.tuples.get(inp, []) for x in t.values()]
-            if layouts:
-                self.pin_all(layouts, f"consumed by '{node.name}': {what}")
+            self.pin_all([*self.L(inp).values(), *(x for t in self.tuples.get(inp, []) for x in t.values())], reason)
 
     def call(self, node: fx.Node) -> None:
-        p = packet(node)
-        if node.target is operator.getitem:
-            src, i = node.args
-            if src in self.tuples and isinstance(i, int) and i < len(self.tuples[src]):
-                self.layouts[node] = self.tuples[src][i]
-            return
-        if p in CONV_ANY:
-            return self.conv(node)
-        if p is aten.linear:
-            return self.linear(node)
-        if p in (aten.addmm, aten.mm) and isinstance(node.args[-1], fx.Node) and node.args[-1].op == "get_attr":
-            return self.matmul(node, p)
-        if p is aten._assert_tensor_metadata and arg(node, 1, "size") is None and arg(node, 2, "stride") is None:
-            return None  # checks dtype / device only
-        if p is aten.embedding:
-            return self.embedding(node)
-        if p in BATCH_NORM:
-            return self.batch_norm(node)
-        if p in LAST_DIM_NORM:
-            return self.layer_norm(node)
-        if p in ZERO_SAFE_UNARY or p in NONZERO_UNARY or p in SOFTMAX or p is aten.pow:
-            return self.unary(node, p)
-        if p in POOLING or p in POOLING_TUPLE:
-            return self.pooling(node, p in POOLING_TUPLE)
-        if p in JOIN:
-            return self.join(node, p)
-        if p in RESHAPE:
-            return self.reshape(node, p)
-        if p is aten.expand:
-            return self.expand(node)
-        if p in (aten.permute, aten.transpose, aten.t):
-            return self.permute(node, p)
-        if p is aten.select:
-            return self.select(node)
-        if p in (aten.slice, aten.index_select):
-            return self.gather(node, p)
-        if p in (aten.pad, aten.constant_pad_nd):
-            return self.pad(node, p)
-        if p is aten.cat:
-            return self.cat(node)
-        if p in SPLIT:
-            return self.split(node)
-        if p in REDUCTION:
-            return self.reduction(node, p)
-        if p in SHAPE_QUERY:
-            return None
-        if p is aten.group_norm:
-            return self.unknown(node, "group_norm normalizes channels in groups")
-        return self.unknown(node)
+        if isinstance(found := first_match(_RULES, node), tuple):
+            return found[0].rewrite(self, node, found[1])
+        reasons = "; ".join(dict.fromkeys(f.reason if f.node is node else str(f) for f in found))
+        self.unknown(node, f"{op_name(node)} (no pruning rule: {reasons})" if reasons else None)
+
+    def getitem(self, node: fx.Node, m: Match) -> None:
+        src, i = node.args
+        if src in self.tuples and isinstance(i, int) and i < len(self.tuples[src]):
+            self.layouts[node] = self.tuples[src][i]
 
     # ------------------------------------------------------------------ layers
-    def conv(self, node: fx.Node) -> None:
-        x, w = node.args[0], node.args[1]
-        p = packet(node)
-        if p is aten.convolution:
-            bias, groups = arg(node, 2, "bias"), arg(node, 8, "groups", 1)
-            if arg(node, 6, "transposed", False):
-                return self.unknown(node, "transposed convolution")
-        else:
-            bias, groups = arg(node, 2, "bias"), arg(node, 6, "groups", 1)
+    def conv(self, node: fx.Node, m: Match) -> None:
+        x, w, bias, groups = m["x"], m["w"], m["bias"], m["groups"]
         wt = self.graph.tensor_of(w) if isinstance(w, fx.Node) else None
         shape = _shape(node)
         lin = self.L(x)
@@ -489,12 +448,7 @@ class _Analyzer:
                 self.pin(lay, f"channels on spatial dim {d} of conv '{name}'")
         cin = lin.get(1)
         if wt is None:
-            if cin is not None:
-                self.pin(cin, f"conv '{name}' weight is not a constant")
-            rid = self.new_root(node, 1, shape[1], "conv")
-            self.pins.setdefault(rid, []).append(f"conv '{name}' weight is not a constant")
-            self.layouts[node] = {1: Layout.identity(rid, shape[1])}
-            return
+            return self.whole_conv(node, cin, shape[1], "conv", f"conv '{name}' weight is not a constant")
         out_ch, in_per_group = int(wt.shape[0]), int(wt.shape[1])
         c_in = in_per_group * int(groups)
         if groups == 1:
@@ -521,16 +475,19 @@ class _Analyzer:
             self.depthwise.append((node, cin))
             self.layouts[node] = {1: lout}
         else:
-            reason = f"grouped conv '{name}' (groups={groups}): channel groups are not pruned per conv group"
-            if cin is not None:
-                self.pin(cin, reason)
-            rid = self.new_root(node, 1, out_ch, "grouped-conv")
-            self.pins.setdefault(rid, []).append(reason)
-            self.layouts[node] = {1: Layout.identity(rid, out_ch)}
+            self.whole_conv(node, cin, out_ch, "grouped-conv",
+                            f"grouped conv '{name}' (groups={groups}): channel groups are not pruned per conv group")
 
-    def linear(self, node: fx.Node) -> None:
-        x, w = node.args[0], node.args[1]
-        bias = arg(node, 2, "bias")
+    def whole_conv(self, node: fx.Node, cin: Layout | None, out_ch: int, kind: str, reason: str) -> None:
+        """A conv the analysis cannot slice: its input channels and its new root stay whole."""
+        if cin is not None:
+            self.pin(cin, reason)
+        rid = self.new_root(node, 1, out_ch, kind)
+        self.pins.setdefault(rid, []).append(reason)
+        self.layouts[node] = {1: Layout.identity(rid, out_ch)}
+
+    def linear(self, node: fx.Node, m: Match) -> None:
+        x, w, bias = m["x"], m["w"], m["bias"]
         shape = _shape(node)
         last = len(shape) - 1
         lin = self.L(x)
@@ -547,14 +504,9 @@ class _Analyzer:
         out[last] = ident
         self.layouts[node] = out
 
-    def matmul(self, node: fx.Node, p: Any) -> None:
+    def matmul(self, node: fx.Node, m: Match) -> None:
         """``addmm(bias, x, W)`` / ``mm(x, W)`` with a constant ``W`` (in x out): GPT-2's Conv1D."""
-        if p is aten.addmm:
-            bias, x, w = node.args[:3]
-            if any(isinstance(a, (int, float)) and a != 1 for a in (arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1))):
-                return self.unknown(node, "addmm with beta/alpha scaling")
-        else:
-            bias, (x, w) = None, node.args[:2]
+        bias, x, w = m.get("bias"), m["x"], m["w"]
         lin = self.L(x)
         name = self.graph.source_module(node) or node.name
         for d, lay in lin.items():
@@ -573,7 +525,7 @@ class _Analyzer:
                 self.pins.setdefault(rid, []).append(f"'{name}' bias is not a per-channel constant")
         self.layouts[node] = {1: ident}
 
-    def embedding(self, node: fx.Node) -> None:
+    def embedding(self, node: fx.Node, m: Match) -> None:
         w, idx = node.args[0], node.args[1]
         for lay in self.L(idx).values():
             self.pin(lay, f"used as embedding indices in '{node.name}'")
@@ -585,7 +537,7 @@ class _Analyzer:
             self.pins.setdefault(rid, []).append(f"embedding '{node.name}' table is not a constant")
         self.layouts[node] = {last: ident}
 
-    def batch_norm(self, node: fx.Node) -> None:
+    def batch_norm(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = dict(self.L(x))
         c = lin.get(1)
@@ -600,7 +552,7 @@ class _Analyzer:
         else:
             self.tuples[node] = [lin, {}, {}]
 
-    def layer_norm(self, node: fx.Node) -> None:
+    def layer_norm(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         shape = _shape(node)
         ns = list(node.args[1])
@@ -614,17 +566,16 @@ class _Analyzer:
             else:
                 c = hit[last]
                 self.zeros_become_values([c])
-                parts = ((2, "weight"), (3, "bias")) if packet(node) is aten.layer_norm else ((2, "weight"),)
-                for i, part in parts:
-                    t = arg(node, i, part)
+                for part in ("weight", "bias"):  # rms_norm has no bias
+                    t = argument(node, part, None)
                     if t is not None and not self.use(node, t, 0, c, "passthrough", part):
                         self.pin(c, f"'{node.name}' {part} is not a constant")
                 self.sized.append(SizedSite(node, {last: c}))
         self.layouts[node] = dict(lin)
 
     # ------------------------------------------------------------------ channel-preserving
-    def unary(self, node: fx.Node, p: Any) -> None:
-        x = node.args[0]
+    def unary(self, node: fx.Node, m: Match) -> None:
+        x, p = node.args[0], packet(node)
         lin = self.L(x)
         zero_safe = p in ZERO_SAFE_UNARY or (p is aten.pow and isinstance(arg(node, 1, "exponent"), (int, float)) and arg(node, 1, "exponent") > 0)
         if not zero_safe:
@@ -634,18 +585,18 @@ class _Analyzer:
                 return self.unknown(node, f"{op_name(node)} with a second tensor input")
         self.layouts[node] = dict(lin)
 
-    def pooling(self, node: fx.Node, as_tuple: bool) -> None:
+    def pooling(self, node: fx.Node, m: Match) -> None:
         lin = self.L(node.args[0])
         for d, lay in lin.items():
             if d != 1:
                 self.pin(lay, f"channels on pooled dim {d} in '{node.name}'")
         out = {1: lin[1]} if 1 in lin else {}
-        if as_tuple:
+        if packet(node) in POOLING_TUPLE:
             self.tuples[node] = [out, dict(out)]
         else:
             self.layouts[node] = out
 
-    def reduction(self, node: fx.Node, p: Any) -> None:
+    def reduction(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = self.L(x)
         if not lin:
@@ -669,8 +620,8 @@ class _Analyzer:
         self.layouts[node] = out
 
     # ------------------------------------------------------------------ joins
-    def join(self, node: fx.Node, p: Any) -> None:
-        out_shape = _shape(node)
+    def join(self, node: fx.Node, m: Match) -> None:
+        out_shape, p = _shape(node), packet(node)
         if out_shape is None:
             return self.unknown(node)
         rank = len(out_shape)
@@ -732,8 +683,8 @@ class _Analyzer:
         self.layouts[node] = out
 
     # ------------------------------------------------------------------ shapes
-    def reshape(self, node: fx.Node, p: Any) -> None:
-        x = node.args[0]
+    def reshape(self, node: fx.Node, m: Match) -> None:
+        x, p = node.args[0], packet(node)
         lin = self.L(x)
         if not lin:
             return
@@ -761,7 +712,7 @@ class _Analyzer:
         if p in SIZED_RESHAPE or p is aten.unflatten:
             self.sized.append(SizedSite(node, out))
 
-    def expand(self, node: fx.Node) -> None:
+    def expand(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = self.L(x)
         if not lin:
@@ -771,8 +722,8 @@ class _Analyzer:
         self.layouts[node] = out
         self.sized.append(SizedSite(node, out))
 
-    def permute(self, node: fx.Node, p: Any) -> None:
-        x = node.args[0]
+    def permute(self, node: fx.Node, m: Match) -> None:
+        x, p = node.args[0], packet(node)
         lin = self.L(x)
         rank = len(_shape(x))
         if p is aten.permute:
@@ -784,7 +735,7 @@ class _Analyzer:
                 order[a], order[b] = order[b], order[a]
         self.layouts[node] = {j: lin[src] for j, src in enumerate(order) if src in lin}
 
-    def select(self, node: fx.Node) -> None:
+    def select(self, node: fx.Node, m: Match) -> None:
         x, dim = node.args[0], node.args[1]
         lin = self.L(x)
         dim = _norm_dim(int(dim), len(_shape(x)))
@@ -792,47 +743,36 @@ class _Analyzer:
             self.pin(lin[dim], f"'{node.name}' selects a single channel")
         self.layouts[node] = {(d if d < dim else d - 1): lay for d, lay in lin.items() if d != dim}
 
-    def gather(self, node: fx.Node, p: Any) -> None:
+    def gather(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = self.L(x)
         if not lin:
             return
-        rank = len(_shape(x))
-        dim = _norm_dim(int(arg(node, 1, "dim", 0)), rank)
-        out = dict(lin)
-        if dim in lin:
-            lay = lin[dim]
-            if p is aten.slice:
-                start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
-                if not all(v is None or isinstance(v, int) for v in (start, end, step)):
-                    self.pin(lay, f"'{node.name}' slices channels with symbolic bounds")
-                    del out[dim]
-                    self.layouts[node] = out
-                    return
-                src = torch.arange(len(lay))[slice(start, end, step)]
+        dim = _norm_dim(int(arg(node, 1, "dim", 0)), len(_shape(x)))
+        out, lay = dict(lin), lin.get(dim)
+        if lay is not None:
+            if packet(node) is aten.slice:
+                bounds = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+                ok = all(v is None or isinstance(v, int) for v in bounds)
+                src, why = torch.arange(len(lay))[slice(*bounds)] if ok else None, "slices channels with symbolic bounds"
             else:
                 index = self.graph.tensor_of(node.args[2]) if isinstance(node.args[2], fx.Node) else None
-                if index is None:
-                    self.pin(lay, f"'{node.name}' gathers channels with a computed index")
-                    del out[dim]
-                    self.layouts[node] = out
-                    return
-                src = index.long().flatten()
-            out[dim] = lay.take(src)
-            self.gathers.append(Gather(node, dim, src, lay))
+                src, why = None if index is None else index.long().flatten(), "gathers channels with a computed index"
+            if src is None:
+                self.pin(lay, f"'{node.name}' {why}")
+                del out[dim]
+            else:
+                out[dim] = lay.take(src)
+                self.gathers.append(Gather(node, dim, src, lay))
         self.layouts[node] = out
 
-    def pad(self, node: fx.Node, p: Any) -> None:
+    def pad(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = self.L(x)
         if not lin:
             return
         rank = len(_shape(x))
-        amounts = list(node.args[1])
-        if p is aten.pad:
-            mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
-        else:
-            mode, value = "constant", arg(node, 2, "value", 0)
+        amounts, mode, value = list(node.args[1]), argument(node, "mode", "constant"), argument(node, "value")
         out = dict(lin)
         for k in range(len(amounts) // 2):
             d = rank - 1 - k
@@ -854,7 +794,7 @@ class _Analyzer:
             out[d] = Layout.cat([Layout.constant(gid, a), lay, Layout.constant(gid, b)])
         self.layouts[node] = out
 
-    def cat(self, node: fx.Node) -> None:
+    def cat(self, node: fx.Node, m: Match) -> None:
         tensors = list(node.args[0])
         out_shape = _shape(node)
         rank = len(out_shape)
@@ -880,7 +820,7 @@ class _Analyzer:
                 self.pin_all(present, f"'{node.name}' concatenates tensors with different channel layouts on dim {d}")
         self.layouts[node] = out
 
-    def split(self, node: fx.Node) -> None:
+    def split(self, node: fx.Node, m: Match) -> None:
         x = node.args[0]
         lin = self.L(x)
         rank = len(_shape(x))
@@ -965,6 +905,35 @@ class _Analyzer:
                         f"'{node.target}' is also read by {_describe(user)}, which is not rewritten",
                     )
 
+
+#: The rule of each op family; ``rewrite`` is the handler, called as ``handler(analyzer, node, match)``.
+_RULES = index_rules([
+    Rule("getitem", op(operator.getitem), _Analyzer.getitem),
+    Rule("conv", op(CONV_ANY, any_("x"), any_("w"), bias=any_("bias"), groups=any_("groups"),
+                    check=lambda n, m: "transposed convolution" if argument(n, "transposed", False) else None), _Analyzer.conv),
+    Rule("linear", op(LINEAR, any_("x"), any_("w"), bias=any_("bias")), _Analyzer.linear),
+    Rule("addmm", op(aten.addmm, any_("bias"), any_("x"), attr("w", why=_NO_PARAM), beta=1, alpha=1), _Analyzer.matmul),
+    Rule("mm", op(aten.mm, any_("x"), attr("w", why=_NO_PARAM)), _Analyzer.matmul),
+    Rule("dtype check", op(aten._assert_tensor_metadata, size=None, stride=None), lambda *_: None),
+    Rule("shape query", op(SHAPE_QUERY), lambda *_: None),
+    Rule("embedding", op(aten.embedding), _Analyzer.embedding),
+    Rule("batch norm", op(BATCH_NORM), _Analyzer.batch_norm),
+    Rule("last-dim norm", op(LAST_DIM_NORM), _Analyzer.layer_norm),
+    Rule("group norm", op(aten.group_norm), lambda a, n, m: a.unknown(n, "group_norm normalizes channels in groups")),
+    Rule("unary", op(ZERO_SAFE_UNARY | NONZERO_UNARY | SOFTMAX | {aten.pow}), _Analyzer.unary),
+    Rule("pooling", op(POOLING | POOLING_TUPLE), _Analyzer.pooling),
+    Rule("join", op(JOIN), _Analyzer.join),
+    Rule("reshape", op(RESHAPE), _Analyzer.reshape),
+    Rule("expand", op(aten.expand), _Analyzer.expand),
+    Rule("permute", op(aten.permute), _Analyzer.permute), Rule("transpose", op(aten.transpose), _Analyzer.permute),
+    Rule("t", op(aten.t), _Analyzer.permute),
+    Rule("select", op(aten.select), _Analyzer.select),
+    Rule("slice", op(aten.slice), _Analyzer.gather), Rule("index_select", op(aten.index_select), _Analyzer.gather),
+    Rule("pad", op(aten.pad), _Analyzer.pad), Rule("constant_pad_nd", op(aten.constant_pad_nd), _Analyzer.pad),
+    Rule("cat", op(aten.cat), _Analyzer.cat),
+    Rule("split", op(SPLIT), _Analyzer.split),
+    Rule("reduction", op(REDUCTION), _Analyzer.reduction),
+])
 
 __all__ = [
     "FOREIGN",
