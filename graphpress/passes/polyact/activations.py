@@ -51,6 +51,7 @@ from graphpress.ir.graph import Graph
 from graphpress.ir.opsets import MAX_POOL_2D, NON_POLYNOMIAL
 from graphpress.ir.rewrite import Skips, add_constant, arg, insert_call, packet
 from graphpress.passes.base import PassResult, register
+from graphpress.passes.layers import record
 from graphpress.passes.polyact.fit import ACTIVATIONS, FIT_MODES, fit_activation
 
 aten = torch.ops.aten
@@ -209,33 +210,15 @@ def _act_name(node: fx.Node) -> str | None:
     return name if len(node.args) == 1 and not node.kwargs else None
 
 
-class _Observer(fx.Interpreter):
-    """Runs the graph and keeps the values of chosen nodes."""
-
-    def __init__(self, gm: fx.GraphModule, watch: list[fx.Node]):
-        super().__init__(gm)
-        self.watch = set(watch)
-        self.seen: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in watch}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n in self.watch and isinstance(out, torch.Tensor):
-            self.seen[n].append(out.detach().reshape(-1).double())
-        return out
-
-
-@torch.no_grad()
 def _observe(graph: Graph, nodes: list[fx.Node], cfg: PolynomialActivationsConfig) -> dict[fx.Node, torch.Tensor]:
     """Values each of ``nodes`` takes on the calibration batches (a seeded subset of at most ``max_samples``)."""
-    obs = _Observer(graph.gm, nodes)
-    for batch in graph.calibration_batches():
-        obs.run(*batch)
+    seen = record(graph, nodes)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = {}
-    for n, parts in obs.seen.items():
-        if not parts:
+    for n in nodes:
+        if not seen[n.name]:
             raise PassError(f"pass '{_NAME}': node '{n.name}' produced no tensor on the calibration batches")
-        x = torch.cat(parts)
+        x = torch.cat([v.reshape(-1).double() for v in seen[n.name]])
         if x.numel() > cfg.max_samples:
             x = x[torch.randperm(x.numel(), generator=gen)[: cfg.max_samples]]
         out[n] = x
