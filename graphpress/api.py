@@ -747,7 +747,7 @@ def tune_artifact(
     Returns
     -------
     dict
-        The tuning summary (:func:`graphpress.backends.tvm.tune.tune_artifact`) and, with
+        The tuning summary (:func:`graphpress.runtime.tune.tune_artifact`) and, with
         ``compare``, ``"latency_ms": {"untuned": ms, "tuned": ms}``.
     """
     import json
@@ -755,7 +755,7 @@ def tune_artifact(
     import numpy as np
 
     from graphpress.backends.tvm.runner import TVMRunner
-    from graphpress.backends.tvm.tune import tune_artifact as tune
+    from graphpress.runtime.tune import tune_artifact as tune
     from graphpress.runtime.bench import compare_latency
 
     summary = dict(tune(artifact, trials, per_task=per_task, batch=batch, dims=dims, progress=progress, timeout_s=timeout_s))

@@ -23,7 +23,6 @@ Ops
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -12,6 +12,11 @@ import torch, and leaves in the folder:
   shapes, tuned schedules);
 * ``model.json``: gains ``static_shapes`` (the runner dispatches on them) and ``tuning``.
 
+The backend tunes a folder and returns what it tuned (the summary); it never touches an artifact's
+manifest or report: :func:`graphpress.runtime.tune.tune_artifact` copies an artifact's files to a
+scratch folder, calls :func:`tune_folder` there and rewrites the artifact (the runtime sits above
+the backends, so the backend does not import it).
+
 The tuned library is checked against the untuned one on seeded random inputs of the tuned shapes
 and, through ``main``, of another batch (fp32: rtol 1e-4, atol 1e-5 x max(1, max|ref|)). Tuning
 changes schedules, not math; a mismatch is an error and the folder keeps its untuned library.
@@ -37,6 +42,10 @@ from graphpress.backends.tvm.tune_worker import PREFIX
 from graphpress.errors import BackendError
 
 Progress = Callable[[dict[str, Any]], None]
+
+#: The files :func:`tune_folder` adds to a folder (besides rewriting ``model.so`` / ``model.json``):
+#: the MetaSchedule database, which an artifact keeps to seed the next tuning run.
+TUNING_FILES = tuple(f"{TUNING_DIR}/{name}" for name in DB_FILES)
 
 
 def tuning_shapes(meta: dict[str, Any], batch: int = 1, dims: dict[str, int] | None = None) -> list[list[int]]:
@@ -206,48 +215,6 @@ def tune_folder(
     return summary
 
 
-def tune_artifact(
-    artifact: str | os.PathLike,
-    trials: int,
-    *,
-    per_task: int | None = None,
-    batch: int = 1,
-    dims: dict[str, int] | None = None,
-    progress: Progress | None = None,
-    timeout_s: float | None = None,
-) -> dict[str, Any]:
-    """Tune a ``tvm`` artifact folder in place: :func:`tune_folder` on a scratch copy, then the
-    artifact is rewritten atomically (files re-hashed, ``manifest["lowering"]["info"]["tuning"]``,
-    a tuning section in ``report.md``). On any error the artifact is as it was.
-
-    Returns
-    -------
-    dict
-        The tuning summary (see :func:`tune_folder`).
-    """
-    from graphpress.runtime.artifact import MANIFEST, REPORT, read_artifact, write_artifact
-
-    art = read_artifact(artifact)
-    if art.backend != "tvm":
-        raise BackendError(f"{art.folder}: a {art.backend!r} artifact; only --backend tvm artifacts can be tuned")
-    with tempfile.TemporaryDirectory(prefix=f".{art.folder.name}.tune-", dir=art.folder.parent) as tmp_name:
-        tmp = Path(tmp_name)
-        names = [n for n in art.manifest.get("files", {}) if n not in (MANIFEST, REPORT)]
-        for name in names:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(art.folder / name, tmp / name)
-        summary = tune_folder(tmp, trials, per_task=per_task, batch=batch, dims=dims, progress=progress, timeout_s=timeout_s)
-        names = sorted({*names, *(f"{TUNING_DIR}/{n}" for n in DB_FILES)})
-        manifest = json.loads(json.dumps(art.manifest))
-        info = manifest.setdefault("lowering", {}).setdefault("info", {})
-        info["tuned"] = True
-        info["tuning"] = summary
-        manifest.pop("files", None)
-        report = art.report_md.rstrip() + "\n\n" + tuning_report(summary) + "\n"
-        write_artifact(art.folder, {n: tmp / n for n in names}, manifest, report, overwrite=True)
-    return summary
-
-
 def tuning_report(summary: dict[str, Any]) -> str:
     """The ``report.md`` section of a tuning run."""
     return "\n".join([
@@ -261,4 +228,4 @@ def tuning_report(summary: dict[str, Any]) -> str:
     ])
 
 
-__all__ = ["tune_artifact", "tune_folder", "tuning_report", "tuning_shapes"]
+__all__ = ["TUNING_FILES", "tune_folder", "tuning_report", "tuning_shapes"]
