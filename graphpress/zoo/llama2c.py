@@ -46,22 +46,8 @@ __all__ = [
 
 
 def load_llama2c(path: str | Path | None = None) -> Llama2c:
-    """Load a llama2.c (version 0) model file into :class:`Llama2c`, in eval mode.
-
-    Parameters
-    ----------
-    path : str or Path, optional
-        The ``.bin`` file; defaults to the shared ``stories260K.bin``.
-
-    Returns
-    -------
-    Llama2c
-        With the file's RoPE tables in ``freqs_cos``/``freqs_sin``.
-
-    Raises
-    ------
-    FrontendError
-        When the file is missing, truncated or has a bad header.
+    """:func:`graphpress.frontends.llama2c.model.load_llama2c` with ``path`` defaulting to the
+    shared ``stories260K.bin``; a :class:`FrontendError` names where it was looked for when absent.
     """
     if path is None:
         path = stories260k_path()
