@@ -9,12 +9,15 @@ A :class:`Graph` holds
 * the example inputs it was captured with, and names/specs of its inputs and outputs;
 * per-node annotations under ``node.meta["graphpress"]`` (source module, compression state).
 
-Passes mutate ``gm`` in place on a :meth:`Graph.clone`; backends re-export it with
+Passes mutate ``gm`` in place; the pipeline keeps a :meth:`Graph.snapshot` (the structure, sharing
+every tensor) to roll back to, which stays intact because passes *replace* tensors
+(:meth:`Graph.set_tensor`) instead of writing into them. Backends re-export the graph with
 :meth:`Graph.export_program`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -189,16 +192,100 @@ class Graph:
     __call__ = run
 
     def clone(self) -> "Graph":
-        """Deep copy: passes work on a clone so the original stays as the reference."""
+        """Deep copy, tensors included: a graph whose weights may then be written in place."""
+        return self._copy(share_tensors=False)
+
+    def snapshot(self) -> "Graph":
+        """Copy of the structure (nodes, modules, annotations) that shares every tensor.
+
+        Costs the graph's size, not the model's: the pipeline takes one before each pass to
+        roll back to. It stays the graph it was as long as whoever changes the other copy
+        *replaces* tensors (:meth:`set_tensor`, :meth:`swap_tensors`) rather than writing into
+        them; :meth:`written_in_place` tells whether someone did.
+        """
+        return self._copy(share_tensors=True)
+
+    def _copy(self, *, share_tensors: bool) -> "Graph":
         new = copy.copy(self)
+        memo: dict[int, Any] = {}
+        if share_tensors:
+            tensors = self._owned_tensors()
+            memo = {id(t): t for _name, t in tensors}
+            new._versions = {name: (t, t._version) for name, t in tensors}
+        else:
+            new._versions = {}
         with warnings.catch_warnings():
             # deep-copying the module's pytree specs trips a torch-internal FutureWarning
             warnings.simplefilter("ignore", FutureWarning)
-            new.gm = copy.deepcopy(self.gm)
+            new.gm = copy.deepcopy(self.gm, memo)
         new.source = dict(self.source)
         new.input_specs = list(self.input_specs)
         new.output_specs = list(self.output_specs)
         return new
+
+    def _owned_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor held by the module tree: parameters, buffers and plain tensor attributes
+        (``_tensor_constant0``), by dotted path, each object once."""
+        out, seen = [], set()
+        for path, module in self.gm.named_modules(remove_duplicate=False):
+            items = list(module._parameters.items()) + list(module._buffers.items())
+            items += [(a, v) for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
+            for attr, value in items:
+                if isinstance(value, torch.Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    out.append((f"{path}.{attr}" if path else attr, value))
+        return out
+
+    def written_in_place(self) -> list[str]:
+        """Tensors this :meth:`snapshot` shares that were written in place since it was taken
+        (their version counter moved): the snapshot no longer holds the values it was taken
+        with. Empty for a graph that is not a snapshot."""
+        return [name for name, (t, version) in getattr(self, "_versions", {}).items() if t._version != version]
+
+    def release(self) -> None:
+        """Drop this graph's references to its tensors now, without waiting for the garbage
+        collector (an FX module and its graph point at each other, so a dropped graph is freed
+        only by a collection). The graph cannot run afterwards; tensors another graph shares
+        stay alive there."""
+        for module in self.gm.modules():
+            module._parameters.clear()
+            module._buffers.clear()
+            for attr in [a for a, v in vars(module).items() if isinstance(v, torch.Tensor)]:
+                delattr(module, attr)
+        self._versions = {}
+        self.example_inputs = ()
+        self.calibration = None
+
+    @contextlib.contextmanager
+    def swap_tensors(self, values: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Within the block, the tensors at the given targets are ``values``; the original
+        objects are put back afterwards, even on an error.
+
+        For measuring what a change would do (run the graph with one layer quantized) without
+        writing into a weight that a snapshot or the caller's graph shares, and without a copy.
+        """
+        saved: list[tuple[dict | None, torch.nn.Module, str, Any]] = []
+        try:
+            for target, value in values.items():
+                owner_path, _, attr = target.rpartition(".")
+                owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+                table = owner._parameters if attr in owner._parameters else owner._buffers if attr in owner._buffers else None
+                old = table[attr] if table is not None else getattr(owner, attr)
+                saved.append((table, owner, attr, old))
+                value = value.detach()
+                if table is owner._parameters:
+                    table[attr] = torch.nn.Parameter(value, requires_grad=False)
+                elif table is not None:
+                    table[attr] = value
+                else:
+                    setattr(owner, attr, value)
+            yield
+        finally:
+            for table, owner, attr, old in reversed(saved):
+                if table is not None:
+                    table[attr] = old
+                else:
+                    setattr(owner, attr, old)
 
     def calibration_batches(self) -> list[tuple[torch.Tensor, ...]]:
         """User-given calibration batches, else the example inputs as one batch."""

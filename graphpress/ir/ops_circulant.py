@@ -42,6 +42,7 @@ stores; dense or spectral lowerings of the linear, dense expansion + ``Conv`` fo
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -63,6 +64,8 @@ DENSE_MAX_WEIGHTS = 512 * 512
 SPLIT_REAL_MIN_WORK = 1 << 21
 
 _FFT_DTYPES = (torch.float32, torch.float64)
+#: Bytes all weight caches together may hold (see :class:`_WeightCache`).
+CACHE_BYTES = int(float(os.environ.get("GRAPHPRESS_WEIGHT_CACHE_MB", "64")) * 2**20)
 
 
 # ---------------------------------------------------------------------------- weight caches
@@ -75,7 +78,16 @@ class _WeightCache:
     Never cached: weights that require grad (training: they change every step, and writes
     through ``.data`` do not bump the version counter) and inference tensors (no version
     counter). Writing a frozen weight through ``.data`` needs :func:`clear_cache`.
+
+    Bounded: all caches together hold at most :data:`CACHE_BYTES` (``GRAPHPRESS_WEIGHT_CACHE_MB``,
+    64 MiB by default). Once full, new tensors are computed on every call and not kept -- a
+    model bigger than the bound then keeps the hits it has instead of evicting in a cycle (a
+    graph runs its layers in the same order every time, so LRU eviction would miss every time).
+    A dense fp32 copy of every weight of a large model would otherwise stay in memory next to
+    its compact form.
     """
+
+    _held = 0  # bytes held by all caches (a class total: the bound is per process)
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, tuple, dict[str, torch.Tensor]]] = {}
@@ -100,6 +112,7 @@ class _WeightCache:
         with self._lock:
             entry = self._entries.get(wid)
             if entry is not None and (entry[0]() is not weight or entry[1] != state):
+                self._release(entry[2])
                 entry = None
             if entry is None:
                 ref = weakref.ref(weight, lambda _r, wid=wid: self._drop(wid, _r))
@@ -108,19 +121,34 @@ class _WeightCache:
             cached = entry[2].get(key)
         if cached is None:
             cached = make()
+            size = cached.untyped_storage().nbytes() if isinstance(cached, torch.Tensor) else 0
             with self._lock:
-                entry[2][key] = cached
+                if _WeightCache._held + size <= CACHE_BYTES and key not in entry[2]:
+                    entry[2][key] = cached
+                    _WeightCache._held += size
         return cached
+
+    @staticmethod
+    def _release(values: dict[str, torch.Tensor]) -> None:
+        _WeightCache._held -= sum(v.untyped_storage().nbytes() for v in values.values() if isinstance(v, torch.Tensor))
 
     def _drop(self, wid: int, ref: weakref.ref) -> None:
         with self._lock:
             entry = self._entries.get(wid)
             if entry is not None and entry[0] is ref:
                 del self._entries[wid]
+                self._release(entry[2])
 
     def clear(self) -> None:
         with self._lock:
+            for entry in self._entries.values():
+                self._release(entry[2])
             self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes this cache holds."""
+        with self._lock:
+            return sum(v.untyped_storage().nbytes() for e in self._entries.values() for v in e[2].values() if isinstance(v, torch.Tensor))
 
     def __len__(self) -> int:
         return len(self._entries)

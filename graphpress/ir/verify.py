@@ -7,6 +7,12 @@ Checks, in order, each failure a one-line :class:`VerificationError` naming the 
 3. Fake-tensor propagation on the example inputs succeeds (every op accepts its input shapes
    and dtypes), and the outputs' shapes and dtypes equal the recorded output specs.
 
+Propagation is incremental: a node whose op and arguments are unchanged since it was last
+propagated (``meta["graphpress_sig"]``), whose inputs' shapes, strides and dtypes did not move,
+and whose recorded value has static shapes keeps its ``meta["val"]`` without running its meta
+kernel. After a pass that rewrote a few layers only those nodes and their direct users run
+(the whole graph took 0.45 s of fake propagation per check on a 100M-parameter Llama).
+
 Numeric checks (does the graph still compute the same function?) live in the Pipeline.
 """
 
@@ -98,12 +104,71 @@ def _dim_sizes(graph: "Graph", inputs: Sequence[torch.Tensor]) -> dict[str, int]
     return sizes
 
 
+SIGNATURE_KEY = "graphpress_sig"
+
+
 class _TrackingProp(FakeTensorProp):
-    """FakeTensorProp that remembers the node being run, to name it in errors."""
+    """FakeTensorProp that remembers the node being run (to name it in errors) and skips the
+    nodes it can prove unchanged (module docstring)."""
 
     current = None
 
+    def __init__(self, gm, mode, reuse: bool = True):
+        super().__init__(gm, mode)
+        self.reuse = reuse
+        self.moved: set = set()  # nodes whose value's metadata changed in this propagation
+        self.skipped = 0
+
     def run_node(self, n):
         self.current = n
+        old = n.meta.get("val")
+        sig = _signature(self.module, n)
+        if (self.reuse and n.op not in ("placeholder", "output") and old is not None and n.meta.get(SIGNATURE_KEY) == sig
+                and _static(old) and not any(i in self.moved for i in n.all_input_nodes)):
+            self.skipped += 1
+            return _fresh(self._mode, old)
         result = super().run_node(n)
+        n.meta[SIGNATURE_KEY] = sig
+        if not _static(old) or _layout(old) != _layout(n.meta.get("val")):
+            self.moved.add(n)
         return result
+
+
+def _signature(gm, n) -> tuple:
+    """What a node's value depends on besides its inputs' values: op, target, the arguments
+    (input nodes by name) and, for a ``get_attr``, the tensor's layout."""
+    if n.op == "get_attr":
+        obj = gm
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part, None)
+        return (n.op, n.target, _layout(obj) if isinstance(obj, torch.Tensor) else type(obj).__name__)
+    args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{a.name}")
+    return (n.op, str(n.target), repr(args))
+
+
+def _static(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return all(isinstance(d, int) for d in v.shape) and all(isinstance(d, int) for d in v.stride())
+    if isinstance(v, (list, tuple)):
+        return all(_static(x) for x in v)
+    return isinstance(v, (int, float, bool, type(None)))
+
+
+def _layout(v):
+    if isinstance(v, torch.Tensor):
+        if not _static(v):
+            return None
+        return (tuple(v.shape), tuple(v.stride()), v.dtype, v.device.type)
+    if isinstance(v, (list, tuple)):
+        return tuple(_layout(x) for x in v)
+    return repr(v)
+
+
+def _fresh(mode, v):
+    """A fake value in ``mode`` with the layout of a recorded one (static shapes only)."""
+    if isinstance(v, torch.Tensor):
+        with mode:
+            return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_fresh(mode, x) for x in v)
+    return v

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.fx as fx
 
 from graphpress.errors import GraphpressError, PassError, VerificationError
-from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, same_nonfinite, sqnr_db, tolerance
+from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, same_nonfinite, sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.passes.base import Pass, config_to_dict, make_pass
 from graphpress.passes.budget import Adaptive
+from graphpress.passes.instruments import PassInstrument, Progress, default_instruments, first_divergence
 
 
 
@@ -51,6 +51,7 @@ class StepRecord:
     cumulative: list[OutputDiff] = field(default_factory=list)
     kl: float | None = None
     error: str | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def worst_step_sqnr_db(self) -> float:
@@ -74,6 +75,7 @@ class StepRecord:
             "cumulative": [d.to_dict() for d in self.cumulative],
             "kl": self.kl,
             "error": self.error,
+            "memory": self.memory,
         }
 
 
@@ -112,6 +114,9 @@ class Pipeline:
         Seed of the random inputs.
     name : str
         Recipe name for the report.
+    instruments : sequence of PassInstrument
+        Run around every pass after the default ones (timing, memory, failure diagnosis); see
+        :mod:`graphpress.passes.instruments`.
 
     Examples
     --------
@@ -120,7 +125,8 @@ class Pipeline:
     >>> report.graph, report.steps[0].stats  # doctest: +SKIP
     """
 
-    def __init__(self, passes: Sequence[Pass | str | tuple[str, dict]], *, random_inputs: int = 2, seed: int = 0, name: str = "custom"):
+    def __init__(self, passes: Sequence[Pass | str | tuple[str, dict]], *, random_inputs: int = 2, seed: int = 0, name: str = "custom",
+                 instruments: Sequence[PassInstrument] = ()):
         self.passes: list[Pass] = []
         for p in passes:
             if isinstance(p, str):
@@ -133,6 +139,7 @@ class Pipeline:
         self.random_inputs = random_inputs
         self.seed = seed
         self.name = name
+        self.instruments = list(instruments)
 
     @classmethod
     def from_recipe(cls, recipe) -> "Pipeline":
@@ -167,7 +174,14 @@ class Pipeline:
         return sets
 
     def run(self, graph: Graph, *, on_event: Event | None = None) -> PipelineReport:
-        """Run every pass on a clone of ``graph``; the input graph is never modified.
+        """Run every pass; the input graph is never modified.
+
+        Memory: a pass runs on a :meth:`~graphpress.ir.graph.Graph.snapshot` of the graph before
+        it (the structure copied, every tensor shared), so a pass that replaces a weight keeps
+        the old one alive only until it is verified, and an exact pass copies no weight at all.
+        A pass must *replace* tensors, never write into them, unless it declares
+        ``writes_in_place = True`` (it then runs on a deep copy); a pass that wrote into a shared
+        tensor without declaring it is stopped with an error naming the tensor.
 
         ``on_event(kind, index, total, record)`` is called with kind ``"start"`` before and
         ``"end"`` after each pass (the CLI drives its progress bar with it).
@@ -178,43 +192,57 @@ class Pipeline:
         except VerificationError as err:
             raise VerificationError(f"input graph failed verification before any pass: {err}") from None
         inputs = self.check_inputs(graph)
+        instruments = default_instruments() + self.instruments + ([Progress(on_event)] if on_event else [])
+        for ins in instruments:
+            ins.run_start(graph, self.passes)
         original = [graph.run(*x) for x in inputs]
         previous_outputs = original
-        current = graph.clone()
+        current = graph.snapshot()
         steps: list[StepRecord] = []
         params0 = graph.parameter_count()
         total = len(self.passes)
         for i, p in enumerate(self.passes):
             record = StepRecord(p.name, config_to_dict(p.config), bool(p.exact), params_before=current.parameter_count())
-            if on_event:
-                on_event("start", i, total, record)
+            for ins in instruments:
+                ins.pass_start(i, p, current, record)
             where = _where(p.name, i, total, [s.name for s in steps])
-            before = current.clone()
-            t0 = time.perf_counter()
             first = self._attempt(p, current, where, inputs, previous_outputs, original)
             chosen = first
             if first.problem and not p.exact and _adapts(p):
-                chosen = self._back_off(p, before, where, inputs, previous_outputs, original, first)
-            record.time_s = time.perf_counter() - t0
+                chosen = self._back_off(p, current, where, inputs, previous_outputs, original, first)
             record.changed, record.stats = chosen.changed, chosen.stats
             record.step, record.cumulative, record.kl = chosen.step, chosen.cumulative, chosen.kl
             record.params_after = chosen.graph.parameter_count()
             if chosen.problem:
                 record.error = chosen.problem
-                node = first_divergence(before, chosen.graph, inputs[0])
-                at = f"; first diverging node: '{node}'" if node else ""
+                notes = [n for ins in instruments if (n := ins.pass_failed(i, p, current, chosen.graph, record))]
+                at = "".join(f"; {n}" for n in notes)
                 # the first try's miss (at what was asked), then what backing off reached
                 raise VerificationError(f"{where} broke the model: {first.problem}{_advice(p, first, chosen)}{at}")
+            for a in chosen.siblings:
+                a.graph.release()
+            current.release()  # a snapshot: the tensors the pass replaced go now, not at the next gc
             current = chosen.graph
             previous_outputs = chosen.outputs
             steps.append(record)
-            if on_event:
-                on_event("end", i, total, record)
-        return PipelineReport(current, steps, params0, current.parameter_count(), time.perf_counter() - t_all)
+            for ins in instruments:
+                ins.pass_end(i, p, current, record)
+        report = PipelineReport(current, steps, params0, current.parameter_count(), time.perf_counter() - t_all)
+        for ins in instruments:
+            ins.run_end(report)
+        return report
 
-    def _attempt(self, p: Pass, graph: Graph, where: str, inputs: list, previous: list, original: list) -> "_Attempt":
-        """Run ``p`` on ``graph`` (which it may change in place), verify the structure, compare
-        the outputs with the previous graph and the original, and judge the budget."""
+    @staticmethod
+    def _work_copy(p: Pass, graph: Graph) -> Graph:
+        """What pass ``p`` runs on: a snapshot sharing the tensors of ``graph``, or a deep copy
+        for a pass that declares it writes tensors in place."""
+        return graph.clone() if getattr(p, "writes_in_place", False) else graph.snapshot()
+
+    def _attempt(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list) -> "_Attempt":
+        """Run ``p`` on a work copy of ``before`` (:meth:`_work_copy`), check that ``before``
+        is intact, verify the structure, compare the outputs with the previous graph and the
+        original, and judge the budget."""
+        graph = self._work_copy(p, before)
         try:
             result = p(graph)
         except GraphpressError as err:
@@ -222,6 +250,13 @@ class Pipeline:
         except Exception as err:  # noqa: BLE001 -- a bug in a pass must still name the pass
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise PassError(f"{where} failed: {type(err).__name__}: {msg[:300]}") from err
+        written = graph.written_in_place()
+        if written:
+            more = f" and {len(written) - 1} more" if len(written) > 1 else ""
+            raise PassError(
+                f"{where} wrote into tensor '{written[0]}'{more} in place, which the graph before it shares: replace tensors "
+                f"with graph.set_tensor / measure with graph.swap_tensors, or declare writes_in_place = True on the pass class"
+            )
         out = result.graph
         try:
             out.verify()
@@ -245,7 +280,7 @@ class Pipeline:
             return first
 
         def run(level: int) -> _Attempt:
-            a = self._attempt(p.back_off(level), before.clone(), where, inputs, previous, original)
+            a = self._attempt(p.back_off(level), before, where, inputs, previous, original)
             a.level = level
             tries.append(a)
             return a
@@ -280,6 +315,7 @@ class Pipeline:
             "tries": [{"moves": a.level, "sqnr_db": _round(a.worst_sqnr), "kl": _round(a.kl)} for a in tries],
         }
         chosen.tried = len(tries)
+        chosen.siblings = [a for a in tries if a is not chosen]
         return chosen
 
     @staticmethod
@@ -320,6 +356,7 @@ class _Attempt:
     problem: str | None = None
     level: int = 0
     tried: int = 1
+    siblings: list["_Attempt"] = field(default_factory=list)  # the other tries, released once one is kept
 
     @property
     def worst_sqnr(self) -> float:
@@ -419,38 +456,6 @@ def _logits_kl(refs: list[tuple[torch.Tensor, ...]], outs: list[tuple[torch.Tens
     if any(math.isnan(k) for k in kls):
         return math.nan
     return max(kls) if kls else None
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op == "call_function":
-            self.values[n.name] = out.detach()
-        return out
-
-
-@torch.no_grad()
-def first_divergence(before: Graph, after: Graph, inputs: Sequence[torch.Tensor]) -> str | None:
-    """Name of the first node (in ``after``'s order) whose value differs from the same-named
-    node in ``before`` beyond the exact tolerance; None when nodes cannot be paired."""
-    a, b = _Recorder(before.gm), _Recorder(after.gm)
-    try:
-        a.run(*inputs)
-        b.run(*inputs)
-    except Exception:  # noqa: BLE001 -- diagnosis is best-effort
-        return None
-    for name, val in b.values.items():
-        ref = a.values.get(name)
-        if ref is None or ref.shape != val.shape or ref.dtype != val.dtype or not ref.dtype.is_floating_point:
-            continue
-        rtol, atol = tolerance(ref.dtype, float(ref.abs().max()) if ref.numel() else 1.0)
-        if not torch.allclose(val.double(), ref.double(), rtol=rtol, atol=atol, equal_nan=True):
-            return name
-    return None
 
 
 __all__ = ["Pipeline", "PipelineReport", "StepRecord", "budget_of", "first_divergence", "sqnr_db"]

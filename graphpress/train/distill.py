@@ -413,8 +413,9 @@ def distill(
     Parameters
     ----------
     student : Graph
-        The compressed graph; only the tensors selected by ``config.trainable`` change, in place
-        (same tensor objects, same shapes), and their ``requires_grad`` flags are restored.
+        The compressed graph; only the tensors selected by ``config.trainable`` change: each is
+        replaced by a trained copy under the same name and shape (the untrained tensor may be
+        shared with the teacher, which must not move), ``requires_grad`` off again afterwards.
     teacher : Graph
         The reference (usually the original graph); only run, under ``no_grad``.
     inputs : Tensor, tuple of Tensor, or list of tuples
@@ -604,14 +605,16 @@ def _module_tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _prepare_leaves(student: Graph, targets: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors autograd and Adam can train: leaves, not inference tensors."""
+    """Tensors autograd and Adam can train: the student's own leaves.
+
+    Each is a copy registered under the same name: a pipeline's result shares every tensor a
+    pass did not replace with the graph it started from (usually the teacher), and training
+    the shared object would move the teacher too. A copy is also what an inference tensor
+    (made under ``inference_mode`` by some pass) needs, as ``requires_grad_`` refuses those."""
     out = []
     for target, t in zip(targets, tensors):
-        if t.is_inference():
-            # made under inference_mode by some pass: requires_grad_ would refuse; a plain copy
-            # registered under the same name (same kind) trains the same value
-            student.set_tensor(target, t.clone())
-            t = student.get_tensor(target)
+        student.set_tensor(target, t.detach().clone())
+        t = student.get_tensor(target)
         if not t.is_leaf:
             raise PassError(f"distill: tensor {target} is computed by autograd (not a leaf); cannot train it in place")
         out.append(t)

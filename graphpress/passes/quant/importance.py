@@ -182,28 +182,32 @@ def measured_sensitivities(graph: Graph, layers: Sequence[QLayer], options: dict
     for layer in progress_iter(layers):
         noise[layer.name], kl[layer.name] = {}, {}
         weight = graph.get_tensor(layer.weight_target)
-        saved = weight.detach().clone()
-        try:
-            for b in options[layer.name]:
-                if b >= 32:
-                    noise[layer.name][b] = 0.0
-                    kl[layer.name][b] = 0.0
-                    continue
-                weight.copy_(quantizer(layer, b).to(weight.dtype))
+        for b in options[layer.name]:
+            if b >= 32:
+                noise[layer.name][b] = 0.0
+                kl[layer.name][b] = 0.0
+                continue
+            # swapped, not written: the pipeline's snapshot of the graph shares this weight
+            with graph.swap_tensors({layer.weight_target: quantizer(layer, b).to(weight.dtype)}):
                 ratio, k = _noise_and_kl(refs, [graph.run(*x) for x in batches])
-                weight.copy_(saved)
-                noise[layer.name][b] = ratio
-                if k is not None:
-                    kl[layer.name][b] = k
-        finally:
-            weight.copy_(saved)
+            noise[layer.name][b] = ratio
+            if k is not None:
+                kl[layer.name][b] = k
     return noise, kl
 
 
 # ---------------------------------------------------------------------------- public API
-def _relative_weight_noise(w: torch.Tensor, wq: torch.Tensor) -> float:
-    den = float(w.double().pow(2).sum())
-    return float((w.double() - wq.double()).pow(2).sum()) / den if den > 0 else 0.0
+def _relative_weight_noise(w: torch.Tensor, wq: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``||w - wq||^2 / ||w||^2`` summed in float64, ``chunk`` elements at a time: a float64
+    copy of a whole LM head is 8 bytes per weight (200 MB at 25M weights), several times over."""
+    a, b = w.detach().reshape(w.shape[0], -1), wq.detach().reshape(w.shape[0], -1)
+    rows = max(1, chunk // max(1, a.shape[1]))
+    num = den = 0.0
+    for i in range(0, a.shape[0], rows):
+        x = a[i:i + rows].double()
+        den += float(x.pow(2).sum())
+        num += float((x - b[i:i + rows].double()).pow(2).sum())
+    return num / den if den > 0 else 0.0
 
 
 def _tag(method: str, options: dict[str, Sequence[int]], quant_tag: str, zd_cut: float) -> str:

@@ -1,0 +1,236 @@
+"""Peak memory and overhead of a three-pass pipeline on a ~100M-parameter Llama, today's tree
+next to an older one (issue 16, step 4).
+
+A Llama built from a transformers config (random weights, vocab 32000, GQA) is saved as a Hugging
+Face folder once; then each tree runs, in its own fresh process and interleaved (old, new, old,
+new ...), the same job:
+
+1. load the folder through the Hugging Face frontend (``load_hf_folder``),
+2. run ``fold-constants -> quantize-layerwise (int8 weight-only) -> eliminate-dead-code`` through
+   ``Pipeline.run`` with the default verification,
+3. report
+
+   * ``peak_over_weights``: (peak RSS during ``Pipeline.run`` - RSS of the process before the
+     model existed) / the model's weight bytes -- the model itself counts 1.0;
+   * ``overhead_fraction``: (wall time of ``Pipeline.run`` - the passes' own ``__call__`` time -
+     one verification run per pass) / wall time, where a verification run is one forward pass
+     on the example inputs (the median of three, timed before the pipeline);
+   * ``left_for_gc_mb``: memory the process still held after the report was dropped and freed
+     only by ``gc.collect()`` (copies kept alive by reference cycles).
+
+The peak is the kernel's VmHWM after it was reset through ``/proc/self/clear_refs`` just before
+``Pipeline.run``. Targets: ``peak_over_weights <= 1.5`` and ``overhead_fraction <= 0.20``.
+
+Run: ``python benchmarks/pipeline_memory.py [--old REV] [--repeats 2] [--layers 8]``; prints a
+table and writes ``benchmarks/results/pipeline_memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULT = HERE / "results" / "pipeline_memory.json"
+RECIPE = [
+    ("fold-constants", {}),
+    ("quantize-layerwise", {"bits": [8], "target_bits": 8, "activations": "none"}),
+    ("eliminate-dead-code", {}),
+]
+TARGETS = {"peak_over_weights": 1.5, "overhead_fraction": 0.20}
+
+
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_folder(folder: Path, layers: int) -> dict:
+    """A Llama from config with seeded random weights, saved as safetensors."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return {"layers": layers, "params": sum(p.numel() for p in model.parameters())}
+
+
+class _Timed:
+    """Forwards everything to a pass but times its ``__call__`` (the pass's own work)."""
+
+    def __init__(self, inner, spent: list):
+        self.__dict__["_inner"], self.__dict__["_spent"] = inner, spent
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, graph):
+        t0 = time.perf_counter()
+        try:
+            return self._inner(graph)
+        finally:
+            self._spent.append(time.perf_counter() - t0)
+
+
+def worker(folder: str, threads: int) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(threads)
+    import graphpress
+    from graphpress.frontends.huggingface import load_hf_folder
+    from graphpress.passes.pipeline import Pipeline
+
+    rss_start = _status("VmRSS")
+    graph = load_hf_folder(folder)
+    gc.collect()
+    rss_model = _status("VmRSS")
+    weights = graph.parameter_bytes()
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        graph.run(*graph.example_inputs)
+        runs.append(time.perf_counter() - t0)
+    t_run = statistics.median(runs)
+
+    spent: list[float] = []
+    pipe = Pipeline(RECIPE)
+    pipe.passes = [_Timed(p, spent) for p in pipe.passes]
+    gc.collect()
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    report = pipe.run(graph)
+    wall = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    steps = [{"name": s.name, "changed": s.changed, "time_s": round(s.time_s, 3)} for s in report.steps]
+    # what only the garbage collector frees once the caller has dropped the result
+    del report
+    rss_dropped = _status("VmRSS")
+    gc.collect()
+    rss_collected = _status("VmRSS")
+    work = sum(spent)
+    overhead = wall - work - len(RECIPE) * t_run
+    return {
+        "graphpress": str(Path(graphpress.__file__).parent),
+        "weight_bytes": weights,
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_model_mb": round(rss_model / 2**20, 1),
+        "peak_mb": round(peak / 2**20, 1),
+        "peak_reset": reset,
+        "peak_over_weights": round((peak - rss_start) / weights, 3),
+        "wall_s": round(wall, 3),
+        "pass_work_s": round(work, 3),
+        "verification_run_s": round(t_run, 4),
+        "overhead_s": round(overhead, 3),
+        "overhead_fraction": round(overhead / wall, 3),
+        "left_for_gc_mb": round(max(rss_dropped - rss_collected, 0) / 2**20, 1),
+        "steps": steps,
+    }
+
+
+def _tree(rev: str, where: Path) -> Path:
+    """The source of ``rev`` exported into ``where`` (no checkout of the working tree)."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "graphpress"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
+
+
+def _run(tree: Path, folder: Path, threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder), "--threads", str(threads)],
+        env=env, capture_output=True, text=True, cwd=str(tree),
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"worker in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", default="c9d59e5", help="git revision measured as 'before' (default: the tree before issue 16 step 4)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers (8 -> ~100M parameters)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads)))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from common import machine_info
+
+    with tempfile.TemporaryDirectory(prefix="gp-pipemem-") as tmp:
+        tmp = Path(tmp)
+        model = make_folder(tmp / "llama", args.layers)
+        trees = {"before": _tree(args.old, tmp / "old"), "now": ROOT}
+        runs: dict[str, list[dict]] = {k: [] for k in trees}
+        for _ in range(args.repeats):
+            for name, tree in trees.items():  # interleaved: before, now, before, now
+                runs[name].append(_run(tree, tmp / "llama", args.threads))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    rows = {}
+    for name in trees:
+        rows[name] = {k: med(name, k) for k in ("peak_over_weights", "peak_mb", "rss_model_mb", "rss_start_mb", "wall_s", "pass_work_s",
+                                                  "verification_run_s", "overhead_s", "overhead_fraction", "left_for_gc_mb")}
+        rows[name]["spread_wall_s"] = [min(r["wall_s"] for r in runs[name]), max(r["wall_s"] for r in runs[name])]
+    weights = runs["now"][0]["weight_bytes"]
+    met = {k: rows["now"][k] <= v for k, v in TARGETS.items()}
+    result = {
+        "benchmark": "pipeline_memory",
+        "model": {**model, "weight_bytes": weights, "weight_mb": round(weights / 2**20, 1)},
+        "recipe": [{n: c} for n, c in RECIPE],
+        "old_revision": args.old,
+        "repeats": args.repeats,
+        "targets": TARGETS,
+        "targets_met": met,
+        "median": rows,
+        "runs": runs,
+        "machine": machine_info(threads=args.threads),
+    }
+    RESULT.parent.mkdir(exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Llama {model['params'] / 1e6:.1f}M params, {weights / 2**20:.0f} MB weights; medians of {args.repeats} interleaved runs")
+    print(f"{'':28s}{'before':>12s}{'now':>12s}{'target':>10s}")
+    for key, label in [("peak_over_weights", "peak RSS / weight bytes"), ("overhead_fraction", "overhead / wall"),
+                       ("peak_mb", "peak RSS (MB)"), ("wall_s", "pipeline wall (s)"), ("pass_work_s", "passes' own work (s)"),
+                       ("overhead_s", "overhead (s)"), ("left_for_gc_mb", "freed only by gc (MB)")]:
+        target = f"{TARGETS[key]:.2f}" if key in TARGETS else ""
+        print(f"{label:28s}{rows['before'][key]:12.3f}{rows['now'][key]:12.3f}{target:>10s}")
+    print(f"targets met: {met}; wrote {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
