@@ -62,16 +62,34 @@ def relative_noise(refs: Sequence[Sequence[torch.Tensor]], outs: Sequence[Sequen
     for ref, out in zip(refs, outs):
         for r, o in zip(ref, out):
             if r.is_floating_point():
-                noise += float((o.double() - r.double()).pow(2).sum())
-                signal += float(r.double().pow(2).sum())
+                rf, of = r.reshape(-1), o.reshape(-1)
+                for i in range(0, rf.numel(), CHUNK):
+                    r64 = rf[i:i + CHUNK].double()
+                    noise += float((of[i:i + CHUNK].double() - r64).pow(2).sum())
+                    signal += float(r64.pow(2).sum())
     return noise / signal if signal > 0 else noise
+
+
+#: Elements a float64 comparison works on at a time: an LLM's logits are millions of values and
+#: each float64 temporary of them would be tens of MB.
+CHUNK = 1 << 20
+
+
+def _row_chunks(x: torch.Tensor) -> int:
+    """Rows of ``x.reshape(-1, x.shape[-1])`` per chunk of about :data:`CHUNK` elements."""
+    return max(1, CHUNK // max(1, x.shape[-1] if x.dim() else 1))
 
 
 def kl_divergence(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
     """Mean KL(P_ref || P_test) in nats over all positions (softmax over the last dim)."""
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(test_logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    r = ref_logits.reshape(-1, ref_logits.shape[-1])
+    t = test_logits.reshape(-1, test_logits.shape[-1])
+    step, total = _row_chunks(r), 0.0
+    for i in range(0, r.shape[0], step):
+        p = torch.log_softmax(r[i:i + step].double(), -1)
+        q = torch.log_softmax(t[i:i + step].double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+    return total / r.shape[0] if r.shape[0] else math.nan
 
 
 def top1_agreement(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
@@ -101,6 +119,27 @@ def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
+def _finite_diff(name: str, r: torch.Tensor, t: torch.Tensor) -> OutputDiff:
+    """:func:`compare_outputs` for one pair with only finite values: the same figures from one
+    float64 difference (an LLM's logits are millions of values, compared after every pass)."""
+    absmax = float(r.abs().max()) if r.numel() else 0.0
+    rtol, atol = tolerance(r.dtype, absmax)
+    rf, tf = r.reshape(-1), t.reshape(-1)
+    max_abs = noise = signal = 0.0
+    ok = True
+    for i in range(0, rf.numel(), CHUNK):
+        r64 = rf[i:i + CHUNK].double()
+        d = r64 - tf[i:i + CHUNK].double()
+        ad = d.abs()
+        max_abs = max(max_abs, float(ad.max()))
+        ok = ok and bool(torch.all(ad <= atol + rtol * r64.abs()))
+        noise += float(d.pow(2).sum())
+        signal += float(r64.pow(2).sum())
+    max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
+    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
+    return OutputDiff(name, max_abs, max_rel, sqnr, ok, atol, rtol)
+
+
 def compare_outputs(
     refs: Sequence[torch.Tensor], tests: Sequence[torch.Tensor], names: Sequence[str] | None = None
 ) -> list[OutputDiff]:
@@ -121,6 +160,9 @@ def compare_outputs(
         if not r.dtype.is_floating_point:
             bad = float((r != t).sum())
             diffs.append(OutputDiff(name, bad, bad, math.inf if bad == 0 else -math.inf, bad == 0, 0.0, 0.0))
+            continue
+        if bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all()):
+            diffs.append(_finite_diff(name, r, t))
             continue
         r64, t64 = r.double(), t.double()
         # Where the reference itself is NaN (or +-Inf) the test agrees by being the same non-finite

@@ -241,6 +241,11 @@ def _check_nbits(x, packed, scales, zeros, bias, in_features, bits, group_size, 
         raise RuntimeError(f"graphpress::wlinear_nbits: bias {tuple(bias.shape)} is not ({out_f},)")
 
 
+#: Largest float32 weight :func:`wlinear_nbits` dequantizes in one piece (and may cache); a
+#: bigger one runs a chunk of output rows at a time.
+DEQUANT_CHUNK_BYTES = 16 * 2**20
+
+
 @torch.library.custom_op(
     "graphpress::wlinear_nbits",
     mutates_args=(),
@@ -252,13 +257,28 @@ def wlinear_nbits(
 ) -> torch.Tensor:
     """Group-wise k-bit weight linear (``MatMulNBits`` layout; see module docstring)."""
     _check_nbits(x, packed, scales, zeros, bias, in_features, bits, group_size, act_bits)
+    xh = (fake_quant_act_blockwise(x, group_size, act_bits) if act_bits else x).float()
+    b = None if bias is None else bias.float()
+    out_f = packed.shape[0]
+    rows = max(1, DEQUANT_CHUNK_BYTES // (4 * in_features))
+    if out_f > rows:
+        # a float32 copy of a large weight (an LM head: 100 MB at 32000 x 768, several
+        # temporaries while it is built) is never made whole: output rows a chunk at a time
+        nb = packed.shape[1]
+        sc = scales.reshape(out_f, nb)
+        zs = None if zeros is None else zeros.reshape(out_f, -1)
+        parts = []
+        for i in range(0, out_f, rows):
+            j = min(out_f, i + rows)
+            w = dequantize_nbits(packed[i:j], sc[i:j].reshape(-1), None if zs is None else zs[i:j].reshape(-1), bits, group_size, in_features)
+            parts.append(F.linear(xh, w, None if b is None else b[i:j]))
+        return torch.cat(parts, dim=-1).to(x.dtype)
     w = _CACHE.get(
         packed,
         f"nbits:{id(scales)}:{scales._version}:{id(zeros)}",
         lambda: dequantize_nbits(packed, scales, zeros, bits, group_size, in_features).contiguous(),
     )
-    xh = fake_quant_act_blockwise(x, group_size, act_bits) if act_bits else x
-    return F.linear(xh.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(xh, w, b).to(x.dtype)
 
 
 @wlinear_nbits.register_fake

@@ -149,8 +149,13 @@ class GroupQuant:
 
     def dequantize(self) -> torch.Tensor:
         """``(q - zero) * scale`` as a float32 ``(out, in)`` matrix."""
-        w = (self.q.float() - self.zero.float()[..., None]) * self.scale[..., None]
+        w = self.q.float()
+        w.sub_(self.zero.float()[..., None]).mul_(self.scale[..., None])
         return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+
+#: Elements :func:`groupwise` quantizes at a time.
+GROUPWISE_CHUNK = 1 << 20
 
 
 def num_blocks(in_features: int, group_size: int) -> int:
@@ -179,24 +184,33 @@ def groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric
         raise ValueError(f"groupwise: expected an (out, in) matrix, got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
     nb = num_blocks(in_f, group_size)
-    wf = w.detach().float()
-    if nb * group_size != in_f:
-        wf = torch.nn.functional.pad(wf, (0, nb * group_size - in_f))
-    wg = wf.reshape(out_f, nb, group_size)
     levels = 2**bits - 1
-    if symmetric:
-        half = 2 ** (bits - 1)
-        amax = wg.abs().amax(-1)
-        scale = torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax))
-        zero = torch.full_like(scale, float(half))
-    else:
-        lo = wg.amin(-1).clamp(max=0)
-        hi = wg.amax(-1).clamp(min=0)
-        scale = (hi - lo) / levels
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, levels)
-    return GroupQuant(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, group_size, in_f, symmetric)
+    q = torch.empty((out_f, nb, group_size), dtype=torch.uint8)
+    scale = torch.empty((out_f, nb), dtype=torch.float32)
+    zero = torch.empty((out_f, nb), dtype=torch.uint8)
+    # rows are independent: a chunk at a time keeps the float temporaries of a large matrix (an
+    # LM head) to a few MB instead of several copies of it
+    rows = max(1, GROUPWISE_CHUNK // (nb * group_size))
+    for i in range(0, out_f, rows):
+        j = min(out_f, i + rows)
+        wf = w[i:j].detach().float()
+        if nb * group_size != in_f:
+            wf = torch.nn.functional.pad(wf, (0, nb * group_size - in_f))
+        wg = wf.reshape(j - i, nb, group_size)
+        if symmetric:
+            half = 2 ** (bits - 1)
+            amax = wg.abs().amax(-1)
+            s = torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax))
+            z = torch.full_like(s, float(half))
+        else:
+            lo = wg.amin(-1).clamp(max=0)
+            hi = wg.amax(-1).clamp(min=0)
+            s = (hi - lo) / levels
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            z = torch.clamp(torch.round(-lo / s), 0, levels)
+        q[i:j] = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, levels)
+        scale[i:j], zero[i:j] = s, z
+    return GroupQuant(q, scale, zero, bits, group_size, in_f, symmetric)
 
 
 def fake_quant_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric: bool = False) -> torch.Tensor:
@@ -293,12 +307,12 @@ def to_nbits(gq: GroupQuant) -> NBitsWeight:
 def dequantize_nbits(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """Float32 ``(out, in)`` matrix of a ``MatMulNBits``-layout weight."""
     out_f, nb = packed.shape[0], packed.shape[1]
-    q = unpack_nbits(packed, bits, group_size).float()  # (out, nb, g)
+    w = unpack_nbits(packed, bits, group_size).float()  # (out, nb, g); one float buffer, updated in place
     if zeros is None:
-        z = torch.full((out_f, nb), float(2 ** (bits - 1)))
+        w.sub_(float(2 ** (bits - 1)))
     else:
-        z = unpack_nbits(zeros.reshape(out_f, -1), bits, nb).float()
-    w = (q - z[..., None]) * scales.float().reshape(out_f, nb)[..., None]
+        w.sub_(unpack_nbits(zeros.reshape(out_f, -1), bits, nb).float()[..., None])
+    w.mul_(scales.float().reshape(out_f, nb)[..., None])
     return w.reshape(out_f, -1)[:, :in_features]
 
 

@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from graphpress.ir.compare import tolerance
 from graphpress.ir.graph import Graph
+from graphpress.ir.memory import rss_bytes
 
 if TYPE_CHECKING:
     from graphpress.passes.base import Pass
@@ -84,19 +85,6 @@ class Progress(PassInstrument):
 
     def pass_end(self, index, p, graph, record):
         self.on_event("end", index, self.total, record)
-
-
-def rss_bytes(key: str = "VmRSS") -> int | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``: resident now, ``VmHWM``: the process's
-    peak) in bytes; None where the file does not exist (not Linux)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 class Memory(PassInstrument):

@@ -29,6 +29,7 @@ import torch
 from graphpress.errors import GraphpressError, PassError, VerificationError
 from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, same_nonfinite, sqnr_db
 from graphpress.ir.graph import Graph
+from graphpress.ir.memory import trim
 from graphpress.passes.base import Pass, config_to_dict, make_pass
 from graphpress.passes.budget import Adaptive
 from graphpress.passes.instruments import PassInstrument, Progress, default_instruments, first_divergence
@@ -195,7 +196,7 @@ class Pipeline:
         instruments = default_instruments() + self.instruments + ([Progress(on_event)] if on_event else [])
         for ins in instruments:
             ins.run_start(graph, self.passes)
-        original = [graph.run(*x) for x in inputs]
+        original = run_sets(graph, inputs)
         previous_outputs = original
         current = graph.snapshot()
         steps: list[StepRecord] = []
@@ -222,6 +223,7 @@ class Pipeline:
             for a in chosen.siblings:
                 a.graph.release()
             current.release()  # a snapshot: the tensors the pass replaced go now, not at the next gc
+            trim()
             current = chosen.graph
             previous_outputs = chosen.outputs
             steps.append(record)
@@ -250,6 +252,7 @@ class Pipeline:
         except Exception as err:  # noqa: BLE001 -- a bug in a pass must still name the pass
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise PassError(f"{where} failed: {type(err).__name__}: {msg[:300]}") from err
+        trim()  # the pass's temporaries, before the verification runs allocate theirs
         written = graph.written_in_place()
         if written:
             more = f" and {len(written) - 1} more" if len(written) > 1 else ""
@@ -262,7 +265,7 @@ class Pipeline:
             out.verify()
         except VerificationError as err:
             raise VerificationError(f"{where} produced an invalid graph: {err}") from None
-        outputs = [out.run(*x) for x in inputs]
+        outputs = run_sets(out, inputs)
         step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
         cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
         kl = None if p.exact else _logits_kl(previous, outputs)
@@ -368,6 +371,29 @@ class _Attempt:
         floor, _ = budget_of(p)
         kl = (-math.inf if math.isnan(self.kl) else -self.kl) if self.kl is not None else 0.0
         return (self.worst_sqnr, kl) if floor is not None else (kl, self.worst_sqnr)
+
+
+def run_sets(graph: Graph, sets: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """The graph's outputs on each input set, from one run on the sets stacked along the batch
+    when that is possible: the batch is dynamic, every input and every output is batch-major,
+    and the sets agree on every other dimension. One forward of a large model reads its
+    weights once instead of once per set. Otherwise one run per set."""
+    batch = graph.dynamic_dims.get(0)
+    stackable = (
+        len(sets) > 1 and batch is not None
+        and all(spec.shape and spec.shape[0] == batch for spec in graph.input_specs + graph.output_specs)
+        and all(len(s) == len(sets[0]) for s in sets)
+        and all(isinstance(x, torch.Tensor) and x.dim() and x.dtype == sets[0][i].dtype and x.shape[1:] == sets[0][i].shape[1:]
+                for s in sets for i, x in enumerate(s))
+    )
+    if not stackable:
+        return [graph.run(*x) for x in sets]
+    sizes = [int(s[0].shape[0]) for s in sets]
+    outs = graph.run(*(torch.cat([s[i] for s in sets]) for i in range(len(sets[0]))))
+    if any(o.dim() == 0 or o.shape[0] != sum(sizes) for o in outs):
+        return [graph.run(*x) for x in sets]
+    parts = [o.split(sizes) for o in outs]
+    return [tuple(p[k] for p in parts) for k in range(len(sets))]
 
 
 def budget_of(p: Pass) -> tuple[float | None, float | None]:

@@ -252,3 +252,30 @@ def test_quantize_act_is_the_activation_grid_and_rejects_bad_grids():
         OPS.quantize_act(x, 0.05, 300)
     with pytest.raises(RuntimeError, match="scale must be > 0"):
         OPS.quantize_act(x, 0.0, 0)
+
+
+def test_wlinear_nbits_in_row_chunks_equals_one_piece(monkeypatch):
+    import graphpress.ir.ops_quant as oq
+    from graphpress.ir.quant import groupwise, to_nbits
+
+    gen = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(300, 96, generator=gen), torch.randn(5, 96, generator=gen), torch.randn(300, generator=gen)
+    for bits in (4, 8):
+        nb = to_nbits(groupwise(w, bits, 32))
+        whole = torch.ops.graphpress.wlinear_nbits(x, nb.packed, nb.scales, nb.zeros, b, 96, nb.bits, 32, 0)
+        monkeypatch.setattr(oq, "DEQUANT_CHUNK_BYTES", 4 * 96 * 64)  # 64 rows a chunk: 5 chunks, the last partial
+        chunked = torch.ops.graphpress.wlinear_nbits(x, nb.packed, nb.scales, nb.zeros, b, 96, nb.bits, 32, 0)
+        monkeypatch.undo()
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+
+
+def test_groupwise_in_row_chunks_equals_one_piece(monkeypatch):
+    import graphpress.ir.quant as q
+
+    w = torch.randn(700, 100, generator=torch.Generator().manual_seed(1))
+    for symmetric in (False, True):
+        whole = q.groupwise(w, 4, 32, symmetric=symmetric)
+        monkeypatch.setattr(q, "GROUPWISE_CHUNK", 128 * 10)
+        part = q.groupwise(w, 4, 32, symmetric=symmetric)
+        monkeypatch.undo()
+        assert torch.equal(whole.q, part.q) and torch.equal(whole.scale, part.scale) and torch.equal(whole.zero, part.zero)
