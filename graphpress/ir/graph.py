@@ -211,6 +211,12 @@ class Graph:
         if share_tensors:
             tensors = self._owned_tensors()
             memo = {id(t): t for _name, t in tensors}
+            # recorded fake values are replaced, never changed, by a propagation: shared too
+            for node in self.gm.graph.nodes:
+                val = node.meta.get("val")
+                for v in val if isinstance(val, (list, tuple)) else (val,):
+                    if isinstance(v, torch.Tensor):
+                        memo[id(v)] = v
             new._versions = {name: (t, t._version) for name, t in tensors}
         else:
             new._versions = {}

@@ -65,7 +65,7 @@ SPLIT_REAL_MIN_WORK = 1 << 21
 
 _FFT_DTYPES = (torch.float32, torch.float64)
 #: Bytes all weight caches together may hold (see :class:`_WeightCache`).
-CACHE_BYTES = int(float(os.environ.get("GRAPHPRESS_WEIGHT_CACHE_MB", "64")) * 2**20)
+CACHE_BYTES = int(float(os.environ.get("GRAPHPRESS_WEIGHT_CACHE_MB", "16")) * 2**20)
 
 
 # ---------------------------------------------------------------------------- weight caches
@@ -80,7 +80,7 @@ class _WeightCache:
     counter). Writing a frozen weight through ``.data`` needs :func:`clear_cache`.
 
     Bounded: all caches together hold at most :data:`CACHE_BYTES` (``GRAPHPRESS_WEIGHT_CACHE_MB``,
-    64 MiB by default). Once full, new tensors are computed on every call and not kept -- a
+    16 MiB by default: every model of the tests and benchmarks below 4M weights fits). Once full, new tensors are computed on every call and not kept -- a
     model bigger than the bound then keeps the hits it has instead of evicting in a cycle (a
     graph runs its layers in the same order every time, so LRU eviction would miss every time).
     A dense fp32 copy of every weight of a large model would otherwise stay in memory next to

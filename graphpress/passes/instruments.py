@@ -23,11 +23,11 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.fx as fx
 
 from graphpress.ir.compare import tolerance
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import rss_bytes
+from graphpress.ir.observe import observe
 
 if TYPE_CHECKING:
     from graphpress.passes.base import Pass
@@ -121,30 +121,19 @@ class Diagnose(PassInstrument):
         return f"first diverging node: '{node}'" if node else None
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and n.op == "call_function":
-            self.values[n.name] = out.detach()
-        return out
-
-
 @torch.no_grad()
 def first_divergence(before: Graph, after: Graph, inputs: Sequence[torch.Tensor]) -> str | None:
     """Name of the first node (in ``after``'s order) whose value differs from the same-named
     node in ``before`` beyond the exact tolerance; None when nodes cannot be paired."""
-    a, b = _Recorder(before.gm), _Recorder(after.gm)
+    values: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
     try:
-        a.run(*inputs)
-        b.run(*inputs)
+        for graph, into in zip((before, after), values):
+            calls = [n for n in graph.gm.graph.nodes if n.op == "call_function"]
+            observe(graph, calls, lambda n, v, into=into: into.__setitem__(n.name, v), [tuple(inputs)])
     except Exception:  # noqa: BLE001 -- diagnosis is best-effort
         return None
-    for name, val in b.values.items():
-        ref = a.values.get(name)
+    for name, val in values[1].items():
+        ref = values[0].get(name)
         if ref is None or ref.shape != val.shape or ref.dtype != val.dtype or not ref.dtype.is_floating_point:
             continue
         rtol, atol = tolerance(ref.dtype, float(ref.abs().max()) if ref.numel() else 1.0)

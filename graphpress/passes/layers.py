@@ -13,7 +13,7 @@ A ``relu`` that is the *only* user of a layer is recorded with it (``QLayer.relu
 quantized op applies it before its output quantization (the fused form ONNX Runtime's integer
 kernels run).
 
-:func:`observe` runs the graph on calibration batches with an :class:`torch.fx.Interpreter` and
+:func:`observe` (:mod:`graphpress.ir.observe`, the one recorder) runs the graph on calibration batches and
 hands the value of each chosen node to a callback as it is computed (running reductions: sums,
 moments, absolute means, without keeping a batch); :func:`record` keeps the values (detached, per
 batch): layer inputs for activation ranges, AWQ and LIM, layer outputs for the error statistics.
@@ -24,7 +24,7 @@ pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ from torch import fx
 
 from graphpress.ir.graph import Graph
 from graphpress.ir.names import layer_name, unique_names
+from graphpress.ir.observe import observe
 from graphpress.ir.opsets import RELU
 from graphpress.ir.rewrite import arg, is_op
 
@@ -136,54 +137,6 @@ def find_layers(graph: Graph, *, convs: bool = True, grouped: bool = True, symme
     for layer, name in zip(layers, unique_names(l.name for l in layers)):
         layer.name = name
     return layers, rejected
-
-
-class _Observer(fx.Interpreter):
-    """Runs the graph and hands each chosen node's tensor value to ``fn(node, value)``."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: Collection[fx.Node], fn: Callable[[fx.Node, torch.Tensor], None]):
-        super().__init__(gm)
-        self.wanted = {n.name for n in wanted}
-        self.fn = fn
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n.name in self.wanted and isinstance(out, torch.Tensor):
-            self.fn(n, out.detach())
-        return out
-
-
-@torch.no_grad()
-def observe(
-    graph: Graph,
-    nodes: Iterable[fx.Node],
-    fn: Callable[[fx.Node, torch.Tensor], None],
-    batches: Sequence[tuple[torch.Tensor, ...]] | None = None,
-) -> int:
-    """Run ``graph`` on each calibration batch and call ``fn(node, value)`` for each of ``nodes``.
-
-    Parameters
-    ----------
-    graph : Graph
-        The graph to run (not modified).
-    nodes : iterable of fx.Node
-        The nodes whose values ``fn`` sees (a node that yields no tensor is not reported).
-    fn : callable
-        ``fn(node, value)`` with the detached value, once per node per batch, in graph order:
-        accumulate a reduction there to keep memory flat over many batches.
-    batches : sequence of input tuples, optional
-        Default: ``graph.calibration_batches()``.
-
-    Returns
-    -------
-    int
-        The number of batches run.
-    """
-    batches = list(batches) if batches is not None else graph.calibration_batches()
-    wanted = list(nodes)
-    for batch in batches:
-        _Observer(graph.gm, wanted, fn).run(*batch)
-    return len(batches)
 
 
 def record(graph: Graph, nodes: Iterable[fx.Node], batches: Sequence[tuple[torch.Tensor, ...]] | None = None) -> dict[str, list[torch.Tensor]]:

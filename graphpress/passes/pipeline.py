@@ -266,6 +266,7 @@ class Pipeline:
         except VerificationError as err:
             raise VerificationError(f"{where} produced an invalid graph: {err}") from None
         outputs = run_sets(out, inputs)
+        trim()  # the forward's activations and dequantized weights, before the comparisons allocate theirs
         step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
         cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
         kl = None if p.exact else _logits_kl(previous, outputs)

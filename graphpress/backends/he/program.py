@@ -48,6 +48,7 @@ from graphpress.backends.he.quant import HEInputQuant, QuantConfig, RangeObserve
 from graphpress.errors import BackendError
 from graphpress.ir.circulant import expand
 from graphpress.ir.graph import Graph
+from graphpress.ir.observe import observe
 from graphpress.ir.names import layer_name, unique_names
 
 aten = torch.ops.aten
@@ -285,22 +286,16 @@ def find_layers(graph: Graph) -> list[_Layer]:
 def calibrate(graph: Graph, layers: list[_Layer], quant: QuantConfig) -> dict[str, RangeObserver]:
     """Input range of every layer on ``graph.calibration_batches()`` (float graph, not quantized)."""
     observers = {l.node.name: RangeObserver(quant.percentile) for l in layers}
+    readers: dict[str, list[str]] = {}  # input node -> the layers that read it
+    for l in layers:
+        readers.setdefault(l.node.args[0].name, []).append(l.node.name)
 
-    class _Recorder(fx.Interpreter):
-        def call_function(self, target, args, kwargs):
-            obs = observers.get(self._node_name)
-            if obs is not None:
-                obs.update(args[0].detach().double().numpy())
-            return super().call_function(target, args, kwargs)
+    def see(node: fx.Node, value: torch.Tensor) -> None:
+        x = value.double().numpy()
+        for name in readers[node.name]:
+            observers[name].update(x)
 
-        def run_node(self, n):
-            self._node_name = n.name
-            return super().run_node(n)
-
-    rec = _Recorder(graph.gm)
-    with torch.no_grad():
-        for batch in graph.calibration_batches():
-            rec.run(*batch)
+    observe(graph, [l.node.args[0] for l in layers], see)
     return observers
 
 

@@ -67,9 +67,9 @@ switch -- a digit decomposition, ``(dnum + 2) L``-ish NTTs of ``N/2 log2 N`` but
 
 ``he-measured`` -- predicted milliseconds of the layer's encrypted execution under coefficient
 encoding on *this machine*: the exact operation counts of the kernels' plans
-(:mod:`graphpress.ir.he_counts`, ``coeff-circulant`` at ``b > 1``, ``coeff-dense`` at ``b = 1``;
+(:mod:`graphpress.lowering.he.counts`, ``coeff-circulant`` at ``b > 1``, ``coeff-dense`` at ``b = 1``;
 one input vector per output position of a linear, one image for a conv) times the per-operation
-seconds the HE backend measured and cached (:mod:`graphpress.ir.he_op_costs`: encrypt + send,
+seconds the HE backend measured and cached (:mod:`graphpress.lowering.he.op_costs`: encrypt + send,
 NTTs, products, additions, receive + decrypt, coefficients read), at ``poly_degree`` with the
 reference parameter chain (a 24-bit plaintext modulus). Unlike ``he-analytic`` it prices the
 ciphertexts sent and received (which do not shrink with ``b`` as fast as the products do) in
