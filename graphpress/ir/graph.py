@@ -173,7 +173,7 @@ class Graph:
             except Exception as err:  # noqa: BLE001
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise FrontendError(f"{name}: torch.export failed: {first[:300]}") from err
-        return cls(
+        graph = cls(
             ep.module(),
             example_inputs,
             input_names=input_names,
@@ -182,6 +182,10 @@ class Graph:
             dynamic_dims=kept,
             source=source,
         )
+        from graphpress.ir.verify import stamp
+
+        stamp(graph.gm)  # export's values hold for this graph: the first verify() re-uses them
+        return graph
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphpress.errors import GraphpressError, PassError, VerificationError
-from graphpress.ir.compare import OutputDiff, compare_outputs, kl_divergence, same_nonfinite, sqnr_db
+from graphpress.ir.compare import OutputDiff, compare_outputs, identical, kl_divergence, same_nonfinite, self_diffs, sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import trim
 from graphpress.passes.base import Pass, config_to_dict, make_pass
@@ -207,10 +207,11 @@ class Pipeline:
             for ins in instruments:
                 ins.pass_start(i, p, current, record)
             where = _where(p.name, i, total, [s.name for s in steps])
-            first = self._attempt(p, current, where, inputs, previous_outputs, original)
+            previous_cumulative = steps[-1].cumulative if steps else None
+            first = self._attempt(p, current, where, inputs, previous_outputs, original, previous_cumulative)
             chosen = first
             if first.problem and not p.exact and _adapts(p):
-                chosen = self._back_off(p, current, where, inputs, previous_outputs, original, first)
+                chosen = self._back_off(p, current, where, inputs, previous_outputs, original, first, previous_cumulative)
             record.changed, record.stats = chosen.changed, chosen.stats
             record.step, record.cumulative, record.kl = chosen.step, chosen.cumulative, chosen.kl
             record.params_after = chosen.graph.parameter_count()
@@ -240,10 +241,12 @@ class Pipeline:
         for a pass that declares it writes tensors in place."""
         return graph.clone() if getattr(p, "writes_in_place", False) else graph.snapshot()
 
-    def _attempt(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list) -> "_Attempt":
+    def _attempt(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list,
+                 previous_cumulative: list[OutputDiff] | None = None) -> "_Attempt":
         """Run ``p`` on a work copy of ``before`` (:meth:`_work_copy`), check that ``before``
         is intact, verify the structure, compare the outputs with the previous graph and the
-        original, and judge the budget."""
+        original (``previous_cumulative``: the previous step's figures against the original,
+        None before the first pass), and judge the budget."""
         graph = self._work_copy(p, before)
         try:
             result = p(graph)
@@ -267,14 +270,23 @@ class Pipeline:
             raise VerificationError(f"{where} produced an invalid graph: {err}") from None
         outputs = run_sets(out, inputs)
         trim()  # the forward's activations and dequantized weights, before the comparisons allocate theirs
-        step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
-        cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
-        kl = None if p.exact else _logits_kl(previous, outputs)
+        if all(identical(r, o) for r, o in zip(previous, outputs)):
+            # bitwise what the graph before gave (an exact rewrite usually): its outputs and its
+            # cumulative figures stand, and the new copies go at once
+            outputs = previous
+            step = _merge_diffs([self_diffs(r, out.output_names) for r in previous])
+            cumulative = previous_cumulative if previous_cumulative is not None else step
+            kl = None if p.exact else 0.0
+        else:
+            step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
+            cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
+            kl = None if p.exact else _logits_kl(previous, outputs)
         attempt = _Attempt(out, bool(result.changed), dict(result.stats), step, cumulative, kl, outputs)
         attempt.problem = self._judge(p, step, kl)
         return attempt
 
-    def _back_off(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list, first: "_Attempt") -> "_Attempt":
+    def _back_off(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list, first: "_Attempt",
+                  previous_cumulative: list[OutputDiff] | None = None) -> "_Attempt":
         """Bisect the pass's back-off level (see :mod:`graphpress.passes.budget`) on clones of
         ``before``; the passing attempt with the fewest moves, or the best failing one."""
         levels = int(p.adapt_levels())
@@ -284,7 +296,7 @@ class Pipeline:
             return first
 
         def run(level: int) -> _Attempt:
-            a = self._attempt(p.back_off(level), before, where, inputs, previous, original)
+            a = self._attempt(p.back_off(level), before, where, inputs, previous, original, previous_cumulative)
             a.level = level
             tries.append(a)
             return a

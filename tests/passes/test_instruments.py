@@ -169,3 +169,15 @@ def test_run_sets_runs_each_set_when_outputs_are_not_batch_major():
     sets = Pipeline([]).check_inputs(g)
     outs = run_sets(g, sets)
     assert [float(o[0]) for o in outs] == pytest.approx([float(x[0].sum()) for x in sets])
+
+
+def test_bitwise_unchanged_outputs_keep_the_previous_figures(graph):
+    from tests.passes.test_pipeline import Noise  # noqa: F401 -- registers test-noise
+
+    report = Pipeline([("test-noise", {"std": 1e-3, "min_sqnr_db": 20.0}), "eliminate-dead-code"]).run(graph)
+    noise, dce = report.steps
+    assert dce.step[0].max_abs == 0.0 and dce.step[0].sqnr_db == float("inf") and dce.step[0].within_tol
+    assert dce.cumulative == noise.cumulative  # the same figures against the original, not recomputed
+    assert noise.cumulative[0].max_abs > 0
+    first = Pipeline(["eliminate-dead-code"]).run(graph).steps[0]
+    assert first.cumulative == first.step and first.step[0].atol > 0  # the tolerance still scales with |ref|
