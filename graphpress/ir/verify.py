@@ -135,7 +135,14 @@ class _TrackingProp(FakeTensorProp):
             fresh = _fresh(self._mode, before)
             n.meta["val"] = fresh
             return fresh
-        result = super().run_node(n)
+        if n.op == "get_attr" and isinstance(attr := _attr(self.module, n), torch.Tensor) and attr.numel() > 1 and _layout(attr) is not None:
+            # a fake with the tensor's layout: what the ops downstream need, without the full
+            # meta conversion of a real tensor (a pass that adds a few hundred constants); a
+            # one-element tensor is converted in full, since fake mode keeps its value (item())
+            result = _fresh(self._mode, _layout(attr))
+            n.meta["val"] = result
+        else:
+            result = super().run_node(n)
         n.meta[SIGNATURE_KEY] = sig
         if before is None or before != _layout(n.meta.get("val")):
             self.moved.add(n)
@@ -166,13 +173,18 @@ def _symbol_sizes(gm, inputs) -> dict:
     return sizes
 
 
+def _attr(gm, n):
+    obj = gm
+    for part in str(n.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 def _signature(gm, n) -> tuple:
     """What a node's value depends on besides its inputs' values: op, target, the arguments
     (input nodes by name) and, for a ``get_attr``, the tensor's layout."""
     if n.op == "get_attr":
-        obj = gm
-        for part in str(n.target).split("."):
-            obj = getattr(obj, part, None)
+        obj = _attr(gm, n)
         return (n.op, n.target, _layout(obj) if isinstance(obj, torch.Tensor) else type(obj).__name__)
     args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{a.name}")
     return (n.op, str(n.target), repr(args))
