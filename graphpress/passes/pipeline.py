@@ -486,10 +486,11 @@ def _logits_kl(refs: list[tuple[torch.Tensor, ...]], outs: list[tuple[torch.Tens
                 kls.append(math.nan)  # compare_outputs fails the shape too
                 continue
             ref, out = r[0].reshape(-1, r[0].shape[-1]), o[0].reshape(-1, r[0].shape[-1])
-            agree = same_nonfinite(ref, out) | (torch.isfinite(ref) & torch.isfinite(out))
-            inherited = agree.all(-1) & ~torch.isfinite(ref).all(-1)
-            if bool(inherited.any()):
-                ref, out = ref[~inherited], out[~inherited]
+            if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(out).all())):
+                agree = same_nonfinite(ref, out) | (torch.isfinite(ref) & torch.isfinite(out))
+                inherited = agree.all(-1) & ~torch.isfinite(ref).all(-1)
+                if bool(inherited.any()):
+                    ref, out = ref[~inherited], out[~inherited]
             if ref.shape[0]:
                 kls.append(kl_divergence(ref, out))
     if any(math.isnan(k) for k in kls):
