@@ -246,11 +246,15 @@ class Graph:
                     out.append((f"{path}.{attr}" if path else attr, value))
         return out
 
-    def written_in_place(self) -> list[str]:
-        """Tensors this :meth:`snapshot` shares that were written in place since it was taken
-        (their version counter moved): the snapshot no longer holds the values it was taken
-        with. Empty for a graph that is not a snapshot."""
-        return [name for name, (t, version) in getattr(self, "_versions", {}).items() if t._version != version]
+    def written_in_place(self, *, forget: bool = False) -> list[str]:
+        """Tensors this :meth:`snapshot` shared when it was taken that were written in place
+        since (their version counter moved): the graph it was taken from no longer holds the
+        values it had. Empty for a graph that is not a snapshot. ``forget=True`` drops the
+        record after answering (it holds every tensor the graph had, the replaced ones too)."""
+        written = [name for name, (t, version) in getattr(self, "_versions", {}).items() if t._version != version]
+        if forget:
+            self._versions = {}
+        return written
 
     def release(self) -> None:
         """Drop this graph's references to its tensors now, without waiting for the garbage

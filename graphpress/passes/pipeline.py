@@ -256,7 +256,7 @@ class Pipeline:
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise PassError(f"{where} failed: {type(err).__name__}: {msg[:300]}") from err
         trim()  # the pass's temporaries, before the verification runs allocate theirs
-        written = graph.written_in_place()
+        written = graph.written_in_place(forget=True)
         if written:
             more = f" and {len(written) - 1} more" if len(written) > 1 else ""
             raise PassError(

@@ -181,3 +181,18 @@ def test_bitwise_unchanged_outputs_keep_the_previous_figures(graph):
     assert noise.cumulative[0].max_abs > 0
     first = Pipeline(["eliminate-dead-code"]).run(graph).steps[0]
     assert first.cumulative == first.step and first.step[0].atol > 0  # the tolerance still scales with |ref|
+
+
+def test_a_replaced_weight_is_not_kept_alive_by_the_result(graph):
+    import gc
+    import weakref
+
+    from graphpress.ir.graph import Graph as G
+
+    own = graph.clone()  # a graph whose weights only the pipeline holds once it starts
+    ref = weakref.ref(own.get_tensor("fc1.weight"))
+    report = Pipeline(["test-replace-fc1"]).run(own)
+    del own
+    gc.collect()
+    assert ref() is None, "the replaced weight is still referenced (by the result's snapshot record?)"
+    assert isinstance(report.graph, G) and report.graph.written_in_place() == []
