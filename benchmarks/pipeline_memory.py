@@ -56,7 +56,8 @@ TARGETS = {"peak_over_weights": 1.5, "overhead_fraction": 0.20}
 
 
 def _status(key: str) -> int:
-    """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
+    """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes (the old tree measured beside this
+    one has no ``graphpress.ir.memory.rss_bytes``)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key + ":"):

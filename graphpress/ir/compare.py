@@ -122,7 +122,7 @@ def _json_float(x: float) -> float | str:
 def _finite_diff(name: str, r: torch.Tensor, t: torch.Tensor) -> OutputDiff:
     """:func:`compare_outputs` for one pair with only finite values: the same figures from one
     float64 difference (an LLM's logits are millions of values, compared after every pass)."""
-    absmax = max(float(r.max()), -float(r.min())) if r.numel() else 0.0  # no |r| temporary
+    absmax = _absmax(r)
     rtol, atol = tolerance(r.dtype, absmax)
     rf, tf = r.reshape(-1), t.reshape(-1)
     max_abs = noise = signal = 0.0
@@ -138,6 +138,28 @@ def _finite_diff(name: str, r: torch.Tensor, t: torch.Tensor) -> OutputDiff:
     max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
     sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
     return OutputDiff(name, max_abs, max_rel, sqnr, ok, atol, rtol)
+
+
+def _absmax(r: torch.Tensor) -> float:
+    """``max |r|`` of a finite tensor, without an ``|r|`` temporary."""
+    return max(float(r.max()), -float(r.min())) if r.numel() else 0.0
+
+
+def _finite(r: torch.Tensor, t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all())
+
+
+def _diverged(name: str, r: torch.Tensor, t: torch.Tensor) -> OutputDiff:
+    """The figures of a pair with a NaN or Inf on one side only: it fails, and its error is as
+    large as the values say (infinite for a NaN)."""
+    r64, t64 = r.double(), t.double()
+    finite_ref = r64[torch.isfinite(r64)]
+    absmax = float(finite_ref.abs().max()) if finite_ref.numel() else 0.0
+    rtol, atol = tolerance(r.dtype, absmax)
+    err = (r64 - t64).abs()
+    max_abs = math.inf if bool(torch.isnan(err).any()) else float(err.max())
+    max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
+    return OutputDiff(name, max_abs, max_rel, sqnr_db(r64, t64), False, atol, rtol)
 
 
 def identical(refs: Sequence[torch.Tensor], tests: Sequence[torch.Tensor]) -> bool:
@@ -156,8 +178,7 @@ def self_diffs(refs: Sequence[torch.Tensor], names: Sequence[str] | None = None)
         if r.dtype.is_floating_point and not bool(torch.isfinite(r).all()):
             out.extend(compare_outputs([r], [r], [name]))
             continue
-        absmax = max(float(r.max()), -float(r.min())) if r.dtype.is_floating_point and r.numel() else 0.0
-        rtol, atol = tolerance(r.dtype, absmax) if r.dtype.is_floating_point else (0.0, 0.0)
+        rtol, atol = tolerance(r.dtype, _absmax(r)) if r.dtype.is_floating_point else (0.0, 0.0)
         out.append(OutputDiff(name, 0.0, 0.0, math.inf, True, atol, rtol))
     return out
 
@@ -183,26 +204,15 @@ def compare_outputs(
             bad = float((r != t).sum())
             diffs.append(OutputDiff(name, bad, bad, math.inf if bad == 0 else -math.inf, bad == 0, 0.0, 0.0))
             continue
-        if bool(torch.isfinite(r).all()) and bool(torch.isfinite(t).all()):
-            diffs.append(_finite_diff(name, r, t))
-            continue
-        r64, t64 = r.double(), t.double()
-        # Where the reference itself is NaN (or +-Inf) the test agrees by being the same non-finite
-        # value there: e.g. log of a negative input in both graphs. Those positions are left out
-        # of every figure; a non-finite value anywhere else is a divergence.
-        same = same_nonfinite(r64, t64)
-        if bool(same.any()):
-            keep = ~same
-            r64, t64 = r64[keep], t64[keep]
-        finite_ref = r64[torch.isfinite(r64)]
-        absmax = float(finite_ref.abs().max()) if finite_ref.numel() else 0.0
-        rtol, atol = tolerance(r.dtype, absmax)
-        err = (r64 - t64).abs()
-        if err.numel() and bool(torch.isnan(err).any()):
-            max_abs = math.inf  # a NaN on one side only: as far off as it gets
-        else:
-            max_abs = float(err.max()) if err.numel() else 0.0
-        max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
-        ok = bool(torch.isfinite(r64).all() and torch.isfinite(t64).all()) and bool(torch.all(err <= atol + rtol * r64.abs()))
-        diffs.append(OutputDiff(name, max_abs, max_rel, sqnr_db(r64, t64), ok, atol, rtol))
+        if not _finite(r, t):
+            # Where the reference itself is NaN (or +-Inf) the test agrees by being the same
+            # non-finite value there: e.g. log of a negative input in both graphs. Those positions
+            # are left out of every figure; a non-finite value anywhere else is a divergence.
+            same = same_nonfinite(r, t)
+            if bool(same.any()):
+                r, t = r[~same], t[~same]
+            if not _finite(r, t):
+                diffs.append(_diverged(name, r, t))
+                continue
+        diffs.append(_finite_diff(name, r, t))
     return diffs

@@ -112,6 +112,8 @@ class Graph:
         self.source = dict(source or {})
         # Representative inputs for data-driven passes (Fisher, calibration); None -> examples.
         self.calibration: list[tuple[torch.Tensor, ...]] | None = None
+        # a snapshot's record of the tensors it shared: {path: (tensor, version)}
+        self._versions: dict[str, tuple[torch.Tensor, int]] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_names = list(input_names or [n.name for n in placeholders])
         if len(self.input_names) != len(self.example_inputs):
@@ -233,25 +235,36 @@ class Graph:
         new.output_specs = list(self.output_specs)
         return new
 
-    def _owned_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Every tensor held by the module tree: parameters, buffers and plain tensor attributes
-        (``_tensor_constant0``), by dotted path, each object once."""
-        out, seen = [], set()
+    def _tensor_slots(self) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor]]:
+        """``(module path, module, attribute, tensor)`` for every tensor the module tree holds:
+        parameters, buffers and plain tensor attributes (``_tensor_constant0``)."""
         for path, module in self.gm.named_modules(remove_duplicate=False):
             items = list(module._parameters.items()) + list(module._buffers.items())
             items += [(a, v) for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
             for attr, value in items:
-                if isinstance(value, torch.Tensor) and id(value) not in seen:
-                    seen.add(id(value))
-                    out.append((f"{path}.{attr}" if path else attr, value))
+                if isinstance(value, torch.Tensor):
+                    yield path, module, attr, value
+
+    def _owned_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of :meth:`_tensor_slots` by dotted path, each object once."""
+        out, seen = [], set()
+        for path, _module, attr, value in self._tensor_slots():
+            if id(value) not in seen:
+                seen.add(id(value))
+                out.append((f"{path}.{attr}" if path else attr, value))
         return out
+
+    def _owner(self, target: str) -> tuple[torch.nn.Module, str]:
+        """The module holding the tensor at a dotted ``target``, and its attribute name."""
+        owner_path, _, attr = target.rpartition(".")
+        return (self.gm.get_submodule(owner_path) if owner_path else self.gm), attr
 
     def written_in_place(self, *, forget: bool = False) -> list[str]:
         """Tensors this :meth:`snapshot` shared when it was taken that were written in place
         since (their version counter moved): the graph it was taken from no longer holds the
         values it had. Empty for a graph that is not a snapshot. ``forget=True`` drops the
         record after answering (it holds every tensor the graph had, the replaced ones too)."""
-        written = [name for name, (t, version) in getattr(self, "_versions", {}).items() if t._version != version]
+        written = [name for name, (t, version) in self._versions.items() if t._version != version]
         if forget:
             self._versions = {}
         return written
@@ -261,10 +274,8 @@ class Graph:
         collector (an FX module and its graph point at each other, so a dropped graph is freed
         only by a collection). The graph cannot run afterwards; tensors another graph shares
         stay alive there."""
-        for module in self.gm.modules():
-            module._parameters.clear()
-            module._buffers.clear()
-            for attr in [a for a, v in vars(module).items() if isinstance(v, torch.Tensor)]:
+        for _path, module, attr, _value in list(self._tensor_slots()):
+            if attr in module._parameters or attr in module._buffers or attr in vars(module):
                 delattr(module, attr)
         self._versions = {}
         self.example_inputs = ()
@@ -281,8 +292,7 @@ class Graph:
         saved: list[tuple[dict | None, torch.nn.Module, str, Any]] = []
         try:
             for target, value in values.items():
-                owner_path, _, attr = target.rpartition(".")
-                owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+                owner, attr = self._owner(target)
                 table = owner._parameters if attr in owner._parameters else owner._buffers if attr in owner._buffers else None
                 old = table[attr] if table is not None else getattr(owner, attr)
                 saved.append((table, owner, attr, old))
@@ -408,8 +418,7 @@ class Graph:
 
     def set_tensor(self, target: str, value: torch.Tensor, *, parameter: bool | None = None) -> None:
         """Replace (or create) the tensor at ``target``; keeps parameter-vs-buffer unless told."""
-        owner_path, _, attr = target.rpartition(".")
-        owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+        owner, attr = self._owner(target)
         old = getattr(owner, attr, None)
         if parameter is None:
             parameter = isinstance(old, torch.nn.Parameter)
@@ -445,15 +454,11 @@ class Graph:
         """
         used = {str(n.target) for n in self.nodes if n.op == "get_attr"}
         called = [str(n.target) for n in self.nodes if n.op == "call_module"]
-        entries: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
-        for path, module in self.gm.named_modules(remove_duplicate=False):
-            if any(path == c or path.startswith(c + ".") for c in called):
-                continue
-            tensors = list(module._parameters.items()) + list(module._buffers.items())
-            tensors += [(a, v) for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
-            for attr, value in tensors:
-                if isinstance(value, torch.Tensor):
-                    entries.append((module, attr, f"{path}.{attr}" if path else attr, value))
+        entries = [
+            (module, attr, f"{path}.{attr}" if path else attr, value)
+            for path, module, attr, value in self._tensor_slots()
+            if not any(path == c or path.startswith(c + ".") for c in called)
+        ]
 
         def storage(t: torch.Tensor) -> int:
             try:

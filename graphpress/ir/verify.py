@@ -42,15 +42,8 @@ def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = Non
             if used not in defined:
                 raise VerificationError(f"{graph.name}: node '{node.name}' uses '{used.name}' before it is defined")
         defined.add(node)
-        if node.op == "get_attr":
-            try:
-                obj = gm
-                for part in str(node.target).split("."):
-                    obj = getattr(obj, part)
-            except AttributeError:
-                raise VerificationError(
-                    f"{graph.name}: node '{node.name}' reads missing attribute '{node.target}'"
-                ) from None
+        if node.op == "get_attr" and _attr(gm, node) is _MISSING:
+            raise VerificationError(f"{graph.name}: node '{node.name}' reads missing attribute '{node.target}'")
     try:
         gm.graph.lint()
     except Exception as err:  # noqa: BLE001 -- lint raises RuntimeError/AssertionError variously
@@ -122,7 +115,6 @@ class _TrackingProp(FakeTensorProp):
         super().__init__(gm, mode)
         self.sizes = sizes or {}
         self.moved: set = set()  # nodes whose value's layout changed in this propagation
-        self.skipped = 0
 
     def run_node(self, n):
         self.current = n
@@ -131,7 +123,6 @@ class _TrackingProp(FakeTensorProp):
         sig = _signature(self.module, n)
         if (n.op not in ("placeholder", "output") and before is not None and n.meta.get(SIGNATURE_KEY) == sig
                 and not any(i in self.moved for i in n.all_input_nodes)):
-            self.skipped += 1
             fresh = _fresh(self._mode, before)
             n.meta["val"] = fresh
             return fresh
@@ -173,10 +164,16 @@ def _symbol_sizes(gm, inputs) -> dict:
     return sizes
 
 
+_MISSING = object()
+
+
 def _attr(gm, n):
+    """What a ``get_attr`` node reads, or :data:`_MISSING`."""
     obj = gm
     for part in str(n.target).split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            break
     return obj
 
 

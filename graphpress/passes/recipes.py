@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -61,11 +61,7 @@ class Recipe:
     def from_dict(cls, data: Any, origin: str = "<dict>") -> "Recipe":
         if not isinstance(data, dict):
             raise PassError(f"{origin}: a recipe must be a mapping with a 'passes' list")
-        for key in data:
-            if key not in _TOP_KEYS:
-                close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(_TOP_KEYS)}"
-                raise PassError(f"{origin}: unknown recipe key '{key}': {hint}")
+        _check_keys(data, _TOP_KEYS, "recipe", origin)
         raw = data.get("passes")
         if not isinstance(raw, list) or not raw:
             raise PassError(f"{origin}: 'passes' must be a non-empty list of pass names")
@@ -125,6 +121,15 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _check_keys(mapping: dict, valid: Sequence[str], what: str, origin: str) -> None:
+    """One line naming the first key of ``mapping`` not in ``valid``, with the closest one."""
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            raise PassError(f"{origin}: unknown {what} key '{key}': {hint}")
+
+
 def _backend_section(section: Any, origin: str) -> tuple[str | None, dict[str, Any]]:
     """``backend: NAME`` or ``backend: {name: NAME, options: {...}}`` -> (name, options)."""
     if section is None:
@@ -133,11 +138,7 @@ def _backend_section(section: Any, origin: str) -> tuple[str | None, dict[str, A
         return section, {}
     if not isinstance(section, dict):
         raise PassError(f"{origin}: 'backend' must be a backend name or {{name: NAME, options: {{...}}}}, got {section!r}")
-    for key in section:
-        if key not in _BACKEND_KEYS:
-            close = difflib.get_close_matches(str(key), _BACKEND_KEYS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(_BACKEND_KEYS)}"
-            raise PassError(f"{origin}: unknown backend key '{key}': {hint}")
+    _check_keys(section, _BACKEND_KEYS, "backend", origin)
     name = section.get("name")
     if not isinstance(name, str) or not name:
         raise PassError(f"{origin}: 'backend' needs a 'name' (e.g. backend: {{name: onnxruntime}})")

@@ -613,11 +613,8 @@ def _prepare_leaves(student: Graph, targets: list[str], tensors: list[torch.Tens
     (made under ``inference_mode`` by some pass) needs, as ``requires_grad_`` refuses those."""
     out = []
     for target, t in zip(targets, tensors):
-        student.set_tensor(target, t.detach().clone())
-        t = student.get_tensor(target)
-        if not t.is_leaf:
-            raise PassError(f"distill: tensor {target} is computed by autograd (not a leaf); cannot train it in place")
-        out.append(t)
+        student.set_tensor(target, t.detach().clone())  # a detached copy: always a leaf
+        out.append(student.get_tensor(target))
     return out
 
 

@@ -15,6 +15,7 @@ import graphpress.frontends
 from graphpress.backends.torch import TorchBackend
 from graphpress.cli.main import BACKEND_OPTION_ALIASES, app, backend_options_from_flags, parse_backend_options
 from graphpress.errors import GraphpressError
+from tests.cli.test_cli_checks import one_error_line
 
 runner = CliRunner()
 ARCH = "tests.frontends.models:small_cnn"
@@ -39,14 +40,6 @@ def spy_compress(monkeypatch):
 
     monkeypatch.setattr(graphpress.api, "compress", fake)
     return calls
-
-
-def one_error_line(args) -> str:
-    res = runner.invoke(app, [str(a) for a in args])
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert res.exit_code == 2, res.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
 
 
 def test_backend_option_round_trip_into_the_manifest(tmp_path):

@@ -197,17 +197,10 @@ def measured_sensitivities(graph: Graph, layers: Sequence[QLayer], options: dict
 
 
 # ---------------------------------------------------------------------------- public API
-def _relative_weight_noise(w: torch.Tensor, wq: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """``||w - wq||^2 / ||w||^2`` summed in float64, ``chunk`` elements at a time: a float64
-    copy of a whole LM head is 8 bytes per weight (200 MB at 25M weights), several times over."""
-    a, b = w.detach().reshape(w.shape[0], -1), wq.detach().reshape(w.shape[0], -1)
-    rows = max(1, chunk // max(1, a.shape[1]))
-    num = den = 0.0
-    for i in range(0, a.shape[0], rows):
-        x = a[i:i + rows].double()
-        den += float(x.pow(2).sum())
-        num += float((x - b[i:i + rows].double()).pow(2).sum())
-    return num / den if den > 0 else 0.0
+def _relative_weight_noise(w: torch.Tensor, wq: torch.Tensor) -> float:
+    """``||w - wq||^2 / ||w||^2`` (float64, in chunks: :func:`~graphpress.ir.compare.relative_noise`);
+    0 for an all-zero weight."""
+    return relative_noise([[w.detach()]], [[wq.detach()]]) if bool(w.any()) else 0.0
 
 
 def _tag(method: str, options: dict[str, Sequence[int]], quant_tag: str, zd_cut: float) -> str:
