@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graphpress.errors import GraphpressError
 from graphpress.ir.circulant import expand, fft_matmul
 
 #: Dense path when the dense matrix has at most this many weights. Measured (2 cores, float32):
@@ -65,7 +66,22 @@ SPLIT_REAL_MIN_WORK = 1 << 21
 
 _FFT_DTYPES = (torch.float32, torch.float64)
 #: Bytes all weight caches together may hold (see :class:`_WeightCache`).
-CACHE_BYTES = int(float(os.environ.get("GRAPHPRESS_WEIGHT_CACHE_MB", "16")) * 2**20)
+#: None: read ``GRAPHPRESS_WEIGHT_CACHE_MB`` (MiB, default 16) at first use.
+CACHE_BYTES: int | None = None
+
+
+def _cache_bytes() -> int:
+    global CACHE_BYTES
+    if CACHE_BYTES is None:
+        raw = os.environ.get("GRAPHPRESS_WEIGHT_CACHE_MB", "16")
+        try:
+            mib = float(raw)
+        except ValueError:
+            mib = -1.0
+        if not mib >= 0:  # also NaN
+            raise GraphpressError(f"GRAPHPRESS_WEIGHT_CACHE_MB={raw!r}: expected a size in MiB >= 0 (e.g. 16; 0 caches nothing)")
+        CACHE_BYTES = int(mib * 2**20)
+    return CACHE_BYTES
 
 
 # ---------------------------------------------------------------------------- weight caches
@@ -123,7 +139,7 @@ class _WeightCache:
             cached = make()
             size = cached.untyped_storage().nbytes() if isinstance(cached, torch.Tensor) else 0
             with self._lock:
-                if _WeightCache._held + size <= CACHE_BYTES and key not in entry[2]:
+                if _WeightCache._held + size <= _cache_bytes() and key not in entry[2]:
                     entry[2][key] = cached
                     _WeightCache._held += size
         return cached

@@ -89,3 +89,14 @@ def test_weight_caches_stop_growing_at_their_bound(monkeypatch):
     del weights[0]
     gc.collect()
     assert cache.nbytes() == 800 and oc._WeightCache._held == 800
+
+
+def test_a_bad_cache_size_is_one_clear_error(monkeypatch):
+    from graphpress.errors import GraphpressError
+
+    monkeypatch.setattr(oc, "CACHE_BYTES", None)
+    monkeypatch.setenv("GRAPHPRESS_WEIGHT_CACHE_MB", "lots")
+    with pytest.raises(GraphpressError, match=r"^GRAPHPRESS_WEIGHT_CACHE_MB='lots': expected a size in MiB >= 0"):
+        oc._cache_bytes()
+    monkeypatch.setenv("GRAPHPRESS_WEIGHT_CACHE_MB", "0.5")
+    assert oc._cache_bytes() == 2**19
