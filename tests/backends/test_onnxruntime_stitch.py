@@ -428,3 +428,34 @@ def test_external_data_beyond_2gb(tmp_path):
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     # ORT drops the unused 2.2 GB initializer and reads the small one past 2 GB.
     np.testing.assert_allclose(_run(dest / MODEL_FILE, {"x": x})[0], _run(unit1, {"x": x})[0], rtol=0, atol=1e-6)
+
+
+def _rss_mb() -> float:
+    # Current (not peak) RSS, from /proc: the suite runs on Linux.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def test_memory_holds_one_unit_not_all(tmp_path):
+    """After each unit only its external-data references stay: RSS does not grow by a unit per unit."""
+    k = 1024  # 3 weights of 4 MiB: 12 MiB per unit
+
+    def unit(seed):
+        rng = np.random.default_rng(seed)
+        ws = [numpy_helper.from_array(rng.standard_normal((k, k), dtype=np.float32), f"w{i}") for i in range(3)]
+        nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("MatMul", ["a", "w1"], ["b"]), helper.make_node("MatMul", ["b", "w2"], ["y"])]
+        graph = helper.make_graph(
+            nodes, "u", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])], ws
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+    rss = []
+    with OnnxStitcher(tmp_path / "mem") as st:
+        prev = "x"
+        for i in range(10):
+            prev = st.add_unit(unit(i), prefix=f"u{i}/", inputs={"x": prev})["y"]
+            rss.append(_rss_mb())
+        files = st.close({"y": prev})
+    assert files[DATA_FILE]["bytes"] >= 10 * 12 * 2**20
+    # Keeping each unit alive (e.g. through a reference to one of its submessages) would add 12 MiB per unit: 96 MiB over 8 units.
+    assert rss[-1] - rss[1] < 20, rss

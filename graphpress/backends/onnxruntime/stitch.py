@@ -354,7 +354,7 @@ class OnnxStitcher:
         self._graph.initializer.extend(inits)
         for vi in list(g.value_info) + list(g.output):
             if vi.name not in in_names and vi.type.WhichOneof("value"):
-                self._types[rename(vi.name)] = vi.type
+                self._types[rename(vi.name)] = _copy(vi.type)
         self._names.update(prefix + n for n in defined if n not in in_names)
         self._units += 1
         return {o.name: rename(o.name) for o in g.output}
@@ -380,7 +380,7 @@ class OnnxStitcher:
                 raise BackendError(
                     f"{label}: local function {fn.domain}::{fn.name} differs from an earlier unit's function of the same name; rename one of them"
                 )
-            merged[key] = fn
+            merged[key] = _copy(fn)
         return merged
 
     def _data_file_for(self, prefix: str) -> _DataFile | None:
@@ -394,7 +394,7 @@ class OnnxStitcher:
     def _place_tensor(self, label: str, t: onnx.TensorProto, name: str, data, base: Path | None) -> onnx.TensorProto:
         """A copy of ``t`` named ``name`` whose bytes are in ``data`` (or inline when small)."""
         external = t.data_location == onnx.TensorProto.EXTERNAL
-        if external and _external_length(t, base) < self.inline_below:
+        if external and 0 <= _external_length(t) < self.inline_below:
             # A small tensor that was external anyway (saved with size_threshold=0): inline it like the rest.
             out = onnx.TensorProto(name=name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
             out.raw_data = b"".join(_external_chunks(label, t, base))
@@ -541,6 +541,13 @@ class _LazyDataFile:
 
 
 # ---------------------------------------------------------------------- helpers
+def _copy(msg):
+    """A detached copy: a kept reference to a submessage would keep the caller's whole unit (its weights) alive."""
+    out = type(msg)()
+    out.CopyFrom(msg)
+    return out
+
+
 def _dtype(elem_type: int) -> str:
     try:
         return onnx.TensorProto.DataType.Name(elem_type).lower()
@@ -567,7 +574,7 @@ def _raw_bytes(t: onnx.TensorProto) -> bytes:
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _external_length(t: onnx.TensorProto, base: Path | None) -> int:
+def _external_length(t: onnx.TensorProto) -> int:
     """Bytes of an external tensor from its dims (what its ``length`` must be); -1 when unknown."""
     info = {e.key: e.value for e in t.external_data}
     if "length" in info:
