@@ -459,3 +459,31 @@ def test_memory_holds_one_unit_not_all(tmp_path):
     assert files[DATA_FILE]["bytes"] >= 10 * 12 * 2**20
     # Keeping each unit alive (e.g. through a reference to one of its submessages) would add 12 MiB per unit: 96 MiB over 8 units.
     assert rss[-1] - rss[1] < 20, rss
+
+
+def test_typed_field_initializer_and_short_external_file(tmp_path):
+    # An initializer stored in float_data (not raw_data) is written as little-endian bytes.
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    unit = _dense_unit()
+    unit.graph.initializer[0].CopyFrom(helper.make_tensor("w", TensorProto.FLOAT, [64, 64], w.ravel().tolist()))
+    assert not unit.graph.initializer[0].HasField("raw_data")
+    with OnnxStitcher(tmp_path / "typed") as st:
+        st.add_unit(unit, prefix="a/", inputs={"x": "x"})
+        st.close({"out": "a/out"})
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "typed" / MODEL_FILE, {"x": x})[0], np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
+
+    # An external tensor whose file is shorter than the tensor: one line naming the file and the bytes.
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(unit, str(src / "u.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    with open(src / "w.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(BackendError, match=r"^unit 0 \(prefix 'a/'\): tensor 'w': .*w\.bin has 1000 bytes, the tensor needs bytes 0\.\.16384$"):
+        with OnnxStitcher(tmp_path / "short") as st:
+            st.add_unit(src / "u.onnx", prefix="a/", inputs={"x": "x"})
+    (src / "w.bin").unlink()
+    with pytest.raises(BackendError, match=r"^unit 0 \(prefix 'a/'\): tensor 'w': external data file .*w\.bin not found$"):
+        with OnnxStitcher(tmp_path / "short") as st:
+            st.add_unit(src / "u.onnx", prefix="a/", inputs={"x": "x"})
+    assert not (tmp_path / "short").exists() and _leftovers(tmp_path, "short") == []

@@ -45,6 +45,8 @@ _CHUNK = 16 << 20
 #: ONNX stores offset and length as decimal strings that ORT parses as int64.
 _INT64_MAX = 2**63 - 1
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Types stored two elements per byte.
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 def _domain(name: str) -> str:
@@ -394,7 +396,7 @@ class OnnxStitcher:
     def _place_tensor(self, label: str, t: onnx.TensorProto, name: str, data, base: Path | None) -> onnx.TensorProto:
         """A copy of ``t`` named ``name`` whose bytes are in ``data`` (or inline when small)."""
         external = t.data_location == onnx.TensorProto.EXTERNAL
-        if external and 0 <= _external_length(t) < self.inline_below:
+        if external and _external_length(t) < self.inline_below:
             # A small tensor that was external anyway (saved with size_threshold=0): inline it like the rest.
             out = onnx.TensorProto(name=name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
             out.raw_data = b"".join(_external_chunks(label, t, base))
@@ -559,6 +561,8 @@ def _nbytes(t: onnx.TensorProto) -> int:
     if t.HasField("raw_data"):
         return len(t.raw_data)
     n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, ValueError, TypeError):
@@ -575,12 +579,11 @@ def _raw_bytes(t: onnx.TensorProto) -> bytes:
 
 
 def _external_length(t: onnx.TensorProto) -> int:
-    """Bytes of an external tensor from its dims (what its ``length`` must be); -1 when unknown."""
+    """Bytes of an external tensor: its ``length``, else what its dims and type take."""
     info = {e.key: e.value for e in t.external_data}
     if "length" in info:
         return int(info["length"])
-    n = _nbytes(t)
-    return n if n else -1
+    return _nbytes(t)
 
 
 def _external_chunks(label: str, t: onnx.TensorProto, base: Path | None) -> Iterator[bytes]:
@@ -593,7 +596,7 @@ def _external_chunks(label: str, t: onnx.TensorProto, base: Path | None) -> Iter
         raise BackendError(f"{label}: tensor {t.name!r}: external data file {path} not found")
     offset = int(info.get("offset", 0))
     size = path.stat().st_size
-    length = int(info["length"]) if "length" in info else size - offset
+    length = _external_length(t)
     if offset + length > size:
         raise BackendError(f"{label}: tensor {t.name!r}: {path} has {size} bytes, the tensor needs bytes {offset}..{offset + length}")
     with open(path, "rb") as f:
