@@ -476,7 +476,7 @@ def test_typed_field_initializer_and_short_external_file(tmp_path):
     # An external tensor whose file is shorter than the tensor: one line naming the file and the bytes.
     src = tmp_path / "src"
     src.mkdir()
-    onnx.save(unit, str(src / "u.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    onnx.save(_dense_unit(), str(src / "u.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
     with open(src / "w.bin", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(BackendError, match=r"^unit 0 \(prefix 'a/'\): tensor 'w': .*w\.bin has 1000 bytes, the tensor needs bytes 0\.\.16384$"):
