@@ -14,6 +14,9 @@ folder whatever the order or sharding); projections and embeddings are N(0, 0.02
 
 ``--tokenizer`` also writes a ``tokenizers`` WordLevel tokenizer with one token per id
 (``tokenizer.json``, ``tokenizer_config.json``): ONNX Runtime GenAI's model builder wants one.
+``--read FOLDER`` instead walks an existing folder unit by unit through
+:class:`graphpress.frontends.shards.ShardedCheckpoint`, once with owned copies and once with
+safetensors' mapped views (each in a fresh process), and reports time and RSS.
 ``--check`` loads the folder with ``AutoModelForCausalLM.from_pretrained(..., dtype=bfloat16)``
 and runs a forward (only sensible for the small sizes).
 
@@ -244,15 +247,88 @@ def check_with_transformers(folder: str | Path) -> dict[str, Any]:
     return out
 
 
+def _rss_kb(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def measure_read(folder: str | Path, mode: str) -> dict[str, Any]:
+    """Walk the folder unit by unit (embed, blocks, norm, head) through ``ShardedCheckpoint``.
+
+    ``mode`` is ``copy`` (``get``: owned tensors) or ``mmap`` (``get(mmap=True)``: views of
+    safetensors' mapping). Each unit is read, every byte touched (an int16 sum), then dropped.
+    Reports the time to open (headers only), the walk's time and throughput, and RSS above the
+    opened checkpoint: the peak over the walk, what is left after it, and (mmap) after ``release()``.
+    """
+    from graphpress.frontends.shards import ShardedCheckpoint, decoder_layout
+
+    import transformers  # noqa: F401 -- imported first so open_s times the headers, not this import
+
+    t0 = time.perf_counter()
+    ck = ShardedCheckpoint(folder)
+    opened = time.perf_counter() - t0
+    lay = decoder_layout(ck)
+    laid_out = time.perf_counter() - t0 - opened
+    base = _rss_kb()
+    peak, get_s, start = 0, 0.0, time.perf_counter()
+    for _, names in lay.units():
+        t1 = time.perf_counter()
+        held = [ck.get(n, mmap=mode == "mmap") for n in names]
+        get_s += time.perf_counter() - t1
+        for tensor in held:  # touch every byte: a mapped view is read here, not in get()
+            tensor.reshape(-1).view(torch.uint8).max()
+        peak = max(peak, _rss_kb() - base)
+        del held, tensor
+    walk = time.perf_counter() - start
+    out = {
+        "mode": mode,
+        "open_s": round(opened, 3),
+        "layout_s": round(laid_out, 3),
+        "get_s": round(get_s, 2),
+        "walk_s": round(walk, 2),
+        "walk_gb_per_s": round(ck.total_bytes() / walk / 1e9, 2),
+        "total_mb": round(ck.total_bytes() / 2**20, 1),
+        "largest_block_mb_stored": round(lay.largest_block_bytes(None) / 2**20, 1),
+        "largest_block_mb_fp32": round(lay.largest_block_bytes() / 2**20, 1),
+        "largest_unit_mb_stored": round(max(lay.unit_bytes(u) for u, _ in lay.units()) / 2**20, 1),
+        "peak_rss_over_open_mb": round(peak / 1024, 1),
+        "rss_after_walk_mb": round((_rss_kb() - base) / 1024, 1),
+    }
+    if mode == "mmap":
+        ck.release()
+        out["rss_after_release_mb"] = round((_rss_kb() - base) / 1024, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(SIZES), required=True)
-    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--read", metavar="FOLDER", help="instead of writing: walk FOLDER unit by unit with ShardedCheckpoint "
+                        "(copy and mmap, each in a fresh process) and report time and RSS")
+    parser.add_argument("--mode", choices=["copy", "mmap"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES))
+    parser.add_argument("--out", help="folder to write")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="target shard size in GB (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", action="store_true", help="also write a WordLevel tokenizer (ONNX Runtime GenAI's builder needs one)")
     parser.add_argument("--check", action="store_true", help="load with transformers and run a forward (small sizes only)")
     args = parser.parse_args(argv)
+    if args.read:
+        if args.mode:
+            print(json.dumps(measure_read(args.read, args.mode)))
+            return 0
+        import subprocess
+
+        results = []
+        for mode in ("copy", "mmap"):
+            run = subprocess.run([sys.executable, __file__, "--read", args.read, "--mode", mode], capture_output=True, text=True)
+            if run.returncode:
+                print(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"--read {mode} failed", file=sys.stderr)
+                return 1
+            results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results, indent=2))
+        return 0
+    if not args.size or not args.out:
+        parser.error("--size and --out are required (or --read FOLDER)")
     if args.shard_gb <= 0:
         parser.error(f"--shard-gb must be positive, got {args.shard_gb}")
     config = llama_config(**SIZES[args.size], max_position_embeddings=128 if args.size == "tiny" else 4096)

