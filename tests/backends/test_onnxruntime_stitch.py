@@ -487,3 +487,17 @@ def test_typed_field_initializer_and_short_external_file(tmp_path):
         with OnnxStitcher(tmp_path / "short") as st:
             st.add_unit(src / "u.onnx", prefix="a/", inputs={"x": "x"})
     assert not (tmp_path / "short").exists() and _leftovers(tmp_path, "short") == []
+
+
+def test_units_without_large_weights_write_no_data_file(tmp_path):
+    small = _dense_unit(k=8)  # an 8x8 weight: 256 bytes, stays inline
+    for mode in ("one", "per-unit"):
+        dest = tmp_path / mode
+        with OnnxStitcher(dest, data_files=mode) as st:
+            h = st.add_unit(small, prefix="a/", inputs={"x": "x"})["out"]
+            st.add_unit(small, prefix="b/", inputs={"x": h})
+            files = st.close({"out": "b/out"})
+        assert list(files) == [MODEL_FILE] and sorted(p.name for p in dest.iterdir()) == [MODEL_FILE]
+        x = np.ones((1, 8), np.float32)
+        (mid,) = _run(small, {"x": x})
+        np.testing.assert_allclose(_run(dest / MODEL_FILE, {"x": x})[0], _run(small, {"x": mid})[0], rtol=0, atol=1e-6)

@@ -177,6 +177,7 @@ class OnnxStitcher:
         self._names: set[str] = set()  # every value name defined in the stitched graph
         self._prefixes: set[str] = set()
         self._data: list[_DataFile] = []
+        self._one: _LazyDataFile | None = None  # data_files="one": created with the first external tensor
         self._units = 0
         self.external_bytes = 0
 
@@ -276,7 +277,7 @@ class OnnxStitcher:
         init_names = {t.name for t in g.initializer}
         unit_inputs = [vi for vi in g.input if vi.name not in init_names]
         in_names = {vi.name for vi in unit_inputs}
-        missing = [n for n in in_names if n not in inputs]
+        missing = [vi.name for vi in unit_inputs if vi.name not in inputs]
         if missing:
             raise BackendError(f"{label}: graph input {missing[0]!r} is not mapped; add it to inputs= (unit input name -> stitched value name)")
         unknown = [n for n in inputs if n not in in_names]
@@ -385,11 +386,11 @@ class OnnxStitcher:
             merged[key] = _copy(fn)
         return merged
 
-    def _data_file_for(self, prefix: str) -> _DataFile | None:
+    def _data_file_for(self, prefix: str) -> "_LazyDataFile":
         if self.data_files == "one":
-            if not self._data:
-                self._data.append(_DataFile(self.tmp, DATA_FILE, self.align))
-            return self._data[0]
+            if self._one is None:
+                self._one = _LazyDataFile(self, DATA_FILE)
+            return self._one
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix).strip("._-") or "unit"
         return _LazyDataFile(self, f"{self._units:04d}_{safe}.data")
 
@@ -407,7 +408,7 @@ class OnnxStitcher:
             out.name = name
             return out
         out = onnx.TensorProto(name=name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
-        df = data.get() if isinstance(data, _LazyDataFile) else data
+        df = data.get()
         if external:
             offset, length = df.append_stream(_external_chunks(label, t, base))
         else:
@@ -540,6 +541,10 @@ class _LazyDataFile:
     def finish(self) -> None:
         if self.file is not None:
             self.file.finish()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
 
 
 # ---------------------------------------------------------------------- helpers
