@@ -185,7 +185,10 @@ class ShardedCheckpoint:
             by_shard.setdefault(str(shard), []).append(name)
         # Every file is checked for existence before any header is parsed: a missing shard is
         # the likelier fault and its message should not wait behind a slow disk.
+        root = self.folder.resolve()
         for shard, names in by_shard.items():
+            if root not in (self.folder / shard).resolve().parents:
+                raise FrontendError(f"{index}: shard '{shard}' (for '{names[0]}') lies outside the folder: an index names files inside it; fix the index")
             if not (self.folder / shard).is_file():
                 raise FrontendError(
                     f"{index}: points at missing shard file {shard} (for {len(names)} tensor(s), e.g. '{names[0]}'): "

@@ -215,6 +215,18 @@ def test_index_points_at_a_file_that_is_not_there(tmp_path, tiny):
                               "'model.norm.weight'): re-download the shard or fix the index")
 
 
+def test_index_naming_a_file_outside_the_folder(tmp_path, tiny):
+    folder = _copy(tiny["mistral"][0], tmp_path / "f")
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    path.write_text(json.dumps(index))
+    with pytest.raises(FrontendError) as err:
+        ShardedCheckpoint(folder)
+    assert _one_line(err) == (f"{path}: shard '../elsewhere.safetensors' (for 'model.norm.weight') lies outside the folder: "
+                              "an index names files inside it; fix the index")
+
+
 def test_tensor_listed_in_index_absent_from_its_shard(tmp_path, tiny):
     folder = _copy(tiny["llama"][0], tmp_path / "f")
     path = folder / "model.safetensors.index.json"
