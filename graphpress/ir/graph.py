@@ -226,10 +226,15 @@ class Graph:
             new._versions = {name: (t, t._version) for name, t in tensors}
         else:
             new._versions = {}
-        with warnings.catch_warnings():
-            # deep-copying the module's pytree specs trips a torch-internal FutureWarning
-            warnings.simplefilter("ignore", FutureWarning)
-            new.gm = copy.deepcopy(self.gm, memo)
+        if share_tensors:
+            from graphpress.ir.gmcopy import structure_copy
+
+            new.gm = structure_copy(self.gm, ANNOTATION_KEY, memo)
+        else:
+            with warnings.catch_warnings():
+                # deep-copying the module's pytree specs trips a torch-internal FutureWarning
+                warnings.simplefilter("ignore", FutureWarning)
+                new.gm = copy.deepcopy(self.gm, memo)
         new.source = dict(self.source)
         new.input_specs = list(self.input_specs)
         new.output_specs = list(self.output_specs)

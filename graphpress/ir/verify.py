@@ -54,7 +54,7 @@ def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = Non
         raise VerificationError(f"{graph.name}: expected one output node, found {len(outputs)}")
 
     inputs = tuple(inputs if inputs is not None else graph.example_inputs)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = _mode_of(gm)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     current = None
     try:
@@ -123,6 +123,8 @@ class _TrackingProp(FakeTensorProp):
         sig = _signature(self.module, n)
         if (n.op not in ("placeholder", "output") and before is not None and n.meta.get(SIGNATURE_KEY) == sig
                 and not any(i in self.moved for i in n.all_input_nodes)):
+            if _concrete_in(old, self._mode):
+                return old  # a value of this mode, sizes concrete: it is the value
             fresh = _fresh(self._mode, before)
             n.meta["val"] = fresh
             return fresh
@@ -138,6 +140,35 @@ class _TrackingProp(FakeTensorProp):
         if before is None or before != _layout(n.meta.get("val")):
             self.moved.add(n)
         return result
+
+
+def _mode_of(gm) -> FakeTensorMode:
+    """The fake mode an earlier check left the values in, so that unchanged nodes keep their
+    values as they are (a fresh fake per node cost ~0.15 ms, 0.45 s per check of a 3000-node
+    graph); a new one when there is none (a fresh capture's values belong to export's mode)."""
+    for n in gm.graph.nodes:
+        mode = getattr(n.meta.get("val"), "fake_mode", None)
+        if mode is not None and getattr(mode, _OURS, False):
+            return mode
+        if mode is not None:
+            break
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    setattr(mode, _OURS, True)
+    return mode
+
+
+_OURS = "_graphpress_verify"
+
+
+def _concrete_in(val, mode) -> bool:
+    """True when every tensor of ``val`` is a fake of ``mode`` with concrete sizes."""
+    for v in val if isinstance(val, (list, tuple)) else (val,):
+        if isinstance(v, torch.Tensor):
+            if getattr(v, "fake_mode", None) is not mode:
+                return False
+        elif not isinstance(v, (int, float, bool, type(None))):
+            return False  # a SymInt, or something unknown
+    return True
 
 
 def stamp(gm) -> None:

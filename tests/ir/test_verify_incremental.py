@@ -87,3 +87,12 @@ def test_other_inputs_move_every_dependent_value(graph, ran):
     graph.verify((torch.randn(5, 6),))
     assert {"linear", "relu", "linear_1"} <= set(ran)
     assert next(n for n in graph.nodes if n.name == "linear_1").meta["val"].shape == (5, 3)
+
+
+def test_unchanged_nodes_keep_their_value_objects_from_one_check_to_the_next(graph):
+    graph.verify()
+    before = {n.name: n.meta.get("val") for n in graph.nodes}
+    snap = graph.snapshot()
+    snap.verify()
+    kept = [n.name for n in snap.nodes if n.op == "call_function" and n.meta.get("val") is before[n.name]]
+    assert "linear" in kept and "linear_1" in kept  # reused, not re-created per check
