@@ -186,7 +186,7 @@ class Graph:
         )
         from graphpress.ir.verify import stamp
 
-        stamp(graph.gm)  # export's values hold for this graph: the first verify() re-uses them
+        stamp(graph.gm, graph.example_inputs)  # export's values hold for this graph: the first verify() re-uses them
         return graph
 
     # ------------------------------------------------------------------ running

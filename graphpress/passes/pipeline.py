@@ -198,7 +198,7 @@ class Pipeline:
             ins.run_start(graph, self.passes)
         original = run_sets(graph, inputs)
         previous_outputs = original
-        current = graph.snapshot()
+        current = graph  # each pass runs on a copy (_work_copy): the caller's graph is never changed
         steps: list[StepRecord] = []
         params0 = graph.parameter_count()
         total = len(self.passes)
@@ -223,13 +223,16 @@ class Pipeline:
                 raise VerificationError(f"{where} broke the model: {first.problem}{_advice(p, first, chosen)}{at}")
             for a in chosen.siblings:
                 a.graph.release()
-            current.release()  # a snapshot: the tensors the pass replaced go now, not at the next gc
+            if current is not graph:
+                current.release()  # a snapshot: the tensors the pass replaced go now, not at the next gc
             trim()
             current = chosen.graph
             previous_outputs = chosen.outputs
             steps.append(record)
             for ins in instruments:
                 ins.pass_end(i, p, current, record)
+        if current is graph:  # no pass ran: the report's graph is still not the caller's object
+            current = graph.snapshot()
         report = PipelineReport(current, steps, params0, current.parameter_count(), time.perf_counter() - t_all)
         for ins in instruments:
             ins.run_end(report)
@@ -279,7 +282,10 @@ class Pipeline:
             kl = None if p.exact else 0.0
         else:
             step = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(previous, outputs)])
-            cumulative = _merge_diffs([compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
+            # while every pass so far left the outputs bitwise as they were, the graph before
+            # this pass gave the original's outputs: the step is the cumulative figure
+            cumulative = step if previous is original else _merge_diffs(
+                [compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
             kl = None if p.exact else _logits_kl(previous, outputs)
         attempt = _Attempt(out, bool(result.changed), dict(result.stats), step, cumulative, kl, outputs)
         attempt.problem = self._judge(p, step, kl)
