@@ -115,8 +115,9 @@ def fake_of(graph: Graph, tensor: torch.Tensor, mode: Any = None):
         return None
     try:
         if tensor.numel() > 1 and tensor.layout == torch.strided and not tensor.is_quantized:
-            with mode:
-                return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+            from graphpress.ir.verify import fake_tensor
+
+            return fake_tensor(mode, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
         return mode.from_tensor(tensor, static_shapes=True)
     except Exception:  # noqa: BLE001
         return None
