@@ -7,7 +7,7 @@ Loading and running an ONNX artifact needs numpy and onnxruntime only; nothing h
 >>> (logits,) = model(images)               # doctest: +SKIP
 """
 
-from graphpress.runtime.artifact import Artifact, IOSpec, make_manifest, read_artifact, sha256_file, write_artifact
+from graphpress.runtime.artifact import Artifact, IOSpec, Prehashed, make_manifest, read_artifact, sha256_file, write_artifact
 from graphpress.runtime.bench import BenchResult, LatencyComparison, benchmark, compare_latency
 from graphpress.runtime.load import LoadedModel, load, register_loader
 
@@ -17,6 +17,7 @@ __all__ = [
     "IOSpec",
     "LatencyComparison",
     "LoadedModel",
+    "Prehashed",
     "benchmark",
     "compare_latency",
     "load",

@@ -267,8 +267,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _place_file(src: bytes | str | os.PathLike, dst: Path) -> None:
+@dataclass(frozen=True)
+class Prehashed:
+    """A file :func:`write_artifact` *moves* into the artifact (``os.replace``: same file system)
+    with the hash and size its writer computed while writing it, instead of copying and hashing
+    it again: a streamed LLM's weights are gigabytes (about 1 s per GB to hash, more to copy)."""
+
+    path: Path
+    sha256: str
+    bytes: int
+
+
+def _place_file(src: "bytes | str | os.PathLike | Prehashed", dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(src, Prehashed):
+        if not Path(src.path).is_file() or Path(src.path).stat().st_size != src.bytes:
+            raise ArtifactError(f"{src.path}: not a file of {src.bytes} bytes (a pre-hashed artifact file changed before it was moved in)")
+        os.replace(src.path, dst)
+        return
     if isinstance(src, (bytes, bytearray, memoryview)):
         with open(dst, "wb") as f:
             f.write(src)
@@ -469,9 +485,9 @@ def write_artifact(
     ----------
     out_dir : path
         The artifact folder ``OUT`` to create (its parent is created when missing).
-    files : mapping of str to bytes or path
+    files : mapping of str to bytes, path or Prehashed
         Model files by name relative to ``OUT`` (e.g. ``{"model.onnx": Path(...)}``); paths are
-        copied. ``manifest.json`` and ``report.md`` are reserved.
+        copied, :class:`Prehashed` files moved (their recorded hash is trusted). ``manifest.json`` and ``report.md`` are reserved.
     manifest : mapping
         Manifest content; ``format``, ``format_version``, ``graphpress_version`` and ``created``
         are filled in when absent and ``files`` is always recomputed (sha256 + bytes per file).
@@ -519,8 +535,9 @@ def write_artifact(
         man.setdefault("format_version", FORMAT_VERSION)
         man.setdefault("graphpress_version", graphpress.__version__)
         man.setdefault("created", _utc_now())
+        known = {name: {"sha256": src.sha256, "bytes": src.bytes} for name, src in names.items() if isinstance(src, Prehashed)}
         man["files"] = {
-            rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            rel: known.get(rel) or {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.rglob("*"))
             if p.is_file() and (rel := p.relative_to(tmp).as_posix()) != MANIFEST
         }
@@ -635,6 +652,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "Prehashed",
     "REPORT",
     "claim_scratch",
     "clean_stale_scratch",

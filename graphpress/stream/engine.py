@@ -1,0 +1,502 @@
+"""Streaming (sequential) compression of a decoder LLM, one unit in memory at a time.
+
+The run visits the units of :func:`graphpress.frontends.shards.decoder_layout` in order:
+
+1. **embedding** -- the table read in the checkpoint's dtype, stored in the artifact as float16
+   when the checkpoint is bf16/fp16 (exact for values in float16's normal range), looked up in
+   float32;
+2. **block 0 .. n-1** -- each read from its shards, converted to float32, bound to a graph
+   captured once per kind of block (:class:`~graphpress.stream.units.BlockUnit`; a snapshot of the
+   template with the block's tensors set), compressed by the recipe's :class:`Pipeline` (verified
+   after every pass as always) with the block's calibration inputs, checked against the
+   uncompressed block (output SQNR on the calibration activations), lowered to ONNX and appended
+   to the artifact, then freed;
+3. **head** -- the final norm and the head's rows in slices no larger than the largest block
+   (in float32), each compressed the same way; the slices' logits are concatenated.
+
+Calibration is sequential: block ``i`` is calibrated on the activations the *compressed* blocks
+before it produce (what the block will see at run time). A held-out set is carried twice, through
+the uncompressed blocks and through the compressed ones, so the end-to-end KL and top-1 agreement
+come out of the same single pass over the checkpoint. At the end the written artifact is loaded in
+ONNX Runtime and run on the held-out set: its logits must match the streamed compressed ones.
+
+Memory: one unit's float32 weights, its compressed copy and the ONNX export of it, plus the
+activations of the calibration and held-out sets (``sequences x seq_len x hidden`` floats each);
+the checkpoint stays on disk and the artifact's weights go to its data file as each unit is added
+(:class:`~graphpress.backends.onnxruntime.stitch.OnnxStitcher`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from graphpress.errors import FrontendError, GraphpressError, VerificationError
+from graphpress.frontends.shards import STREAMING_FAMILIES, ShardedCheckpoint, decoder_layout
+from graphpress.frontends.torch_module import TOKEN_DIMS
+from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
+from graphpress.ir.graph import Graph
+from graphpress.ir.memory import rss_bytes, trim
+from graphpress.passes.pipeline import Pipeline
+from graphpress.passes.recipes import Recipe, load_recipe
+from graphpress.stream.units import (
+    BlockUnit,
+    EmbedUnit,
+    HeadUnit,
+    block_window,
+    build_meta_model,
+    head_slices,
+    materialize,
+    rotary_for,
+)
+
+#: float16's largest finite value: a bf16 embedding table beyond it is stored in float32.
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a streamed run calibrates and checks.
+
+    Attributes
+    ----------
+    calibration_sequences, calibration_seq_len : int
+        Seeded random token sequences the blocks are calibrated and checked on, when no
+        calibration token ids are given.
+    heldout_sequences, heldout_seq_len : int
+        Seeded random token sequences (another seed) for the end-to-end KL / top-1 and the
+        ONNX Runtime check.
+    batch : int
+        Sequences per calibration batch handed to the passes.
+    seed : int
+        Seed of the token sequences.
+    data_files : str
+        ``"one"`` external data file, or ``"per-unit"`` (one per unit).
+    min_block_sqnr_db : float or None
+        Fail the run when a compressed block's output SQNR (against the uncompressed block on
+        the same inputs) is below this; None: report only.
+    head_slice_bytes : int or None
+        Largest float32 bytes of one head slice; None: the largest block's float32 bytes.
+    """
+
+    calibration_sequences: int = 8
+    calibration_seq_len: int = 64
+    heldout_sequences: int = 2
+    heldout_seq_len: int = 64
+    batch: int = 4
+    seed: int = 0
+    data_files: str = "one"
+    min_block_sqnr_db: float | None = None
+    head_slice_bytes: int | None = None
+
+
+@dataclass
+class UnitRecord:
+    """What one unit cost and how it measured."""
+
+    unit: str
+    time_s: float
+    rss_mb: float | None
+    params: int
+    sqnr_db: float | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["sqnr_db"] is not None and not math.isfinite(d["sqnr_db"]):
+            d["sqnr_db"] = "inf" if d["sqnr_db"] > 0 else "-inf"
+        return d
+
+
+@dataclass
+class StreamResult:
+    """A streamed run's artifact folder, manifest and per-unit records."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    units: list[UnitRecord]
+
+
+UnitEvent = Callable[[int, int, UnitRecord], None]
+
+
+def is_streamable(folder: str | os.PathLike) -> str | None:
+    """None when ``folder`` is a decoder-LLM checkpoint of a streaming family, else why not."""
+    try:
+        layout = decoder_layout(ShardedCheckpoint(folder))
+    except FrontendError as err:
+        return str(err)
+    return None if layout.family in STREAMING_FAMILIES else f"family {layout.family!r} is not streamed"
+
+
+def compress_stream(
+    folder: str | os.PathLike,
+    recipe: str | Path | Recipe | dict,
+    out: str | os.PathLike,
+    *,
+    options: StreamOptions = StreamOptions(),
+    calibration: torch.Tensor | None = None,
+    overwrite: bool = False,
+    on_unit: UnitEvent | None = None,
+) -> StreamResult:
+    """Compress the decoder LLM in ``folder`` unit by unit into an ONNX artifact at ``out``.
+
+    Parameters
+    ----------
+    folder : path
+        A Hugging Face folder (``config.json`` + safetensors, sharded or not) of the Llama,
+        Qwen2, Mistral or Phi-3 family.
+    recipe : str, Path, Recipe or dict
+        The passes every block (and head slice) runs, as for the whole-graph path.
+    out : path
+        The artifact folder; refused when it exists unless ``overwrite``.
+    options : StreamOptions
+        Calibration and check settings.
+    calibration : LongTensor (sequences, seq), optional
+        Token ids to calibrate on instead of seeded random ones.
+    overwrite : bool
+        Replace an existing artifact at ``out``.
+    on_unit : callable, optional
+        ``on_unit(done, total, record)`` after each unit (the CLI's progress line).
+
+    Returns
+    -------
+    StreamResult
+
+    Raises
+    ------
+    FrontendError
+        The folder is not a supported checkpoint (one line, before any weight is read).
+    VerificationError
+        A pass broke a block (the pipeline names pass and block), a block missed
+        ``min_block_sqnr_db``, or ONNX Runtime's logits do not match the streamed ones.
+    """
+    from graphpress.backends.onnxruntime.lower import lower_to_onnx
+    from graphpress.backends.onnxruntime.stitch import OnnxStitcher
+    from graphpress.runtime.artifact import Prehashed, check_destination, write_artifact
+
+    t_start = time.perf_counter()
+    out = Path(os.path.abspath(out))
+    check_destination(out, overwrite)
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    Pipeline.from_recipe(recipe)  # unknown passes and options fail before any weight is read
+    checkpoint = ShardedCheckpoint(folder)
+    layout = decoder_layout(checkpoint)
+    meta = build_meta_model(folder)
+    config = meta.config
+    vocab, hidden = layout.vocab_size, layout.hidden_size
+    calib_ids = _tokens(calibration, options.calibration_sequences, options.calibration_seq_len, vocab, options.seed, "calibration")
+    held_ids = _tokens(None, options.heldout_sequences, options.heldout_seq_len, vocab, options.seed + 1, "held-out")
+    total = 1 + layout.num_layers + len(_slices(layout, options))
+    records: list[UnitRecord] = []
+
+    def done(record: UnitRecord) -> None:
+        records.append(record)
+        if on_unit is not None:
+            on_unit(len(records), total, record)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.stream-{os.getpid()}-", dir=out.parent))
+    try:
+        stitched = scratch / "onnx"
+        with OnnxStitcher(stitched, data_files=options.data_files) as stitcher:
+            # ---------------------------------------------------------------- embedding
+            t0 = time.perf_counter()
+            table = checkpoint.get(layout.embedding)
+            stored = _embedding_storage(table)
+            embed_graph = Graph.capture(
+                EmbedUnit(stored), (calib_ids[: min(2, len(calib_ids))],), name="embed", dynamic_dims=TOKEN_DIMS,
+                input_names=["input_ids"], output_names=["hidden"], source={"unit": "embed"},
+            )
+            with torch.no_grad():
+                calib = torch.nn.functional.embedding(calib_ids, stored).float()
+                test = torch.nn.functional.embedding(held_ids, stored).float()
+                ref = torch.nn.functional.embedding(held_ids, table.float())
+            prev = _add(stitcher, lower_to_onnx, embed_graph, scratch, "embed/", {"input_ids": "input_ids"})["hidden"]
+            del table, stored, embed_graph
+            done(UnitRecord("embed", time.perf_counter() - t0, _rss_mb(), layout.vocab_size * hidden,
+                            sqnr_db=_sqnr(ref, test)))
+
+            # ---------------------------------------------------------------- blocks
+            templates: dict[int | None, Graph] = {}
+            for i in range(layout.num_layers):
+                t0 = time.perf_counter()
+                weights = {rel: t.float() for rel, t in layout.block(i).items()}
+                window = block_window(config, i)
+                graph = _bound_block(templates, window, meta, weights, i, calib)
+                del weights
+                graph.name = f"block.{i}"
+                record, compressed = _compress_unit(graph, recipe, calib, options, f"block {i}")
+                with torch.no_grad():
+                    ref = _run(graph, ref)
+                    test = _run(compressed, test)
+                    calib = _run(compressed, calib)
+                prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev})["hidden_out"]
+                graph.release()
+                compressed.release()
+                del graph, compressed
+                trim()
+                record.time_s = time.perf_counter() - t0
+                record.rss_mb = _rss_mb()
+                done(record)
+
+            # ---------------------------------------------------------------- head slices
+            t0 = time.perf_counter()
+            norm = materialize(meta.model.norm, {"weight": checkpoint.get(layout.final_norm)})
+            head = checkpoint.get(layout.lm_head)  # checkpoint dtype: half of float32 for bf16
+            slices = _slices(layout, options)
+            outputs, ref_logits, test_logits = [], [], []
+            for k, part in enumerate(slices):
+                t1 = time.perf_counter() if k else t0
+                unit = HeadUnit(norm, head[part.start:part.stop].float())
+                graph = Graph.capture(unit, (calib[: min(2, len(calib))],), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
+                                      input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
+                del unit
+                record, compressed = _compress_unit(graph, recipe, calib, options, f"head slice {k} (rows {part.start}:{part.stop})")
+                with torch.no_grad():
+                    ref_logits.append(_run(graph, ref))
+                    test_logits.append(_run(compressed, test))
+                outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev})["logits"])
+                graph.release()
+                compressed.release()
+                del graph, compressed
+                trim()
+                record.unit = f"head.{k}"
+                record.time_s = time.perf_counter() - t1
+                record.rss_mb = _rss_mb()
+                done(record)
+            del head, norm
+            logits_name = outputs[0]
+            if len(outputs) > 1:
+                logits_name = stitcher.add_unit(_concat_model(len(outputs)), prefix="head/", inputs={f"x{k}": n for k, n in enumerate(outputs)})["logits"]
+            files = stitcher.close({"logits": logits_name})
+
+        ref_all, test_all = torch.cat(ref_logits, -1), torch.cat(test_logits, -1)
+        del ref_logits, test_logits
+        end_to_end = {
+            "heldout_tokens": int(held_ids.numel()),
+            "kl": kl_divergence(ref_all, test_all),
+            "top1_agreement": top1_agreement(ref_all, test_all),
+            "sqnr_db": _json(_sqnr(ref_all, test_all)),
+        }
+        del ref_all
+        ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all)
+        end_to_end["onnxruntime"] = ort_check
+        if not ort_check["ok"]:
+            raise VerificationError(
+                f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
+        del test_all
+        manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
+        moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
+        folder_out = write_artifact(out, moved, manifest, _report(manifest), overwrite=overwrite)
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return StreamResult(folder_out, manifest, records)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _tokens(given: torch.Tensor | None, n: int, seq: int, vocab: int, seed: int, what: str) -> torch.Tensor:
+    if given is not None:
+        if not isinstance(given, torch.Tensor) or given.dim() != 2 or given.dtype not in (torch.int32, torch.int64):
+            raise FrontendError(f"streaming {what} data must be token ids of shape (sequences, seq), got {getattr(given, 'shape', type(given))}")
+        if int(given.min()) < 0 or int(given.max()) >= vocab:
+            raise FrontendError(f"streaming {what} token ids must lie in [0, {vocab}); found {int(given.min())}..{int(given.max())}")
+        return given.long()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq), generator=gen)
+
+
+def _slices(layout, options: StreamOptions):
+    limit = options.head_slice_bytes or layout.largest_block_bytes(torch.float32)
+    return head_slices(layout.vocab_size, layout.hidden_size, limit)
+
+
+def _embedding_storage(table: torch.Tensor) -> torch.Tensor:
+    """float16 for a bf16/fp16 table within float16's range, else float32."""
+    if table.dtype in (torch.bfloat16, torch.float16) and float(table.abs().max()) <= _FP16_MAX:
+        return table.to(torch.float16)
+    return table.float()
+
+
+def _bound_block(templates: dict, window: int | None, meta, weights: dict[str, torch.Tensor], index: int, calib: torch.Tensor) -> Graph:
+    """Block ``index`` as a graph: the template of its kind (captured at its first block, then
+    holding no weights of its own) snapshotted with this block's tensors set."""
+    example = (calib[: min(2, len(calib))],)
+    template = templates.get(window)
+    if template is None:
+        unit = BlockUnit(materialize(meta.model.layers[index], dict(weights)), rotary_for(meta), window)
+        graph = Graph.capture(unit, example, name=f"block.{index}", dynamic_dims=TOKEN_DIMS,
+                              input_names=["hidden"], output_names=["hidden_out"], source={"unit": "block"})
+        targets = [f"layer.{rel}" for rel in weights]
+        missing = [t for t in targets if not _has(graph, t)]
+        if missing:
+            raise FrontendError(f"block {index}: the captured block has no tensor {missing[0]!r}; streaming cannot re-bind its weights")
+        template = graph.snapshot()
+        for target in targets:  # the template keeps the structure, not block 0's weights
+            t = graph.get_tensor(target)
+            template.set_tensor(target, torch.zeros((), dtype=t.dtype).expand(t.shape))
+        templates[window] = template
+        meta.model.layers[index].to("meta")
+        return graph
+    graph = template.snapshot()
+    for rel, value in weights.items():
+        target = f"layer.{rel}"
+        if tuple(value.shape) != tuple(template.get_tensor(target).shape):
+            raise FrontendError(f"block {index}: tensor {rel!r} is {tuple(value.shape)}, the block expects {tuple(template.get_tensor(target).shape)}")
+        graph.set_tensor(target, value)
+    graph.example_inputs = example
+    return graph
+
+
+def _has(graph: Graph, target: str) -> bool:
+    try:
+        graph.get_tensor(target)
+        return True
+    except (AttributeError, KeyError, GraphpressError):
+        return False
+
+
+def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, options: StreamOptions, where: str):
+    """Run the recipe on one unit with its calibration batches; the unit's SQNR on them."""
+    graph.example_inputs = (calib[: min(2, len(calib))],)
+    graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
+    pipeline = Pipeline.from_recipe(recipe)
+    try:
+        report = pipeline.run(graph)
+    except GraphpressError as err:
+        raise type(err)(f"{where}: {err}") from err
+    compressed = report.graph
+    with torch.no_grad():
+        sqnr = _sqnr(_run(graph, calib), _run(compressed, calib))
+    if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
+        raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the calibration activations is below min_block_sqnr_db={options.min_block_sqnr_db}")
+    record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
+    return record, compressed
+
+
+def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    return torch.cat([graph.run(x[k:k + batch])[0] for k in range(0, len(x), batch)])
+
+
+def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return sqnr_db(ref.reshape(-1), test.reshape(-1))
+
+
+def _json(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _rss_mb() -> float | None:
+    rss = rss_bytes()
+    return None if rss is None else round(rss / 2**20, 1)
+
+
+def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str]) -> dict[str, str]:
+    """Lower one unit to ONNX in a scratch folder, append it, delete the folder."""
+    import shutil
+
+    unit_dir = Path(tempfile.mkdtemp(prefix="unit-", dir=scratch))
+    try:
+        lower(graph, unit_dir)
+        return stitcher.add_unit(unit_dir / "model.onnx", prefix=prefix, inputs=inputs)
+    finally:
+        shutil.rmtree(unit_dir, ignore_errors=True)
+
+
+def _concat_model(n: int):
+    """An ONNX model concatenating ``x0..x{n-1}`` (batch, seq, rows_k) along the last axis."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["batch", "seq", None]) for k in range(n)]
+    output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", None])
+    node = helper.make_node("Concat", [f"x{k}" for k in range(n)], ["logits"], axis=-1)
+    from graphpress.backends.onnxruntime.lower import DEFAULT_OPSET
+
+    graph = helper.make_graph([node], "concat", inputs, [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)], ir_version=onnx.IR_VERSION)
+
+
+def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor) -> dict[str, Any]:
+    """Load the stitched model in ONNX Runtime, run the held-out ids, compare with the streamed
+    compressed logits."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    opts = ort.SessionOptions()
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (got,) = sess.run(["logits"], {"input_ids": ids.numpy()})
+    run_s = time.perf_counter() - t0
+    got_t = torch.from_numpy(got)
+    diff = float((got_t - expected).abs().max())
+    scale = float(expected.abs().max()) or 1.0
+    kl = kl_divergence(expected, got_t)
+    ok = diff <= 1e-3 * max(1.0, scale) and kl < 1e-4
+    return {"ok": bool(ok), "max_abs": diff, "kl_vs_streamed": kl, "load_s": round(load_s, 3), "run_s": round(run_s, 3)}
+
+
+def _manifest(folder, layout, recipe: Recipe, options: StreamOptions, records: list[UnitRecord], end_to_end: dict,
+              calib_ids: torch.Tensor, wall: float) -> dict[str, Any]:
+    import graphpress
+
+    blocks = [r for r in records if r.unit.startswith("block.")]
+    worst = min((r.sqnr_db for r in blocks if r.sqnr_db is not None), default=None)
+    return {
+        "graphpress_version": graphpress.__version__,
+        "backend": "onnxruntime",
+        "model_file": "model.onnx",
+        "inputs": [{"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64"}],
+        "outputs": [{"name": "logits", "shape": ["batch", "seq", layout.vocab_size], "dtype": "float32"}],
+        "source": {"name": Path(folder).name, "frontend": "huggingface-stream", "path": str(folder),
+                   "family": layout.family, "layers": layout.num_layers, "dynamic_batch": True},
+        "recipe": recipe.to_dict(),
+        "passes": [],
+        "stream": {
+            "options": asdict(options),
+            "calibration_tokens": int(calib_ids.numel()),
+            "units": [r.to_dict() for r in records],
+            "worst_block_sqnr_db": _json(worst) if worst is not None else None,
+            "end_to_end": end_to_end,
+            "wall_s": round(wall, 2),
+        },
+        "metrics": {"params_before": int(sum(r.params for r in records)), "kl_heldout": end_to_end["kl"],
+                    "top1_agreement_heldout": end_to_end["top1_agreement"]},
+        "example_shapes": {"input_ids": [int(options.heldout_sequences), int(options.heldout_seq_len)]},
+        "lowering": {"info": {"streamed": True, "units": len(records)}, "check": end_to_end["onnxruntime"]},
+    }
+
+
+def _report(manifest: dict[str, Any]) -> str:
+    s = manifest["stream"]
+    e2e = s["end_to_end"]
+    lines = [
+        f"# {manifest['source']['name']} (streamed, {manifest['source']['family']}, {manifest['source']['layers']} blocks)",
+        "",
+        f"- recipe: {manifest['recipe'].get('name')}",
+        f"- held-out KL {e2e['kl']:.4g} nats, top-1 agreement {e2e['top1_agreement']:.3f} ({e2e['heldout_tokens']} tokens)",
+        f"- worst block SQNR {s['worst_block_sqnr_db']} dB; ONNX Runtime check: {'passed' if e2e['onnxruntime']['ok'] else 'FAILED'} "
+        f"(max abs {e2e['onnxruntime']['max_abs']:.3g})",
+        f"- wall {s['wall_s']} s",
+        "",
+        "| unit | time (s) | RSS (MB) | SQNR (dB) |",
+        "|---|---|---|---|",
+    ]
+    for u in s["units"]:
+        sq = u["sqnr_db"]
+        lines.append(f"| {u['unit']} | {u['time_s']:.2f} | {u['rss_mb']} | {sq if isinstance(sq, str) else (round(sq, 1) if sq is not None else '')} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["StreamOptions", "StreamResult", "UnitRecord", "compress_stream", "is_streamable"]
