@@ -195,6 +195,83 @@ def compress(
     )
 
 
+#: ``stream="auto"`` streams a decoder LLM whose float32 weights exceed this many bytes (1 GB,
+#: ~270M parameters): the whole-graph path needed ~20 bytes per parameter at 336M.
+STREAM_AUTO_BYTES = 1 << 30
+
+
+def stream_choice(source: Any, stream: str = "auto") -> str | None:
+    """Why ``source`` is compressed by streaming (a line for the user), or None for the
+    whole-graph path.
+
+    Parameters
+    ----------
+    source : Any
+        What :func:`compress` would load.
+    stream : {"auto", "on", "off"}
+        ``on``: stream, or fail in one line saying why the source cannot be; ``auto``: stream a
+        Llama/Qwen2/Mistral/Phi-3 folder whose float32 weights exceed :data:`STREAM_AUTO_BYTES`.
+    """
+    from graphpress.errors import GraphpressError as _Err
+
+    if stream not in ("auto", "on", "off"):
+        raise _Err(f"--stream {stream!r}: use auto, on or off")
+    if stream == "off":
+        return None
+    from graphpress.frontends.shards import ShardedCheckpoint, decoder_layout
+
+    is_folder = isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / "config.json").is_file()
+    if not is_folder:
+        if stream == "on":
+            raise _Err(f"--stream on: {source} is not a Hugging Face folder (config.json + safetensors); streaming takes decoder-LLM folders only")
+        return None
+    try:
+        layout = decoder_layout(ShardedCheckpoint(source))
+    except _Err as err:
+        if stream == "on":
+            raise
+        del err  # auto: not streamable, the whole-graph path takes it
+        return None
+    fp32 = sum(layout.checkpoint.numel(n) for n in layout.checkpoint.names()) * 4
+    if stream == "on":
+        return f"--stream on: {layout.family}, {layout.num_layers} blocks, {fp32 / 2**30:.2f} GB of float32 weights"
+    if fp32 > STREAM_AUTO_BYTES:
+        return f"--stream auto: {layout.family} with {fp32 / 2**30:.2f} GB of float32 weights (over {STREAM_AUTO_BYTES / 2**30:.0f} GB): streamed block by block"
+    return None
+
+
+def compress_stream(
+    source: str | Path,
+    *,
+    out: str | Path,
+    recipe: str | Path | Recipe | dict = "default",
+    overwrite: bool = False,
+    calibration: Any = None,
+    options: Any = None,
+    on_unit: Callable[[int, int, Any], None] | None = None,
+) -> Any:
+    """Compress a decoder-LLM folder block by block into an ONNX artifact (issue 17's streaming
+    mode; see :func:`graphpress.stream.compress_stream` and ``docs/big-models.md``).
+
+    ``calibration``: token ids ``(sequences, seq)``, or a file :func:`graphpress.train.load_inputs`
+    reads; ``options``: a :class:`graphpress.stream.StreamOptions` or a dict of its fields.
+    """
+    from graphpress.config import config_from_dict as _from_dict
+    from graphpress.stream import StreamOptions
+    from graphpress.stream import compress_stream as _stream
+
+    out = check_out_dir(out, overwrite)
+    if isinstance(calibration, (str, Path)):
+        from graphpress.train import load_inputs
+
+        calibration = load_inputs(calibration, label="--calibration")
+    if isinstance(calibration, (tuple, list)):
+        calibration = calibration[0]
+    if isinstance(options, dict):
+        options = _from_dict(StreamOptions, options, owner="stream options")
+    return _stream(source, recipe, out, options=options or StreamOptions(), calibration=calibration, overwrite=overwrite, on_unit=on_unit)
+
+
 def resolve_backend(backend: Any = None, options: dict[str, Any] | None = None, *, recipe: Recipe | None = None) -> Any:
     """The configured backend for a run: name, options and the recipe's ``backend`` section.
 

@@ -136,11 +136,20 @@ def run(
     he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="= --backend-option weight_bits=... (--backend he): fixed-point bits of the weights (default 8)."),
     tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="= --backend-option tune_trials=... (--backend tvm): MetaSchedule trials (batch 1) before writing the artifact."),
     tvm_db: Optional[Path] = typer.Option(None, "--tvm-db", help="= --backend-option tuning_db=... (--backend tvm): reuse the tuning database of an earlier tuned artifact (or its tuning/ folder)."),
+    stream: str = typer.Option(
+        "auto", "--stream",
+        help="Decoder LLM folders: compress block by block from the shards, in a fraction of the model's size in memory (on), the whole graph at once (off), or on above 1 GB of float32 weights (auto). See docs/big-models.md.",
+    ),
 ) -> None:
     """Compress CHECKPOINT with a recipe and write a verified artifact with a report."""
-    from graphpress.api import check_out_dir, check_recipe, compress, finetune_trainable_modes
+    from graphpress.api import check_out_dir, check_recipe, compress, finetune_trainable_modes, stream_choice
 
     check_out_dir(out, overwrite)  # fail before minutes of work
+    why = stream_choice(checkpoint, stream)
+    if why is not None:
+        _run_stream(checkpoint, why, recipe=recipe, out=out, overwrite=overwrite, backend=backend, backend_option=backend_option,
+                    bench=bench, calibration=calibration, finetune_data=finetune_data)
+        return
     modes = finetune_trainable_modes()
     if finetune_trainable not in modes:
         raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(modes)}")
@@ -178,6 +187,38 @@ def run(
     _print_result(result.manifest)
     if result.manifest["backend"] == "he":
         _print_he_lowering(result.folder)
+    console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite: bool, backend: Optional[str],
+                backend_option: Optional[list[str]], bench: Optional[bool], calibration: Optional[Path], finetune_data: Optional[Path]) -> None:
+    """``compress run --stream``: the streamed path (ONNX Runtime only, no fine-tuning, no latency stage)."""
+    from graphpress.api import check_recipe, compress_stream
+
+    name = backend or check_recipe(recipe).backend or "onnxruntime"
+    if name != "onnxruntime" or backend_option:
+        raise GraphpressError(f"--stream: streamed artifacts are ONNX Runtime models with default options; drop --backend {name}"
+                              f"{' and --backend-option' if backend_option else ''} or use --stream off")
+    if finetune_data is not None:
+        raise GraphpressError("--stream: recovery fine-tuning needs the whole model in memory; drop --finetune-data or use --stream off")
+    console.print(why)
+    with StageProgress() as prog:
+        prog.stage("stream")
+
+        def on_unit(done: int, total: int, record: Any) -> None:
+            sq = "" if record.sqnr_db is None else f", SQNR {record.sqnr_db:.1f} dB"
+            prog.step(done, total, f"{record.unit} ({record.time_s:.1f} s, RSS {record.rss_mb} MB{sq})")
+
+        result = compress_stream(checkpoint, out=out, recipe=recipe, overwrite=overwrite, calibration=calibration, on_unit=on_unit)
+    s = result.manifest["stream"]
+    e2e = s["end_to_end"]
+    ort = e2e["onnxruntime"]
+    console.print(
+        f"{len(s['units'])} units in {s['wall_s']} s; worst block SQNR {s['worst_block_sqnr_db']} dB; held-out KL {e2e['kl']:.4g}, "
+        f"top-1 agreement {e2e['top1_agreement']:.3f}; ONNX Runtime check passed (max abs {ort['max_abs']:.3g})"
+    )
+    if bench:
+        console.print(f"latency is not measured in streaming mode: run 'compress bench {result.folder}'")
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
 
 

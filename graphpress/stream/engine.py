@@ -467,7 +467,7 @@ def _manifest(folder, layout, recipe: Recipe, options: StreamOptions, records: l
             "options": asdict(options),
             "calibration_tokens": int(calib_ids.numel()),
             "units": [r.to_dict() for r in records],
-            "worst_block_sqnr_db": _json(worst) if worst is not None else None,
+            "worst_block_sqnr_db": _json(round(worst, 2)) if worst is not None else None,
             "end_to_end": end_to_end,
             "wall_s": round(wall, 2),
         },
