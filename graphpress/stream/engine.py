@@ -48,7 +48,6 @@ from graphpress.passes.pipeline import Pipeline
 from graphpress.passes.recipes import Recipe, load_recipe
 from graphpress.stream.units import (
     BlockUnit,
-    EmbedUnit,
     HeadUnit,
     block_window,
     build_meta_model,
@@ -211,22 +210,20 @@ def compress_stream(
             # ---------------------------------------------------------------- embedding
             t0 = time.perf_counter()
             table = checkpoint.get(layout.embedding)
-            stored = _embedding_storage(table)
-            embed_graph = Graph.capture(
-                EmbedUnit(stored), (calib_ids[: min(2, len(calib_ids))],), name="embed", dynamic_dims=TOKEN_DIMS,
-                input_names=["input_ids"], output_names=["hidden"], source={"unit": "embed"},
-            )
             with torch.no_grad():
+                ref = torch.nn.functional.embedding(held_ids, table).float()  # the checkpoint's values exactly
+                stored = _embedding_storage(table)
+                del table
                 calib = torch.nn.functional.embedding(calib_ids, stored).float()
                 test = torch.nn.functional.embedding(held_ids, stored).float()
-                ref = torch.nn.functional.embedding(held_ids, table.float())
-            prev = _add(stitcher, lower_to_onnx, embed_graph, scratch, "embed/", {"input_ids": "input_ids"})["hidden"]
-            del table, stored, embed_graph
+            prev = stitcher.add_unit(_embedding_model(stored), prefix="embed/", inputs={"input_ids": "input_ids"})["hidden"]
+            del stored
             done(UnitRecord("embed", time.perf_counter() - t0, _rss_mb(), layout.vocab_size * hidden,
                             sqnr_db=_sqnr(ref, test)))
 
             # ---------------------------------------------------------------- blocks
             templates: dict[int | None, Graph] = {}
+            exports = OnnxTemplates()
             for i in range(layout.num_layers):
                 t0 = time.perf_counter()
                 weights = {rel: t.float() for rel, t in layout.block(i).items()}
@@ -234,12 +231,11 @@ def compress_stream(
                 graph = _bound_block(templates, window, meta, weights, i, calib)
                 del weights
                 graph.name = f"block.{i}"
-                record, compressed = _compress_unit(graph, recipe, calib, options, f"block {i}")
+                record, compressed, calib = _compress_unit(graph, recipe, calib, options, f"block {i}")
                 with torch.no_grad():
                     ref = _run(graph, ref)
                     test = _run(compressed, test)
-                    calib = _run(compressed, calib)
-                prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev})["hidden_out"]
+                prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports)["hidden_out"]
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -260,11 +256,11 @@ def compress_stream(
                 graph = Graph.capture(unit, (calib[: min(2, len(calib))],), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
                                       input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
                 del unit
-                record, compressed = _compress_unit(graph, recipe, calib, options, f"head slice {k} (rows {part.start}:{part.stop})")
+                record, compressed, _ = _compress_unit(graph, recipe, calib, options, f"head slice {k} (rows {part.start}:{part.stop})")
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
-                outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev})["logits"])
+                outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports)["logits"])
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -294,6 +290,7 @@ def compress_stream(
             raise VerificationError(
                 f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
         del test_all
+        end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound}
         manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
         moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
         folder_out = write_artifact(out, moved, manifest, _report(manifest), overwrite=overwrite)
@@ -323,9 +320,32 @@ def _slices(layout, options: StreamOptions):
 
 def _embedding_storage(table: torch.Tensor) -> torch.Tensor:
     """float16 for a bf16/fp16 table within float16's range, else float32."""
-    if table.dtype in (torch.bfloat16, torch.float16) and float(table.abs().max()) <= _FP16_MAX:
-        return table.to(torch.float16)
+    if table.dtype in (torch.bfloat16, torch.float16):
+        low, high = torch.aminmax(table)  # no |table| temporary: the table of an 8B Llama is 1 GB
+        if max(-float(low), float(high)) <= _FP16_MAX:
+            return table.to(torch.float16)
     return table.float()
+
+
+def _embedding_model(table: torch.Tensor):
+    """The embedding unit as ONNX, built directly: ``Gather(table, input_ids)`` then a cast to
+    float32 (for a float16 table). Not through the exporter, which holds two more copies of the
+    table (the largest tensor of most LLMs) while it works."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphpress.backends.onnxruntime.lower import DEFAULT_OPSET
+
+    weight = numpy_helper.from_array(table.detach().contiguous().numpy(), "embed_tokens.weight")
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", int(table.shape[1])])
+    if table.dtype == torch.float32:
+        nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["hidden"], axis=0)]
+    else:
+        nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["rows"], axis=0),
+                 helper.make_node("Cast", ["rows"], ["hidden"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "embed", [ids], [out], initializer=[weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)], ir_version=onnx.IR_VERSION)
 
 
 def _bound_block(templates: dict, window: int | None, meta, weights: dict[str, torch.Tensor], index: int, calib: torch.Tensor) -> Graph:
@@ -368,20 +388,24 @@ def _has(graph: Graph, target: str) -> bool:
 
 def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, options: StreamOptions, where: str):
     """Run the recipe on one unit with its calibration batches; the unit's SQNR on them."""
-    graph.example_inputs = (calib[: min(2, len(calib))],)
+    graph.example_inputs = (calib[: min(options.batch, len(calib))],)
     graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
     pipeline = Pipeline.from_recipe(recipe)
+    # a unit's inputs are activations: seeded random ones say little about them, so every pass
+    # is verified on the unit's own calibration activations (the example inputs) instead
+    pipeline.random_inputs = 0
     try:
         report = pipeline.run(graph)
     except GraphpressError as err:
         raise type(err)(f"{where}: {err}") from err
     compressed = report.graph
     with torch.no_grad():
-        sqnr = _sqnr(_run(graph, calib), _run(compressed, calib))
+        outputs = _run(compressed, calib)
+        sqnr = _sqnr(_run(graph, calib), outputs)
     if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
         raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the calibration activations is below min_block_sqnr_db={options.min_block_sqnr_db}")
     record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
-    return record, compressed
+    return record, compressed, outputs
 
 
 def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -401,16 +425,106 @@ def _rss_mb() -> float | None:
     return None if rss is None else round(rss / 2**20, 1)
 
 
-def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str]) -> dict[str, str]:
-    """Lower one unit to ONNX in a scratch folder, append it, delete the folder."""
+def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str],
+         templates: "OnnxTemplates | None" = None) -> dict[str, str]:
+    """Lower one unit to ONNX (or re-bind an earlier unit's ONNX to its tensors, see
+    :class:`OnnxTemplates`), append it to the artifact."""
+    if templates is not None:
+        model = templates.lower(graph, lambda g: _export(lower, g, scratch))
+        return stitcher.add_unit(model, prefix=prefix, inputs=inputs)
+    return stitcher.add_unit(_export(lower, graph, scratch), prefix=prefix, inputs=inputs)
+
+
+def _export(lower, graph: Graph, scratch: Path):
+    """``lower_to_onnx`` into a scratch folder, loaded back as one in-memory model."""
     import shutil
+
+    import onnx
 
     unit_dir = Path(tempfile.mkdtemp(prefix="unit-", dir=scratch))
     try:
         lower(graph, unit_dir)
-        return stitcher.add_unit(unit_dir / "model.onnx", prefix=prefix, inputs=inputs)
+        return onnx.load(str(unit_dir / "model.onnx"), load_external_data=True)
     finally:
         shutil.rmtree(unit_dir, ignore_errors=True)
+
+
+class OnnxTemplates:
+    """ONNX exports re-used across units with the same compressed structure.
+
+    Every block of a model compressed by one recipe has the same graph code and the same tensor
+    shapes: only the tensors differ. The first such unit is exported (``torch.export`` and the ONNX
+    exporter: 2-5 s per block, most of a block's time); a later one copies that model and puts
+    its own tensors into the initializers of the same names (the exporter names a weight's
+    initializer after its graph target). The second unit of each structure is also exported and
+    compared with its re-bound copy, initializer by initializer: re-binding is used for the rest
+    only when they agree, so a tensor the exporter had folded into a constant of another name
+    can never carry the first unit's values into another.
+    """
+
+    def __init__(self) -> None:
+        self.models: dict[str, Any] = {}
+        self.trusted: dict[str, bool] = {}
+        self.exports = 0
+        self.rebound = 0
+
+    @staticmethod
+    def key(graph: Graph) -> str:
+        import hashlib
+
+        tensors = sorted((n.target, tuple(graph.get_tensor(n.target).shape), str(graph.get_tensor(n.target).dtype))
+                         for n in graph.nodes if n.op == "get_attr")
+        return hashlib.sha256((graph.gm.code + repr(tensors)).encode()).hexdigest()
+
+    def lower(self, graph: Graph, export: Callable[[Graph], Any]):
+        key = self.key(graph)
+        template = self.models.get(key)
+        if template is None:
+            self.exports += 1
+            model = export(graph)
+            self.models[key] = model
+            return model
+        rebound = _rebind(template, graph)
+        if key not in self.trusted:
+            self.exports += 1
+            exported = export(graph)
+            self.trusted[key] = _same_initializers(exported, rebound)
+            return exported
+        if not self.trusted[key]:
+            self.exports += 1
+            return export(graph)
+        self.rebound += 1
+        return rebound
+
+
+def _rebind(template, graph: Graph):
+    """A copy of ``template`` whose initializers named after a graph tensor hold this graph's."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    targets = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    for init in model.graph.initializer:
+        if init.name in targets:
+            value = graph.get_tensor(init.name).detach().contiguous().numpy()
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return model
+
+
+def _same_initializers(a, b) -> bool:
+    """Whether two models hold the same initializers, name by name and byte by byte."""
+    from onnx import numpy_helper
+
+    left = {i.name: i for i in a.graph.initializer}
+    right = {i.name: i for i in b.graph.initializer}
+    if left.keys() != right.keys():
+        return False
+    for name, init in left.items():
+        x, y = numpy_helper.to_array(init), numpy_helper.to_array(right[name])
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            return False
+    return True
 
 
 def _concat_model(n: int):

@@ -1,5 +1,6 @@
-"""The units a streamed decoder LLM is compressed in: the embedding, each decoder block, and
-the head in vocabulary slices, each a small ``nn.Module`` that the same IR captures.
+"""The units a streamed decoder LLM is compressed in: each decoder block and the head in
+vocabulary slices, each a small ``nn.Module`` that the same IR captures (the embedding, a table
+lookup no pass changes, is written to ONNX directly by the engine).
 
 A block unit takes the residual stream ``hidden (batch, seq, hidden_size)`` and returns it after
 the block: positions ``0..seq-1``, the rotary tables and the causal mask (with the family's
@@ -85,19 +86,6 @@ class BlockUnit(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-class EmbedUnit(nn.Module):
-    """``input_ids -> hidden`` (float32). The table is stored in ``storage_dtype`` (float16 for a
-    bf16/fp16 checkpoint: exact for bf16 values in float16's normal range, half of float32's
-    bytes) and each looked-up row is cast to float32."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self.weight).float()
-
-
 class HeadUnit(nn.Module):
     """``hidden -> logits[..., start:stop]``: the final norm and one slice of the head's rows."""
 
@@ -169,7 +157,6 @@ def materialize(module: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
 
 __all__ = [
     "BlockUnit",
-    "EmbedUnit",
     "HeadSlice",
     "HeadUnit",
     "block_window",
