@@ -182,6 +182,7 @@ def compress_stream(
     from graphpress.runtime.artifact import Prehashed, check_destination, write_artifact
 
     t_start = time.perf_counter()
+    _reset_peak()
     out = Path(os.path.abspath(out))
     check_destination(out, overwrite)
     if not isinstance(recipe, Recipe):
@@ -226,7 +227,8 @@ def compress_stream(
             exports = OnnxTemplates()
             for i in range(layout.num_layers):
                 t0 = time.perf_counter()
-                weights = {rel: t.float() for rel, t in layout.block(i).items()}
+                # one tensor at a time: a block's checkpoint-dtype copy never sits beside its float32 one
+                weights = {rel: checkpoint.get(layout.blocks[i] + rel).float() for rel in layout.block_tensors}
                 window = block_window(config, i)
                 graph = _bound_block(templates, window, meta, weights, i, calib)
                 del weights
@@ -275,6 +277,8 @@ def compress_stream(
                 logits_name = stitcher.add_unit(_concat_model(len(outputs)), prefix="head/", inputs={f"x{k}": n for k, n in enumerate(outputs)})["logits"]
             files = stitcher.close({"logits": logits_name})
 
+        peaks = {"compress_peak_rss_mb": _peak_mb()}
+        _reset_peak()
         ref_all, test_all = torch.cat(ref_logits, -1), torch.cat(test_logits, -1)
         del ref_logits, test_logits
         end_to_end = {
@@ -286,11 +290,13 @@ def compress_stream(
         del ref_all
         ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all)
         end_to_end["onnxruntime"] = ort_check
+        peaks["check_peak_rss_mb"] = _peak_mb()
         if not ort_check["ok"]:
             raise VerificationError(
                 f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
         del test_all
         end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound}
+        end_to_end.update(peaks)
         manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
         moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
         folder_out = write_artifact(out, moved, manifest, _report(manifest), overwrite=overwrite)
@@ -418,6 +424,21 @@ def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 def _json(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _reset_peak() -> None:
+    """Restart the kernel's peak-RSS count (``VmHWM``) so each stage's peak is its own; where
+    that cannot be done the peaks are the process's so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float | None:
+    peak = rss_bytes("VmHWM")
+    return None if peak is None else round(peak / 2**20, 1)
 
 
 def _rss_mb() -> float | None:
@@ -548,6 +569,8 @@ def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor) -> dict[s
 
     t0 = time.perf_counter()
     opts = ort.SessionOptions()
+    # no pre-packed second copy of every int4 weight: this session runs once, on a few sequences
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
