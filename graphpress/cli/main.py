@@ -136,6 +136,9 @@ def run(
     he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="= --backend-option weight_bits=... (--backend he): fixed-point bits of the weights (default 8)."),
     tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="= --backend-option tune_trials=... (--backend tvm): MetaSchedule trials (batch 1) before writing the artifact."),
     tvm_db: Optional[Path] = typer.Option(None, "--tvm-db", help="= --backend-option tuning_db=... (--backend tvm): reuse the tuning database of an earlier tuned artifact (or its tuning/ folder)."),
+    workers: int = typer.Option(
+        1, "--workers", help="With --stream: local processes (torch.distributed, gloo) sharing the calibration data and the per-layer solves; rank 0 writes the artifact.",
+    ),
     stream: str = typer.Option(
         "auto", "--stream",
         help="Decoder LLM folders: compress block by block from the shards, in a fraction of the model's size in memory (on), the whole graph at once (off), or on above 1 GB of float32 weights (auto). See docs/big-models.md.",
@@ -148,8 +151,10 @@ def run(
     why = stream_choice(checkpoint, stream)
     if why is not None:
         _run_stream(checkpoint, why, recipe=recipe, out=out, overwrite=overwrite, backend=backend, backend_option=backend_option,
-                    bench=bench, calibration=calibration, finetune_data=finetune_data)
+                    bench=bench, calibration=calibration, finetune_data=finetune_data, workers=workers)
         return
+    if workers != 1:
+        raise GraphpressError(f"--workers {workers}: several processes split a streamed run only; add --stream on (decoder-LLM folders)")
     modes = finetune_trainable_modes()
     if finetune_trainable not in modes:
         raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(modes)}")
@@ -191,7 +196,8 @@ def run(
 
 
 def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite: bool, backend: Optional[str],
-                backend_option: Optional[list[str]], bench: Optional[bool], calibration: Optional[Path], finetune_data: Optional[Path]) -> None:
+                backend_option: Optional[list[str]], bench: Optional[bool], calibration: Optional[Path], finetune_data: Optional[Path],
+                workers: int = 1) -> None:
     """``compress run --stream``: the streamed path (ONNX Runtime only, no fine-tuning, no latency stage)."""
     from graphpress.api import check_recipe, compress_stream
 
@@ -209,7 +215,8 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
             sq = "" if record.sqnr_db is None else f", SQNR {record.sqnr_db:.1f} dB"
             prog.step(done, total, f"{record.unit} ({record.time_s:.1f} s, RSS {record.rss_mb} MB{sq})")
 
-        result = compress_stream(checkpoint, out=out, recipe=recipe, overwrite=overwrite, calibration=calibration, on_unit=on_unit)
+        result = compress_stream(checkpoint, out=out, recipe=recipe, overwrite=overwrite, calibration=calibration, on_unit=on_unit,
+                                 options={"workers": workers})
     s = result.manifest["stream"]
     e2e = s["end_to_end"]
     ort = e2e["onnxruntime"]

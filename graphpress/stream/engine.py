@@ -28,6 +28,7 @@ the checkpoint stays on disk and the artifact's weights go to its data file as e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -41,6 +42,7 @@ import torch
 from graphpress.errors import FrontendError, GraphpressError, VerificationError
 from graphpress.frontends.shards import STREAMING_FAMILIES, ShardedCheckpoint, decoder_layout
 from graphpress.frontends.torch_module import TOKEN_DIMS
+from graphpress.ir import dist
 from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import rss_bytes, trim
@@ -83,6 +85,13 @@ class StreamOptions:
         the same inputs) is below this; None: report only.
     head_slice_bytes : int or None
         Largest float32 bytes of one head slice; None: the largest block's float32 bytes.
+    workers : int
+        Local processes (ranks) the run is split over with ``torch.distributed`` (gloo): each
+        calibrates on its share of the calibration sequences, statistics are summed over the
+        ranks and per-layer solves split between them, so every rank holds the same compressed
+        units; rank 0 writes the artifact. Under ``torchrun`` the launcher's ranks are used instead.
+    collective_timeout_s : float
+        How long a rank waits in a collective before failing (a dead rank must not hang the rest).
     """
 
     calibration_sequences: int = 8
@@ -94,6 +103,8 @@ class StreamOptions:
     data_files: str = "one"
     min_block_sqnr_db: float | None = None
     head_slice_bytes: int | None = None
+    workers: int = 1
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -177,17 +188,44 @@ def compress_stream(
         A pass broke a block (the pipeline names pass and block), a block missed
         ``min_block_sqnr_db``, or ONNX Runtime's logits do not match the streamed ones.
     """
-    from graphpress.backends.onnxruntime.lower import lower_to_onnx
-    from graphpress.backends.onnxruntime.stitch import OnnxStitcher
-    from graphpress.runtime.artifact import Prehashed, check_destination, write_artifact
+    from graphpress.runtime.artifact import check_destination
 
-    t_start = time.perf_counter()
-    _reset_peak()
     out = Path(os.path.abspath(out))
     check_destination(out, overwrite)
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
     Pipeline.from_recipe(recipe)  # unknown passes and options fail before any weight is read
+    layout = decoder_layout(ShardedCheckpoint(folder))
+    _tokens(calibration, options.calibration_sequences, options.calibration_seq_len, layout.vocab_size, options.seed, "calibration")
+    if not isinstance(options.workers, int) or options.workers < 1:
+        raise FrontendError(f"stream option workers={options.workers!r}: give a positive number of processes")
+    if options.workers > 1 and dist.world()[1] == 1:
+        from graphpress.stream.workers import spawn
+
+        return spawn(folder, recipe, out, options=options, calibration=calibration, overwrite=overwrite, on_unit=on_unit)
+    return run_rank(folder, recipe, out, options=options, calibration=calibration, overwrite=overwrite, on_unit=on_unit)
+
+
+def run_rank(
+    folder: str | os.PathLike,
+    recipe: Recipe,
+    out: Path,
+    *,
+    options: StreamOptions,
+    calibration: torch.Tensor | None,
+    overwrite: bool,
+    on_unit: UnitEvent | None,
+) -> StreamResult | None:
+    """The streamed run on this process: every rank of a process group runs it (rank 0 writes
+    the artifact and returns the result, the others return None); one process runs it alone."""
+    from graphpress.backends.onnxruntime.lower import lower_to_onnx
+    from graphpress.backends.onnxruntime.stitch import OnnxStitcher
+    from graphpress.runtime.artifact import Prehashed, write_artifact
+
+    t_start = time.perf_counter()
+    _reset_peak()
+    rank, size = dist.world()
+    primary = rank == 0
     checkpoint = ShardedCheckpoint(folder)
     layout = decoder_layout(checkpoint)
     meta = build_meta_model(folder)
@@ -195,19 +233,28 @@ def compress_stream(
     vocab, hidden = layout.vocab_size, layout.hidden_size
     calib_ids = _tokens(calibration, options.calibration_sequences, options.calibration_seq_len, vocab, options.seed, "calibration")
     held_ids = _tokens(None, options.heldout_sequences, options.heldout_seq_len, vocab, options.seed + 1, "held-out")
+    if size > len(calib_ids):
+        raise FrontendError(f"{size} workers need at least {size} calibration sequences, got {len(calib_ids)}")
+    # every rank checks the passes on the same sequences (the first batch), so that every
+    # budget decision is the same on all; statistics come from each rank's own share
+    check_ids = calib_ids[: options.batch]
+    local_ids = calib_ids[rank::size]
     total = 1 + layout.num_layers + len(_slices(layout, options))
     records: list[UnitRecord] = []
 
     def done(record: UnitRecord) -> None:
         records.append(record)
-        if on_unit is not None:
+        if on_unit is not None and primary:
             on_unit(len(records), total, record)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.stream-{os.getpid()}-", dir=out.parent))
+    exports = OnnxTemplates()
+    scratch = None
+    if primary:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.stream-{os.getpid()}-", dir=out.parent))
     try:
-        stitched = scratch / "onnx"
-        with OnnxStitcher(stitched, data_files=options.data_files) as stitcher:
+        stitched = scratch / "onnx" if scratch is not None else None
+        with (OnnxStitcher(stitched, data_files=options.data_files) if primary else contextlib.nullcontext()) as stitcher:
             # ---------------------------------------------------------------- embedding
             t0 = time.perf_counter()
             table = checkpoint.get(layout.embedding)
@@ -215,29 +262,30 @@ def compress_stream(
                 ref = torch.nn.functional.embedding(held_ids, table).float()  # the checkpoint's values exactly
                 stored = _embedding_storage(table)
                 del table
-                calib = torch.nn.functional.embedding(calib_ids, stored).float()
+                calib = torch.nn.functional.embedding(local_ids, stored).float()
+                check = torch.nn.functional.embedding(check_ids, stored).float()
                 test = torch.nn.functional.embedding(held_ids, stored).float()
-            prev = stitcher.add_unit(_embedding_model(stored), prefix="embed/", inputs={"input_ids": "input_ids"})["hidden"]
+            prev = stitcher.add_unit(_embedding_model(stored), prefix="embed/", inputs={"input_ids": "input_ids"})["hidden"] if primary else None
             del stored
             done(UnitRecord("embed", time.perf_counter() - t0, _rss_mb(), layout.vocab_size * hidden,
                             sqnr_db=_sqnr(ref, test)))
 
             # ---------------------------------------------------------------- blocks
             templates: dict[int | None, Graph] = {}
-            exports = OnnxTemplates()
             for i in range(layout.num_layers):
                 t0 = time.perf_counter()
                 # one tensor at a time: a block's checkpoint-dtype copy never sits beside its float32 one
                 weights = {rel: checkpoint.get(layout.blocks[i] + rel).float() for rel in layout.block_tensors}
                 window = block_window(config, i)
-                graph = _bound_block(templates, window, meta, weights, i, calib)
+                graph = _bound_block(templates, window, meta, weights, i, check)
                 del weights
                 graph.name = f"block.{i}"
-                record, compressed, calib = _compress_unit(graph, recipe, calib, options, f"block {i}")
+                record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}")
                 with torch.no_grad():
                     ref = _run(graph, ref)
                     test = _run(compressed, test)
-                prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports)["hidden_out"]
+                if primary:
+                    prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports)["hidden_out"]
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -255,14 +303,15 @@ def compress_stream(
             for k, part in enumerate(slices):
                 t1 = time.perf_counter() if k else t0
                 unit = HeadUnit(norm, head[part.start:part.stop].float())
-                graph = Graph.capture(unit, (calib[: min(2, len(calib))],), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
+                graph = Graph.capture(unit, (check,), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
                                       input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
                 del unit
-                record, compressed, _ = _compress_unit(graph, recipe, calib, options, f"head slice {k} (rows {part.start}:{part.stop})")
+                record, compressed, _, _ = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})")
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
-                outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports)["logits"])
+                if primary:
+                    outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports)["logits"])
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -272,11 +321,15 @@ def compress_stream(
                 record.rss_mb = _rss_mb()
                 done(record)
             del head, norm
-            logits_name = outputs[0]
-            if len(outputs) > 1:
-                logits_name = stitcher.add_unit(_concat_model(len(outputs)), prefix="head/", inputs={f"x{k}": n for k, n in enumerate(outputs)})["logits"]
-            files = stitcher.close({"logits": logits_name})
+            if primary:
+                logits_name = outputs[0]
+                if len(outputs) > 1:
+                    logits_name = stitcher.add_unit(_concat_model(len(outputs)), prefix="head/", inputs={f"x{k}": n for k, n in enumerate(outputs)})["logits"]
+                files = stitcher.close({"logits": logits_name})
 
+        if not primary:
+            dist.barrier()  # rank 0 is checking and writing the artifact
+            return None
         peaks = {"compress_peak_rss_mb": _peak_mb()}
         _reset_peak()
         ref_all, test_all = torch.cat(ref_logits, -1), torch.cat(test_logits, -1)
@@ -300,10 +353,12 @@ def compress_stream(
         manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
         moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
         folder_out = write_artifact(out, moved, manifest, _report(manifest), overwrite=overwrite)
+        dist.barrier()
     finally:
-        import shutil
+        if scratch is not None:
+            import shutil
 
-        shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     return StreamResult(folder_out, manifest, records)
 
 
@@ -392,9 +447,11 @@ def _has(graph: Graph, target: str) -> bool:
         return False
 
 
-def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, options: StreamOptions, where: str):
-    """Run the recipe on one unit with its calibration batches; the unit's SQNR on them."""
-    graph.example_inputs = (calib[: min(options.batch, len(calib))],)
+def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: torch.Tensor, options: StreamOptions, where: str):
+    """Run the recipe on one unit: verified on ``check`` (the same on every rank), calibrated on
+    this rank's batches ``calib``; the unit's SQNR over every rank's calibration activations.
+    Returns the record, the compressed unit and its outputs on ``calib`` and on ``check``."""
+    graph.example_inputs = (check,)
     graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
     pipeline = Pipeline.from_recipe(recipe)
     # a unit's inputs are activations: seeded random ones say little about them, so every pass
@@ -407,19 +464,30 @@ def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, options: S
     compressed = report.graph
     with torch.no_grad():
         outputs = _run(compressed, calib)
-        sqnr = _sqnr(_run(graph, calib), outputs)
+        checked = _run(compressed, check)
+        sqnr = _sqnr(_run(graph, calib), outputs, across_ranks=True)
     if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
         raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the calibration activations is below min_block_sqnr_db={options.min_block_sqnr_db}")
     record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
-    return record, compressed, outputs
+    return record, compressed, outputs, checked
 
 
 def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([graph.run(x[k:k + batch])[0] for k in range(0, len(x), batch)])
 
 
-def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    return sqnr_db(ref.reshape(-1), test.reshape(-1))
+def _sqnr(ref: torch.Tensor, test: torch.Tensor, *, across_ranks: bool = False) -> float:
+    """SQNR in dB; ``across_ranks``: over every rank's share (signal and noise summed)."""
+    if not across_ranks or dist.world()[1] == 1:
+        return sqnr_db(ref.reshape(-1), test.reshape(-1))
+    r, t = ref.reshape(-1).double(), test.reshape(-1).double()
+    sums = dist.all_reduce_sum(torch.stack([(r - t).pow(2).sum(), r.pow(2).sum()]))
+    noise, signal = float(sums[0]), float(sums[1])
+    if math.isnan(noise) or math.isinf(noise):
+        return -math.inf
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
 
 
 def _json(x: float) -> float | str:
@@ -636,4 +704,4 @@ def _report(manifest: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["StreamOptions", "StreamResult", "UnitRecord", "compress_stream", "is_streamable"]
+__all__ = ["StreamOptions", "StreamResult", "UnitRecord", "compress_stream", "is_streamable", "run_rank"]

@@ -55,4 +55,5 @@ def test_stream_refusals_are_one_line(tmp_path):
     assert "use auto, on or off" in one_error_line(["run", folder, "-r", recipe, "-o", tmp_path / "o1", "--stream", "sometimes"])
     assert "not a Hugging Face folder" in one_error_line(["run", ARCH, "-o", tmp_path / "o2", "--stream", "on"])
     assert "drop --backend tvm" in one_error_line(["run", folder, "-r", recipe, "-o", tmp_path / "o3", "--stream", "on", "-b", "tvm"])
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    assert "add --stream on" in one_error_line(["run", ARCH, "-o", tmp_path / "o4", "--workers", "2", "--no-bench"])
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))

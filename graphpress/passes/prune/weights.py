@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from graphpress.errors import PassError
+from graphpress.ir import dist
 from graphpress.ir.compare import relative_noise
 from graphpress.ir.graph import Graph
 from graphpress.ir.rewrite import arg, pair
@@ -308,11 +309,14 @@ class PruneWeights(SteppedBackOff):
             hess = self._measure(graph, todo)
         stats_layers: dict[str, dict[str, Any]] = {}
         groups = _by_input(todo)
+        index = 0
         for group in progress_iter(groups, lambda g: g[0].name):
             if data_aware and cfg.sequential:
                 hess.update(self._measure(graph, group))
             for layer in group:
-                stats_layers[layer.name] = self._prune_layer(graph, layer, sparsity[layer.name], pattern, hess.get(layer.name), cfg)
+                # with several ranks, layer k is solved by rank k mod N and its result sent to the rest
+                stats_layers[layer.name] = self._prune_shared(graph, index, layer, sparsity[layer.name], pattern, hess.get(layer.name), cfg)
+                index += 1
         total = sum(l.params for l in todo)
         zeros = sum(e["zeros"] for e in stats_layers.values())
         all_params = sum(l.params for l in layers)
@@ -345,7 +349,8 @@ class PruneWeights(SteppedBackOff):
     def _measure(self, graph: Graph, layers: list[QLayer]) -> dict[str, list[torch.Tensor]]:
         inputs = {l.input_node.name: l.input_node for l in layers}
         values = record(graph, list(inputs.values()))
-        return {l.name: _hessians(l, values[l.input_node.name]) for l in layers}
+        # each rank saw its share of the calibration batches: H = sum over all of them
+        return {l.name: [dist.all_reduce_sum(h) for h in _hessians(l, values[l.input_node.name])] for l in layers}
 
     def _allocate(self, graph: Graph, layers: list[QLayer], cfg: PruneWeightsConfig) -> dict[str, float]:
         fixed = {k: float(v) for k, v in cfg.layer_sparsity.items()}
@@ -384,6 +389,24 @@ class PruneWeights(SteppedBackOff):
         for l, s in zip(free, alloc.choice):
             out[l.name] = float(s)
         return out
+
+    def _prune_shared(self, graph: Graph, index: int, layer: QLayer, sparsity: float, pattern: Pattern, hs: list[torch.Tensor] | None,
+                      cfg: PruneWeightsConfig) -> dict[str, Any]:
+        """:meth:`_prune_layer` on the layer's owning rank (:mod:`graphpress.ir.dist`), its weight
+        and record then set on every rank; on one process, just :meth:`_prune_layer`."""
+        if dist.world()[1] == 1:
+            return self._prune_layer(graph, layer, sparsity, pattern, hs, cfg)
+
+        def solve() -> tuple[torch.Tensor, dict[str, Any]]:
+            entry = self._prune_layer(graph, layer, sparsity, pattern, hs, cfg)
+            return graph.get_tensor(layer.weight_target), entry
+
+        old = graph.get_tensor(layer.weight_target)
+        new, entry = dist.share(index, solve, old)
+        if new is not graph.get_tensor(layer.weight_target):
+            graph.set_tensor(layer.weight_target, new)
+            graph.annotations(layer.node)["pruned"] = {"method": cfg.method, "pattern": pattern.describe(), "sparsity": sparsity}
+        return entry
 
     def _prune_layer(self, graph: Graph, layer: QLayer, sparsity: float, pattern: Pattern, hs: list[torch.Tensor] | None,
                      cfg: PruneWeightsConfig) -> dict[str, Any]:

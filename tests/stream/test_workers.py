@@ -1,0 +1,65 @@
+"""Two local ranks (torch.distributed, gloo) give the artifact one rank gives, and a failing
+rank ends the run in one line."""
+
+import onnx
+import pytest
+import torch
+import transformers
+from onnx import numpy_helper
+
+from graphpress.errors import GraphpressError
+from graphpress.stream import StreamOptions, compress_stream
+
+# SparseGPT needs the layer-input Hessians, summed over the ranks' calibration shares, and solves
+# one layer per rank; int4 then quantizes the pruned weights
+RECIPE = {"name": "sparsegpt-int4", "passes": [
+    {"prune-weights": {"sparsity": 0.5, "method": "sparsegpt"}},
+    {"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none", "group_size": 32, "min_sqnr_db": 5}},
+]}
+
+
+def _options(workers, **kw):
+    return StreamOptions(calibration_sequences=4, calibration_seq_len=10, heldout_seq_len=10, batch=2, workers=workers, **kw)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _initializers(folder):
+    model = onnx.load(str(folder / "model.onnx"))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_two_ranks_write_the_artifact_one_rank_writes(folder, tmp_path):
+    one = compress_stream(folder, RECIPE, tmp_path / "one", options=_options(1))
+    seen = []
+    two = compress_stream(folder, RECIPE, tmp_path / "two", options=_options(2), on_unit=lambda i, n, r: seen.append(r.unit))
+    assert seen == ["embed", "block.0", "block.1", "head.0"]  # rank 0's progress reaches the caller
+    a, b = _initializers(tmp_path / "one"), _initializers(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].tobytes() != b[k].tobytes()] == []  # bit-identical weights
+    sq1 = [u["sqnr_db"] for u in one.manifest["stream"]["units"]]
+    sq2 = [u["sqnr_db"] for u in two.manifest["stream"]["units"]]
+    assert sq1 == pytest.approx(sq2, rel=1e-9)  # SQNR over both ranks' shares = over all of it
+    pruned = [p for u in two.manifest["stream"]["units"] for p in u["passes"] if p["name"] == "prune-weights"]
+    assert pruned and all(p["stats"]["achieved_sparsity"] > 0.45 for p in pruned)
+    assert two.manifest["stream"]["options"]["workers"] == 2
+
+
+def test_a_failing_rank_fails_the_run_in_one_line_and_leaves_nothing(folder, tmp_path):
+    with pytest.raises(GraphpressError, match=r"streamed run failed on rank \d: .*block 0: output SQNR .* below min_block_sqnr_db=90"):
+        compress_stream(folder, RECIPE, tmp_path / "out", options=_options(2, min_block_sqnr_db=90.0, collective_timeout_s=60))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_worker_count_below_one_is_refused(folder, tmp_path):
+    with pytest.raises(GraphpressError, match="workers=0"):
+        compress_stream(folder, RECIPE, tmp_path / "out", options=_options(0))
