@@ -500,7 +500,9 @@ def format_table(results: dict[str, Any]) -> str:
     """Size x tool: total wall, per-stage walls, peak RSS, artifact MB, the bound check and the status."""
     head = ["size", "tool", "wall s", "stages (s)", "peak RSS MB", "artifact MB", "bound MB", "status"]
     rows = [head]
-    for size, entry in results["sizes"].items():
+    # merged runs append sizes in the order they were measured: show them by model size
+    ordered = sorted(results["sizes"].items(), key=lambda kv: kv[1].get("model", {}).get("params") or 0)
+    for size, entry in ordered:
         for tool, row in entry["tools"].items():
             stages = ", ".join(f"{k} {v['wall_s']}" for k, v in row.get("stages", {}).items())
             bound = row.get("memory_bound_mb")
@@ -532,6 +534,18 @@ def _versions() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         out["graphpress_commit"] = None
     return out
+
+
+def _tree_state() -> str | None:
+    """``git describe``-like: the short HEAD commit, plus ``-dirty`` when graphpress/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "graphpress"], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
 
 
 def _meminfo_kb(field: str) -> int | None:
@@ -571,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "llm_scale.json"), help="JSON to write")
     parser.add_argument("--merge", action="store_true",
                         help="keep the sizes already in --out that this run does not measure (e.g. an 8b run added later)")
+    parser.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's JSON")
     parser.add_argument("--stage", choices=["dynamo-export", "dynamo-quantize"], help=argparse.SUPPRESS)
     parser.add_argument("--stage-in", help=argparse.SUPPRESS)
     parser.add_argument("--stage-out", help=argparse.SUPPRESS)
@@ -579,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         fn = stage_dynamo_export if args.stage == "dynamo-export" else stage_dynamo_quantize
         print("STAGE_INFO " + json.dumps(fn(args.stage_in, args.stage_out)), flush=True)
+        return 0
+
+    if args.table:
+        print(format_table(json.loads(Path(args.table).read_text())))
         return 0
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -621,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             "order": "per size, tools in the given order (reversed on every other repeat); sizes one after the other",
             "timeout_s_per_stage": args.timeout,
             "rss_cap_mb": round(max_rss_kb / 1024) if max_rss_kb else None,
+            "units": "MB = MiB (2**20 bytes) everywhere; *_bytes fields are bytes",
             "recipe": RECIPE,
             "memory_bound": "graphpress rows: peak RSS <= 2 x largest decoder block in fp32 + 1.5e9 bytes; the recipe is "
                             "weight-only (activations: none), so the calibration-activation term is 0",
@@ -642,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise SystemExit(f"error: --merge: {out_path} is not JSON; remove it or drop --merge")
         results["sizes"] = {k: v for k, v in earlier.get("sizes", {}).items() if k not in sizes}
-        results["earlier_runs"] = earlier.get("earlier_runs", []) + [{k: earlier.get(k) for k in ("date", "machine", "method")}]
+        results["earlier_runs"] = earlier.get("earlier_runs", []) + [{k: earlier.get(k) for k in ("date", "machine", "versions", "method")}]
     log_dir = work_root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -654,10 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {size}: load average {os.getloadavg()}", flush=True)
         folder, written = (folders[size], None) if size in folders else ensure_folder(size, cache, log_dir)
         facts = model_facts(folder)
-        entry: dict[str, Any] = {"model": facts, "tools": {},
+        entry: dict[str, Any] = {"model": facts, "tools_requested": tools, "tools": {},
                                  "run": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                          "load_average_before": [round(v, 2) for v in os.getloadavg()],
-                                         "mem_available_before_mb": round((_meminfo_kb("MemAvailable") or 0) / 1024)}}
+                                         "mem_available_before_mb": round((_meminfo_kb("MemAvailable") or 0) / 1024),
+                                         # the tree may move between sizes (other people commit while a long run goes on)
+                                         "graphpress_tree": _tree_state()}}
         if written:
             entry["model"]["folder_written"] = {k: written[k] for k in ("wall_s", "peak_rss_mb")}
         results["sizes"][size] = entry

@@ -121,3 +121,17 @@ def test_tool_commands(scale, tmp_path):
     assert row == {"status": scale.NOT_AVAILABLE, "stages": {}}
     with pytest.raises(ValueError, match="unknown tool 'llama.cpp'"):
         scale.tool_commands("llama.cpp", folder, tmp_path, recipe)
+
+
+def test_table_orders_merged_sizes_by_parameters(scale, tmp_path):
+    row = {"status": "ok", "wall_s": 1.0, "peak_rss_mb": 10.0, "artifact_bytes": 2**20, "stages": {"build": {"wall_s": 1.0}}}
+    results = {"sizes": {"1b": {"model": {"params": 1_104_218_112}, "tools": {"builder": row}},
+                         "0.1b": {"model": {"params": 124_668_672}, "tools": {"builder": row}}}}
+    lines = scale.format_table(results).splitlines()
+    assert [ln.split()[0] for ln in lines[2:]] == ["0.1b", "1b"]
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps(results))
+    import subprocess
+    shown = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llm_scale.py"), "--table", str(path)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.splitlines() == lines
