@@ -207,7 +207,8 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
                               f"{' and --backend-option' if backend_option else ''} or use --stream off")
     if finetune_data is not None:
         raise GraphpressError("--stream: recovery fine-tuning needs the whole model in memory; drop --finetune-data or use --stream off")
-    console.print(why)
+    if os.environ.get("RANK", "0") == "0":
+        console.print(why)
     with StageProgress() as prog:
         prog.stage("stream")
 
@@ -217,6 +218,8 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
 
         result = compress_stream(checkpoint, out=out, recipe=recipe, overwrite=overwrite, calibration=calibration, on_unit=on_unit,
                                  options={"workers": workers})
+    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports and writes
+        return
     s = result.manifest["stream"]
     e2e = s["end_to_end"]
     ort = e2e["onnxruntime"]

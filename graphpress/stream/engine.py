@@ -199,6 +199,11 @@ def compress_stream(
     _tokens(calibration, options.calibration_sequences, options.calibration_seq_len, layout.vocab_size, options.seed, "calibration")
     if not isinstance(options.workers, int) or options.workers < 1:
         raise FrontendError(f"stream option workers={options.workers!r}: give a positive number of processes")
+    if dist.world()[1] == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # started by torchrun: join its process group (env:// rendezvous) for this run
+        from graphpress.stream.workers import under_launcher
+
+        return under_launcher(folder, recipe, out, options=options, calibration=calibration, overwrite=overwrite, on_unit=on_unit)
     if options.workers > 1 and dist.world()[1] == 1:
         from graphpress.stream.workers import spawn
 

@@ -58,6 +58,22 @@ def spawn(folder, recipe, out: Path, *, options, calibration, overwrite: bool, o
     return StreamResult(out, manifest, units)
 
 
+def under_launcher(folder, recipe, out: Path, *, options, calibration, overwrite: bool, on_unit) -> Any:
+    """The run on this rank of a ``torchrun`` job (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` in
+    the environment): joins the job's process group for the run; rank 0's result, None elsewhere."""
+    import torch.distributed as dist
+
+    from graphpress.stream.engine import run_rank
+
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("GRAPHPRESS_DIST_BACKEND") == "nccl" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=options.collective_timeout_s))
+    try:
+        return run_rank(folder, recipe, out, options=options, calibration=calibration, overwrite=overwrite,
+                        on_unit=on_unit if dist.get_rank() == 0 else None)
+    finally:
+        dist.destroy_process_group()
+
+
 def _drain(events, on_unit) -> None:
     while True:
         try:
@@ -89,4 +105,4 @@ def _rank_main(rank: int, size: int, init: str, events, folder: str, recipe, out
         dist.destroy_process_group()
 
 
-__all__ = ["spawn"]
+__all__ = ["spawn", "under_launcher"]

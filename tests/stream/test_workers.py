@@ -37,12 +37,17 @@ def _initializers(folder):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
-def test_two_ranks_write_the_artifact_one_rank_writes(folder, tmp_path):
-    one = compress_stream(folder, RECIPE, tmp_path / "one", options=_options(1))
+@pytest.fixture(scope="module")
+def one_rank(folder, tmp_path_factory):
+    return compress_stream(folder, RECIPE, tmp_path_factory.mktemp("one") / "art", options=_options(1))
+
+
+def test_two_ranks_write_the_artifact_one_rank_writes(folder, one_rank, tmp_path):
+    one = one_rank
     seen = []
     two = compress_stream(folder, RECIPE, tmp_path / "two", options=_options(2), on_unit=lambda i, n, r: seen.append(r.unit))
     assert seen == ["embed", "block.0", "block.1", "head.0"]  # rank 0's progress reaches the caller
-    a, b = _initializers(tmp_path / "one"), _initializers(tmp_path / "two")
+    a, b = _initializers(one.folder), _initializers(tmp_path / "two")
     assert a.keys() == b.keys()
     assert [k for k in a if a[k].tobytes() != b[k].tobytes()] == []  # bit-identical weights
     sq1 = [u["sqnr_db"] for u in one.manifest["stream"]["units"]]
@@ -63,3 +68,24 @@ def test_a_failing_rank_fails_the_run_in_one_line_and_leaves_nothing(folder, tmp
 def test_a_worker_count_below_one_is_refused(folder, tmp_path):
     with pytest.raises(GraphpressError, match="workers=0"):
         compress_stream(folder, RECIPE, tmp_path / "out", options=_options(0))
+
+
+def test_torchrun_ranks_run_the_same_code(folder, one_rank, tmp_path):
+    """``torchrun --nproc-per-node 2`` starting the CLI: the launcher's ranks join for the run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    script = (
+        "import sys, torch; from graphpress.stream import StreamOptions, compress_stream; "
+        "opts = StreamOptions(calibration_sequences=4, calibration_seq_len=10, heldout_seq_len=10, batch=2); "
+        f"compress_stream({str(folder)!r}, {str(recipe)!r}, {str(tmp_path / 'tr')!r}, options=opts)"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-c", script]
+    run = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = _initializers(one_rank.folder), _initializers(tmp_path / "tr")
+    assert [k for k in a if a[k].tobytes() != b[k].tobytes()] == []
