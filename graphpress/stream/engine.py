@@ -117,6 +117,7 @@ class UnitRecord:
     params: int
     sqnr_db: float | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss_mb: float | None = None  # the process's peak while this unit was worked on
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -248,6 +249,8 @@ def run_rank(
     records: list[UnitRecord] = []
 
     def done(record: UnitRecord) -> None:
+        record.peak_rss_mb = _peak_mb()
+        _reset_peak()  # the next unit's peak is its own
         records.append(record)
         if on_unit is not None and primary:
             on_unit(len(records), total, record)
@@ -335,7 +338,8 @@ def run_rank(
         if not primary:
             dist.barrier()  # rank 0 is checking and writing the artifact
             return None
-        peaks = {"compress_peak_rss_mb": _peak_mb()}
+        tail = _peak_mb()  # the concatenation and the closing of the artifact
+        peaks = {"compress_peak_rss_mb": max([r.peak_rss_mb or 0.0 for r in records] + [tail or 0.0])}
         _reset_peak()
         ref_all, test_all = torch.cat(ref_logits, -1), torch.cat(test_logits, -1)
         del ref_logits, test_logits
@@ -700,12 +704,12 @@ def _report(manifest: dict[str, Any]) -> str:
         f"(max abs {e2e['onnxruntime']['max_abs']:.3g})",
         f"- wall {s['wall_s']} s",
         "",
-        "| unit | time (s) | RSS (MB) | SQNR (dB) |",
-        "|---|---|---|---|",
+        "| unit | time (s) | RSS after (MB) | peak RSS (MB) | SQNR (dB) |",
+        "|---|---|---|---|---|",
     ]
     for u in s["units"]:
         sq = u["sqnr_db"]
-        lines.append(f"| {u['unit']} | {u['time_s']:.2f} | {u['rss_mb']} | {sq if isinstance(sq, str) else (round(sq, 1) if sq is not None else '')} |")
+        lines.append(f"| {u['unit']} | {u['time_s']:.2f} | {u['rss_mb']} | {u.get('peak_rss_mb')} | {sq if isinstance(sq, str) else (round(sq, 1) if sq is not None else '')} |")
     return "\n".join(lines) + "\n"
 
 
