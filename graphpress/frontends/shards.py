@@ -274,20 +274,36 @@ class ShardedCheckpoint:
         info = self.info(name)
         if mmap:
             return self._handle(info.shard).get_tensor(name)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
+        return self._read(info, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of one tensor, reading only their bytes
+        (a slice of an 8B model's 1 GB head without the rest of it)."""
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 0
+        if not 0 <= start <= stop <= rows:
+            raise FrontendError(f"{info.shard}: tensor '{name}' has {rows} rows; rows {start}:{stop} asked")
+        row_bytes = info.nbytes // rows if rows else 0
+        out = self._read(info, info.start + start * row_bytes, (stop - start) * row_bytes)
+        return out.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
+    @staticmethod
+    def _read(info: "TensorInfo", offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` from ``offset`` of the tensor's shard into a fresh uint8 tensor (``pread``)."""
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             view = memoryview(out.numpy())
             fd = os.open(info.shard, os.O_RDONLY)
             try:
                 done = 0
-                while done < info.nbytes:
-                    got = os.preadv(fd, [view[done:]], info.start + done)
+                while done < nbytes:
+                    got = os.preadv(fd, [view[done:]], offset + done)
                     if got <= 0:
-                        raise FrontendError(f"{info.shard}: tensor '{name}': file ended early (shrunk since it was opened?): re-download the shard")
+                        raise FrontendError(f"{info.shard}: tensor '{info.name}': file ended early (shrunk since it was opened?): re-download the shard")
                     done += got
             finally:
                 os.close(fd)
-        return out.view(info.dtype).reshape(info.shape)
+        return out
 
     def tensors(self, prefix: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, e.g. ``"model.layers.3."``.

@@ -70,7 +70,10 @@ class StreamOptions:
     ----------
     calibration_sequences, calibration_seq_len : int
         Seeded random token sequences the blocks are calibrated and checked on, when no
-        calibration token ids are given.
+        calibration token ids are given. The defaults (256 tokens) are a check set: every token
+        is a forward of every block several times over (the uncompressed and compressed unit,
+        the passes' verification), which is most of a weight-only run's time. Data-driven passes
+        (SparseGPT, AWQ) want real text and more of it: pass token ids.
     heldout_sequences, heldout_seq_len : int
         Seeded random token sequences (another seed) for the end-to-end KL / top-1 and the
         ONNX Runtime check.
@@ -94,11 +97,11 @@ class StreamOptions:
         How long a rank waits in a collective before failing (a dead rank must not hang the rest).
     """
 
-    calibration_sequences: int = 8
+    calibration_sequences: int = 4
     calibration_seq_len: int = 64
     heldout_sequences: int = 2
-    heldout_seq_len: int = 64
-    batch: int = 4
+    heldout_seq_len: int = 32
+    batch: int = 2
     seed: int = 0
     data_files: str = "one"
     min_block_sqnr_db: float | None = None
@@ -266,15 +269,18 @@ def run_rank(
             # ---------------------------------------------------------------- embedding
             t0 = time.perf_counter()
             table = checkpoint.get(layout.embedding)
+            storage = _embedding_dtype(table)
             with torch.no_grad():
                 ref = torch.nn.functional.embedding(held_ids, table).float()  # the checkpoint's values exactly
-                stored = _embedding_storage(table)
-                del table
-                calib = torch.nn.functional.embedding(local_ids, stored).float()
-                check = torch.nn.functional.embedding(check_ids, stored).float()
-                test = torch.nn.functional.embedding(held_ids, stored).float()
-            prev = stitcher.add_unit(_embedding_model(stored), prefix="embed/", inputs={"input_ids": "input_ids"})["hidden"] if primary else None
-            del stored
+                calib = torch.nn.functional.embedding(local_ids, table).to(storage).float()  # what the artifact computes
+                check = torch.nn.functional.embedding(check_ids, table).to(storage).float()
+                test = torch.nn.functional.embedding(held_ids, table).to(storage).float()
+            prev = None
+            if primary:
+                model = _embedding_model(table, storage, scratch)
+                prev = stitcher.add_unit(model, prefix="embed/", inputs={"input_ids": "input_ids"}, base_dir=scratch)["hidden"]
+                (scratch / _EMBED_FILE).unlink()
+            del table
             done(UnitRecord("embed", time.perf_counter() - t0, _rss_mb(), layout.vocab_size * hidden,
                             sqnr_db=_sqnr(ref, test)))
 
@@ -305,12 +311,11 @@ def run_rank(
             # ---------------------------------------------------------------- head slices
             t0 = time.perf_counter()
             norm = materialize(meta.model.norm, {"weight": checkpoint.get(layout.final_norm)})
-            head = checkpoint.get(layout.lm_head)  # checkpoint dtype: half of float32 for bf16
             slices = _slices(layout, options)
             outputs, ref_logits, test_logits = [], [], []
             for k, part in enumerate(slices):
                 t1 = time.perf_counter() if k else t0
-                unit = HeadUnit(norm, head[part.start:part.stop].float())
+                unit = HeadUnit(norm, checkpoint.get_rows(layout.lm_head, part.start, part.stop).float())  # only this slice is read
                 graph = Graph.capture(unit, (check,), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
                                       input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
                 del unit
@@ -328,7 +333,7 @@ def run_rank(
                 record.time_s = time.perf_counter() - t1
                 record.rss_mb = _rss_mb()
                 done(record)
-            del head, norm
+            del norm
             if primary:
                 logits_name = outputs[0]
                 if len(outputs) > 1:
@@ -388,28 +393,44 @@ def _slices(layout, options: StreamOptions):
     return head_slices(layout.vocab_size, layout.hidden_size, limit)
 
 
-def _embedding_storage(table: torch.Tensor) -> torch.Tensor:
+def _embedding_dtype(table: torch.Tensor) -> torch.dtype:
     """float16 for a bf16/fp16 table within float16's range, else float32."""
     if table.dtype in (torch.bfloat16, torch.float16):
         low, high = torch.aminmax(table)  # no |table| temporary: the table of an 8B Llama is 1 GB
         if max(-float(low), float(high)) <= _FP16_MAX:
-            return table.to(torch.float16)
-    return table.float()
+            return torch.float16
+    return torch.float32
 
 
-def _embedding_model(table: torch.Tensor):
+_EMBED_FILE = "embed_tokens.bin"
+#: Rows of the table converted and written at a time.
+_EMBED_ROWS = 8192
+
+
+def _embedding_model(table: torch.Tensor, dtype: torch.dtype, folder: Path):
     """The embedding unit as ONNX, built directly: ``Gather(table, input_ids)`` then a cast to
     float32 (for a float16 table). Not through the exporter, which holds two more copies of the
-    table (the largest tensor of most LLMs) while it works."""
+    table (the largest tensor of most LLMs) while it works: the table is converted a block of
+    rows at a time into ``folder/embed_tokens.bin`` and the model refers to it as external data,
+    which the stitcher copies in chunks."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     from graphpress.backends.onnxruntime.lower import DEFAULT_OPSET
 
-    weight = numpy_helper.from_array(table.detach().contiguous().numpy(), "embed_tokens.weight")
+    path = folder / _EMBED_FILE
+    with open(path, "wb") as fh:
+        for i in range(0, table.shape[0], _EMBED_ROWS):
+            fh.write(table[i:i + _EMBED_ROWS].to(dtype).contiguous().numpy().tobytes())
+    weight = TensorProto(name="embed_tokens.weight", dims=list(table.shape),
+                         data_type=TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.FLOAT)
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", _EMBED_FILE), ("offset", "0"), ("length", str(path.stat().st_size))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
     out = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", int(table.shape[1])])
-    if table.dtype == torch.float32:
+    if dtype == torch.float32:
         nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["hidden"], axis=0)]
     else:
         nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["rows"], axis=0),

@@ -4,22 +4,19 @@ streaming refusals as one `error:` line."""
 from __future__ import annotations
 
 import torch
-import transformers
 import yaml
 from typer.testing import CliRunner
 
 from graphpress.cli.main import app
 from graphpress.runtime import load
 from tests.cli.test_cli_checks import ARCH, one_error_line
+from tests.stream.tiny import write_llama
 
 runner = CliRunner()
 
 
 def _folder(path):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    write_llama(path)
     return path
 
 

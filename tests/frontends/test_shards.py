@@ -404,3 +404,17 @@ def test_keys_a_config_leaves_out_take_transformers_defaults(tmp_path, tiny, fam
     msg = _one_line(err)
     assert "tensor 'model.layers.0.self_attn.k_proj.weight' has shape (32, 64)" in msg
     assert f"config.json implies ({default * 16}, 64)" in msg and f"num_key_value_heads={default}," in msg
+
+
+def test_get_rows_reads_just_those_rows_bit_exactly(tiny):
+    folder, state = tiny["llama"]
+    ck = ShardedCheckpoint(folder)
+    name = "lm_head.weight"
+    full = state[name]
+    for start, stop in ((0, 1), (3, 17), (full.shape[0] - 5, full.shape[0]), (4, 4)):
+        rows = ck.get_rows(name, start, stop)
+        assert rows.dtype == full.dtype and rows.shape == (stop - start, full.shape[1])
+        assert torch.equal(rows.view(torch.int16), full[start:stop].view(torch.int16))
+    with pytest.raises(FrontendError) as err:
+        ck.get_rows(name, 5, full.shape[0] + 1)
+    assert _one_line(err).endswith(f"has {full.shape[0]} rows; rows 5:{full.shape[0] + 1} asked")

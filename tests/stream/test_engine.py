@@ -13,6 +13,7 @@ import transformers
 from graphpress.errors import FrontendError, GraphpressError, VerificationError
 from graphpress.runtime import load, read_artifact
 from graphpress.stream import StreamOptions, compress_stream
+from tests.stream.tiny import write_llama
 
 INT4 = {"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none", "group_size": 32}}]}
 EXACT = {"name": "exact", "passes": ["eliminate-dead-code"]}
@@ -20,14 +21,7 @@ SMALL = StreamOptions(calibration_sequences=4, calibration_seq_len=12, heldout_s
 
 
 def _llama(folder, *, layers=2, family="llama", **extra):
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
-    torch.manual_seed(0)
-    cfg = cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="60KB")  # sharded: an index and several files
-    model.set_attn_implementation("eager")
-    return model.float()
+    return write_llama(folder, layers=layers, vocab=256, family=family, max_shard_size="60KB", **extra)  # sharded: an index and several files
 
 
 def test_an_exact_recipe_streams_to_an_artifact_that_gives_the_models_logits(tmp_path):

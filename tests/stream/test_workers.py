@@ -3,12 +3,11 @@ rank ends the run in one line."""
 
 import onnx
 import pytest
-import torch
-import transformers
 from onnx import numpy_helper
 
 from graphpress.errors import GraphpressError
 from graphpress.stream import StreamOptions, compress_stream
+from tests.stream.tiny import write_llama
 
 # SparseGPT needs the layer-input Hessians, summed over the ranks' calibration shares, and solves
 # one layer per rank; int4 then quantizes the pruned weights
@@ -25,10 +24,7 @@ def _options(workers, **kw):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    write_llama(path)
     return path
 
 
