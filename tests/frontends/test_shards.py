@@ -203,28 +203,21 @@ def test_deleted_shard(tmp_path, tiny):
     assert msg.endswith("re-download the shard or fix the index")
 
 
-def test_index_points_at_a_file_that_is_not_there(tmp_path, tiny):
+@pytest.mark.parametrize("shard, message", [
+    ("model-99999-of-00012.safetensors", "points at missing shard file model-99999-of-00012.safetensors (for 1 tensor(s), e.g. "
+                                         "'model.norm.weight'): re-download the shard or fix the index"),
+    ("../elsewhere.safetensors", "shard '../elsewhere.safetensors' (for 'model.norm.weight') lies outside the folder: "
+                                 "an index names files inside it; fix the index"),
+])
+def test_index_naming_a_shard_that_is_not_in_the_folder(tmp_path, tiny, shard, message):
     folder = _copy(tiny["mistral"][0], tmp_path / "f")
     path = folder / "model.safetensors.index.json"
     index = json.loads(path.read_text())
-    index["weight_map"]["model.norm.weight"] = "model-99999-of-00012.safetensors"
+    index["weight_map"]["model.norm.weight"] = shard
     path.write_text(json.dumps(index))
     with pytest.raises(FrontendError) as err:
         ShardedCheckpoint(folder)
-    assert _one_line(err) == (f"{path}: points at missing shard file model-99999-of-00012.safetensors (for 1 tensor(s), e.g. "
-                              "'model.norm.weight'): re-download the shard or fix the index")
-
-
-def test_index_naming_a_file_outside_the_folder(tmp_path, tiny):
-    folder = _copy(tiny["mistral"][0], tmp_path / "f")
-    path = folder / "model.safetensors.index.json"
-    index = json.loads(path.read_text())
-    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
-    path.write_text(json.dumps(index))
-    with pytest.raises(FrontendError) as err:
-        ShardedCheckpoint(folder)
-    assert _one_line(err) == (f"{path}: shard '../elsewhere.safetensors' (for 'model.norm.weight') lies outside the folder: "
-                              "an index names files inside it; fix the index")
+    assert _one_line(err) == f"{path}: {message}"
 
 
 def test_tensor_listed_in_index_absent_from_its_shard(tmp_path, tiny):
