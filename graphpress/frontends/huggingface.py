@@ -140,8 +140,9 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FrontendError(f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
-def build_hf_model(folder: str | Path) -> torch.nn.Module:
-    """Instantiate the folder's architecture from its config and load its weights (strict)."""
+def read_hf_config(folder: str | Path) -> Any:
+    """The folder's ``transformers`` config with eager attention (it exports cleanly with dynamic
+    shapes; sdpa paths add mask code that may not); one-line errors."""
     try:
         import transformers
     except ImportError:
@@ -152,8 +153,16 @@ def build_hf_model(folder: str | Path) -> torch.nn.Module:
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FrontendError(f"{folder / 'config.json'}: cannot read config: {first[:200]}") from None
-    # Eager attention exports cleanly with a dynamic batch; sdpa paths add mask code that may not.
     config._attn_implementation = "eager"
+    return config
+
+
+def build_hf_model(folder: str | Path) -> torch.nn.Module:
+    """Instantiate the folder's architecture from its config and load its weights (strict)."""
+    import transformers
+
+    folder = Path(folder)
+    config = read_hf_config(folder)
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     with torch.device("cpu"):

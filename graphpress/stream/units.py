@@ -26,20 +26,13 @@ from graphpress.errors import FrontendError
 
 
 def build_meta_model(folder: Any) -> nn.Module:
-    """The folder's ``transformers`` model on the meta device (structure only, no weights).
+    """The folder's ``transformers`` model on the meta device (structure only, no weights), with
+    the eager attention the whole-graph path captures too."""
+    import transformers
 
-    Eager attention: what the whole-graph path captures too (it exports with dynamic shapes).
-    """
-    try:
-        import transformers
-    except ImportError:
-        raise FrontendError(f"{folder}: streaming needs transformers: pip install 'graphpress[hf]'") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FrontendError(f"{folder}/config.json: cannot read config: {first[:200]}") from None
-    config._attn_implementation = "eager"
+    from graphpress.frontends.huggingface import read_hf_config
+
+    config = read_hf_config(folder)
     config.use_cache = False
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
