@@ -29,6 +29,7 @@ the checkpoint stays on disk and the artifact's weights go to its data file as e
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import tempfile
@@ -356,7 +357,13 @@ def run_rank(
             "sqnr_db": _json(_sqnr(ref_all, test_all)),
         }
         del ref_all
-        trim()  # the last unit's freed memory, before ONNX Runtime loads the whole model
+        # what only the units needed goes before ONNX Runtime loads the whole model: the kept
+        # exports (one per unit structure), the block templates, the meta model
+        exports.models.clear()
+        templates.clear()
+        del meta
+        gc.collect()
+        trim()
         ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all)
         end_to_end["onnxruntime"] = ort_check
         peaks["check_peak_rss_mb"] = _peak_mb()
