@@ -33,8 +33,12 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB; ``inf`` when equal, ``-inf`` when the error is
     not finite (a NaN must never pass an SQNR floor by comparing false)."""
     ref, test = ref.double(), test.double()
-    noise = (ref - test).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    return sqnr_from_sums(ref.pow(2).sum().item(), (ref - test).pow(2).sum().item())
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """:func:`sqnr_db` from the sums of squares ``signal = sum ref^2`` and ``noise = sum (ref -
+    test)^2`` (accumulated in chunks, or over several ranks)."""
     if math.isnan(noise) or math.isinf(noise):
         return -math.inf
     if noise == 0:
@@ -145,8 +149,7 @@ def _finite_diff(name: str, r: torch.Tensor, t: torch.Tensor) -> OutputDiff:
         noise += float(torch.sum(d * d, dtype=torch.float64))
         signal += float(torch.sum(rc * rc, dtype=torch.float64))
     max_rel = max_abs / absmax if absmax else (0.0 if max_abs == 0 else math.inf)
-    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
-    return OutputDiff(name, max_abs, max_rel, sqnr, ok, atol, rtol)
+    return OutputDiff(name, max_abs, max_rel, sqnr_from_sums(signal, noise), ok, atol, rtol)
 
 
 # Largest magnitude whose square stays a normal float32 (3.4e38): 1e18 leaves room to spare.

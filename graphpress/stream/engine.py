@@ -44,7 +44,7 @@ from graphpress.errors import FrontendError, GraphpressError, VerificationError
 from graphpress.frontends.shards import STREAMING_FAMILIES, ShardedCheckpoint, decoder_layout
 from graphpress.frontends.torch_module import TOKEN_DIMS
 from graphpress.ir import dist
-from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
+from graphpress.ir.compare import kl_divergence, sqnr_db, sqnr_from_sums, top1_agreement
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import rss_bytes, trim
 from graphpress.passes.pipeline import Pipeline
@@ -483,13 +483,8 @@ def _sqnr(ref: torch.Tensor, test: torch.Tensor, *, across_ranks: bool = False) 
     if not across_ranks or dist.world()[1] == 1:
         return sqnr_db(ref.reshape(-1), test.reshape(-1))
     r, t = ref.reshape(-1).double(), test.reshape(-1).double()
-    sums = dist.all_reduce_sum(torch.stack([(r - t).pow(2).sum(), r.pow(2).sum()]))
-    noise, signal = float(sums[0]), float(sums[1])
-    if math.isnan(noise) or math.isinf(noise):
-        return -math.inf
-    if noise == 0:
-        return math.inf
-    return -math.inf if signal == 0 else 10.0 * math.log10(signal / noise)
+    sums = dist.all_reduce_sum(torch.stack([r.pow(2).sum(), (r - t).pow(2).sum()]))
+    return sqnr_from_sums(float(sums[0]), float(sums[1]))
 
 
 def _json(x: float) -> float | str:
@@ -517,13 +512,11 @@ def _rss_mb() -> float | None:
 
 
 def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str],
-         templates: "OnnxTemplates | None" = None) -> dict[str, str]:
+         templates: OnnxTemplates) -> dict[str, str]:
     """Lower one unit to ONNX (or re-bind an earlier unit's ONNX to its tensors, see
     :class:`OnnxTemplates`), append it to the artifact."""
-    if templates is not None:
-        model = templates.lower(graph, lambda g: export_unit(lower, g, scratch))
-        return stitcher.add_unit(model, prefix=prefix, inputs=inputs)
-    return stitcher.add_unit(export_unit(lower, graph, scratch), prefix=prefix, inputs=inputs)
+    model = templates.lower(graph, lambda g: export_unit(lower, g, scratch))
+    return stitcher.add_unit(model, prefix=prefix, inputs=inputs)
 
 
 def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor) -> dict[str, Any]:
