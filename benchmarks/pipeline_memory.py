@@ -146,7 +146,8 @@ def worker(folder: str, threads: int) -> dict:
     report = pipe.run(graph)
     wall = time.perf_counter() - t0
     peak = _status("VmHWM")
-    steps = [{"name": s.name, "changed": s.changed, "time_s": round(s.time_s, 3)} for s in report.steps]
+    steps = [{"name": s.name, "changed": s.changed, "time_s": round(s.time_s, 3), "verified_by": getattr(s, "verified_by", "run"),
+              "peak_so_far_mb": (getattr(s, "memory", None) or {}).get("process_peak_mb")} for s in report.steps]
     t_out = _median_time(lambda: report.graph.run(*stacked))
     # what only the garbage collector frees once the caller has dropped the result
     del report

@@ -267,12 +267,15 @@ def wlinear_nbits(
         nb = packed.shape[1]
         sc = scales.reshape(out_f, nb)
         zs = None if zeros is None else zeros.reshape(out_f, -1)
-        parts = []
+        # written into one output as they come: the chunks and their concatenation would be two
+        # copies of the logits at once
+        y = xh.new_empty((*xh.shape[:-1], out_f))
         for i in range(0, out_f, rows):
             j = min(out_f, i + rows)
             w = dequantize_nbits(packed[i:j], sc[i:j].reshape(-1), None if zs is None else zs[i:j].reshape(-1), bits, group_size, in_features)
-            parts.append(F.linear(xh, w, None if b is None else b[i:j]))
-        return torch.cat(parts, dim=-1).to(x.dtype)
+            y[..., i:j] = F.linear(xh, w, None if b is None else b[i:j])
+            del w
+        return y.to(x.dtype)
     w = _CACHE.get(
         packed,
         f"nbits:{id(scales)}:{scales._version}:{id(zeros)}",

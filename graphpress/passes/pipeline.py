@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphpress.errors import GraphpressError, PassError, VerificationError
+from graphpress.ir.cone import cone_key
 from graphpress.ir.compare import OutputDiff, compare_outputs, identical, kl_divergence, same_nonfinite, self_diffs, sqnr_db
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import trim
@@ -53,6 +54,9 @@ class StepRecord:
     kl: float | None = None
     error: str | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    # "run": the outputs were computed and compared; "same computation": the pass left every
+    # call the outputs depend on as it was (ir.cone), so they are the graph before's, bit for bit
+    verified_by: str = "run"
 
     @property
     def worst_step_sqnr_db(self) -> float:
@@ -77,6 +81,7 @@ class StepRecord:
             "kl": self.kl,
             "error": self.error,
             "memory": self.memory,
+            "verified_by": self.verified_by,
         }
 
 
@@ -198,6 +203,7 @@ class Pipeline:
             ins.run_start(graph, self.passes)
         original = run_sets(graph, inputs)
         previous_outputs = original
+        current_cone = cone_key(graph)
         current = graph  # each pass runs on a copy (_work_copy): the caller's graph is never changed
         steps: list[StepRecord] = []
         params0 = graph.parameter_count()
@@ -208,12 +214,14 @@ class Pipeline:
                 ins.pass_start(i, p, current, record)
             where = _where(p.name, i, total, [s.name for s in steps])
             previous_cumulative = steps[-1].cumulative if steps else None
-            first = self._attempt(p, current, where, inputs, previous_outputs, original, previous_cumulative)
+            first = self._attempt(p, current, where, inputs, previous_outputs, original, previous_cumulative, current_cone)
             chosen = first
             if first.problem and not p.exact and _adapts(p):
-                chosen = self._back_off(p, current, where, inputs, previous_outputs, original, first, previous_cumulative)
+                chosen = self._back_off(p, current, where, inputs, previous_outputs, original, first, previous_cumulative,
+                                        current_cone)
             record.changed, record.stats = chosen.changed, chosen.stats
             record.step, record.cumulative, record.kl = chosen.step, chosen.cumulative, chosen.kl
+            record.verified_by = chosen.verified_by
             record.params_after = chosen.graph.parameter_count()
             if chosen.problem:
                 record.error = chosen.problem
@@ -226,7 +234,7 @@ class Pipeline:
             if current is not graph:
                 current.release()  # a snapshot: the tensors the pass replaced go now, not at the next gc
             trim()
-            current = chosen.graph
+            current, current_cone = chosen.graph, chosen.cone
             previous_outputs = chosen.outputs
             steps.append(record)
             for ins in instruments:
@@ -245,11 +253,12 @@ class Pipeline:
         return graph.clone() if getattr(p, "writes_in_place", False) else graph.snapshot()
 
     def _attempt(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list,
-                 previous_cumulative: list[OutputDiff] | None = None) -> "_Attempt":
+                 previous_cumulative: list[OutputDiff] | None = None, before_cone: tuple | None = None) -> "_Attempt":
         """Run ``p`` on a work copy of ``before`` (:meth:`_work_copy`), check that ``before``
         is intact, verify the structure, compare the outputs with the previous graph and the
         original (``previous_cumulative``: the previous step's figures against the original,
-        None before the first pass), and judge the budget."""
+        None before the first pass), and judge the budget. ``before_cone`` is
+        :func:`~graphpress.ir.cone.cone_key` of ``before`` (None: cannot tell)."""
         graph = self._work_copy(p, before)
         try:
             result = p(graph)
@@ -271,9 +280,14 @@ class Pipeline:
             out.verify()
         except VerificationError as err:
             raise VerificationError(f"{where} produced an invalid graph: {err}") from None
-        outputs = run_sets(out, inputs)
-        trim()  # the forward's activations and dequantized weights, before the comparisons allocate theirs
-        if all(identical(r, o) for r, o in zip(previous, outputs)):
+        # a pass that left the computation of the outputs as it was (dead code removed, nodes
+        # renamed) is proven exact by structure: the graph before's outputs are its own
+        key = cone_key(out)
+        same = key is not None and key == before_cone
+        outputs = previous if same else run_sets(out, inputs)
+        if not same:
+            trim()  # the forward's activations and dequantized weights, before the comparisons allocate theirs
+        if same or all(identical(r, o) for r, o in zip(previous, outputs)):
             # bitwise what the graph before gave (an exact rewrite usually): its outputs and its
             # cumulative figures stand, and the new copies go at once
             outputs = previous
@@ -287,12 +301,13 @@ class Pipeline:
             cumulative = step if previous is original else _merge_diffs(
                 [compare_outputs(r, o, out.output_names) for r, o in zip(original, outputs)])
             kl = None if p.exact else _logits_kl(previous, outputs)
-        attempt = _Attempt(out, bool(result.changed), dict(result.stats), step, cumulative, kl, outputs)
+        attempt = _Attempt(out, bool(result.changed), dict(result.stats), step, cumulative, kl, outputs,
+                           verified_by="same computation" if same else "run", cone=key)
         attempt.problem = self._judge(p, step, kl)
         return attempt
 
     def _back_off(self, p: Pass, before: Graph, where: str, inputs: list, previous: list, original: list, first: "_Attempt",
-                  previous_cumulative: list[OutputDiff] | None = None) -> "_Attempt":
+                  previous_cumulative: list[OutputDiff] | None = None, before_cone: tuple | None = None) -> "_Attempt":
         """Bisect the pass's back-off level (see :mod:`graphpress.passes.budget`) on clones of
         ``before``; the passing attempt with the fewest moves, or the best failing one."""
         levels = int(p.adapt_levels())
@@ -302,7 +317,7 @@ class Pipeline:
             return first
 
         def run(level: int) -> _Attempt:
-            a = self._attempt(p.back_off(level), before, where, inputs, previous, original, previous_cumulative)
+            a = self._attempt(p.back_off(level), before, where, inputs, previous, original, previous_cumulative, before_cone)
             a.level = level
             tries.append(a)
             return a
@@ -376,6 +391,8 @@ class _Attempt:
     kl: float | None
     outputs: list[tuple[torch.Tensor, ...]]
     problem: str | None = None
+    verified_by: str = "run"
+    cone: tuple | None = None  # cone_key of graph
     level: int = 0
     tried: int = 1
     siblings: list["_Attempt"] = field(default_factory=list)  # the other tries, released once one is kept

@@ -340,3 +340,42 @@ def test_logits_kl_leaves_out_nan_rows_the_reference_has_and_keeps_others():
     assert math.isnan(_logits_kl([(ref,), (ref,)], [(new_nan,), (ref,)]))
     assert math.isnan(_logits_kl([(ref,), (ref,)], [(ref,), (new_nan,)]))
     assert _logits_kl([(ref[:1],)], [(ref[:1],)]) == 0.0
+
+
+@dataclass(frozen=True)
+class DeadConfig:
+    version: int = 1
+
+
+@register("test-add-dead-node")
+class AddDeadNode:
+    """Adds a node nothing reads: the outputs' computation is unchanged."""
+
+    exact = True
+    Config = DeadConfig
+
+    def __init__(self, config=DeadConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        x = next(n for n in graph.gm.graph.nodes if n.op == "placeholder")
+        with graph.gm.graph.inserting_after(x):
+            graph.gm.graph.call_function(torch.ops.aten.neg.default, (x,))
+        graph.recompile()
+        return PassResult(graph, True, {})
+
+
+def test_a_pass_that_leaves_the_outputs_computation_is_verified_without_a_forward(graph, monkeypatch):
+    import graphpress.passes.pipeline as pl
+
+    forwards = []
+    real = pl.run_sets
+    monkeypatch.setattr(pl, "run_sets", lambda g, sets: forwards.append(g) or real(g, sets))
+    report = Pipeline(["test-add-dead-node", ("test-scale-weight", {"factor": 1.0})]).run(graph)
+    dead, scale = report.steps
+    # the reference forward and the scale pass's: the dead node cost none
+    assert len(forwards) == 2
+    assert dead.verified_by == "same computation" and dead.changed and dead.step[0].max_abs == 0.0
+    assert dead.to_dict()["verified_by"] == "same computation"
+    # a replaced weight (even with the same values) is run and compared: the rule must not match
+    assert scale.verified_by == "run" and scale.step[0].max_abs == 0.0

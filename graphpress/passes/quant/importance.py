@@ -64,7 +64,9 @@ def clear_cache() -> None:
 def _digest_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().contiguous().cpu()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        # the buffer itself, not a bytes copy: a copy of an LM head is the pass's peak
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def cache_key(graph: Graph, layers: Sequence[QLayer], tag: str) -> str:
