@@ -44,7 +44,7 @@ from graphpress.errors import FrontendError, GraphpressError, VerificationError
 from graphpress.frontends.shards import STREAMING_FAMILIES, ShardedCheckpoint, decoder_layout
 from graphpress.frontends.torch_module import TOKEN_DIMS
 from graphpress.ir import dist
-from graphpress.ir.compare import kl_divergence, sqnr_db, sqnr_from_sums, top1_agreement
+from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import rss_bytes, trim
 from graphpress.passes.pipeline import Pipeline
@@ -275,7 +275,9 @@ def run_rank(
             with torch.no_grad():
                 ref = torch.nn.functional.embedding(held_ids, table).float()  # the checkpoint's values exactly
                 calib = torch.nn.functional.embedding(local_ids, table).to(storage).float()  # what the artifact computes
-                check = torch.nn.functional.embedding(check_ids, table).to(storage).float()
+                # one process: the check sequences are the first calibration ones, and stay a view
+                # of them from unit to unit (no forward of their own; see _compress_unit)
+                check = calib[: len(check_ids)] if size == 1 else torch.nn.functional.embedding(check_ids, table).to(storage).float()
                 test = torch.nn.functional.embedding(held_ids, table).to(storage).float()
             prev = None
             if primary:
@@ -296,12 +298,15 @@ def run_rank(
                 graph = _bound_block(templates, window, meta, weights, i, check)
                 del weights
                 graph.name = f"block.{i}"
+                check_in = check
                 record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}")
                 with torch.no_grad():
                     ref = _run(graph, ref)
                     test = _run(compressed, test)
                 if primary:
-                    prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports)["hidden_out"]
+                    prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports,
+                                ({"hidden": check_in}, check))["hidden_out"]
+                del check_in
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -321,12 +326,14 @@ def run_rank(
                 graph = Graph.capture(unit, (check,), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
                                       input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
                 del unit
-                record, compressed, _, _ = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})")
+                record, compressed, _, checked = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})")
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
                 if primary:
-                    outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports)["logits"])
+                    outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports,
+                                        ({"hidden": check}, checked))["logits"])
+                del checked
                 graph.release()
                 compressed.release()
                 del graph, compressed
@@ -371,7 +378,8 @@ def run_rank(
             raise VerificationError(
                 f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
         del test_all
-        end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound}
+        end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound,
+                                      "rebinding_checked_max_abs": [_json(v) for v in sorted(exports.checked.values())]}
         end_to_end.update(peaks)
         manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
         moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
@@ -451,8 +459,10 @@ def _has(graph: Graph, target: str) -> bool:
 
 def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: torch.Tensor, options: StreamOptions, where: str):
     """Run the recipe on one unit: verified on ``check`` (the same on every rank), calibrated on
-    this rank's batches ``calib``; the unit's SQNR over every rank's calibration activations.
-    Returns the record, the compressed unit and its outputs on ``calib`` and on ``check``."""
+    this rank's batches ``calib``. The unit's SQNR is the pipeline's own cumulative figure on
+    ``check`` (every rank gets the same). Returns the record, the compressed unit and its
+    outputs on ``calib`` and on ``check``; where ``check`` is the first rows of ``calib`` (one
+    process), the latter are the first rows of the former, not another forward."""
     graph.example_inputs = (check,)
     graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
     pipeline = Pipeline.from_recipe(recipe)
@@ -464,12 +474,13 @@ def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: tor
     except GraphpressError as err:
         raise type(err)(f"{where}: {err}") from err
     compressed = report.graph
+    sqnr = min((d.sqnr_db for d in report.steps[-1].cumulative), default=math.inf) if report.steps else math.inf
+    if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
+        raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the check sequences is below min_block_sqnr_db={options.min_block_sqnr_db}")
     with torch.no_grad():
         outputs = _run(compressed, calib)
-        checked = _run(compressed, check)
-        sqnr = _sqnr(_run(graph, calib), outputs, across_ranks=True)
-    if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
-        raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the calibration activations is below min_block_sqnr_db={options.min_block_sqnr_db}")
+        prefix = check.shape[0] <= calib.shape[0] and check.data_ptr() == calib.data_ptr() and check.stride() == calib.stride()
+        checked = outputs[: check.shape[0]] if prefix else _run(compressed, check)
     record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
     return record, compressed, outputs, checked
 
@@ -478,13 +489,8 @@ def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([graph.run(x[k:k + batch])[0] for k in range(0, len(x), batch)])
 
 
-def _sqnr(ref: torch.Tensor, test: torch.Tensor, *, across_ranks: bool = False) -> float:
-    """SQNR in dB; ``across_ranks``: over every rank's share (signal and noise summed)."""
-    if not across_ranks or dist.world()[1] == 1:
-        return sqnr_db(ref.reshape(-1), test.reshape(-1))
-    r, t = ref.reshape(-1).double(), test.reshape(-1).double()
-    sums = dist.all_reduce_sum(torch.stack([r.pow(2).sum(), (r - t).pow(2).sum()]))
-    return sqnr_from_sums(float(sums[0]), float(sums[1]))
+def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return sqnr_db(ref.reshape(-1), test.reshape(-1))
 
 
 def _json(x: float) -> float | str:
@@ -512,10 +518,11 @@ def _rss_mb() -> float | None:
 
 
 def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str],
-         templates: OnnxTemplates) -> dict[str, str]:
+         templates: OnnxTemplates, check: tuple[dict[str, torch.Tensor], torch.Tensor]) -> dict[str, str]:
     """Lower one unit to ONNX (or re-bind an earlier unit's ONNX to its tensors, see
-    :class:`OnnxTemplates`), append it to the artifact."""
-    model = templates.lower(graph, lambda g: export_unit(lower, g, scratch))
+    :class:`OnnxTemplates`; ``check``: the unit's check inputs and outputs), append it to the
+    artifact."""
+    model = templates.lower(graph, lambda g: export_unit(lower, g, scratch), check)
     return stitcher.add_unit(model, prefix=prefix, inputs=inputs)
 
 

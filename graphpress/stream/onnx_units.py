@@ -70,10 +70,13 @@ class OnnxTemplates:
     shapes: only the tensors differ. The first such unit is exported (``torch.export`` and the ONNX
     exporter: 2-5 s per block, most of a block's time); a later one copies that model and puts
     its own tensors into the initializers of the same names (the exporter names a weight's
-    initializer after its graph target). The second unit of each structure is also exported and
-    compared with its re-bound copy, initializer by initializer: re-binding is used for the rest
-    only when they agree, so a tensor the exporter had folded into a constant of another name
-    can never carry the first unit's values into another.
+    initializer after its graph target). The second unit of each structure is the test: its
+    re-bound copy is run in ONNX Runtime on the unit's check input and must give the unit's own
+    compressed outputs (max abs error <= 1e-3 x max(1, max |expected|)); re-binding is used for
+    the rest only when it does, so a tensor the exporter had folded into a constant of another
+    name cannot carry the first unit's values into the others unnoticed. (Without a check input
+    the second unit is exported as well and its initializers compared with the re-bound ones,
+    byte for byte.) The streamed run's end-to-end ONNX Runtime check then covers every unit.
     """
 
     def __init__(self) -> None:
@@ -81,6 +84,7 @@ class OnnxTemplates:
         self.trusted: dict[str, bool] = {}
         self.exports = 0
         self.rebound = 0
+        self.checked: dict[str, float] = {}  # per structure: the re-bound second unit's max abs error
 
     @staticmethod
     def key(graph: Graph) -> str:
@@ -90,7 +94,9 @@ class OnnxTemplates:
                          for n in graph.nodes if n.op == "get_attr")
         return hashlib.sha256((graph.gm.code + repr(tensors)).encode()).hexdigest()
 
-    def lower(self, graph: Graph, export: Callable[[Graph], Any]):
+    def lower(self, graph: Graph, export: Callable[[Graph], Any], check: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None):
+        """The unit's ONNX model. ``check = (feeds, expected)``: the unit's inputs by ONNX name
+        and its first output, used to test re-binding on the second unit of a structure."""
         key = self.key(graph)
         template = self.models.get(key)
         if template is None:
@@ -100,6 +106,15 @@ class OnnxTemplates:
             return model
         rebound = _rebind(template, graph)
         if key not in self.trusted:
+            if check is not None:
+                error = _max_error(rebound, *check)
+                self.checked[key] = error
+                self.trusted[key] = error <= 1e-3 * max(1.0, float(check[1].abs().max()))
+                if self.trusted[key]:
+                    self.rebound += 1
+                    return rebound
+                self.exports += 1
+                return export(graph)
             self.exports += 1
             exported = export(graph)
             self.trusted[key] = _same_initializers(exported, rebound)
@@ -109,6 +124,25 @@ class OnnxTemplates:
             return export(graph)
         self.rebound += 1
         return rebound
+
+
+def _max_error(model, feeds: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
+    """Max abs difference between ONNX Runtime's first output of ``model`` (in memory) on
+    ``feeds`` and ``expected``; inf when it does not run or the shapes differ."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = False
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    except Exception:  # noqa: BLE001 -- any failure means: do not re-bind, export
+        return float("inf")
+    got_t = torch.from_numpy(got)
+    if got_t.shape != expected.shape:
+        return float("inf")
+    return float((got_t - expected).abs().max())
 
 
 def _rebind(template, graph: Graph):

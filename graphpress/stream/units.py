@@ -103,9 +103,13 @@ class HeadSlice:
 def head_slices(vocab: int, hidden: int, max_bytes: int) -> list[HeadSlice]:
     """Row ranges of the head such that each slice's float32 weight is at most ``max_bytes``
     (at least one row): the head of an 8B Llama (128256 x 4096, 2.1 GB in float32) is larger
-    than any of its blocks (0.83 GB) and is compressed a slice at a time."""
+    than any of its blocks (0.83 GB) and is compressed a slice at a time. Slices are of one
+    size where a count of at most twice the fewest possible divides ``vocab``."""
     rows = max(1, max_bytes // (4 * hidden))
     count = -(-vocab // rows)
+    # slices of one size share one ONNX export (the others re-bind it): up to twice as many
+    # slices are worth it when that count divides the vocabulary (32000 -> 4 x 8000, not 3)
+    count = next((c for c in range(count, min(2 * count, vocab) + 1) if vocab % c == 0), count)
     rows = -(-vocab // count)  # even slices
     return [HeadSlice(s, min(vocab, s + rows)) for s in range(0, vocab, rows)]
 

@@ -542,3 +542,14 @@ def test_resnet20_int8_agreement_on_photo_crops(op_count):
     # 0.965 with the shortcuts quantized too (the price of ORT's QLinearAdd fusion)
     assert 0.95 < agree["plain"] < 0.97 and agree["refined"] >= 0.97 and agree["refined"] > agree["plain"] + 0.008
     assert agree["default"] >= 0.96
+
+
+def test_one_width_per_layer_measures_no_importance(mlp_graph):
+    before = dict(imp.COUNTERS)
+    r = run(mlp_graph, bits=[8], target_bits=8, importance="lim", activations="none")
+    assert imp.COUNTERS == before  # neither computed nor looked up
+    assert r.stats["importance_method"].startswith("not measured")
+    assert all(r.stats["layers"][n]["importance"] is None and r.stats["bits"][n] == 8 for n in PARAMS)
+    # a choice between widths is still measured
+    r = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="none")
+    assert all(isinstance(r.stats["layers"][n]["importance"], float) for n in PARAMS)

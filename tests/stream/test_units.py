@@ -70,6 +70,12 @@ def test_head_slices_cover_the_vocabulary_evenly_within_the_bound():
     assert len(parts) == 3
     assert head_slices(vocab=100, hidden=8, max_bytes=1 << 30) == head_slices(100, 8, 1 << 40)  # one slice
     assert len(head_slices(100, 8, 1)) == 100  # at least a row each
+    # one size where a few more slices divide the vocabulary: 3 would leave 10667 / 10667 / 10666
+    llama2 = head_slices(vocab=32000, hidden=1024, max_bytes=50 * 2**20)
+    assert [p.stop - p.start for p in llama2] == [8000] * 4
+    # no divisor within twice the count (a prime vocabulary): even slices, the last one shorter
+    prime = head_slices(vocab=32003, hidden=1024, max_bytes=50 * 2**20)
+    assert len(prime) == 3 and {p.stop - p.start for p in prime[:-1]} == {10668}
 
 
 def test_block_window_follows_the_config():

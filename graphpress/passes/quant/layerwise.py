@@ -435,7 +435,13 @@ class QuantizeLayerwise:
             return fake_weight(layer, graph.get_tensor(layer.weight_target), b, cfg)
 
         quant_tag = f"g{cfg.group_size}|sym{cfg.symmetric}|act{cfg.activations}"
-        scores = imp.sensitivities(graph, active, options, cfg.importance, quantizer, quant_tag=quant_tag, zd_cut=cfg.zd_cut)
+        # importance orders the choices of the allocation and of backing off; with one width per
+        # layer there is no choice, and measuring it is a forward per block for nothing
+        measured = any(len(o) > 1 for o in options.values())
+        if measured:
+            scores = imp.sensitivities(graph, active, options, cfg.importance, quantizer, quant_tag=quant_tag, zd_cut=cfg.zd_cut)
+        else:
+            scores = {"importance": {layer.name: None for layer in active}, "sensitivity": {}}
         if self._level > 0 and self._state is not None:
             bits = self._backed_off_bits()
         else:
@@ -463,7 +469,7 @@ class QuantizeLayerwise:
             f"asked_{kind}": amount,
             "average_bits": round(avg, 4),
             "bits": {l.name: bits[l.name] for l in active},
-            "importance_method": cfg.importance,
+            "importance_method": cfg.importance if measured else "not measured (one width per layer: nothing to choose)",
             "allocation": cfg.allocation if cfg.allocation == "ilp" else f"order:{cfg.order}",
             "layers": stats_layers,
             "bytes_before": before,
@@ -549,7 +555,7 @@ class QuantizeLayerwise:
                 "bits": p.bits,
                 "kind": layer.kind,
                 "params": layer.params,
-                "importance": float(scores["importance"][layer.name]),
+                "importance": None if scores["importance"][layer.name] is None else float(scores["importance"][layer.name]),
                 "bytes_before": 4 * layer.params,
                 "bytes_after": stored_bytes(layer, p.bits, cfg),
             }
