@@ -447,11 +447,43 @@ def measure_tool(tool: str, folder: Path, work: Path, recipe: Path, *, timeout: 
     # a stage the harness killed has no ru_maxrss: its sampled tree peak stands in
     row["peak_rss_mb"] = max((s["peak_rss_mb"] or s["tree_rss_sampled_mb"] or 0 for s in stages), default=None)
     row["artifact_bytes"] = dir_bytes(last_out) if status == "ok" and last_out else None
+    if status == "ok" and last_out and tool.startswith("graphpress"):
+        facts = _manifest_facts(Path(last_out) / "manifest.json")
+        if facts:
+            row["manifest"] = facts
     if not keep:
         for _, _, out in tool_commands(tool, folder, work, recipe):
             shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / "builder-cache", ignore_errors=True)
     return row
+
+
+def _manifest_facts(path: Path) -> dict[str, Any] | None:
+    """What a graphpress artifact's manifest says about the run: for a streamed one the
+    end-to-end figures (KL, top-1, the ONNX Runtime check), the per-unit peaks and times."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    stream = manifest.get("stream")
+    if not stream:
+        return {"check": (manifest.get("lowering") or {}).get("check")}
+    units = stream.get("units", [])
+    blocks = [u for u in units if str(u.get("unit", "")).startswith("block.")]
+    heads = [u for u in units if str(u.get("unit", "")).startswith("head.")]
+
+    def peak(us: list) -> float | None:
+        return max((u.get("peak_rss_mb") or 0 for u in us), default=None)
+
+    end = stream.get("end_to_end", {})
+    return {
+        "stream_wall_s": stream.get("wall_s"),
+        "block_time_median_s": round(statistics.median(u["time_s"] for u in blocks), 3) if blocks else None,
+        "unit_peaks_mb": {"embed": peak([u for u in units if u.get("unit") == "embed"]), "blocks_max": peak(blocks), "head_max": peak(heads)},
+        "worst_block_sqnr_db": stream.get("worst_block_sqnr_db"),
+        "end_to_end": {k: end.get(k) for k in ("heldout_tokens", "kl", "top1_agreement", "sqnr_db", "onnxruntime", "onnx_exports",
+                                                "compress_peak_rss_mb", "check_peak_rss_mb")},
+    }
 
 
 def add_bound(row: dict[str, Any], facts: dict[str, Any]) -> None:
@@ -663,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --merge: {out_path} is not JSON; remove it or drop --merge")
         results["sizes"] = {k: v for k, v in earlier.get("sizes", {}).items() if k not in sizes}
         results["earlier_runs"] = earlier.get("earlier_runs", []) + [{k: earlier.get(k) for k in ("date", "machine", "versions", "method")}]
+        if earlier.get("manual_runs"):
+            results["manual_runs"] = earlier["manual_runs"]
     log_dir = work_root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
