@@ -89,7 +89,7 @@ class StreamOptions:
         Fail the run when a compressed block's output SQNR (against the uncompressed block on
         the same inputs) is below this; None: report only.
     head_slice_bytes : int or None
-        Largest float32 bytes of one head slice; None: the largest block's float32 bytes.
+        Largest float32 bytes of one head slice; None: half the largest block's float32 bytes.
     workers : int
         Local processes (ranks) the run is split over with ``torch.distributed`` (gloo): each
         calibrates on its share of the calibration sequences, statistics are summed over the
@@ -406,7 +406,9 @@ def _tokens(given: torch.Tensor | None, n: int, seq: int, vocab: int, seed: int,
 
 
 def _slices(layout, options: StreamOptions):
-    limit = options.head_slice_bytes or layout.largest_block_bytes(torch.float32)
+    # half a block: a slice is held about three times at once (float32 rows, the verification
+    # forward's chunks and logits, the per-layer check), a block about twice
+    limit = options.head_slice_bytes or layout.largest_block_bytes(torch.float32) // 2
     return head_slices(layout.vocab_size, layout.hidden_size, limit)
 
 
@@ -436,6 +438,9 @@ def _bound_block(templates: dict, window: int | None, meta, weights: dict[str, t
         for target in targets:  # the template keeps the structure, not block 0's weights
             t = graph.get_tensor(target)
             template.set_tensor(target, torch.zeros((), dtype=t.dtype).expand(t.shape))
+        # a snapshot's record of what it shared holds every tensor it was taken with: kept, it
+        # kept block 0's float32 weights alive for the whole run (0.87 GB at 8B)
+        template.written_in_place(forget=True)
         templates[window] = template
         meta.model.layers[index].to("meta")
         return graph
