@@ -197,20 +197,106 @@ def groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric
         if nb * group_size != in_f:
             wf = torch.nn.functional.pad(wf, (0, nb * group_size - in_f))
         wg = wf.reshape(j - i, nb, group_size)
-        if symmetric:
-            half = 2 ** (bits - 1)
-            amax = wg.abs().amax(-1)
-            s = torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax))
-            z = torch.full_like(s, float(half))
-        else:
-            lo = wg.amin(-1).clamp(max=0)
-            hi = wg.amax(-1).clamp(min=0)
-            s = (hi - lo) / levels
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            z = torch.clamp(torch.round(-lo / s), 0, levels)
+        s, z = group_grid(wg, bits, symmetric)
         q[i:j] = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, levels)
         scale[i:j], zero[i:j] = s, z
     return GroupQuant(q, scale, zero, bits, group_size, in_f, symmetric)
+
+
+def group_grid(wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` of each group, the groups along the last dim of ``wg``: asymmetric,
+    ``[min(w, 0), max(w, 0)]`` on ``2^bits - 1`` steps with a rounded zero point; symmetric,
+    ``max |w| / (2^(bits-1) - 1)`` around the fixed zero point ``2^(bits-1)``. A group of zeros
+    gets scale 1."""
+    levels = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        amax = wg.abs().amax(-1)
+        s = torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax))
+        return s, torch.full_like(s, float(half))
+    lo = wg.amin(-1).clamp(max=0)
+    hi = wg.amax(-1).clamp(min=0)
+    s = (hi - lo) / levels
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return s, torch.clamp(torch.round(-lo / s), 0, levels)
+
+
+def gptq_groupwise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric: bool = False,
+                   act_order: bool = False, damp: float = 0.01, block: int = 128) -> GroupQuant:
+    """:func:`groupwise` codes chosen by GPTQ: the same storage (``MatMulNBits`` groups along the
+    input dim), codes that minimise ``||(W - W_hat) X||^2`` instead of each weight's own error.
+
+    Columns are rounded in order and each one's error ``e_j = (w_j - q_j) / [H^-1]_jj`` is pushed
+    onto the columns not rounded yet (``W[:, j:] -= e_j [H^-1]_{j, j:}``, ``H^-1`` in upper
+    Cholesky form, blocks of ``block`` columns; Frantar et al., 2023). A group's grid
+    (:func:`group_grid`) is set when the first of its columns is reached, from the columns as
+    the errors so far have moved them. ``act_order``: columns go in order of decreasing
+    ``H_jj`` (the inputs with most energy first, while the most columns are left to absorb their
+    error), and every group's grid is then fixed up front from the original weights ("static
+    groups"), so the stored layout stays the input order. ``H`` is damped by ``damp * mean(diag
+    H)``; an input that is always 0 gets ``H_jj = 1``.
+
+    Parameters
+    ----------
+    w : Tensor ``(out, k)``
+    hessian : Tensor ``(k, k)``
+        ``X^T X`` of the layer's input rows (any positive multiple of it).
+    bits, group_size, symmetric
+        As in :func:`groupwise`.
+
+    Returns
+    -------
+    GroupQuant
+    """
+    if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"gptq_groupwise: need w (out, k) and hessian (k, k), got {tuple(w.shape)} and {tuple(hessian.shape)}")
+    if bits not in GROUP_BITS or group_size not in GROUP_SIZES:
+        raise ValueError(f"gptq_groupwise: bits must be one of {GROUP_BITS} and group_size one of {GROUP_SIZES}")
+    out_f, k = w.shape
+    nb = num_blocks(k, group_size)
+    levels = 2**bits - 1
+    block = max(block, group_size)  # whole groups per block (both powers of two)
+    W = w.detach().double().clone()
+    H = hessian.detach().double().clone()
+    dead = torch.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, order], H[order][:, order]
+    H += damp * float(torch.diag(H).mean()) * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale = torch.ones((out_f, nb), dtype=torch.float64)
+    zero = torch.zeros((out_f, nb), dtype=torch.float64)
+    if act_order:  # static groups: every grid from the original weights, in input order
+        padded = torch.nn.functional.pad(w.detach().float(), (0, nb * group_size - k))
+        scale, zero = (t.double() for t in group_grid(padded.reshape(out_f, nb, group_size), bits, symmetric))
+    groups = order // group_size  # the group of the column at each position
+    q = torch.zeros((out_f, nb * group_size), dtype=torch.float64)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        Wb, Ub = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err = torch.zeros_like(Wb)
+        for j in range(i2 - i1):
+            pos = i1 + j
+            g = int(groups[pos])
+            if not act_order and pos % group_size == 0:
+                # the group's columns as moved by every error so far (this block's included)
+                cols = Wb[:, j:j + group_size]  # the last group of a matrix may be short: padded
+                cols = torch.nn.functional.pad(cols, (0, group_size - cols.shape[1]))
+                # the grid in float32, as groupwise computes it (no feedback: the same codes)
+                s_g, z_g = group_grid(cols.float()[:, None, :], bits, symmetric)
+                scale[:, g], zero[:, g] = s_g[:, 0].double(), z_g[:, 0].double()
+            s_g, z_g = scale[:, g], zero[:, g]
+            col = Wb[:, j]
+            qc = torch.clamp(torch.round(col / s_g) + z_g, 0, levels)
+            q[:, int(order[pos])] = qc
+            e = (col - (qc - z_g) * s_g) / Ub[j, j]
+            Wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
+            err[:, j] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    if nb * group_size > k:  # padding columns hold the zero point: they dequantize to 0
+        q[:, k:] = zero.repeat_interleave(group_size, dim=1)[:, k:]
+    return GroupQuant(q.reshape(out_f, nb, group_size).to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, group_size, k, symmetric)
 
 
 def fake_quant_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric: bool = False) -> torch.Tensor:
@@ -586,7 +672,9 @@ __all__ = [
     "fake_quant_act_dynamic",
     "fake_quant_groupwise",
     "fake_quant_per_channel",
+    "gptq_groupwise",
     "gptq_per_channel",
+    "group_grid",
     "groupwise",
     "mse_range",
     "num_blocks",

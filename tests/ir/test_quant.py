@@ -237,3 +237,45 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert int(q4.abs().max()) <= 7 and _output_error(q4, s4, w, x) < _output_error(q4_rtn, s4, w, x)
     with pytest.raises(ValueError, match="hessian"):
         Q.gptq_per_channel(w, torch.eye(k + 1), s)
+
+
+# ---------------------------------------------------------------------------- GPTQ, group-wise
+def _correlated(n: int, k: int, rank: int = 8, seed: int = 0) -> torch.Tensor:
+    """Input rows that live near a low-rank subspace: what GPTQ's error feedback exploits."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.1 * torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_groupwise_lowers_the_output_error_on_its_grid(group_size, act_order, symmetric):
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 200), _correlated(256, 200)  # 200 inputs: the last group is padded
+    rtn = Q.groupwise(w, 4, group_size, symmetric=symmetric)
+    gq = Q.gptq_groupwise(w, x.T @ x, 4, group_size, symmetric=symmetric, act_order=act_order)
+    err = lambda q: float(((w - q.dequantize()) @ x.T).pow(2).sum())  # noqa: E731
+    assert err(gq) < 0.2 * err(rtn)
+    # the same storage: codes on the grid, padding at the zero point (dequantized to 0)
+    assert gq.q.shape == rtn.q.shape and gq.q.dtype == torch.uint8 and int(gq.q.max()) <= 15
+    full = (gq.q.float() - gq.zero.float()[..., None]) * gq.scale[..., None]
+    assert torch.all(full.reshape(24, -1)[:, 200:] == 0)
+    nb = Q.to_nbits(gq)
+    torch.testing.assert_close(Q.dequantize_nbits(nb.packed, nb.scales, nb.zeros, nb.bits, group_size, 200), gq.dequantize())
+
+
+def test_gptq_groupwise_without_correlations_is_round_to_nearest():
+    torch.manual_seed(1)
+    w = torch.randn(16, 96)
+    gq, rtn = Q.gptq_groupwise(w, torch.eye(96), 4, 32), Q.groupwise(w, 4, 32)
+    assert torch.equal(gq.q, rtn.q) and torch.equal(gq.scale, rtn.scale) and torch.equal(gq.zero, rtn.zero)
+
+
+def test_gptq_groupwise_zeroes_an_input_that_never_fires_and_rejects_bad_shapes():
+    torch.manual_seed(2)
+    w, x = torch.randn(8, 64), _correlated(128, 64)
+    x[:, 5] = 0
+    gq = Q.gptq_groupwise(w, x.T @ x, 4, 32)
+    assert torch.all(gq.dequantize()[:, 5] == 0)
+    with pytest.raises(ValueError, match="gptq_groupwise: need w"):
+        Q.gptq_groupwise(w, torch.eye(63), 4, 32)

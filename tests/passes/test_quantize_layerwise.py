@@ -553,3 +553,25 @@ def test_one_width_per_layer_measures_no_importance(mlp_graph):
     # a choice between widths is still measured
     r = run(mlp_graph, bits=[8, 4], target_bits=6.0, importance="zd", activations="none")
     assert all(isinstance(r.stats["layers"][n]["importance"], float) for n in PARAMS)
+
+
+def test_group_rounding_gptq_beats_nearest_on_correlated_inputs():
+    torch.manual_seed(3)
+    g = Graph.capture(MLP().eval(), (torch.randn(4, 32),))
+    basis = torch.randn(6, 32)
+    g.calibration = [(torch.randn(128, 6) @ basis + 0.05 * torch.randn(128, 32),)]
+    common = dict(bits=[4], target_bits=4, activations="none", group_size=32)
+    near = run(g, **common).stats["layers"]
+    for act_order in (False, True):
+        got = run(g, group_rounding="gptq", act_order=act_order, **common).stats["layers"]
+        # fc1 sees the correlated inputs themselves: GPTQ's feedback must pay there
+        assert got["fc1"]["sqnr_db"] > near["fc1"]["sqnr_db"] + 3
+        assert got["fc1"]["weight_rounding"] == ("gptq (act order)" if act_order else "gptq")
+    assert "weight_rounding" not in near["fc1"]
+
+
+def test_group_rounding_is_checked():
+    with pytest.raises(PassError, match="group_rounding"):
+        make_pass("quantize-layerwise", {"group_rounding": "gptq4"})
+    with pytest.raises(PassError, match="act_order"):
+        make_pass("quantize-layerwise", {"act_order": "yes"})

@@ -82,6 +82,7 @@ from torch import fx
 
 import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.*
 from graphpress.errors import PassError
+from graphpress.ir import dist
 from graphpress.ir.compare import sqnr_from_sums, square_sums
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import trim
@@ -94,6 +95,7 @@ from graphpress.ir.quant import (
     fake_quant_act,
     fake_quant_groupwise,
     fake_quant_per_channel,
+    gptq_groupwise,
     gptq_per_channel,
     groupwise,
     mse_range,
@@ -169,6 +171,14 @@ class QuantizeLayerwiseConfig:
     weight_rounding : "nearest" or "gptq"
         How the per-channel int8 weights of the static layers take their grid points: round to
         nearest, or GPTQ's error feedback on the layer's calibration inputs (same grid, same ops).
+    group_rounding : "nearest" or "gptq"
+        How the codes of the group-wise (``MatMulNBits``) linears are chosen: round to nearest,
+        or GPTQ's error feedback on the layer's calibration inputs (:func:`~graphpress.ir.quant.
+        gptq_groupwise`; the same storage and op). GPTQ costs a ``k x k`` Cholesky per layer
+        (seconds for a 14336-wide input), so it is asked for, not the default.
+    act_order : bool
+        With ``group_rounding="gptq"``: round columns in order of decreasing input energy
+        (``diag X^T X``), the groups' grids then fixed from the original weights.
     bias_correction : bool
         Static layers, in graph order on the calibration set: subtract from each layer's bias the
         mean per-channel error of its output (quantized network vs float network).
@@ -208,6 +218,8 @@ class QuantizeLayerwiseConfig:
     act_calibration: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99
     weight_rounding: Literal["nearest", "gptq"] = "gptq"
+    group_rounding: Literal["nearest", "gptq"] = "nearest"
+    act_order: bool = False
     bias_correction: bool = True
     shortcuts: Literal["quantized", "float"] = "quantized"
     layer_bits: dict[str, int] = field(default_factory=dict)
@@ -233,7 +245,7 @@ class QuantizeLayerwiseConfig:
             raise _err("size_budget", f"must be bytes >= 0, got {self.size_budget!r}")
         checks = (("allocation", ("order", "ilp")), ("order", ("importance", "random", "reverse")), ("importance", imp.METHODS),
                   ("activations", ("none", "int8-block", "int8", "int8-dynamic")), ("act_calibration", ("minmax", "percentile", "mse")),
-                  ("weight_rounding", ("nearest", "gptq")), ("shortcuts", ("quantized", "float")))
+                  ("weight_rounding", ("nearest", "gptq")), ("group_rounding", ("nearest", "gptq")), ("shortcuts", ("quantized", "float")))
         for option, allowed in checks:
             value = getattr(self, option)
             if value not in allowed:
@@ -244,6 +256,8 @@ class QuantizeLayerwiseConfig:
             raise _err("group_size", f"must be 16, 32, 64, 128 or 256, got {self.group_size!r}")
         if not isinstance(self.bias_correction, bool):
             raise _err("bias_correction", f"must be true or false, got {self.bias_correction!r}")
+        if not isinstance(self.act_order, bool):
+            raise _err("act_order", f"must be true or false, got {self.act_order!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise _err("percentile", f"must be in (50, 100], got {self.percentile!r}")
         bad = {k: v for k, v in dict(self.layer_bits).items() if v not in ALLOWED_BITS}
@@ -254,7 +268,7 @@ class QuantizeLayerwiseConfig:
     def __hash__(self) -> int:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
-                     self.weight_rounding, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.targets, self.ignore, self.zd_cut,
+                     self.weight_rounding, self.group_rounding, self.act_order, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.targets, self.ignore, self.zd_cut,
                      self.seed, self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
@@ -560,7 +574,9 @@ class QuantizeLayerwise:
                 "bytes_after": stored_bytes(layer, p.bits, cfg),
             }
             if p.bits < FLOAT_BITS:
-                calls[layer.name] = call = _rewrite_layer(graph, p, weights[layer.name], cfg)
+                calls[layer.name] = call = _rewrite_layer(graph, p, weights[layer.name], cfg, io.get(ends[layer.name][0]))
+                if call.rounding:
+                    entry["weight_rounding"] = call.rounding
                 entry["op"] = call.op_name
                 if p.in_quant is not None:
                     entry["input_quant"] = {"scale": p.in_quant.scale, "zero_point": p.in_quant.zero_point}
@@ -853,6 +869,7 @@ class _Call:
     layer: str = ""
     w_float: torch.Tensor | None = None
     b_float: torch.Tensor | None = None
+    rounding: str = ""  # how a group-wise op's codes were chosen, when not to nearest
 
     @property
     def op_name(self) -> str:
@@ -899,7 +916,8 @@ def _int32_bias(bias: torch.Tensor, in_scale: float, w_scale: torch.Tensor) -> t
     return torch.clamp(torch.round(bias.detach().double() / unit.double()), *_INT32).to(torch.int32)
 
 
-def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: QuantizeLayerwiseConfig) -> _Call:
+def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: QuantizeLayerwiseConfig,
+                   inputs: list[torch.Tensor] | None = None) -> _Call:
     layer = plan.layer
     node = layer.node
     module = graph.source_module(node)
@@ -916,13 +934,23 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
     replaced = layer.relu if _fuses_relu(plan) else None
     static = plan.in_quant is not None
     if layer.kind == "linear" and not static and not plan.dynamic:
-        nb = to_nbits(groupwise(w, plan.bits, cfg.group_size, symmetric=cfg.symmetric))
+        gptq = cfg.group_rounding == "gptq" and inputs
+        if gptq:
+            # X^T X of the layer's calibration inputs, summed over ranks: every rank rounds alike
+            rows = [x.reshape(-1, x.shape[-1]).double() for x in inputs]
+            hessian = dist.all_reduce_sum(sum(r.T @ r for r in rows))
+            gq = gptq_groupwise(w, hessian, plan.bits, cfg.group_size, symmetric=cfg.symmetric, act_order=cfg.act_order)
+        else:
+            gq = groupwise(w, plan.bits, cfg.group_size, symmetric=cfg.symmetric)
+        nb = to_nbits(gq)
         act_bits = 0 if cfg.activations == "none" else 8
         tensors = [nb.packed, nb.scales, nb.zeros, None if bias is None else bias.detach().float().clone()]
         args_nodes = [const("q", nb.packed), const("scales", nb.scales), const("zeros", nb.zeros) if nb.zeros is not None else None, bias_node]
         scalars = [layer.in_features, nb.bits, cfg.group_size, act_bits]
         new = insert_call(graph, WLINEAR_NBITS, (x, *args_nodes, *scalars), before=node, like=node)
         call = _Call(WLINEAR_NBITS, tensors, scalars)
+        if gptq:
+            call.rounding = "gptq (act order)" if cfg.act_order else "gptq"
     else:
         q, scale = symmetric_per_channel(w, plan.bits, 0)
         relu = replaced is not None
