@@ -85,3 +85,25 @@ def test_torchrun_ranks_run_the_same_code(folder, one_rank, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = _initializers(one_rank.folder), _initializers(tmp_path / "tr")
     assert [k for k in a if a[k].tobytes() != b[k].tobytes()] == []
+
+
+# GPTQ's group-wise rounding needs each layer's input Hessian, summed over the ranks' shares
+GPTQ = {"name": "gptq-int4", "passes": [
+    {"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none", "group_size": 32, "min_sqnr_db": 5,
+                            "group_rounding": "gptq", "act_order": True}},
+]}
+
+
+def test_two_ranks_round_with_the_hessian_of_all_calibration_data(folder, tmp_path):
+    one = compress_stream(folder, GPTQ, tmp_path / "one", options=_options(1))
+    two = compress_stream(folder, GPTQ, tmp_path / "two", options=_options(2))
+    a, b = _initializers(one.folder), _initializers(two.folder)
+    assert a.keys() == b.keys()
+    codes = [k for k in a if a[k].dtype.name == "uint8"]
+    assert codes
+    # the Hessians are sums of the same rows grouped differently (float64): the codes agree
+    same = sum(int((a[k] == b[k]).sum()) for k in codes) / sum(a[k].size for k in codes)
+    assert same > 0.999, same
+    rounding = {e.get("weight_rounding") for u in two.manifest["stream"]["units"] for p in u["passes"]
+                for e in p["stats"]["layers"].values()}
+    assert rounding == {"gptq (act order)"}
