@@ -568,6 +568,10 @@ def test_group_rounding_gptq_beats_nearest_on_correlated_inputs():
         assert got["fc1"]["sqnr_db"] > near["fc1"]["sqnr_db"] + 3
         assert got["fc1"]["weight_rounding"] == ("gptq (act order)" if act_order else "gptq")
     assert "weight_rounding" not in near["fc1"]
+    # fewer calibration rows than inputs: the Hessian is singular, and the stats say so
+    g.calibration = [(torch.randn(16, 32),)]
+    few = run(g, group_rounding="gptq", **common).stats["layers"]["fc1"]["weight_rounding"]
+    assert few.startswith("gptq; only 16 calibration rows for 32 inputs: may overfit")
 
 
 def test_group_rounding_is_checked():

@@ -106,4 +106,4 @@ def test_two_ranks_round_with_the_hessian_of_all_calibration_data(folder, tmp_pa
     assert same > 0.999, same
     rounding = {e.get("weight_rounding") for u in two.manifest["stream"]["units"] for p in u["passes"]
                 for e in p["stats"]["layers"].values()}
-    assert rounding == {"gptq (act order)"}
+    assert rounding and all(r.startswith("gptq (act order)") for r in rounding)

@@ -939,6 +939,7 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
             # X^T X of the layer's calibration inputs, summed over ranks: every rank rounds alike
             rows = [x.reshape(-1, x.shape[-1]).double() for x in inputs]
             hessian = dist.all_reduce_sum(sum(r.T @ r for r in rows))
+            n_rows = int(dist.all_reduce_sum(torch.tensor([float(sum(r.shape[0] for r in rows))]))[0])
             gq = gptq_groupwise(w, hessian, plan.bits, cfg.group_size, symmetric=cfg.symmetric, act_order=cfg.act_order)
         else:
             gq = groupwise(w, plan.bits, cfg.group_size, symmetric=cfg.symmetric)
@@ -951,6 +952,10 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
         call = _Call(WLINEAR_NBITS, tensors, scalars)
         if gptq:
             call.rounding = "gptq (act order)" if cfg.act_order else "gptq"
+            if n_rows < layer.in_features:
+                # X^T X of fewer rows than inputs is singular: the codes fit the calibration
+                # rows' subspace and can do worse than rounding to nearest on other inputs
+                call.rounding += f"; only {n_rows} calibration rows for {layer.in_features} inputs: may overfit, give more calibration data"
     else:
         q, scale = symmetric_per_channel(w, plan.bits, 0)
         relu = replaced is not None
