@@ -27,8 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphpress.errors import GraphpressError, PassError, VerificationError
-from graphpress.ir.cone import cone_key
 from graphpress.ir.compare import OutputDiff, compare_outputs, identical, kl_divergence, same_nonfinite, self_diffs, sqnr_db
+from graphpress.ir.cone import cone_key
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import trim
 from graphpress.passes.base import Pass, config_to_dict, make_pass
