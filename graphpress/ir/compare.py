@@ -39,7 +39,7 @@ def square_sums(ref: torch.Tensor, test: torch.Tensor) -> tuple[float, float]:
     """``(sum ref^2, sum (test - ref)^2)`` in float64, :data:`CHUNK` elements at a time (no
     float64 copy of a large output is ever whole); add them up over several pairs and hand them
     to :func:`sqnr_from_sums`."""
-    rf, tf = ref.reshape(-1), test.reshape(-1)
+    rf, tf = ref.detach().reshape(-1), test.detach().reshape(-1)
     signal = noise = 0.0
     for i in range(0, rf.numel(), CHUNK):
         r64 = rf[i:i + CHUNK].double()
