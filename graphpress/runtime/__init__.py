@@ -9,6 +9,7 @@ Loading and running an ONNX artifact needs numpy and onnxruntime only; nothing h
 
 from graphpress.runtime.artifact import Artifact, IOSpec, Prehashed, make_manifest, read_artifact, sha256_file, write_artifact
 from graphpress.runtime.bench import BenchResult, LatencyComparison, benchmark, compare_latency
+from graphpress.runtime.generate import Sampling, generate
 from graphpress.runtime.load import LoadedModel, load, register_loader
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "LatencyComparison",
     "LoadedModel",
     "Prehashed",
+    "Sampling",
     "benchmark",
     "compare_latency",
+    "generate",
     "load",
     "make_manifest",
     "read_artifact",

@@ -172,6 +172,23 @@ class LoadedModel:
         arrays = self.validate(inputs)
         return list(self.runner(*(arrays[i] for i in self._order)))
 
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
+                 on_token: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """Continue ``prompt_ids`` with a decoder artifact: greedy (``temperature=0``, the
+        default) or sampled with temperature, top-k and top-p, seeded by ``seed``; see
+        :func:`graphpress.runtime.generate.generate`.
+
+        Raises
+        ------
+        ArtifactError
+            One line: not a decoder artifact, bad prompt ids, or a bad sampling option.
+        """
+        from graphpress.runtime.generate import Sampling, generate
+
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        return generate(self, prompt_ids, max_new_tokens, sampling, eos_token_id=eos_token_id, on_token=on_token)
+
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}{s.shape_str()}:{s.dtype}" for s in self.inputs)
         return f"LoadedModel({str(self.folder)!r}, backend={self.artifact.backend!r}, inputs=[{ins}])"

@@ -1,0 +1,140 @@
+"""Token generation from a decoder artifact: greedy or sampled, numpy only.
+
+A decoder artifact maps ``input_ids (batch, seq)`` int64 to ``logits (batch, seq, vocab)``. Each
+new token is chosen from the last position's logits and appended; the whole sequence is run
+again for the next one (the artifacts have no KV cache yet, so a step costs a full forward of
+the sequence so far).
+
+Choosing a token from logits ``z`` (one row per sequence):
+
+* ``temperature == 0``: ``argmax z`` (greedy; ``top_k`` / ``top_p`` change nothing);
+* otherwise ``p = softmax(z / temperature)`` restricted to the ``top_k`` largest entries and then
+  to the smallest set of most likely entries whose mass reaches ``top_p`` (nucleus), renormalised,
+  and sampled with a ``numpy`` generator seeded by ``seed`` (the same seed gives the same tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from graphpress.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (module docstring).
+
+    Parameters
+    ----------
+    temperature : float
+        0 for greedy decoding, else the softmax temperature (> 0).
+    top_k : int, optional
+        Keep only the ``top_k`` most likely tokens (>= 1).
+    top_p : float, optional
+        Keep the most likely tokens up to this probability mass (0 < top_p <= 1).
+    seed : int, optional
+        Seed of the sampler; None draws a fresh one.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ArtifactError(f"sampling: temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ArtifactError(f"sampling: top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ArtifactError(f"sampling: top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """The next token of each row of ``logits (batch, vocab)`` (module docstring)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if sampling.temperature == 0:
+        return z.argmax(-1)
+    z = z / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < z.shape[-1]:
+        kth = np.partition(z, -sampling.top_k, axis=-1)[:, -sampling.top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        # keep a token while the mass before it is below top_p: the most likely one always stays
+        keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < sampling.top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+def decoder_io(model: Any) -> tuple[int, int]:
+    """``(input_ids position, logits position)`` of a decoder artifact; one-line
+    :class:`ArtifactError` for anything else."""
+    ins, outs = model.inputs, model.outputs
+    ids = [i for i, s in enumerate(ins) if s.dtype == "int64" and len(s.shape) == 2]
+    logits = [i for i, s in enumerate(outs) if s.dtype.startswith("float") and len(s.shape) == 3]
+    if len(ins) != 1 or not ids or not logits:
+        got = ", ".join(f"{s.name}{s.shape_str()}:{s.dtype}" for s in ins)
+        raise ArtifactError(f"{model.folder}: not a decoder artifact: generation needs one input_ids (batch, seq) int64 input and "
+                            f"(batch, seq, vocab) logits, it takes {got}")
+    return ids[0], logits[0]
+
+
+def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
+             *, eos_token_id: int | None = None, on_token: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Continue ``prompt_ids`` by ``max_new_tokens`` tokens with a decoder artifact.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        From :func:`graphpress.runtime.load`; must take ``input_ids`` and return logits.
+    prompt_ids : array-like ``(batch, seq)`` or ``(seq,)`` of int
+    max_new_tokens : int
+    sampling : Sampling
+    eos_token_id : int, optional
+        A row that produced it stops (it is padded with it); all rows done ends the loop.
+    on_token : callable, optional
+        ``on_token(step, tokens)`` after each step with the new token of every row (streaming).
+
+    Returns
+    -------
+    np.ndarray int64 ``(batch, seq + new)`` (``(seq + new,)`` for a 1-D prompt)
+    """
+    _, out_at = decoder_io(model)
+    ids = np.asarray(prompt_ids)
+    flat = ids.ndim == 1
+    ids = np.atleast_2d(ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ArtifactError(f"{model.folder}: prompt_ids must be a non-empty (batch, seq) array of token ids, got shape {ids.shape} {ids.dtype}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ArtifactError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    vocab = model.outputs[out_at].shape[-1]
+    if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
+        raise ArtifactError(f"{model.folder}: prompt token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+    ids = ids.astype(np.int64)
+    rng = np.random.default_rng(sampling.seed)
+    done = np.zeros(ids.shape[0], dtype=bool)
+    for step in range(max_new_tokens):
+        logits = model(ids)[out_at][:, -1, :]
+        new = next_tokens(logits, sampling, rng).astype(np.int64)
+        if eos_token_id is not None:
+            new = np.where(done, eos_token_id, new)
+            done |= new == eos_token_id
+        ids = np.concatenate([ids, new[:, None]], axis=1)
+        if on_token is not None:
+            on_token(step, new)
+        if eos_token_id is not None and done.all():
+            break
+    return ids[0] if flat else ids
+
+
+__all__ = ["Sampling", "decoder_io", "generate", "next_tokens"]

@@ -1,0 +1,103 @@
+"""Generation from a decoder artifact: the same tokens as transformers' greedy decoding, seeded
+sampling that stays inside top-k / top-p, and one-line refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from graphpress.errors import ArtifactError
+from graphpress.runtime import load
+from graphpress.runtime.generate import Sampling, next_tokens
+
+
+# ---------------------------------------------------------------------------- choosing a token
+def _logits():
+    return np.log(np.array([[0.5, 0.3, 0.1, 0.06, 0.04], [0.02, 0.02, 0.9, 0.03, 0.03]]))
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy_at_any_temperature():
+    rng = np.random.default_rng(0)
+    assert next_tokens(_logits(), Sampling(), rng).tolist() == [0, 2]
+    assert next_tokens(_logits(), Sampling(temperature=5.0, top_k=1), rng).tolist() == [0, 2]
+
+
+def test_sampling_stays_in_top_k_and_in_the_nucleus_and_is_seeded():
+    rows = np.repeat(_logits()[:1], 4000, axis=0)
+    top2 = next_tokens(rows, Sampling(temperature=1.0, top_k=2, seed=1), np.random.default_rng(1))
+    assert set(top2.tolist()) == {0, 1}
+    # p = .5, .3, .1 ...: a nucleus of 0.7 keeps 0 and 1 (the mass before token 1 is 0.5 < 0.7)
+    nucleus = next_tokens(rows, Sampling(temperature=1.0, top_p=0.7), np.random.default_rng(2))
+    assert set(nucleus.tolist()) == {0, 1}
+    assert abs(float((nucleus == 0).mean()) - 0.5 / 0.8) < 0.03  # renormalised over the kept tokens
+    free = next_tokens(rows, Sampling(temperature=1.0), np.random.default_rng(3))
+    assert abs(float((free == 2).mean()) - 0.1) < 0.02  # plain sampling follows the softmax
+    again = next_tokens(rows, Sampling(temperature=1.0), np.random.default_rng(3))
+    assert np.array_equal(free, again)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": -1.0}, "temperature must be a number >= 0"),
+    ({"top_k": 0}, "top_k must be an integer >= 1"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_options_are_one_line(kw, match):
+    with pytest.raises(ArtifactError, match=match):
+        Sampling(**kw)
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    from graphpress.stream import StreamOptions, compress_stream
+    from tests.stream.tiny import write_llama
+
+    root = tmp_path_factory.mktemp("gen")
+    model = write_llama(root / "m", layers=2, vocab=256)
+    compress_stream(root / "m", {"name": "exact", "passes": ["eliminate-dead-code"]}, root / "art",
+                    options=StreamOptions(calibration_sequences=2, calibration_seq_len=8, heldout_sequences=2, heldout_seq_len=8))
+    return model, load(root / "art")
+
+
+def test_greedy_generation_gives_transformers_tokens(decoder):
+    model, art = decoder
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    seen = []
+    got = art.generate(prompt.numpy(), 8, on_token=lambda step, tok: seen.append(tok.copy()))
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                              pad_token_id=0)  # the mask given: a prompt token 0 is not padding
+    assert got.shape == (2, 13) and got.dtype == np.int64
+    assert np.array_equal(got, want.numpy())
+    assert len(seen) == 8 and np.array_equal(np.stack(seen, 1), got[:, 5:])  # streamed step by step
+    one = art.generate(prompt[0].numpy(), 3)  # a 1-D prompt gives a 1-D sequence
+    assert one.shape == (8,) and np.array_equal(one, got[0, :8])
+
+
+def test_sampled_generation_is_reproducible_and_stops_at_eos(decoder):
+    _, art = decoder
+    prompt = np.array([[1, 2, 3]])
+    a = art.generate(prompt, 6, temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    b = art.generate(prompt, 6, temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    assert np.array_equal(a, b) and a.shape == (1, 9)
+    first = int(art.generate(prompt, 1)[0, -1])
+    stopped = art.generate(prompt, 6, eos_token_id=first)
+    assert stopped.shape == (1, 4) and int(stopped[0, -1]) == first
+
+
+def test_generation_refuses_what_it_cannot_run(decoder, tmp_path):
+    _, art = decoder
+    with pytest.raises(ArtifactError, match=r"prompt token ids must be in \[0, 256\)"):
+        art.generate(np.array([[1, 999]]), 2)
+    with pytest.raises(ArtifactError, match="prompt_ids must be a non-empty"):
+        art.generate(np.zeros((1, 0), dtype=np.int64), 2)
+    with pytest.raises(ArtifactError, match="top_k"):
+        art.generate(np.array([[1]]), 2, temperature=1.0, top_k=0)
+    from graphpress.runtime.generate import generate
+
+    class NotADecoder:  # an image model's inputs and outputs
+        folder = "out/resnet20"
+        inputs = [type("S", (), {"name": "input", "dtype": "float32", "shape": ("batch", 3, 32, 32), "shape_str": lambda self: "[batch, 3, 32, 32]"})()]
+        outputs = [type("S", (), {"name": "logits", "dtype": "float32", "shape": ("batch", 10), "shape_str": lambda self: "[batch, 10]"})()]
+
+    with pytest.raises(ArtifactError, match="out/resnet20: not a decoder artifact: generation needs one input_ids"):
+        generate(NotADecoder(), np.array([[1]]), 2)
