@@ -712,6 +712,33 @@ def load_artifact(folder: str | Path, **options: Any) -> Any:
     return load(folder, **options)
 
 
+def artifact_tokenizer(model: Any) -> Any | None:
+    """The tokenizer of a decoder artifact's source: ``tokenizer.json`` of the Hugging Face
+    folder it was compressed from (``manifest["source"]["path"]``), through ``tokenizers``;
+    None when there is none.
+
+    Raises
+    ------
+    ArtifactError
+        One line when the tokenizer's vocabulary is larger than the model's logits.
+    """
+    from graphpress.errors import ArtifactError
+
+    src = (model.manifest.get("source") or {}).get("path")
+    path = Path(src) / "tokenizer.json" if src else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tok = Tokenizer.from_file(str(path))
+    vocab = model.manifest["outputs"][0]["shape"][-1]
+    if isinstance(vocab, int) and tok.get_vocab_size() > vocab:
+        raise ArtifactError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, the model's logits {vocab}: not this model's tokenizer")
+    return tok
+
+
 def benchmark(fn: Callable[[], Any], repeat: int = 50) -> Any:
     """Median / p10 / p90 latency of ``fn()`` over ``repeat`` timed calls
     (:func:`graphpress.runtime.bench.benchmark`); returns a ``BenchResult``."""

@@ -464,6 +464,60 @@ def bench(
     console.print(t)
 
 
+@app.command()
+@handle_errors
+def generate(
+    artifact: Path = typer.Argument(..., help="Decoder artifact folder (input_ids -> logits)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text, encoded with the tokenizer.json of the model's source folder."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. '1 15 27' (or comma-separated)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; else the softmax temperature."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample within this probability mass (nucleus)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampler."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for the runtime."),
+) -> None:
+    """Continue a prompt with a decoder artifact, printing tokens as they come."""
+    import time
+
+    import numpy as np
+
+    from graphpress.api import artifact_tokenizer, load_artifact
+
+    if (prompt is None) == (prompt_ids is None):
+        raise GraphpressError("give exactly one of --prompt TEXT or --prompt-ids 'ID ID ...'")
+    if max_new_tokens < 1:
+        raise GraphpressError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    ids: list[int] = []
+    if prompt_ids is not None:
+        try:
+            ids = [int(t) for t in prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise GraphpressError(f"--prompt-ids {prompt_ids!r}: not a list of integers") from None
+        if not ids:
+            raise GraphpressError("--prompt-ids: no token ids given")
+    model = load_artifact(artifact, **({"threads": threads} if threads else {}))
+    tok = artifact_tokenizer(model)
+    if prompt is not None:
+        if tok is None:
+            raise GraphpressError(f"{artifact}: no tokenizer.json in the model's source folder to encode --prompt; pass --prompt-ids")
+        ids = tok.encode(prompt).ids
+        if not ids:
+            raise GraphpressError("--prompt: the tokenizer gives no tokens for it")
+    def show(step: int, new: np.ndarray) -> None:
+        if step == 0:  # the prompt, once generation is under way (a refused prompt prints nothing)
+            console.print(tok.decode(ids) if tok is not None else " ".join(map(str, ids)), end="", style="dim", highlight=False)
+        t = int(new[0])
+        console.print((" " + tok.decode([t])) if tok is not None else f" {t}", end="", highlight=False)
+
+    t0 = time.perf_counter()
+    out = model.generate(np.array([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_token=show)
+    wall = time.perf_counter() - t0
+    made = out.shape[1] - len(ids)
+    console.print()
+    console.print(f"{made} tokens in {wall:.2f} s ({made / wall:.1f} tokens/s; no KV cache: each step re-runs the sequence)", style="dim")
+
+
 def parse_dims(items: Optional[list[str]], option: str = "--dim") -> dict[str, int]:
     """``["seq=128"]`` -> ``{"seq": 128}``; one-line error for anything else."""
     dims: dict[str, int] = {}
