@@ -255,16 +255,12 @@ def gptq_groupwise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_
     out_f, k = w.shape
     nb = num_blocks(k, group_size)
     levels = 2**bits - 1
-    block = max(block, group_size)  # whole groups per block (both powers of two)
     W = w.detach().double().clone()
-    H = hessian.detach().double().clone()
-    dead = torch.diag(H) <= 0
-    H[dead, dead] = 1.0
+    H, dead = _live_hessian(hessian)
     W[:, dead] = 0.0
     order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W, H = W[:, order], H[order][:, order]
-    H += damp * float(torch.diag(H).mean()) * torch.eye(k, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = _inverse_factor(H, damp)
     scale = torch.ones((out_f, nb), dtype=torch.float64)
     zero = torch.zeros((out_f, nb), dtype=torch.float64)
     if act_order:  # static groups: every grid from the original weights, in input order
@@ -272,28 +268,22 @@ def gptq_groupwise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_
         scale, zero = (t.double() for t in group_grid(padded.reshape(out_f, nb, group_size), bits, symmetric))
     groups = order // group_size  # the group of the column at each position
     q = torch.zeros((out_f, nb * group_size), dtype=torch.float64)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        Wb, Ub = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        err = torch.zeros_like(Wb)
-        for j in range(i2 - i1):
-            pos = i1 + j
-            g = int(groups[pos])
-            if not act_order and pos % group_size == 0:
-                # the group's columns as moved by every error so far (this block's included)
-                cols = Wb[:, j:j + group_size]  # the last group of a matrix may be short: padded
-                cols = torch.nn.functional.pad(cols, (0, group_size - cols.shape[1]))
-                # the grid in float32, as groupwise computes it (no feedback: the same codes)
-                s_g, z_g = group_grid(cols.float()[:, None, :], bits, symmetric)
-                scale[:, g], zero[:, g] = s_g[:, 0].double(), z_g[:, 0].double()
-            s_g, z_g = scale[:, g], zero[:, g]
-            col = Wb[:, j]
-            qc = torch.clamp(torch.round(col / s_g) + z_g, 0, levels)
-            q[:, int(order[pos])] = qc
-            e = (col - (qc - z_g) * s_g) / Ub[j, j]
-            Wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
-            err[:, j] = e
-        W[:, i2:] -= err @ U[i1:i2, i2:]
+
+    def dequantized(pos: int, Wb: torch.Tensor, j: int) -> torch.Tensor:
+        g = int(groups[pos])
+        if not act_order and pos % group_size == 0:
+            # the group's columns as moved by every error so far (this block's included)
+            cols = Wb[:, j:j + group_size]  # the last group of a matrix may be short: padded
+            cols = torch.nn.functional.pad(cols, (0, group_size - cols.shape[1]))
+            # the grid in float32, as groupwise computes it (no feedback: the same codes)
+            s_g, z_g = group_grid(cols.float()[:, None, :], bits, symmetric)
+            scale[:, g], zero[:, g] = s_g[:, 0].double(), z_g[:, 0].double()
+        s_g, z_g = scale[:, g], zero[:, g]
+        qc = torch.clamp(torch.round(Wb[:, j] / s_g) + z_g, 0, levels)
+        q[:, int(order[pos])] = qc
+        return (qc - z_g) * s_g
+
+    _error_feedback(W, U, max(block, group_size), dequantized)  # whole groups per block (both powers of two)
     if nb * group_size > k:  # padding columns hold the zero point: they dequantize to 0
         q[:, k:] = zero.repeat_interleave(group_size, dim=1)[:, k:]
     return GroupQuant(q.reshape(out_f, nb, group_size).to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, group_size, k, symmetric)
@@ -601,28 +591,51 @@ def gptq_per_channel(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor
     if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"gptq_per_channel: need w (out, k) and hessian (k, k), got {tuple(w.shape)} and {tuple(hessian.shape)}")
     qmax = 2 ** (bits - 1) - 1
-    k = w.shape[1]
     W = w.detach().double().clone()
+    H, _dead = _live_hessian(hessian)
+    U = _inverse_factor(H, damp)
+    s = scale.detach().double().reshape(-1)
+    q = torch.zeros_like(W)
+
+    def dequantized(pos: int, Wb: torch.Tensor, j: int) -> torch.Tensor:
+        qc = torch.clamp(torch.round(Wb[:, j] / s), -qmax, qmax)
+        q[:, pos] = qc
+        return qc * s
+
+    _error_feedback(W, U, block, dequantized)
+    return q.to(torch.int8)
+
+
+def _live_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 copy of ``H`` with ``H_jj = 1`` for every input that is always 0, and those
+    inputs (``dead``)."""
     H = hessian.detach().double().clone()
     dead = torch.diag(H) <= 0
     H[dead, dead] = 1.0
-    H += damp * float(torch.diag(H).mean()) * torch.eye(k, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    s = scale.detach().double().reshape(-1)
-    q = torch.zeros_like(W)
+    return H, dead
+
+
+def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (``H`` is damped in place)."""
+    H += damp * float(torch.diag(H).mean()) * torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def _error_feedback(W: torch.Tensor, U: torch.Tensor, block: int, dequantized: Callable[[int, torch.Tensor, int], torch.Tensor]) -> None:
+    """GPTQ's blocked column loop over ``W`` (changed in place). ``dequantized(pos, Wb, j)``
+    rounds column ``pos`` (``Wb[:, j]`` of the current block, as moved by the errors so far) and
+    returns its dequantized value; the error over ``U_jj`` then moves the columns not rounded yet,
+    within the block at once and beyond it when the block ends."""
+    k = W.shape[1]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         Wb, Ub = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err = torch.zeros_like(Wb)
         for j in range(i2 - i1):
-            col = Wb[:, j]
-            qc = torch.clamp(torch.round(col / s), -qmax, qmax)
-            q[:, i1 + j] = qc
-            e = (col - qc * s) / Ub[j, j]
+            e = (Wb[:, j] - dequantized(i1 + j, Wb, j)) / Ub[j, j]
             Wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
             err[:, j] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
-    return q.to(torch.int8)
 
 
 # ---------------------------------------------------------------------------- sizes and errors

@@ -28,13 +28,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from graphpress.ir.graph import Graph
 from graphpress.ir.names import layer_name, unique_names
 from graphpress.ir.observe import observe
 from graphpress.ir.opsets import RELU
-from graphpress.ir.rewrite import arg, is_op
+from graphpress.ir.rewrite import arg, is_op, pair
 
 aten = torch.ops.aten
 
@@ -154,4 +155,47 @@ def rows(values: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
     return torch.cat([v.reshape(-1, v.shape[-1]) for v in values])
 
 
-__all__ = ["RELU", "QLayer", "find_layers", "observe", "record", "rows"]
+#: im2col rows kept per calibration batch for a conv's H (enough for a well-conditioned H, and
+#: bounded memory on large feature maps).
+MAX_ROWS_PER_BATCH = 1 << 15
+
+
+def conv_geometry(layer: QLayer) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(stride, padding, dilation)`` of a conv layer (``padding='same'``: symmetric)."""
+    node = layer.node
+    stride = tuple(pair(arg(node, 3, "stride", [1, 1]), 1))
+    padding = arg(node, 4, "padding", [0, 0])
+    dilation = tuple(pair(arg(node, 5, "dilation", [1, 1]), 1))
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same" (stride 1): symmetric when the kernel allows it
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, layer.kernel))
+    return stride, tuple(pair(padding, 0)), dilation
+
+
+def input_hessians(layer: QLayer, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``H = X^T X`` (float64) of the layer's input rows over the recorded batches ``values``;
+    one per conv group (im2col rows, at most :data:`MAX_ROWS_PER_BATCH` per batch). What
+    SparseGPT / iCBS / Wanda and group-wise GPTQ weigh a weight's error with."""
+    groups = layer.groups if layer.kind == "conv2d" else 1
+    hs: list[torch.Tensor] = [torch.zeros(0)] * groups
+    gen = torch.Generator().manual_seed(0)
+    for v in values:
+        if layer.kind == "linear":
+            cols = [v.reshape(-1, v.shape[-1]).double()]
+        else:
+            stride, padding, dilation = conv_geometry(layer)
+            unf = F.unfold(v.float(), layer.kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*kh*kw, L
+            x = unf.transpose(1, 2).reshape(-1, unf.shape[1])
+            if x.shape[0] > MAX_ROWS_PER_BATCH:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH]]
+            per = x.shape[1] // groups
+            cols = [x[:, g * per : (g + 1) * per].double() for g in range(groups)]
+        for g, c in enumerate(cols):
+            h = c.t() @ c
+            hs[g] = h if hs[g].numel() == 0 else hs[g] + h
+    return hs
+
+
+__all__ = ["MAX_ROWS_PER_BATCH", "RELU", "QLayer", "conv_geometry", "find_layers", "input_hessians", "observe", "record", "rows"]

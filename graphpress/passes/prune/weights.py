@@ -53,18 +53,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from graphpress.errors import PassError
 from graphpress.ir import dist
 from graphpress.ir.compare import relative_noise
 from graphpress.ir.graph import Graph
-from graphpress.ir.rewrite import arg, pair
 from graphpress.passes.base import PassResult, progress_iter, register
 from graphpress.passes.budget import SteppedBackOff, check_on_budget, convex_costs, ladder, notches_at
 from graphpress.passes.ilp import allocate
-from graphpress.passes.layers import QLayer, find_layers, record
+from graphpress.passes.layers import QLayer, find_layers, input_hessians, record
 from graphpress.passes.select import Selector, check_names, check_selector
 from graphpress.passes.prune.solvers import METHODS, Pattern, prune_matrix
 
@@ -74,9 +72,6 @@ SENSITIVITY_STEPS = (-0.2, -0.1, 0.0, 0.1, 0.2)
 #: What the report says about speed: the zeros are not a speed format on the CPU backends.
 SPEED_NOTE = ("no speed-up expected on ONNX Runtime / torch CPU: they have no kernel for unstructured or N:M sparse weights "
               "(store-sparse makes the file smaller; prune-channels makes the model faster)")
-#: im2col rows kept per calibration batch for a conv's H (enough for a well-conditioned H, and
-#: bounded memory on large feature maps).
-MAX_ROWS_PER_BATCH = 1 << 15
 
 
 def _err(option: str, msg: str) -> PassError:
@@ -184,41 +179,6 @@ class PruneWeightsConfig:
 
 
 # ---------------------------------------------------------------------------- calibration
-def _conv_geometry(layer: QLayer) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    node = layer.node
-    stride = tuple(pair(arg(node, 3, "stride", [1, 1]), 1))
-    padding = arg(node, 4, "padding", [0, 0])
-    dilation = tuple(pair(arg(node, 5, "dilation", [1, 1]), 1))
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # "same" (stride 1): symmetric when the kernel allows it
-            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, layer.kernel))
-    return stride, tuple(pair(padding, 0)), dilation
-
-
-def _hessians(layer: QLayer, values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``H = X^T X`` (float64) of the layer's input rows; one per conv group."""
-    groups = layer.groups if layer.kind == "conv2d" else 1
-    hs: list[torch.Tensor] = [torch.zeros(0)] * groups
-    gen = torch.Generator().manual_seed(0)
-    for v in values:
-        if layer.kind == "linear":
-            cols = [v.reshape(-1, v.shape[-1]).double()]
-        else:
-            stride, padding, dilation = _conv_geometry(layer)
-            unf = F.unfold(v.float(), layer.kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*kh*kw, L
-            x = unf.transpose(1, 2).reshape(-1, unf.shape[1])
-            if x.shape[0] > MAX_ROWS_PER_BATCH:
-                x = x[torch.randperm(x.shape[0], generator=gen)[:MAX_ROWS_PER_BATCH]]
-            per = x.shape[1] // groups
-            cols = [x[:, g * per : (g + 1) * per].double() for g in range(groups)]
-        for g, c in enumerate(cols):
-            h = c.t() @ c
-            hs[g] = h if hs[g].numel() == 0 else hs[g] + h
-    return hs
-
-
 def _relative(objective: float, w: torch.Tensor, h: torch.Tensor) -> float:
     wd = w.double()
     total = float(torch.einsum("oi,ij,oj->", wd, h, wd))
@@ -350,7 +310,7 @@ class PruneWeights(SteppedBackOff):
         inputs = {l.input_node.name: l.input_node for l in layers}
         values = record(graph, list(inputs.values()))
         # each rank saw its share of the calibration batches: H = sum over all of them
-        return {l.name: [dist.all_reduce_sum(h) for h in _hessians(l, values[l.input_node.name])] for l in layers}
+        return {l.name: [dist.all_reduce_sum(h) for h in input_hessians(l, values[l.input_node.name])] for l in layers}
 
     def _allocate(self, graph: Graph, layers: list[QLayer], cfg: PruneWeightsConfig) -> dict[str, float]:
         fixed = {k: float(v) for k, v in cfg.layer_sparsity.items()}

@@ -117,7 +117,7 @@ from graphpress.passes.base import PassResult, register
 from graphpress.passes.budget import check_on_budget, ladder, notches_at
 from graphpress.passes.ilp import allocate
 from graphpress.passes.quant import importance as imp
-from graphpress.passes.layers import QLayer, find_layers, record
+from graphpress.passes.layers import QLayer, find_layers, input_hessians, record
 from graphpress.passes.select import Selector, check_names, check_selector
 from graphpress.passes.quant.shortcuts import QUANTIZE_ACT, quantize_shortcuts
 
@@ -937,9 +937,9 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
         gptq = cfg.group_rounding == "gptq" and inputs
         if gptq:
             # X^T X of the layer's calibration inputs, summed over ranks: every rank rounds alike
-            rows = [x.reshape(-1, x.shape[-1]).double() for x in inputs]
-            hessian = dist.all_reduce_sum(sum(r.T @ r for r in rows))
-            n_rows = int(dist.all_reduce_sum(torch.tensor([float(sum(r.shape[0] for r in rows))]))[0])
+            (hessian,) = input_hessians(layer, inputs)
+            dist.all_reduce_sum(hessian)
+            n_rows = int(dist.all_reduce_sum(torch.tensor([float(sum(x.numel() // x.shape[-1] for x in inputs))]))[0])
             gq = gptq_groupwise(w, hessian, plan.bits, cfg.group_size, symmetric=cfg.symmetric, act_order=cfg.act_order)
         else:
             gq = groupwise(w, plan.bits, cfg.group_size, symmetric=cfg.symmetric)
