@@ -723,6 +723,7 @@ def artifact_tokenizer(model: Any) -> Any | None:
         One line when the tokenizer's vocabulary is larger than the model's logits.
     """
     from graphpress.errors import ArtifactError
+    from graphpress.runtime.generate import decoder_io
 
     src = (model.manifest.get("source") or {}).get("path")
     path = Path(src) / "tokenizer.json" if src else None
@@ -733,7 +734,7 @@ def artifact_tokenizer(model: Any) -> Any | None:
     except ImportError:
         return None
     tok = Tokenizer.from_file(str(path))
-    vocab = model.manifest["outputs"][0]["shape"][-1]
+    vocab = model.outputs[decoder_io(model)[1]].shape[-1]
     if isinstance(vocab, int) and tok.get_vocab_size() > vocab:
         raise ArtifactError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, the model's logits {vocab}: not this model's tokenizer")
     return tok

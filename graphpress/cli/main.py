@@ -504,6 +504,7 @@ def generate(
         ids = tok.encode(prompt).ids
         if not ids:
             raise GraphpressError("--prompt: the tokenizer gives no tokens for it")
+
     def show(step: int, new: np.ndarray) -> None:
         if step == 0:  # the prompt, once generation is under way (a refused prompt prints nothing)
             console.print(tok.decode(ids) if tok is not None else " ".join(map(str, ids)), end="", style="dim", highlight=False)

@@ -55,4 +55,20 @@ def rss_bytes(key: str = "VmRSS") -> int | None:
     return None
 
 
-__all__ = ["rss_bytes", "trim"]
+def rss_mb(key: str = "VmRSS") -> float | None:
+    """:func:`rss_bytes` in MB (2**20 bytes), to one decimal; None where it is unknown."""
+    n = rss_bytes(key)
+    return None if n is None else round(n / 2**20, 1)
+
+
+def reset_peak() -> None:
+    """Restart the kernel's count of the process's peak (``VmHWM``), so that a later reading is
+    the peak of what came after; where that cannot be done, it stays the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+__all__ = ["reset_peak", "rss_bytes", "rss_mb", "trim"]

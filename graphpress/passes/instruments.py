@@ -26,7 +26,7 @@ import torch
 
 from graphpress.ir.compare import tolerance
 from graphpress.ir.graph import Graph
-from graphpress.ir.memory import rss_bytes
+from graphpress.ir.memory import rss_mb
 from graphpress.ir.observe import observe
 
 if TYPE_CHECKING:
@@ -92,17 +92,13 @@ class Memory(PassInstrument):
     so far. The peak is never reset (a benchmark may be measuring it around the whole run)."""
 
     def pass_start(self, index, p, graph, record):
-        self._before = rss_bytes()
+        self._before = rss_mb()
 
     def pass_end(self, index, p, graph, record):
-        after, peak = rss_bytes(), rss_bytes("VmHWM")
+        after = rss_mb()
         if after is None or self._before is None:
             return
-        record.memory = {"rss_before_mb": _mb(self._before), "rss_after_mb": _mb(after), "process_peak_mb": _mb(peak)}
-
-
-def _mb(n: int | None) -> float | None:
-    return None if n is None else round(n / 2**20, 1)
+        record.memory = {"rss_before_mb": self._before, "rss_after_mb": after, "process_peak_mb": rss_mb("VmHWM")}
 
 
 class Diagnose(PassInstrument):

@@ -46,10 +46,10 @@ from graphpress.frontends.torch_module import TOKEN_DIMS
 from graphpress.ir import dist
 from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
 from graphpress.ir.graph import Graph
-from graphpress.ir.memory import rss_bytes, trim
+from graphpress.ir.memory import reset_peak, rss_mb, trim
 from graphpress.passes.pipeline import Pipeline
 from graphpress.passes.recipes import Recipe, load_recipe
-from graphpress.stream.onnx_units import EMBED_FILE, OnnxTemplates, concat_model, embedding_model, export_unit
+from graphpress.stream.onnx_units import EMBED_FILE, OnnxTemplates, check_session, concat_model, embedding_model, export_unit
 from graphpress.stream.units import (
     BlockUnit,
     HeadUnit,
@@ -234,7 +234,7 @@ def run_rank(
     from graphpress.runtime.artifact import Prehashed, write_artifact
 
     t_start = time.perf_counter()
-    _reset_peak()
+    reset_peak()
     rank, size = dist.world()
     primary = rank == 0
     checkpoint = ShardedCheckpoint(folder)
@@ -254,8 +254,8 @@ def run_rank(
     records: list[UnitRecord] = []
 
     def done(record: UnitRecord) -> None:
-        record.peak_rss_mb = _peak_mb()
-        _reset_peak()  # the next unit's peak is its own
+        record.peak_rss_mb = rss_mb("VmHWM")
+        reset_peak()  # the next unit's peak is its own
         records.append(record)
         if on_unit is not None and primary:
             on_unit(len(records), total, record)
@@ -285,8 +285,8 @@ def run_rank(
                 prev = stitcher.add_unit(model, prefix="embed/", inputs={"input_ids": "input_ids"}, base_dir=scratch)["hidden"]
                 (scratch / EMBED_FILE).unlink()
             del table
-            done(UnitRecord("embed", time.perf_counter() - t0, _rss_mb(), layout.vocab_size * hidden,
-                            sqnr_db=_sqnr(ref, test)))
+            done(UnitRecord("embed", time.perf_counter() - t0, rss_mb(), layout.vocab_size * hidden,
+                            sqnr_db=sqnr_db(ref, test)))
 
             # ---------------------------------------------------------------- blocks
             templates: dict[int | None, Graph] = {}
@@ -299,7 +299,7 @@ def run_rank(
                 del weights
                 graph.name = f"block.{i}"
                 check_in = check
-                record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}")
+                record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}", size == 1)
                 with torch.no_grad():
                     ref = _run(graph, ref)
                     test = _run(compressed, test)
@@ -312,7 +312,7 @@ def run_rank(
                 del graph, compressed
                 trim()
                 record.time_s = time.perf_counter() - t0
-                record.rss_mb = _rss_mb()
+                record.rss_mb = rss_mb()
                 done(record)
 
             # ---------------------------------------------------------------- head slices
@@ -326,7 +326,8 @@ def run_rank(
                 graph = Graph.capture(unit, (check,), name=f"head.{k}", dynamic_dims=TOKEN_DIMS,
                                       input_names=["hidden"], output_names=["logits"], source={"unit": f"head.{k}"})
                 del unit
-                record, compressed, _, checked = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})")
+                record, compressed, _, checked = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})",
+                                                          size == 1)
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
@@ -340,7 +341,7 @@ def run_rank(
                 trim()
                 record.unit = f"head.{k}"
                 record.time_s = time.perf_counter() - t1
-                record.rss_mb = _rss_mb()
+                record.rss_mb = rss_mb()
                 done(record)
             del norm
             if primary:
@@ -352,16 +353,16 @@ def run_rank(
         if not primary:
             dist.barrier()  # rank 0 is checking and writing the artifact
             return None
-        tail = _peak_mb()  # the concatenation and the closing of the artifact
+        tail = rss_mb("VmHWM")  # the concatenation and the closing of the artifact
         peaks = {"compress_peak_rss_mb": max([r.peak_rss_mb or 0.0 for r in records] + [tail or 0.0])}
-        _reset_peak()
+        reset_peak()
         ref_all, test_all = torch.cat(ref_logits, -1), torch.cat(test_logits, -1)
         del ref_logits, test_logits
         end_to_end = {
             "heldout_tokens": int(held_ids.numel()),
             "kl": kl_divergence(ref_all, test_all),
             "top1_agreement": top1_agreement(ref_all, test_all),
-            "sqnr_db": _json(_sqnr(ref_all, test_all)),
+            "sqnr_db": _json(sqnr_db(ref_all, test_all)),
         }
         del ref_all
         # what only the units needed goes before ONNX Runtime loads the whole model: the kept
@@ -373,7 +374,7 @@ def run_rank(
         trim()
         ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all)
         end_to_end["onnxruntime"] = ort_check
-        peaks["check_peak_rss_mb"] = _peak_mb()
+        peaks["check_peak_rss_mb"] = rss_mb("VmHWM")
         if not ort_check["ok"]:
             raise VerificationError(
                 f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
@@ -462,12 +463,13 @@ def _has(graph: Graph, target: str) -> bool:
         return False
 
 
-def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: torch.Tensor, options: StreamOptions, where: str):
+def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: torch.Tensor, options: StreamOptions, where: str,
+                   check_leads_calib: bool):
     """Run the recipe on one unit: verified on ``check`` (the same on every rank), calibrated on
     this rank's batches ``calib``. The unit's SQNR is the pipeline's own cumulative figure on
     ``check`` (every rank gets the same). Returns the record, the compressed unit and its
-    outputs on ``calib`` and on ``check``; where ``check`` is the first rows of ``calib`` (one
-    process), the latter are the first rows of the former, not another forward."""
+    outputs on ``calib`` and on ``check``; ``check_leads_calib`` (one process: ``check`` is the
+    first rows of ``calib``) takes the latter from the former instead of another forward."""
     graph.example_inputs = (check,)
     graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
     pipeline = Pipeline.from_recipe(recipe)
@@ -484,8 +486,7 @@ def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: tor
         raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the check sequences is below min_block_sqnr_db={options.min_block_sqnr_db}")
     with torch.no_grad():
         outputs = _run(compressed, calib)
-        prefix = check.shape[0] <= calib.shape[0] and check.data_ptr() == calib.data_ptr() and check.stride() == calib.stride()
-        checked = outputs[: check.shape[0]] if prefix else _run(compressed, check)
+        checked = outputs[: check.shape[0]] if check_leads_calib else _run(compressed, check)
     record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
     return record, compressed, outputs, checked
 
@@ -494,32 +495,8 @@ def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([graph.run(x[k:k + batch])[0] for k in range(0, len(x), batch)])
 
 
-def _sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    return sqnr_db(ref.reshape(-1), test.reshape(-1))
-
-
 def _json(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
-
-
-def _reset_peak() -> None:
-    """Restart the kernel's peak-RSS count (``VmHWM``) so each stage's peak is its own; where
-    that cannot be done the peaks are the process's so far."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float | None:
-    peak = rss_bytes("VmHWM")
-    return None if peak is None else round(peak / 2**20, 1)
-
-
-def _rss_mb() -> float | None:
-    rss = rss_bytes()
-    return None if rss is None else round(rss / 2**20, 1)
 
 
 def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict[str, str],
@@ -534,15 +511,8 @@ def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict
 def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor) -> dict[str, Any]:
     """Load the stitched model in ONNX Runtime, run the held-out ids, compare with the streamed
     compressed logits."""
-    import onnxruntime as ort
-
     t0 = time.perf_counter()
-    opts = ort.SessionOptions()
-    # no pre-packed second copy of every int4 weight, and no arena kept at its high-water mark:
-    # this session runs once, on a few sequences
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.enable_cpu_mem_arena = False
-    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    sess = check_session(str(model))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     (got,) = sess.run(["logits"], {"input_ids": ids.numpy()})

@@ -74,9 +74,8 @@ class OnnxTemplates:
     re-bound copy is run in ONNX Runtime on the unit's check input and must give the unit's own
     compressed outputs (max abs error <= 1e-3 x max(1, max |expected|)); re-binding is used for
     the rest only when it does, so a tensor the exporter had folded into a constant of another
-    name cannot carry the first unit's values into the others unnoticed. (Without a check input
-    the second unit is exported as well and its initializers compared with the re-bound ones,
-    byte for byte.) The streamed run's end-to-end ONNX Runtime check then covers every unit.
+    name cannot carry the first unit's values into the others unnoticed. The streamed run's
+    end-to-end ONNX Runtime check then covers every unit.
     """
 
     def __init__(self) -> None:
@@ -94,7 +93,7 @@ class OnnxTemplates:
                          for n in graph.nodes if n.op == "get_attr")
         return hashlib.sha256((graph.gm.code + repr(tensors)).encode()).hexdigest()
 
-    def lower(self, graph: Graph, export: Callable[[Graph], Any], check: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None):
+    def lower(self, graph: Graph, export: Callable[[Graph], Any], check: tuple[dict[str, torch.Tensor], torch.Tensor]):
         """The unit's ONNX model. ``check = (feeds, expected)``: the unit's inputs by ONNX name
         and its first output, used to test re-binding on the second unit of a structure."""
         key = self.key(graph)
@@ -106,19 +105,9 @@ class OnnxTemplates:
             return model
         rebound = _rebind(template, graph)
         if key not in self.trusted:
-            if check is not None:
-                error = _max_error(rebound, *check)
-                self.checked[key] = error
-                self.trusted[key] = error <= 1e-3 * max(1.0, float(check[1].abs().max()))
-                if self.trusted[key]:
-                    self.rebound += 1
-                    return rebound
-                self.exports += 1
-                return export(graph)
-            self.exports += 1
-            exported = export(graph)
-            self.trusted[key] = _same_initializers(exported, rebound)
-            return exported
+            error = _max_error(rebound, *check)
+            self.checked[key] = error
+            self.trusted[key] = error <= 1e-3 * max(1.0, float(check[1].abs().max()))
         if not self.trusted[key]:
             self.exports += 1
             return export(graph)
@@ -126,16 +115,23 @@ class OnnxTemplates:
         return rebound
 
 
-def _max_error(model, feeds: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
-    """Max abs difference between ONNX Runtime's first output of ``model`` (in memory) on
-    ``feeds`` and ``expected``; inf when it does not run or the shapes differ."""
+def check_session(model: str | bytes):
+    """A CPU ONNX Runtime session for a check that runs once on a few inputs (``model``: a path
+    or serialized bytes): no pre-packed second copy of every int4 weight, and no arena kept at
+    its high-water mark."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_cpu_mem_arena = False
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _max_error(model, feeds: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
+    """Max abs difference between ONNX Runtime's first output of ``model`` (in memory) on
+    ``feeds`` and ``expected``; inf when it does not run or the shapes differ."""
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = check_session(model.SerializeToString())
         got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     except Exception:  # noqa: BLE001 -- any failure means: do not re-bind, export
         return float("inf")
@@ -160,21 +156,6 @@ def _rebind(template, graph: Graph):
     return model
 
 
-def _same_initializers(a, b) -> bool:
-    """Whether two models hold the same initializers, name by name and byte by byte."""
-    from onnx import numpy_helper
-
-    left = {i.name: i for i in a.graph.initializer}
-    right = {i.name: i for i in b.graph.initializer}
-    if left.keys() != right.keys():
-        return False
-    for name, init in left.items():
-        x, y = numpy_helper.to_array(init), numpy_helper.to_array(right[name])
-        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
-            return False
-    return True
-
-
 def concat_model(n: int):
     """An ONNX model concatenating ``x0..x{n-1}`` (batch, seq, rows_k) along the last axis."""
     import onnx
@@ -189,4 +170,4 @@ def concat_model(n: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)], ir_version=onnx.IR_VERSION)
 
 
-__all__ = ["EMBED_FILE", "OnnxTemplates", "concat_model", "embedding_model", "export_unit"]
+__all__ = ["EMBED_FILE", "OnnxTemplates", "check_session", "concat_model", "embedding_model", "export_unit"]
