@@ -57,14 +57,19 @@ def cone_key(graph: "Graph") -> tuple | None:
     def visit(root: fx.Node) -> None:
         # iterative post-order: a decoder is thousands of nodes deep
         stack: list[tuple[fx.Node, bool]] = [(root, False)]
+        open_: set[fx.Node] = set()  # expanded, inputs not done yet: met again means a cycle
         while stack:
             node, expanded = stack.pop()
             if node in order:
                 continue
             if expanded:
+                open_.discard(node)
                 order[node] = len(entries)
                 entries.append(_entry(graph, node, order))
                 continue
+            if node in open_:
+                raise _Opaque(f"cycle through {node.name}")  # a malformed graph: verify names it
+            open_.add(node)
             stack.append((node, True))
             stack.extend((n, False) for n in reversed(node.all_input_nodes) if n not in order)
 

@@ -521,11 +521,12 @@ class Graph:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     # ------------------------------------------------------------------ views
-    def verify(self, inputs: Sequence[torch.Tensor] | None = None) -> None:
-        """Structural check; raises :class:`VerificationError`. See :mod:`graphpress.ir.verify`."""
+    def verify(self, inputs: Sequence[torch.Tensor] | None = None, *, propagate: bool = True) -> None:
+        """Structural check; raises :class:`VerificationError`. See :mod:`graphpress.ir.verify`
+        (``propagate=False``: for a graph whose output cone equals a verified graph's)."""
         from graphpress.ir.verify import verify_structure
 
-        verify_structure(self, inputs)
+        verify_structure(self, inputs, propagate=propagate)
 
     def summary(self):
         """Per-layer table (op, module, shape, params, FLOPs). See :mod:`graphpress.ir.summary`."""

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from graphpress.ir.fakes import shape_function
+
 #: Activation names accepted by ``graphpress::linear_act``. ``gelu_tanh`` is
 #: ``gelu(approximate="tanh")``.
 LINEAR_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
@@ -60,7 +62,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return _apply_act_(out, act)
 
 
-@linear_act.register_fake
+@shape_function(linear_act)
 def _linear_act_fake(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
     if act not in LINEAR_ACTIVATIONS:
         raise ValueError(f"graphpress::linear_act: unknown activation {act!r}; expected one of {LINEAR_ACTIVATIONS}")

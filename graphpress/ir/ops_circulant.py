@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from graphpress.errors import GraphpressError
 from graphpress.ir.circulant import expand, fft_matmul
+from graphpress.ir.fakes import shape_function
 
 #: Dense path when the dense matrix has at most this many weights. Measured (2 cores, float32):
 #: up to 512 x 512 the FFT path's fixed cost (~6 small kernels, ~25 us) exceeds the dense
@@ -242,7 +243,7 @@ def circulant_linear(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-@circulant_linear.register_fake
+@shape_function(circulant_linear)
 def _circulant_linear_fake(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     _check_linear(x, c, bias)
     p, _q, b = c.shape
@@ -322,7 +323,7 @@ def circulant_conv2d(
     return F.conv2d(x, w, bias, list(stride), list(padding), list(dilation))
 
 
-@circulant_conv2d.register_fake
+@shape_function(circulant_conv2d)
 def _circulant_conv2d_fake(x, c, bias, stride, padding, dilation):
     _check_conv(x, c, bias, stride, padding, dilation)
     kh, kw, p, _q, b = c.shape

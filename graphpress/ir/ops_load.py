@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graphpress.ir.fakes import shape_function
 from graphpress.ir.ops_circulant import _WeightCache
 from graphpress.ir.quant import dequantize_nbits
 
@@ -77,7 +78,7 @@ def wlinear_load(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-@wlinear_load.register_fake
+@shape_function(wlinear_load)
 def _wlinear_load_fake(x, packed, scales, zeros, bias, in_features, bits, group_size):
     _check("wlinear_load", packed, scales, zeros, in_features, bits, group_size)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
@@ -98,7 +99,7 @@ def wembedding_load(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     return F.embedding(ids, _weight(packed, scales, zeros, dim, bits, group_size))
 
 
-@wembedding_load.register_fake
+@shape_function(wembedding_load)
 def _wembedding_load_fake(ids, packed, scales, zeros, dim, bits, group_size):
     _check("wembedding_load", packed, scales, zeros, dim, bits, group_size)
     return torch.empty((*ids.shape, dim), dtype=torch.float32, device=ids.device)

@@ -65,6 +65,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from graphpress.ir.fakes import shape_function
 from graphpress.ir.ops_circulant import _WeightCache
 from graphpress.ir.quant import (
     dequantize_nbits,
@@ -160,7 +161,7 @@ def qlinear(
     return y.to(x.dtype)
 
 
-@qlinear.register_fake
+@shape_function(qlinear)
 def _qlinear_fake(x, w_q, w_scale, bias, in_scale, in_zero_point, out_scale, out_zero_point, relu):
     _check_qlinear(x, w_q, w_scale, bias, in_scale, in_zero_point, out_scale, out_zero_point)
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
@@ -209,7 +210,7 @@ def qconv2d(
     return fake_quant_act(y, out_scale, out_zero_point).to(x.dtype)
 
 
-@qconv2d.register_fake
+@shape_function(qconv2d)
 def _qconv2d_fake(x, w_q, w_scale, bias, stride, padding, dilation, groups, in_scale, in_zero_point, out_scale, out_zero_point, relu):
     _check_qconv(x, w_q, w_scale, bias, stride, padding, dilation, groups, in_scale, in_zero_point, out_scale, out_zero_point)
     kh, kw = w_q.shape[2], w_q.shape[3]
@@ -284,7 +285,7 @@ def wlinear_nbits(
     return F.linear(xh, w, b).to(x.dtype)
 
 
-@wlinear_nbits.register_fake
+@shape_function(wlinear_nbits)
 def _wlinear_nbits_fake(x, packed, scales, zeros, bias, in_features, bits, group_size, act_bits):
     _check_nbits(x, packed, scales, zeros, bias, in_features, bits, group_size, act_bits)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
@@ -302,7 +303,7 @@ def quantize_act(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor
     return fake_quant_act(x, scale, zero_point)
 
 
-@quantize_act.register_fake
+@shape_function(quantize_act)
 def _quantize_act_fake(x, scale, zero_point):
     return torch.empty_like(x)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from graphpress.ir import sparse_kernel as _sk
+from graphpress.ir.fakes import shape_function
 
 
 # ---------------------------------------------------------------------------- sparse_linear
@@ -43,7 +44,7 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
     return _sk.run_checked(x, wt, bias, threshold)
 
 
-@sparse_linear.register_fake
+@shape_function(sparse_linear)
 def _sparse_linear_fake(x, wt, bias, threshold):
     _sk.check_inputs(x, wt, bias, threshold, where="graphpress::sparse_linear")
     return x.new_empty((*x.shape[:-1], wt.shape[1]))
@@ -59,7 +60,7 @@ def sparse_linear_pc(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | Non
     return _sk.run_checked(x, wt, bias, 0.0, thresholds, scores)
 
 
-@sparse_linear_pc.register_fake
+@shape_function(sparse_linear_pc)
 def _sparse_linear_pc_fake(x, wt, bias, thresholds, scores):
     _sk.check_inputs(x, wt, bias, 0.0, thresholds, scores, where="graphpress::sparse_linear_pc")
     return x.new_empty((*x.shape[:-1], wt.shape[1]))

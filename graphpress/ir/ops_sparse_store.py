@@ -44,6 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graphpress.ir.fakes import shape_function
 from graphpress.ir.ops_circulant import _WeightCache
 
 #: dtypes the values may have (the weights graphpress stores this way).
@@ -159,7 +160,7 @@ def _build(bitmask: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) ->
         return unpack_sparse(bitmask, values, shape)
 
 
-@sparse_unpack.register_fake
+@shape_function(sparse_unpack)
 def _sparse_unpack_fake(bitmask, values, shape):
     _check(bitmask, values, shape)
     return values.new_empty([int(d) for d in shape])

@@ -26,13 +26,19 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphpress.errors import VerificationError
+from graphpress.ir.fakes import SHAPE_FUNCTIONS
 
 if TYPE_CHECKING:
     from graphpress.ir.graph import Graph
 
 
-def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = None) -> None:
-    """Raise :class:`VerificationError` if ``graph`` is malformed; also refreshes ``meta['val']``."""
+def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = None, *, propagate: bool = True) -> None:
+    """Raise :class:`VerificationError` if ``graph`` is malformed; also refreshes ``meta['val']``.
+
+    ``propagate=False`` skips check 3's propagation (the outputs' recorded values are still
+    checked against the specs): for a graph whose output cone is known to be that of a graph
+    already verified (:func:`~graphpress.ir.cone.cone_key` equal), every node the outputs depend
+    on is that graph's node, with its value."""
     gm = graph.gm
     defined: set = set()
     for node in gm.graph.nodes:
@@ -54,17 +60,8 @@ def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = Non
         raise VerificationError(f"{graph.name}: expected one output node, found {len(outputs)}")
 
     inputs = tuple(inputs if inputs is not None else graph.example_inputs)
-    mode = _mode_of(gm)
-    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    current = None
-    try:
-        prop = _TrackingProp(gm, mode, _symbol_sizes(gm, inputs))
-        prop.propagate(*fake_inputs)
-    except Exception as err:  # noqa: BLE001 -- any shape/dtype error in any op
-        current = getattr(prop, "current", None) if "prop" in locals() else None
-        where = f"node '{current.name}' ({current.target})" if current is not None else "propagation"
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VerificationError(f"{graph.name}: shape/dtype check failed at {where}: {msg[:300]}") from err
+    if propagate:
+        _propagate(graph, gm, inputs)
 
     out_vals = [v for v in torch.utils._pytree.tree_leaves(outputs[0].meta.get("val", ())) if isinstance(v, torch.Tensor)]
     if not out_vals:
@@ -85,6 +82,20 @@ def verify_structure(graph: "Graph", inputs: Sequence[torch.Tensor] | None = Non
             raise VerificationError(
                 f"{graph.name}: output '{spec.name}' is {got} {val.dtype}, expected {shown} {spec.dtype}"
             )
+
+
+def _propagate(graph: "Graph", gm, inputs: tuple) -> None:
+    mode = _mode_of(gm)
+    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    prop = None
+    try:
+        prop = _TrackingProp(gm, mode, _symbol_sizes(gm, inputs))
+        prop.propagate(*fake_inputs)
+    except Exception as err:  # noqa: BLE001 -- any shape/dtype error in any op
+        current = getattr(prop, "current", None)
+        where = f"node '{current.name}' ({current.target})" if current is not None else "propagation"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VerificationError(f"{graph.name}: shape/dtype check failed at {where}: {msg[:300]}") from err
 
 
 def _dim_sizes(graph: "Graph", inputs: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -139,6 +150,12 @@ class _TrackingProp(FakeTensorProp):
         n.meta[SIGNATURE_KEY] = sig
         self.layouts[n] = _layout(n.meta.get("val"))
         return result
+
+    def call_function(self, target, args, kwargs):
+        # a graphpress op's shape function called directly: the dispatcher around it cost ~4x
+        # the function itself (graphpress.ir.fakes)
+        fn = SHAPE_FUNCTIONS.get(target)
+        return fn(*args, **kwargs) if fn is not None else super().call_function(target, args, kwargs)
 
 
 def _mode_of(gm) -> FakeTensorMode:

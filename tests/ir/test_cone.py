@@ -71,3 +71,12 @@ def test_call_method_in_the_cone_is_not_described():
     g.recompile()
     assert cone_key(g) is None
     assert cone_key(_graph()) != cone_key(_graph())  # equal values, other tensor objects
+
+
+def test_a_cycle_is_not_described_and_does_not_hang():
+    # a malformed graph (a node reading a later one) reaches cone_key before verify does
+    g = _graph()
+    relu = next(n for n in g.gm.graph.nodes if n.target == torch.ops.aten.relu.default)
+    user = next(iter(relu.users))
+    relu.args = (user,) + tuple(relu.args[1:])
+    assert cone_key(g) is None

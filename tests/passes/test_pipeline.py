@@ -379,3 +379,35 @@ def test_a_pass_that_leaves_the_outputs_computation_is_verified_without_a_forwar
     assert dead.to_dict()["verified_by"] == "same computation"
     # a replaced weight (even with the same values) is run and compared: the rule must not match
     assert scale.verified_by == "run" and scale.step[0].max_abs == 0.0
+
+
+def test_same_computation_skips_only_the_propagation_of_the_structure_check(graph, monkeypatch):
+    from graphpress.ir.graph import Graph
+
+    calls = []
+    real = Graph.verify
+    monkeypatch.setattr(Graph, "verify", lambda self, *a, **k: calls.append(k.get("propagate", True)) or real(self, *a, **k))
+    Pipeline(["test-add-dead-node", ("test-scale-weight", {"factor": 1.0})]).run(graph)
+    # the input graph and the scale pass's result are propagated; the dead node's result is not
+    assert calls == [True, False, True]
+
+
+@register("test-make-cycle")
+class MakeCycle:
+    """Makes the first relu read its own user: a malformed graph."""
+
+    exact = True
+    Config = DeadConfig
+
+    def __init__(self, config=DeadConfig()):
+        self.config = config
+
+    def __call__(self, graph):
+        relu = next(n for n in graph.gm.graph.nodes if n.target == torch.ops.aten.relu.default)
+        relu.args = (next(iter(relu.users)),) + tuple(relu.args[1:])
+        return PassResult(graph, True, {})
+
+
+def test_a_pass_that_makes_a_cycle_is_named_not_taken_for_the_same_computation(graph):
+    with pytest.raises(VerificationError, match="test-make-cycle.*produced an invalid graph"):
+        Pipeline(["test-make-cycle"]).run(graph)

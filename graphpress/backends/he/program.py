@@ -47,6 +47,7 @@ import graphpress.ir.ops  # noqa: F401 -- registers torch.ops.graphpress.* (circ
 from graphpress.backends.he.quant import HEInputQuant, QuantConfig, RangeObserver, accumulator_bound, act_quant, plain_bits_for, quantize_weight
 from graphpress.errors import BackendError
 from graphpress.ir.circulant import expand
+from graphpress.ir.fakes import shape_function
 from graphpress.ir.graph import Graph
 from graphpress.ir.observe import observe
 from graphpress.ir.names import layer_name, unique_names
@@ -91,7 +92,7 @@ def he_step(x: torch.Tensor, bias: torch.Tensor | None, index: int, out_tail: Se
     return executor(index, x, bias)
 
 
-@he_step.register_fake
+@shape_function(he_step)
 def _he_step_fake(x, bias, index, out_tail):
     return x.new_empty((x.shape[0], *out_tail))
 
