@@ -104,6 +104,7 @@ def compress(
     on_epoch=None,
     on_stage: Stage | None = None,
     on_step: Step | None = None,
+    kv_cache: bool = False,
 ) -> CompressResult:
     """Load ``source``, run ``recipe`` with verification, lower to ``backend``, write ``out``.
 
@@ -141,6 +142,10 @@ def compress(
         ``on_step(done, total, what)``: counts inside a stage -- a pass's layers (passes report
         them through :func:`graphpress.passes.base.report_progress`), verification sets,
         latency rounds.
+    kv_cache : bool
+        Capture a Hugging Face causal LM as one generation step with a KV cache (past keys and
+        values in, present ones out; :mod:`graphpress.frontends.hf_kv`), so that the artifact
+        generates one token per step; token-id calibration data is fed as prompts (prefill).
 
     Everything that can be checked without the model is checked before the capture: the output
     folder (and that it can be written), the recipe (file, pass names, options), the backend and
@@ -168,9 +173,11 @@ def compress(
     if isinstance(finetune_inputs, (str, Path)):
         finetune_inputs = load_inputs(finetune_inputs, label="--finetune-data")
     stage("capture")
-    graph = load(source, arch=arch, example_inputs=example_inputs, input_shape=input_shape)
+    graph = load(source, arch=arch, example_inputs=example_inputs, input_shape=input_shape, kv_cache=kv_cache)
     if calibration is not None:
-        graph.calibration = as_batches(calibration)
+        from graphpress.frontends.hf_kv import prefill_batches
+
+        graph.calibration = prefill_batches(graph, as_batches(calibration))
     stage("passes")
     with progress_hook(on_step):
         report = pipeline.run(graph, on_event=on_event)
@@ -734,7 +741,7 @@ def artifact_tokenizer(model: Any) -> Any | None:
     except ImportError:
         return None
     tok = Tokenizer.from_file(str(path))
-    vocab = model.outputs[decoder_io(model)[1]].shape[-1]
+    vocab = model.outputs[decoder_io(model).logits].shape[-1]
     if isinstance(vocab, int) and tok.get_vocab_size() > vocab:
         raise ArtifactError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, the model's logits {vocab}: not this model's tokenizer")
     return tok

@@ -139,6 +139,10 @@ def run(
     workers: int = typer.Option(
         1, "--workers", help="With --stream: local processes (torch.distributed, gloo) sharing the calibration data and the per-layer solves; rank 0 writes the artifact.",
     ),
+    kv_cache: bool = typer.Option(
+        False, "--kv-cache",
+        help="Hugging Face causal LMs: capture one generation step with a KV cache (past keys/values in, present out), so the artifact generates a token per step instead of re-running the sequence. See docs/artifact.md.",
+    ),
     stream: str = typer.Option(
         "auto", "--stream",
         help="Decoder LLM folders: compress block by block from the shards, in a fraction of the model's size in memory (on), the whole graph at once (off), or on above 1 GB of float32 weights (auto). See docs/big-models.md.",
@@ -149,6 +153,8 @@ def run(
 
     check_out_dir(out, overwrite)  # fail before minutes of work
     why = stream_choice(checkpoint, stream)
+    if why is not None and kv_cache:
+        raise GraphpressError(f"--kv-cache: streamed artifacts have no KV cache yet ({why.rstrip('.')}); use --stream off with --kv-cache")
     if why is not None:
         _run_stream(checkpoint, why, recipe=recipe, out=out, overwrite=overwrite, backend=backend, backend_option=backend_option,
                     bench=bench, calibration=calibration, finetune_data=finetune_data, workers=workers)
@@ -177,6 +183,7 @@ def run(
             calibration=calibration,
             finetune_inputs=finetune_data,
             finetune={"epochs": finetune_epochs, "lr": finetune_lr, "trainable": finetune_trainable},
+            kv_cache=kv_cache,
             **_progress_hooks(prog),
         )
     if result.manifest["passes"]:

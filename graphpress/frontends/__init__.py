@@ -52,6 +52,7 @@ def load(
     example_inputs: Sequence[torch.Tensor] | None = None,
     input_shape: Sequence[int] | str | None = None,
     dynamic_batch: bool = True,
+    kv_cache: bool = False,
 ) -> Graph:
     """Capture ``source`` (a module, a factory spec, or a path) as a :class:`Graph`.
 
@@ -66,9 +67,22 @@ def load(
         ``input_shape``, or the format (ONNX input specs, token ids for language models).
     input_shape : sequence of int or str, optional
         Shape of a single float input, e.g. ``"1x3x32x32"``.
+    kv_cache : bool
+        Capture a Hugging Face causal LM as one generation step with a KV cache
+        (:mod:`graphpress.frontends.hf_kv`) instead of ``input_ids -> logits``.
     """
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
+    if kv_cache:
+        path = Path(str(source))
+        if isinstance(source, torch.nn.Module) or not is_hf_folder(path):
+            what = type(source).__name__ if isinstance(source, torch.nn.Module) else str(source)
+            raise FrontendError(f"{what}: --kv-cache needs a Hugging Face causal-LM folder (config.json + weights)")
+        if example_inputs is not None or input_shape is not None:
+            raise FrontendError(f"{path}: --kv-cache makes its own example inputs (a cached prefix and new tokens); drop --input-shape / example inputs")
+        from graphpress.frontends.hf_kv import load_hf_kv_folder
+
+        return load_hf_kv_folder(path)
     if isinstance(source, torch.nn.Module):
         return from_module(source, example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
     text = str(source)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ class Graph:
     dynamic_dims : dict of int to str, optional
         Dynamic dimensions shared by every input, by position, with their names (e.g.
         ``{0: "batch", 1: "seq"}`` for language models).
+    input_dims : list of dict of int to str, optional
+        Dynamic dimensions per input, for graphs whose inputs do not share positions (a decoder
+        with a KV cache: ``past`` is dim 2 of a cached key, ``seq`` dim 1 of the token ids);
+        a name used by several inputs is one size. Default: ``dynamic_dims`` for every input.
+        Dim 0, where dynamic, must be the batch of every input (the pipeline stacks input sets
+        along it).
     source : dict
         Where the model came from (frontend, path), stored in the artifact manifest.
     """
@@ -103,12 +110,16 @@ class Graph:
         name: str = "model",
         dynamic_batch: bool = True,
         dynamic_dims: dict[int, str] | None = None,
+        input_dims: Sequence[dict[int, str]] | None = None,
         source: dict[str, Any] | None = None,
     ):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.name = name
         self.dynamic_dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
+        self.input_dims = [dict(d) for d in input_dims] if input_dims is not None else None
+        if self.input_dims is not None and len(self.input_dims) != len(self.example_inputs):
+            raise FrontendError(f"{name}: {len(self.input_dims)} input_dims for {len(self.example_inputs)} example inputs")
         self.source = dict(source or {})
         # Representative inputs for data-driven passes (Fisher, calibration); None -> examples.
         self.calibration: list[tuple[torch.Tensor, ...]] | None = None
@@ -122,8 +133,8 @@ class Graph:
             )
         outs = self.run(*self.example_inputs)
         self.output_names = list(output_names or ([f"output_{i}" for i in range(len(outs))] if len(outs) > 1 else ["output"]))
-        symbols = _symbol_names(gm, self.dynamic_dims)
-        self.input_specs = [self._spec(n, t) for n, t in zip(self.input_names, self.example_inputs)]
+        symbols = _symbol_names(gm, [self.dims_of(i) for i in range(len(self.example_inputs))])
+        self.input_specs = [self._spec(n, t, dims=self.dims_of(i)) for i, (n, t) in enumerate(zip(self.input_names, self.example_inputs))]
         out_vals = _output_vals(gm)
         if len(out_vals) != len(outs):
             out_vals = [None] * len(outs)
@@ -143,6 +154,7 @@ class Graph:
         output_names: Sequence[str] | None = None,
         dynamic_batch: bool = True,
         dynamic_dims: dict[int, str] | None = None,
+        input_dims: Sequence[dict[int, str]] | None = None,
         source: dict[str, Any] | None = None,
     ) -> "Graph":
         """Capture ``module`` with ``torch.export`` and return its unlifted graph.
@@ -152,7 +164,9 @@ class Graph:
         dimension torch specializes anyway (the model needs a fixed size) is dropped and
         recorded in ``source["specialized_dims"]``. An example size of 1 is traced at 2 (export
         specializes size-1 dims) while the given examples are kept. When no dynamic export
-        works the capture falls back to static shapes and records why.
+        works the capture falls back to static shapes and records why. ``input_dims`` gives the
+        dynamic dims per input instead (see the class); they are all kept or, when one is
+        specialized, the capture fails with the reason (a decoder's cache length cannot be fixed).
         """
         module = module.eval()
         example_inputs = tuple(example_inputs)
@@ -160,7 +174,18 @@ class Graph:
         source = dict(source or {})
         dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
         ep, kept = None, {}
-        if dims and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
+        if input_dims is not None:
+            input_dims = [dict(d) for d in input_dims]
+            try:
+                ep = _export_dynamic(module, example_inputs, dims, input_dims)
+            except Exception as err:  # noqa: BLE001
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise FrontendError(f"{name}: torch.export with dynamic {_dims_text(input_dims)} failed: {first[:300]}") from err
+            lost = _specialized(ep, input_dims)
+            if lost:
+                raise FrontendError(f"{name}: torch.export fixed the size of {', '.join(lost)}; these dims must stay dynamic")
+            kept = {0: dims[0]} if 0 in dims else {}
+        elif dims and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
             try:
                 ep = _export_dynamic(module, example_inputs, dims)
                 kept = _dynamic_positions(ep, dims)
@@ -175,13 +200,20 @@ class Graph:
             except Exception as err:  # noqa: BLE001
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise FrontendError(f"{name}: torch.export failed: {first[:300]}") from err
+        # per-input dims (a KV decoder): export's guards restate the examples' sizes (every
+        # AUTO dim >= 2, so a mask >= 4), but a prefill has past 0 and a decode step seq 1 --
+        # the graph's main uses, checked against the source model by the frontend's tests
+        gm = ep.module(check_guards=input_dims is None)
+        if input_dims is not None:
+            _drop_input_range_checks(gm)
         graph = cls(
-            ep.module(),
+            gm,
             example_inputs,
             input_names=input_names,
             output_names=output_names,
             name=name,
             dynamic_dims=kept,
+            input_dims=input_dims,
             source=source,
         )
         from graphpress.ir.verify import stamp
@@ -236,6 +268,7 @@ class Graph:
                 warnings.simplefilter("ignore", FutureWarning)
                 new.gm = copy.deepcopy(self.gm, memo)
         new.source = dict(self.source)
+        new.input_dims = None if self.input_dims is None else [dict(d) for d in self.input_dims]
         new.input_specs = list(self.input_specs)
         new.output_specs = list(self.output_specs)
         return new
@@ -546,12 +579,22 @@ class Graph:
         """Dim 0 of the inputs is dynamic."""
         return 0 in self.dynamic_dims
 
+    def dims_of(self, index: int) -> dict[int, str]:
+        """The dynamic dims of input ``index`` (``{position: name}``)."""
+        if self.input_dims is not None:
+            return dict(self.input_dims[index])
+        x = self.example_inputs[index] if index < len(self.example_inputs) else None
+        rank = x.dim() if isinstance(x, torch.Tensor) else None
+        return {d: n for d, n in self.dynamic_dims.items() if rank is None or d < rank}
+
     def export_program(self, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.export.ExportedProgram:
         """Re-export the (possibly rewritten) graph with its dynamic dimensions.
 
         Backends call this; an example size of 1 on a dynamic dim is traced at 2 (see :meth:`capture`).
         """
         inputs = tuple(example_inputs or self.example_inputs)
+        if self.input_dims is not None:
+            return _export_dynamic(self.gm, inputs, self.dynamic_dims, self.input_dims)
         if self.dynamic_dims:
             return _export_dynamic(self.gm, inputs, self.dynamic_dims)
         return torch.export.export(self.gm, inputs)
@@ -560,12 +603,13 @@ class Graph:
         n_ops = sum(1 for _ in self.call_nodes())
         return f"Graph({self.name!r}, {n_ops} ops, {self.parameter_count():,} params, inputs={[s.shape for s in self.input_specs]})"
 
-    def _spec(self, name: str, t: torch.Tensor, val: Any = None, symbols: dict[str, str] | None = None) -> TensorSpec:
-        """Spec of an input (dynamic dims by position) or an output (dynamic dims from its
+    def _spec(self, name: str, t: torch.Tensor, val: Any = None, symbols: dict[str, str] | None = None,
+              dims: dict[int, str] | None = None) -> TensorSpec:
+        """Spec of an input (its dynamic ``dims`` by position) or an output (dynamic dims from its
         symbolic shape when known, else dim 0 when the batch is dynamic)."""
         shape: list[int | str] = list(t.shape)
         if symbols is None:
-            for d, dim_name in self.dynamic_dims.items():
+            for d, dim_name in (dims if dims is not None else self.dynamic_dims).items():
                 if d < len(shape):
                     shape[d] = dim_name
         elif isinstance(val, torch.Tensor):
@@ -651,19 +695,65 @@ def _reaches_domain_op(start: fx.Node, limit: int = 10_000) -> bool:
     return False
 
 
-def _export_dynamic(module: torch.nn.Module, inputs: tuple, dims: dict[int, str]) -> torch.export.ExportedProgram:
-    """``torch.export`` with ``dims`` of every input dynamic (size-1 dims traced at 2)."""
+def _export_dynamic(module: torch.nn.Module, inputs: tuple, dims: dict[int, str],
+                    input_dims: Sequence[dict[int, str]] | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` with ``dims`` of every input dynamic, or ``input_dims`` per input
+    (size-1 dims traced at 2)."""
+    per_input = [dict(d) for d in input_dims] if input_dims is not None else [
+        {d: n for d, n in dims.items() if d < x.dim()} for x in inputs]
     trace = []
-    for x in inputs:
-        for d in dims:
+    for x, own in zip(inputs, per_input):
+        for d in own:
             if d < x.dim() and x.shape[d] == 1:
                 x = torch.cat([x, x], dim=d)
         trace.append(x)
     # The batch gets a named Dim (export must prove it free, or fail and we fall back); other
-    # dims such as a sequence length get AUTO, since models bound them (RoPE tables, positions).
+    # dims such as a sequence length get AUTO, since models bound them (RoPE tables, positions)
+    # and relate them (a mask spans past + seq).
     named = {d: torch.export.Dim(name, min=1, max=1 << 16) for d, name in dims.items() if d == 0}
-    spec = tuple({d: named.get(d, torch.export.Dim.AUTO) for d in dims if d < x.dim()} for x in trace)
-    return torch.export.export(module, tuple(trace), dynamic_shapes=spec)
+    spec = tuple({d: named.get(d, torch.export.Dim.AUTO) for d in own if d < x.dim()} for x, own in zip(trace, per_input))
+    return torch.export.export(module, tuple(trace), dynamic_shapes=_by_signature(module, spec))
+
+
+def _by_signature(module: torch.nn.Module, spec: tuple) -> tuple:
+    """``spec`` (one entry per flat input) grouped as ``forward`` takes its arguments: export
+    wants the inputs a ``*args`` parameter collects as one tuple."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return spec
+    fixed = 0
+    for param in params:
+        if param.kind == inspect.Parameter.VAR_POSITIONAL:
+            return (*spec[:fixed], tuple(spec[fixed:]))
+        if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            fixed += 1
+    return spec
+
+
+def _drop_input_range_checks(gm: fx.GraphModule) -> None:
+    """Remove the pre-call hook of an unlifted module that checks its inputs against export's
+    range constraints (see :meth:`Graph.capture`: they restate the examples' sizes)."""
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
+
+
+def _dims_text(input_dims: Sequence[dict[int, str]]) -> str:
+    names = sorted({n for d in input_dims for n in d.values()})
+    return "/".join(names) or "(none)"
+
+
+def _specialized(ep: torch.export.ExportedProgram, input_dims: Sequence[dict[int, str]]) -> list[str]:
+    """``"name (input i, dim d)"`` for every requested dim that export made static."""
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    lost = []
+    for i, (v, own) in enumerate(zip(vals, input_dims)):
+        for d, name in own.items():
+            if not (isinstance(v, torch.Tensor) and d < v.dim() and isinstance(v.shape[d], torch.SymInt)):
+                lost.append(f"{name} (input {i}, dim {d})")
+    return lost
 
 
 def _placeholder_vals(gm: fx.GraphModule) -> list[Any]:
@@ -683,12 +773,13 @@ def _dynamic_positions(ep: torch.export.ExportedProgram, dims: dict[int, str]) -
     return kept
 
 
-def _symbol_names(gm: fx.GraphModule, dims: dict[int, str]) -> dict[str, str]:
-    """Map torch's shape symbols (``s77``) to our dim names (``batch``) via the inputs."""
+def _symbol_names(gm: fx.GraphModule, dims: Sequence[dict[int, str]]) -> dict[str, str]:
+    """Map torch's shape symbols (``s77``) to our dim names (``batch``) via the inputs
+    (``dims``: the dynamic dims of each input)."""
     names: dict[str, str] = {}
-    for v in _placeholder_vals(gm):
+    for v, own in zip(_placeholder_vals(gm), dims):
         if isinstance(v, torch.Tensor):
-            for d, name in dims.items():
+            for d, name in own.items():
                 if d < v.dim() and isinstance(v.shape[d], torch.SymInt):
                     names[str(v.shape[d].node.expr)] = name
     return names

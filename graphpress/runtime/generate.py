@@ -1,9 +1,15 @@
 """Token generation from a decoder artifact: greedy or sampled, numpy only.
 
-A decoder artifact maps ``input_ids (batch, seq)`` int64 to ``logits (batch, seq, vocab)``. Each
-new token is chosen from the last position's logits and appended; the whole sequence is run
-again for the next one (the artifacts have no KV cache yet, so a step costs a full forward of
-the sequence so far).
+Two kinds of decoder artifact generate:
+
+* **with a KV cache** (captured with ``--kv-cache``: inputs ``input_ids``, ``attention_mask``,
+  ``position_ids``, ``past_key_values.{i}.key/.value``; outputs ``logits`` and
+  ``present.{i}.key/.value``; see :mod:`graphpress.frontends.hf_kv`): the prompt runs once with
+  empty caches (prefill), then each new token runs alone with the caches the step before
+  returned, so a step costs one token's forward plus attention over the cache;
+* **without** (``input_ids (batch, seq)`` int64 -> ``logits (batch, seq, vocab)``): each new token
+  is appended and the whole sequence runs again, so a step costs a full forward of the sequence
+  so far.
 
 Choosing a token from logits ``z`` (one row per sequence):
 
@@ -76,17 +82,83 @@ def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
-def decoder_io(model: Any) -> tuple[int, int]:
-    """``(input_ids position, logits position)`` of a decoder artifact; one-line
-    :class:`ArtifactError` for anything else."""
+@dataclass(frozen=True)
+class DecoderIO:
+    """Where a decoder artifact's inputs and outputs are (positions in manifest order).
+
+    ``past`` / ``present`` are empty for an artifact without a KV cache; otherwise they pair up
+    (``present[j]`` is fed back as ``past[j]`` at the next step) and ``cache_shape`` is
+    ``(kv_heads, head_dim)`` with ``cache_dtype`` the caches' numpy dtype name."""
+
+    ids: int
+    logits: int
+    mask: int | None = None
+    positions: int | None = None
+    past: tuple[int, ...] = ()
+    present: tuple[int, ...] = ()
+    cache_shape: tuple[int, int] | None = None
+    cache_dtype: str = "float32"
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.past)
+
+
+def decoder_io(model: Any) -> DecoderIO:
+    """The :class:`DecoderIO` of a decoder artifact; one-line :class:`ArtifactError` for anything
+    else."""
     ins, outs = model.inputs, model.outputs
+    by_name = {s.name: i for i, s in enumerate(ins)}
+    out_by_name = {s.name: i for i, s in enumerate(outs)}
+    got = ", ".join(f"{s.name}{s.shape_str()}:{s.dtype}" for s in ins)
+    if "past_key_values.0.key" in by_name:
+        past_names = [s.name for s in ins if s.name.startswith("past_key_values.")]
+        present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
+        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in by_name]
+        missing += [n for n in ["logits", *present_names] if n not in out_by_name]
+        if missing:
+            raise ArtifactError(f"{model.folder}: a KV-cache decoder artifact needs {', '.join(missing)}; it takes {got}")
+        spec = ins[by_name["past_key_values.0.key"]]
+        if len(spec.shape) != 4 or not all(isinstance(d, int) for d in (spec.shape[1], spec.shape[3])):
+            raise ArtifactError(f"{model.folder}: past_key_values.0.key must be (batch, kv_heads, past, head_dim), got {spec.shape_str()}")
+        return DecoderIO(by_name["input_ids"], out_by_name["logits"], by_name["attention_mask"], by_name["position_ids"],
+                         tuple(by_name[n] for n in past_names), tuple(out_by_name[n] for n in present_names),
+                         (int(spec.shape[1]), int(spec.shape[3])), spec.dtype)
     ids = [i for i, s in enumerate(ins) if s.dtype == "int64" and len(s.shape) == 2]
     logits = [i for i, s in enumerate(outs) if s.dtype.startswith("float") and len(s.shape) == 3]
     if len(ins) != 1 or not ids or not logits:
-        got = ", ".join(f"{s.name}{s.shape_str()}:{s.dtype}" for s in ins)
         raise ArtifactError(f"{model.folder}: not a decoder artifact: generation needs one input_ids (batch, seq) int64 input and "
-                            f"(batch, seq, vocab) logits, it takes {got}")
-    return ids[0], logits[0]
+                            f"(batch, seq, vocab) logits, or the inputs of a KV-cache decoder; it takes {got}")
+    return DecoderIO(ids[0], logits[0])
+
+
+class _Stepper:
+    """Runs one generation step of a decoder artifact: the logits of the last position of each
+    row, for the whole sequence so far (no cache) or the new tokens and the cache (KV)."""
+
+    def __init__(self, model: Any, io: DecoderIO):
+        self.model, self.io = model, io
+        self.cache: list[np.ndarray] | None = None
+
+    def __call__(self, ids: np.ndarray, new: int) -> np.ndarray:
+        """``ids``: the whole sequence so far; ``new``: how many of its last tokens were not
+        run yet (the prompt's length at the first step, then 1)."""
+        io = self.io
+        if not io.cached:
+            return self.model(ids)[io.logits][:, -1, :]
+        b, n = ids.shape
+        feeds: list[Any] = [None] * len(self.model.inputs)
+        if self.cache is None:
+            kv_heads, head_dim = io.cache_shape
+            self.cache = [np.zeros((b, kv_heads, 0, head_dim), dtype=io.cache_dtype) for _ in io.past]
+        feeds[io.ids] = np.ascontiguousarray(ids[:, n - new:])
+        feeds[io.mask] = np.ones((b, n), dtype=np.int64)
+        feeds[io.positions] = np.broadcast_to(np.arange(n - new, n, dtype=np.int64), (b, new)).copy()
+        for slot, tensor in zip(io.past, self.cache):
+            feeds[slot] = tensor
+        outs = self.model(*feeds)
+        self.cache = [outs[j] for j in io.present]
+        return outs[io.logits][:, -1, :]
 
 
 def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
@@ -109,7 +181,7 @@ def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_n
     -------
     np.ndarray int64 ``(batch, seq + new)`` (``(seq + new,)`` for a 1-D prompt)
     """
-    _, out_at = decoder_io(model)
+    io = decoder_io(model)
     ids = np.asarray(prompt_ids)
     flat = ids.ndim == 1
     ids = np.atleast_2d(ids)
@@ -117,14 +189,15 @@ def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_n
         raise ArtifactError(f"{model.folder}: prompt_ids must be a non-empty (batch, seq) array of token ids, got shape {ids.shape} {ids.dtype}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ArtifactError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    vocab = model.outputs[out_at].shape[-1]
+    vocab = model.outputs[io.logits].shape[-1]
     if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
         raise ArtifactError(f"{model.folder}: prompt token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
     ids = ids.astype(np.int64)
     rng = np.random.default_rng(sampling.seed)
     done = np.zeros(ids.shape[0], dtype=bool)
+    step_fn = _Stepper(model, io)
     for step in range(max_new_tokens):
-        logits = model(ids)[out_at][:, -1, :]
+        logits = step_fn(ids, ids.shape[1] if step == 0 else 1)
         new = next_tokens(logits, sampling, rng).astype(np.int64)
         if eos_token_id is not None:
             new = np.where(done, eos_token_id, new)
@@ -137,4 +210,4 @@ def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_n
     return ids[0] if flat else ids
 
 
-__all__ = ["Sampling", "decoder_io", "generate", "next_tokens"]
+__all__ = ["DecoderIO", "Sampling", "decoder_io", "generate", "next_tokens"]

@@ -1,0 +1,222 @@
+"""Frontend: a Hugging Face decoder captured *with its KV cache* -> :class:`Graph`.
+
+The graph is one step of generation, which serves the prompt (prefill) and every new token
+(decode) alike::
+
+    input_ids       (batch, seq)            int64   the new tokens
+    attention_mask  (batch, total)          int64   1 for every real token, past and new
+    position_ids    (batch, seq)            int64   their positions (past .. past + seq - 1)
+    past_key_values.{i}.key / .value  (batch, kv_heads, past, head_dim)   layer i's cache
+      -> logits     (batch, seq, vocab)
+         present.{i}.key / .value     (batch, kv_heads, past + seq, head_dim)
+
+with ``total = past + seq``; a prefill passes caches of length 0. Names and layout are those of
+ONNX Runtime GenAI's decoder models, so an ONNX artifact of this graph is what its runtime feeds.
+
+How: :class:`HFKVDecoder` builds ``transformers``' own ``DynamicCache`` from the past tensors
+inside ``forward`` and returns the updated cache's tensors, so rotary offsets, masks and
+grouped-query attention are the model's own code; ``torch.export`` traces the cache away. The
+graph's dims are per input (``Graph.input_dims``): ``batch`` (dim 0 of all), ``seq``, ``past`` and
+``total`` (export relates the last to the other two).
+
+Example inputs are real: a 4-token prefix is run through the model for the past keys and values
+and 12 new tokens follow it (sizes are distinct and >= 2, so export specializes none). Check
+inputs then keep every size and draw random caches with the examples' spread.
+
+Models with a sliding-window cache (a Mistral with ``sliding_window`` set, a Qwen2 with
+``use_sliding_window``) are refused in one line: their cache drops old entries, which a graph
+with ``present = concat(past, new)`` does not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from graphpress.errors import FrontendError
+from graphpress.ir.graph import Graph
+
+#: Tokens of the prefix whose cache the example inputs carry, and new tokens after it.
+EXAMPLE_PAST, EXAMPLE_SEQ = 4, 12
+
+
+def kv_names(layers: int) -> tuple[list[str], list[str]]:
+    """``(past input names, present output names)`` of a ``layers``-layer decoder, in the
+    order the graph takes and returns them (key then value, layer by layer)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return past, present
+
+
+def cache_geometry(config: Any) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder config; one-line error when absent."""
+    try:
+        layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+    except (AttributeError, TypeError):
+        raise FrontendError(f"{type(config).__name__}: no num_hidden_layers / num_attention_heads: not a decoder with a KV cache") from None
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return layers, kv_heads, head_dim
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if hasattr(config, "use_sliding_window") and not config.use_sliding_window:
+        return None
+    return int(window)
+
+
+class HFKVDecoder(nn.Module):
+    """One generation step of a ``transformers`` causal LM with flat cache tensors (module
+    docstring): ``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
+
+    Parameters
+    ----------
+    hf_model : transformers.PreTrainedModel
+        A causal LM (``...ForCausalLM``) with a ``past_key_values`` argument.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.model = hf_model.eval()
+        config = hf_model.config
+        self.layers, self.kv_heads, self.head_dim = cache_geometry(config)
+        # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
+        self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        window = _sliding_window(config)
+        if window is not None:
+            raise FrontendError(
+                f"{type(hf_model).__name__}: sliding-window attention ({window} tokens) drops old cache entries; a KV-cache export "
+                f"supports full attention only (set sliding_window to null in config.json if the model is used within {window} tokens)"
+            )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        cache = _cache(self.model.config, past, self.layers)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         **{self._cache_arg: cache}, use_cache=True, return_dict=True)
+        returned = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        return (out.logits, *_cache_tensors(returned, self.layers))
+
+    @torch.no_grad()
+    def example_inputs(self, batch: int = 2, past: int = EXAMPLE_PAST, seq: int = EXAMPLE_SEQ, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Real example inputs: the cache of a random ``past``-token prefix and ``seq`` new
+        random tokens after it (module docstring)."""
+        vocab = int(getattr(self.model.config, "vocab_size", 100) or 100)
+        gen = torch.Generator().manual_seed(seed)
+        prefix = torch.randint(0, vocab, (batch, past), generator=gen)
+        empty = self.empty_cache(batch)
+        ones = torch.ones(batch, past, dtype=torch.long)
+        cache = self(prefix, ones, torch.arange(past).expand(batch, past), *empty)[1:]
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        mask = torch.ones(batch, past + seq, dtype=torch.long)
+        positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        return (ids, mask, positions, *(t.contiguous() for t in cache))
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        """Caches of length 0 (a prefill's past)."""
+        return [torch.zeros(batch, self.kv_heads, 0, self.head_dim) for _ in range(2 * self.layers)]
+
+    def prefill_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's inputs for a prompt with no past: token ids ``(batch, seq)`` -> ids, a
+        mask of ones, positions ``0 .. seq-1`` and empty caches (how calibration token
+        sequences are fed to a KV graph)."""
+        ids = torch.as_tensor(input_ids).long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        b, s = ids.shape
+        return (ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *self.empty_cache(b))
+
+
+def _cache(config: Any, past: Sequence[torch.Tensor], layers: int):
+    import transformers
+
+    if len(past) != 2 * layers:
+        raise FrontendError(f"expected {2 * layers} past tensors (key and value of {layers} layers), got {len(past)}")
+    pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
+    try:
+        return transformers.DynamicCache(ddp_cache_data=pairs, config=config)
+    except TypeError:  # transformers 4.x: the legacy tuple format
+        return transformers.DynamicCache.from_legacy_cache(tuple(pairs))
+
+
+def _cache_tensors(cache: Any, layers: int) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for i in range(layers):
+        if hasattr(cache, "layers"):
+            out += [cache.layers[i].keys, cache.layers[i].values]
+        else:  # transformers 4.x
+            out += [cache.key_cache[i], cache.value_cache[i]]
+    return out
+
+
+def kv_input_dims(layers: int) -> list[dict[int, str]]:
+    """Per-input dynamic dims of a KV decoder graph (module docstring)."""
+    tokens = {0: "batch", 1: "seq"}
+    return [tokens, {0: "batch", 1: "total"}, dict(tokens)] + [{0: "batch", 2: "past"} for _ in range(2 * layers)]
+
+
+def capture_kv_decoder(hf_model: nn.Module, *, name: str, source: dict[str, Any] | None = None) -> Graph:
+    """Capture a ``transformers`` causal LM as a one-step KV-cache decoder graph."""
+    wrapper = HFKVDecoder(hf_model)
+    examples = wrapper.example_inputs()
+    past, present = kv_names(wrapper.layers)
+    graph = Graph.capture(
+        wrapper,
+        examples,
+        name=name,
+        input_names=["input_ids", "attention_mask", "position_ids", *past],
+        output_names=["logits", *present],
+        dynamic_dims={0: "batch"},
+        input_dims=kv_input_dims(wrapper.layers),
+        source={**(source or {}), "kv_cache": {"layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim}},
+    )
+    return graph
+
+
+def load_hf_kv_folder(folder: str | Path) -> Graph:
+    """A Hugging Face causal-LM folder captured with its KV cache (module docstring)."""
+    from graphpress.frontends.huggingface import build_hf_model, is_hf_folder
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise FrontendError(f"{folder}: folder not found")
+    if not is_hf_folder(folder):
+        raise FrontendError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    hf = build_hf_model(folder)
+    if not hasattr(hf, "lm_head") and "ForCausalLM" not in type(hf).__name__:
+        raise FrontendError(f"{folder}: {type(hf).__name__} is not a causal LM; --kv-cache needs a decoder with an LM head")
+    return capture_kv_decoder(hf, name=folder.name,
+                              source={"frontend": "huggingface", "path": str(folder), "architecture": type(hf).__name__})
+
+
+def prefill_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration batches of token ids turned into a KV graph's prefill inputs; batches that
+    already hold every input are kept as they are."""
+    geometry = graph.source.get("kv_cache")
+    if not geometry:
+        return list(batches)
+    n_in = len(graph.example_inputs)
+    out = []
+    for batch in batches:
+        if len(batch) == n_in:
+            out.append(tuple(batch))
+            continue
+        if len(batch) != 1 or batch[0].dtype not in (torch.int64, torch.int32):
+            raise FrontendError(f"{graph.name}: calibration for a KV-cache decoder must be token ids (batch, seq), got {len(batch)} tensors")
+        ids = batch[0].long()
+        ids = ids[None] if ids.dim() == 1 else ids
+        b, s = ids.shape
+        empty = [torch.zeros(b, geometry["kv_heads"], 0, geometry["head_dim"]) for _ in range(2 * geometry["layers"])]
+        out.append((ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *empty))
+    return out
+
+
+__all__ = ["EXAMPLE_PAST", "EXAMPLE_SEQ", "HFKVDecoder", "cache_geometry", "capture_kv_decoder", "kv_input_dims", "kv_names",
+           "load_hf_kv_folder", "prefill_batches"]
