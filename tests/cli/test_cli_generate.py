@@ -86,3 +86,23 @@ def test_a_model_that_is_not_a_decoder_is_refused(tmp_path):
     line = one_error_line(["generate", tmp_path / "mlp", "--prompt-ids", "1 2"])
     assert "not a decoder artifact" in line
     assert json.loads((tmp_path / "mlp" / "manifest.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_run_with_kv_cache_then_generate_gives_the_same_tokens_as_the_streamed_artifact(artifact):
+    out = artifact / "kv"
+    (artifact / "exact.yaml").write_text("name: exact\npasses:\n  - eliminate-dead-code\n")
+    res = runner.invoke(app, ["run", str(artifact / "m"), "-r", str(artifact / "exact.yaml"), "--kv-cache", "--stream", "off", "--no-bench", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]][:3] == ["input_ids", "attention_mask", "position_ids"]
+    res = runner.invoke(app, ["generate", str(out), "--prompt", "w5 w7 w9", "--max-new-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    want = load(artifact / "art").generate(np.array([[5, 7, 9]]), 5)[0]  # no cache: the whole sequence each step
+    assert " ".join(f"w{t}" for t in want) in " ".join(res.output.split())
+
+
+def test_kv_cache_is_refused_with_streaming_and_outside_hugging_face_folders(artifact, tmp_path):
+    assert "--kv-cache: streamed artifacts have no KV cache yet" in one_error_line(
+        ["run", str(artifact / "m"), "--kv-cache", "--stream", "on", "-o", str(tmp_path / "x")])
+    assert "--kv-cache needs a Hugging Face causal-LM folder" in one_error_line(
+        ["run", "tests.frontends.models:small_cnn", "--kv-cache", "-o", str(tmp_path / "y")])

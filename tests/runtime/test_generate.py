@@ -101,3 +101,55 @@ def test_generation_refuses_what_it_cannot_run(decoder, tmp_path):
 
     with pytest.raises(ArtifactError, match="out/resnet20: not a decoder artifact: generation needs one input_ids"):
         generate(NotADecoder(), np.array([[1]]), 2)
+
+
+# ---------------------------------------------------------------------------- with a KV cache
+@pytest.fixture(scope="module")
+def kv_decoder(tmp_path_factory):
+    from graphpress.api import compress
+    from tests.stream.tiny import write_llama
+
+    root = tmp_path_factory.mktemp("genkv")
+    model = write_llama(root / "m", layers=2, vocab=256)
+    exact = compress(root / "m", out=root / "exact", recipe={"name": "exact", "passes": ["eliminate-dead-code"]}, kv_cache=True,
+                     bench=False)
+    int4 = compress(root / "m", out=root / "int4", kv_cache=True, bench=False,
+                    recipe={"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none"}}]})
+    return model, load(exact.folder), load(int4.folder), int4.graph
+
+
+def test_a_kv_artifact_generates_transformers_tokens_one_token_per_step(kv_decoder, monkeypatch):
+    model, art, _, _ = kv_decoder
+    assert [s.name for s in art.inputs][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    fed = []
+    real = type(art).__call__
+    monkeypatch.setattr(type(art), "__call__", lambda self, *xs: fed.append(xs[0].shape) or real(self, *xs))
+    got = art.generate(prompt.numpy(), 8)
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                              pad_token_id=0)
+    assert np.array_equal(got, want.numpy())
+    # the prompt once, then one token per step through the cache (never the whole sequence again)
+    assert fed == [(2, 5)] + [(2, 1)] * 7
+
+
+def test_an_int4_kv_artifact_decodes_as_its_graph_does_in_onnx_runtime(kv_decoder):
+    from graphpress.frontends.hf_kv import HFKVDecoder
+
+    model, _, art, graph = kv_decoder
+    assert art.manifest["passes"][0]["name"] == "quantize-layerwise"
+    wrapper = HFKVDecoder(model)
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    ours, theirs = graph.run(*wrapper.prefill_inputs(prompt)), art(*wrapper.prefill_inputs(prompt))
+    worst, fp_gap = 0.0, float((ours[0] - model(prompt, use_cache=False).logits).abs().max())
+    for step in range(32):  # ONNX Runtime's caches fed back, the graph fed the same
+        assert np.abs(theirs[0] - ours[0].numpy()).max() < 1e-4 and np.abs(theirs[1] - ours[1].numpy()).max() < 1e-4
+        worst = max(worst, float(np.abs(theirs[0] - ours[0].numpy()).max()))
+        nxt = torch.as_tensor(theirs[0][:, -1].argmax(-1))[:, None]
+        n = 6 + step + 1
+        feeds = (nxt, torch.ones(1, n, dtype=torch.long), torch.tensor([[n - 1]]))
+        ours = graph.run(*feeds, *(torch.as_tensor(t) for t in theirs[1:]))
+        theirs = art(*feeds, *theirs[1:])
+    assert theirs[1].shape == (1, 2, 6 + 32, 16)
+    assert fp_gap > 1e-3  # int4: the rule "it is quantized" holds (not the float model)
