@@ -720,9 +720,9 @@ def load_artifact(folder: str | Path, **options: Any) -> Any:
 
 
 def artifact_tokenizer(model: Any) -> Any | None:
-    """The tokenizer of a decoder artifact's source: ``tokenizer.json`` of the Hugging Face
-    folder it was compressed from (``manifest["source"]["path"]``), through ``tokenizers``;
-    None when there is none.
+    """The tokenizer of a decoder artifact: its own ``tokenizer.json`` (KV-cache decoder artifacts
+    carry one) or that of the Hugging Face folder it was compressed from
+    (``manifest["source"]["path"]``), through ``tokenizers``; None when there is none.
 
     Raises
     ------
@@ -733,7 +733,8 @@ def artifact_tokenizer(model: Any) -> Any | None:
     from graphpress.runtime.generate import decoder_io
 
     src = (model.manifest.get("source") or {}).get("path")
-    path = Path(src) / "tokenizer.json" if src else None
+    own = Path(model.folder) / "tokenizer.json"  # copied into KV-cache decoder artifacts
+    path = own if own.is_file() else (Path(src) / "tokenizer.json" if src else None)
     if path is None or not path.is_file():
         return None
     try:

@@ -175,9 +175,33 @@ def capture_kv_decoder(hf_model: nn.Module, *, name: str, source: dict[str, Any]
         output_names=["logits", *present],
         dynamic_dims={0: "batch"},
         input_dims=kv_input_dims(wrapper.layers),
-        source={**(source or {}), "kv_cache": {"layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim}},
+        source={**(source or {}), "kv_cache": {"layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
+                                               **decoder_facts(hf_model.config)}},
     )
     return graph
+
+
+def decoder_facts(config: Any) -> dict[str, Any]:
+    """What a runtime needs besides the graph to drive generation (ONNX Runtime GenAI's
+    ``genai_config.json``): family, sizes, context length and special token ids."""
+
+    def token(name: str) -> int | None:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        return int(value) if isinstance(value, int) else None
+
+    heads = int(config.num_attention_heads)
+    return {
+        "model_type": str(getattr(config, "model_type", "") or ""),
+        "hidden_size": int(config.hidden_size),
+        "num_attention_heads": heads,
+        "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
+        "context_length": int(getattr(config, "max_position_embeddings", 0) or 0),
+        "bos_token_id": token("bos_token_id"),
+        "eos_token_id": token("eos_token_id"),
+        "pad_token_id": token("pad_token_id"),
+    }
 
 
 def load_hf_kv_folder(folder: str | Path) -> Graph:

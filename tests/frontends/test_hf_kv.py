@@ -66,7 +66,8 @@ def test_the_graph_has_genai_names_and_per_input_dims():
     assert shapes["past_key_values.1.value"] == ("batch", 2, "past", 16)
     out = {s.name: s.shape for s in graph.output_specs}
     assert out["logits"] == ("batch", "seq", 128) and out["present.0.key"] == ("batch", 2, "past + seq", 16)
-    assert graph.source["kv_cache"] == {"layers": 2, "kv_heads": 2, "head_dim": 16}
+    assert {k: graph.source["kv_cache"][k] for k in ("layers", "kv_heads", "head_dim", "model_type", "context_length")} == {
+        "layers": 2, "kv_heads": 2, "head_dim": 16, "model_type": "llama", "context_length": 96}
     # the examples are a real cached prefix of 4 tokens and 12 new ones
     ids, mask, pos, k0 = graph.example_inputs[:4]
     assert ids.shape == (2, 12) and mask.shape == (2, 16) and pos[0].tolist() == list(range(4, 16)) and k0.shape == (2, 2, 4, 16)

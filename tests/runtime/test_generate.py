@@ -1,6 +1,8 @@
 """Generation from a decoder artifact: the same tokens as transformers' greedy decoding, seeded
 sampling that stays inside top-k / top-p, and one-line refusals."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,20 @@ def test_an_int4_kv_artifact_decodes_as_its_graph_does_in_onnx_runtime(kv_decode
         theirs = art(*feeds, *theirs[1:])
     assert theirs[1].shape == (1, 2, 6 + 32, 16)
     assert fp_gap > 1e-3  # int4: the rule "it is quantized" holds (not the float model)
+
+
+def test_onnx_runtime_genai_runs_a_kv_artifact_and_gives_its_tokens(kv_decoder):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'graphpress[llm]')")
+    _, _, art, _ = kv_decoder
+    config = json.loads((art.folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is False
+    prompt = np.array([[5, 7, 9, 11]])
+    ours = art.generate(prompt, 10)
+    model = og.Model(str(art.folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=14, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)] == ours[0].tolist()

@@ -40,6 +40,7 @@ import torch
 
 import graphpress
 from graphpress.backends.base import LoweredModel
+from graphpress.backends.onnxruntime.genai import GENAI_CONFIG, write_genai_files
 from graphpress.backends.onnxruntime.options import DEFAULT_OPSET, OnnxRuntimeOptions
 from graphpress.backends.onnxruntime.qdq_cleanup import clean_qdq
 from graphpress.backends.onnxruntime.session import CPU, OrtRunner
@@ -439,6 +440,10 @@ class OnnxRuntimeBackend:
         """
         info = lower_to_onnx(graph, folder, opset=self.opset, optimize=self.optimize)
         files = info.pop("files")
+        genai = write_genai_files(graph, Path(folder), MODEL_FILE)  # KV-cache decoders: ONNX Runtime GenAI runs the artifact
+        if genai:
+            files = sorted(set(files) | set(genai))
+            info["genai_config"] = GENAI_CONFIG
         report = check_onnx(graph, Path(folder) / MODEL_FILE, seeds=self.check_seeds) if check else {"skipped": True}
         return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info)
 
