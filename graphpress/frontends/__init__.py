@@ -74,15 +74,7 @@ def load(
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
     if kv_cache:
-        path = Path(str(source))
-        if isinstance(source, torch.nn.Module) or not is_hf_folder(path):
-            what = type(source).__name__ if isinstance(source, torch.nn.Module) else str(source)
-            raise FrontendError(f"{what}: --kv-cache needs a Hugging Face causal-LM folder (config.json + weights)")
-        if example_inputs is not None or input_shape is not None:
-            raise FrontendError(f"{path}: --kv-cache makes its own example inputs (a cached prefix and new tokens); drop --input-shape / example inputs")
-        from graphpress.frontends.hf_kv import load_hf_kv_folder
-
-        return load_hf_kv_folder(path)
+        return _load_kv(source, example_inputs, input_shape)
     if isinstance(source, torch.nn.Module):
         return from_module(source, example_inputs, input_shape=input_shape, dynamic_batch=dynamic_batch)
     text = str(source)
@@ -121,6 +113,26 @@ def load(
         f"{path}: unknown model format '{suffix or path.name}': expected .onnx, .safetensors, .pt/.pth/.th/.ckpt/.bin, "
         "a llama2.c .bin, or a Hugging Face folder"
     )
+
+
+def _load_kv(source: Any, example_inputs: Any, input_shape: Any) -> Graph:
+    """``load(..., kv_cache=True)``: a Hugging Face causal-LM folder, or a llama2.c file through
+    its transformers Llama twin (:mod:`graphpress.frontends.llama2c.to_hf`)."""
+    path = Path(str(source))
+    is_l2c = not isinstance(source, torch.nn.Module) and path.is_file() and is_llama2c(path)
+    if isinstance(source, torch.nn.Module) or not (is_hf_folder(path) or is_l2c):
+        what = type(source).__name__ if isinstance(source, torch.nn.Module) else str(source)
+        raise FrontendError(f"{what}: --kv-cache needs a Hugging Face causal-LM folder (config.json + weights) or a llama2.c .bin")
+    if example_inputs is not None or input_shape is not None:
+        raise FrontendError(f"{path}: --kv-cache makes its own example inputs (a cached prefix and new tokens); drop --input-shape / example inputs")
+    from graphpress.frontends.hf_kv import capture_kv_decoder, load_hf_kv_folder
+
+    if is_l2c:
+        from graphpress.frontends.llama2c import load_llama2c
+        from graphpress.frontends.llama2c.to_hf import to_transformers
+
+        return capture_kv_decoder(to_transformers(load_llama2c(path)), name=path.stem, source={"frontend": "llama2c", "path": str(path)})
+    return load_hf_kv_folder(path)
 
 
 __all__ = [

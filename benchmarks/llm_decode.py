@@ -1,0 +1,261 @@
+"""Decode speed and quality of int4 decoder artifacts: graphpress with a KV cache, graphpress
+without one, and ONNX Runtime GenAI's model builder, on one Llama from config (issue 18).
+
+One folder (``benchmarks/llm_folder.py``'s shapes, random N(0, 0.02) weights, a WordLevel
+tokenizer) is compressed three ways, all int4 with groups of 32 and int8 activation compute
+(``MatMulNBits`` ``accuracy_level=4``, what the builder writes for CPU):
+
+``gp-kv``
+    ``compress run FOLDER --kv-cache`` with ``quantize-layerwise`` (4 bits): one graph for prefill
+    and decode, ``past_key_values.*`` in, ``present.*`` out; run by graphpress's runtime
+    (``LoadedModel.generate``: an ONNX Runtime session, caches fed back by numpy).
+``gp-kv-genai``
+    the same artifact run by ONNX Runtime GenAI (``og.Generator``) through its
+    ``genai_config.json``.
+``gp-full``
+    the same recipe without ``--kv-cache``: ``input_ids -> logits``, each new token re-runs the
+    whole sequence (what graphpress had before).
+``builder-genai``
+    ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` (fused GroupQueryAttention,
+    rotary and skip-layer-norm contrib ops), run by ``og.Generator``.
+
+Timing: batch 1, a ``--prompt``-token prompt (random ids), greedy, ``--new`` new tokens; per
+variant the prefill time and the median time per decoded token; variants interleaved in
+``--rounds`` rounds (A B C D, A B C D ...) on ``--threads`` intra-op threads each, medians over
+rounds with the spread.
+
+Quality: KL(float || artifact) and top-1 agreement of the next-token distributions on
+``--heldout`` random sequences of ``--heldout-len`` tokens, teacher-forced (one prefill each),
+against transformers in float32; the builder's model is run by plain ONNX Runtime with empty
+caches for this (its outputs are its GenAI logits).
+
+    python benchmarks/llm_decode.py --size 0.1b      # -> benchmarks/results/llm_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULT = HERE / "results" / "llm_decode.json"
+# Random weights give near-flat logits whose int4 SQNR is ~10 dB: the budget is on the KL (the
+# builder has none; both are reported).
+RECIPE = {"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "group_size": 32, "min_sqnr_db": None,
+                                                             "max_kl": 0.5}}]}
+
+
+def _folder(size: str, where: Path) -> Path:
+    out = where / f"llama-{size}"
+    subprocess.run([sys.executable, str(HERE / "llm_folder.py"), "--size", size, "--out", str(out), "--tokenizer"], check=True,
+                   capture_output=True)
+    return out
+
+
+def _compress(folder: Path, out: Path, kv: bool) -> dict[str, Any]:
+    from graphpress.api import compress
+
+    t0 = time.perf_counter()
+    res = compress(folder, out=out, recipe=RECIPE, kv_cache=kv, bench=False)
+    return {"folder": str(res.folder), "compress_s": round(time.perf_counter() - t0, 1),
+            "model_mb": round(sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20, 1)}
+
+
+def _builder(folder: Path, out: Path, work: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", "int4", "-e", "cpu",
+                    "-c", str(work / "builder-cache")], check=True, capture_output=True)
+    return {"folder": str(out), "compress_s": round(time.perf_counter() - t0, 1),
+            "model_mb": round(sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20, 1)}
+
+
+def _genai_model(folder: str, threads: int):
+    """An ``og.Model`` whose session uses ``threads`` intra-op threads (an overlay on its
+    ``genai_config.json``; the artifact's files stay as written, their hashes hold)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(folder)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+# ---------------------------------------------------------------------------- timing
+def _time_graphpress(art, prompt: np.ndarray, new: int) -> tuple[float, list[float], list[int]]:
+    """Prefill seconds, per-token seconds and the tokens, through ``LoadedModel.generate``."""
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    out = art.generate(prompt, new, on_token=lambda step, tok: stamps.append(time.perf_counter()))
+    prefill = stamps[0] - t0
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return prefill, steps, out[0, prompt.shape[1]:].tolist()
+
+
+def _time_genai(model, prompt: np.ndarray, new: int) -> tuple[float, list[float], list[int]]:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt.astype(np.int32))  # runs the prompt and picks the first new token
+    gen.generate_next_token()
+    stamps = [time.perf_counter()]
+    while not gen.is_done():
+        gen.generate_next_token()
+        stamps.append(time.perf_counter())
+    seq = [int(t) for t in gen.get_sequence(0)]
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])], seq[prompt.shape[1]:]
+
+
+# ---------------------------------------------------------------------------- quality
+def _reference_logits(folder: Path, seqs: np.ndarray) -> np.ndarray:
+    import torch
+
+    from graphpress.frontends.huggingface import build_hf_model
+
+    model = build_hf_model(folder).float()
+    with torch.no_grad():
+        return np.stack([model(torch.as_tensor(s[None]), use_cache=False).logits[0].numpy() for s in seqs])
+
+
+def _kv_prefill_logits(session_run: Callable, names: list[str], seqs: np.ndarray, kv_heads: int, head_dim: int, layers: int,
+                       positions: bool) -> np.ndarray:
+    outs = []
+    for s in seqs:
+        n = len(s)
+        feeds = {"input_ids": s[None].astype(np.int64), "attention_mask": np.ones((1, n), np.int64)}
+        if positions:
+            feeds["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        for i in range(layers):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        outs.append(session_run({k: v for k, v in feeds.items() if k in names})[0][0])
+    return np.stack(outs)
+
+
+def _kl_top1(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    def log_softmax(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    p, q = log_softmax(ref), log_softmax(test)
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    return kl, float((ref.argmax(-1) == test.argmax(-1)).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="0.1b")
+    ap.add_argument("--folder", type=Path, help="use this Hugging Face folder (with a tokenizer) instead of writing one")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--full-new", type=int, default=8, help="new tokens of the no-cache variant (a full forward each)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heldout", type=int, default=4)
+    ap.add_argument("--heldout-len", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=RESULT)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    from common import machine_info, ort_session
+
+    from graphpress.runtime import load
+
+    with tempfile.TemporaryDirectory(prefix="gp-decode-") as tmp:
+        tmp = Path(tmp)
+        folder = args.folder or _folder(args.size, tmp)
+        cfg = json.loads((folder / "config.json").read_text())
+        builds = {
+            "gp-kv": _compress(folder, tmp / "gp-kv", kv=True),
+            "gp-full": _compress(folder, tmp / "gp-full", kv=False),
+            "builder-genai": _builder(folder, tmp / "builder", tmp),
+        }
+        builds["gp-kv-genai"] = dict(builds["gp-kv"])
+        arts = {name: load(builds[name]["folder"], threads=args.threads) for name in ("gp-kv", "gp-full")}
+        genai = {"gp-kv-genai": _genai_model(builds["gp-kv"]["folder"], args.threads),
+                 "builder-genai": _genai_model(builds["builder-genai"]["folder"], args.threads)}
+
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(3, cfg["vocab_size"], (1, args.prompt))
+        runs: dict[str, list[dict]] = {k: [] for k in ("gp-kv", "gp-kv-genai", "builder-genai", "gp-full")}
+        for _ in range(args.rounds):  # interleaved: every variant once per round
+            for name in runs:
+                if name in arts:
+                    new = args.new if name == "gp-kv" else args.full_new
+                    prefill, steps, tokens = _time_graphpress(arts[name], prompt, new)
+                else:
+                    prefill, steps, tokens = _time_genai(genai[name], prompt, args.new)
+                runs[name].append({"prefill_s": prefill, "ms_per_token": 1e3 * statistics.median(steps), "tokens": tokens})
+
+        # the same tokens from graphpress's runtime and GenAI on the one artifact
+        same_tokens = runs["gp-kv"][0]["tokens"] == runs["gp-kv-genai"][0]["tokens"]
+
+        seqs = rng.integers(3, cfg["vocab_size"], (args.heldout, args.heldout_len))
+        ref = _reference_logits(folder, seqs)
+        layers, kv_heads = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        quality = {}
+        kv_art = arts["gp-kv"]
+        quality["gp-kv"] = _kl_top1(ref, _kv_prefill_logits(lambda f: kv_art(*[f.get(s.name) for s in kv_art.inputs]),
+                                                            [s.name for s in kv_art.inputs], seqs, kv_heads, head_dim, layers, True))
+        quality["gp-full"] = _kl_top1(ref, np.stack([arts["gp-full"](s[None].astype(np.int64))[0][0] for s in seqs]))
+        sess = ort_session(Path(builds["builder-genai"]["folder"]) / "model.onnx", args.threads)
+        names = [i.name for i in sess.get_inputs()]
+        quality["builder-genai"] = _kl_top1(ref, _kv_prefill_logits(lambda f: sess.run(["logits"], f), names, seqs, kv_heads, head_dim,
+                                                                    layers, "position_ids" in names))
+        quality["gp-kv-genai"] = quality["gp-kv"]
+
+    rows = {}
+    for name, rs in runs.items():
+        ms = [r["ms_per_token"] for r in rs]
+        pre = [r["prefill_s"] for r in rs]
+        kl, top1 = quality[name]
+        rows[name] = {
+            "ms_per_token": round(statistics.median(ms), 2), "ms_per_token_spread": [round(min(ms), 2), round(max(ms), 2)],
+            "tokens_per_s": round(1e3 / statistics.median(ms), 1),
+            "prefill_ms": round(1e3 * statistics.median(pre), 1), "prefill_ms_spread": [round(1e3 * min(pre), 1), round(1e3 * max(pre), 1)],
+            "kl": round(kl, 5), "top1_agreement": round(top1, 4),
+            **{k: v for k, v in builds[name].items() if k != "folder"},
+        }
+    base = rows["builder-genai"]["ms_per_token"]
+    for row in rows.values():
+        row["time_per_token_vs_builder"] = round(row["ms_per_token"] / base, 2)
+    result = {
+        "benchmark": "llm_decode",
+        "model": {"size": args.size if not args.folder else str(args.folder), **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers",
+                                                                                               "num_attention_heads", "num_key_value_heads",
+                                                                                               "vocab_size")}},
+        "recipe": RECIPE, "prompt_tokens": args.prompt, "new_tokens": args.new, "full_new_tokens": args.full_new,
+        "rounds": args.rounds, "heldout": [args.heldout, args.heldout_len],
+        "same_tokens_graphpress_and_genai_runtime": same_tokens,
+        "variants": rows,
+        "machine": machine_info(threads=args.threads),
+    }
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Llama {args.size}: prompt {args.prompt}, {args.new} new tokens, batch 1, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(f"{'variant':16s}{'ms/token':>10s}{'spread':>16s}{'tok/s':>8s}{'prefill ms':>12s}{'vs builder':>12s}{'KL':>10s}{'top-1':>8s}{'MB':>8s}")
+    for name, r in rows.items():
+        spread = f"{r['ms_per_token_spread'][0]}-{r['ms_per_token_spread'][1]}"
+        print(f"{name:16s}{r['ms_per_token']:10.2f}{spread:>16s}{r['tokens_per_s']:8.1f}{r['prefill_ms']:12.1f}"
+              f"{r['time_per_token_vs_builder']:12.2f}{r['kl']:10.4f}{r['top1_agreement']:8.3f}{r['model_mb']:8.1f}")
+    print(f"same tokens from graphpress's runtime and GenAI on the KV artifact: {same_tokens}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
