@@ -14,14 +14,27 @@ with ``total = past + seq``; a prefill passes caches of length 0. Names and layo
 ONNX Runtime GenAI's decoder models, so an ONNX artifact of this graph is what its runtime feeds.
 
 How: :class:`HFKVDecoder` builds ``transformers``' own ``DynamicCache`` from the past tensors
-inside ``forward`` and returns the updated cache's tensors, so rotary offsets, masks and
-grouped-query attention are the model's own code; ``torch.export`` traces the cache away. The
-graph's dims are per input (``Graph.input_dims``): ``batch`` (dim 0 of all), ``seq``, ``past`` and
-``total`` (export relates the last to the other two).
+inside ``forward``, so rotary offsets, positions and the projections are the model's own code;
+``torch.export`` traces the cache away. The graph's dims are per input (``Graph.input_dims``):
+``batch`` (dim 0 of all), ``seq``, ``past`` and ``total`` (export relates the last to the other two).
 
-Example inputs are real: a 4-token prefix is run through the model for the past keys and values
-and 12 new tokens follow it (sizes are distinct and >= 2, so export specializes none). Check
-inputs then keep every size and draw random caches with the examples' spread.
+Attention (``attention=``):
+
+* ``"gqa"`` (default): the model's attention function is replaced, through transformers'
+  ``AttentionInterface``, by one ``graphpress::gqa_cached`` op per layer that takes the step's
+  rotated queries, keys and values and the layer's cache and returns the output and the
+  presents (:mod:`graphpress.ir.ops_attention`; the cache's ``update`` hands the new keys and
+  values through instead of concatenating). ONNX Runtime runs it as one
+  ``GroupQueryAttention`` node;
+* ``"eager"``: the model's own eager attention over ``DynamicCache``'s concatenation (~15 ONNX
+  nodes per layer, the cache copied once per grouped head): the reference the first is tested
+  against.
+
+Example inputs are a prefill: two random 16-token prompts with empty caches (what calibration
+and the pipeline's checks run). The graph is traced on real cached inputs instead (a 4-token
+prefix run through the model for the past keys and values and 12 new tokens after it: sizes
+distinct and >= 2, which export specializes none of; ``Graph.trace_inputs``). ONNX Runtime's check
+of the artifact adds a decode step: the example prefill's caches fed back with one new token.
 
 Models with a sliding-window cache (a Mistral with ``sliding_window`` set, a Qwen2 with
 ``use_sliding_window``) are refused in one line: their cache drops old entries, which a graph
@@ -30,6 +43,7 @@ with ``present = concat(past, new)`` does not.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,8 +54,10 @@ from torch import nn
 from graphpress.errors import FrontendError
 from graphpress.ir.graph import Graph
 
-#: Tokens of the prefix whose cache the example inputs carry, and new tokens after it.
+#: Tokens of the prefix whose cache the traced inputs carry, and new tokens after it.
 EXAMPLE_PAST, EXAMPLE_SEQ = 4, 12
+#: Prompt length of the example (prefill) inputs.
+EXAMPLE_PROMPT = 16
 
 
 def kv_names(layers: int) -> tuple[list[str], list[str]]:
@@ -73,6 +89,46 @@ def _sliding_window(config: Any) -> int | None:
     return int(window)
 
 
+ATTENTIONS = ("gqa", "eager")
+# transformers' name for graphpress's attention function (AttentionInterface / mask interface)
+_ATTN_NAME = "graphpress_gqa"
+_STEP: contextvars.ContextVar = contextvars.ContextVar("graphpress_kv_step", default=None)
+
+
+class _Step:
+    """What one ``HFKVDecoder.forward`` hands its attention calls: each layer's past, the mask,
+    and the presents they return."""
+
+    def __init__(self, past: Sequence[torch.Tensor], mask: torch.Tensor, layers: int):
+        self.past, self.mask = past, mask
+        self.present: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
+
+
+def _gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``graphpress::gqa_cached`` over the layer's cache
+    (``key`` / ``value`` are the step's new ones: see :func:`_pass_through_update`)."""
+    from graphpress.ir import ops_attention  # noqa: F401 -- registers the op
+
+    step = _STEP.get()
+    idx = module.layer_idx
+    scale = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
+    out, present_k, present_v = torch.ops.graphpress.gqa_cached(query, key, value, step.past[2 * idx], step.past[2 * idx + 1], step.mask, scale)
+    step.present[idx] = (present_k, present_v)
+    return out, None
+
+
+def _register_attention() -> None:
+    import transformers
+
+    transformers.AttentionInterface.register(_ATTN_NAME, _gqa_attention)
+    try:  # the mask it builds is not read (gqa_cached masks itself); eager's is the cheapest to trace
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_NAME, eager_mask)
+    except ImportError:
+        pass
+
+
 class HFKVDecoder(nn.Module):
     """One generation step of a ``transformers`` causal LM with flat cache tensors (module
     docstring): ``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
@@ -81,10 +137,18 @@ class HFKVDecoder(nn.Module):
     ----------
     hf_model : transformers.PreTrainedModel
         A causal LM (``...ForCausalLM``) with a ``past_key_values`` argument.
+    attention : {"gqa", "eager"}
+        One ``graphpress::gqa_cached`` op per layer, or the model's own eager attention (module
+        docstring).
     """
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, attention: str = "gqa"):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise FrontendError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
+        self.attention = attention
+        if attention == "gqa":
+            _register_attention()
         self.model = hf_model.eval()
         config = hf_model.config
         self.layers, self.kv_heads, self.head_dim = cache_geometry(config)
@@ -98,11 +162,28 @@ class HFKVDecoder(nn.Module):
             )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
-        cache = _cache(self.model.config, past, self.layers)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         **{self._cache_arg: cache}, use_cache=True, return_dict=True)
-        returned = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-        return (out.logits, *_cache_tensors(returned, self.layers))
+        cache = _cache(self.model.config, past, self.layers, pass_through=self.attention == "gqa")
+        if self.attention == "eager":
+            out = self._call(input_ids, attention_mask, position_ids, cache)
+            returned = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            return (out.logits, *_cache_tensors(returned, self.layers))
+        step = _Step(past, attention_mask, self.layers)
+        config = self.model.config
+        token, saved = _STEP.set(step), config._attn_implementation
+        try:  # set for this call only: the caller's model keeps its own attention
+            config._attn_implementation = _ATTN_NAME
+            out = self._call(input_ids, attention_mask, position_ids, cache)
+        finally:
+            config._attn_implementation = saved
+            _STEP.reset(token)
+        if any(p is None for p in step.present):
+            missing = [i for i, p in enumerate(step.present) if p is None]
+            raise FrontendError(f"{type(self.model).__name__}: layers {missing} did not call the attention function; use attention='eager'")
+        return (out.logits, *(t for pair in step.present for t in pair))
+
+    def _call(self, input_ids, attention_mask, position_ids, cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **{self._cache_arg: cache}, use_cache=True, return_dict=True)
 
     @torch.no_grad()
     def example_inputs(self, batch: int = 2, past: int = EXAMPLE_PAST, seq: int = EXAMPLE_SEQ, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -134,16 +215,26 @@ class HFKVDecoder(nn.Module):
         return (ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *self.empty_cache(b))
 
 
-def _cache(config: Any, past: Sequence[torch.Tensor], layers: int):
+def _cache(config: Any, past: Sequence[torch.Tensor], layers: int, *, pass_through: bool = False):
+    """A ``DynamicCache`` holding ``past``; with ``pass_through`` its ``update`` returns the new
+    keys and values as they are (``graphpress::gqa_cached`` appends them itself) while the cache
+    still reports the past length to the model's position and mask code."""
     import transformers
 
     if len(past) != 2 * layers:
         raise FrontendError(f"expected {2 * layers} past tensors (key and value of {layers} layers), got {len(past)}")
     pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
     try:
-        return transformers.DynamicCache(ddp_cache_data=pairs, config=config)
+        cache = transformers.DynamicCache(ddp_cache_data=pairs, config=config)
     except TypeError:  # transformers 4.x: the legacy tuple format
-        return transformers.DynamicCache.from_legacy_cache(tuple(pairs))
+        cache = transformers.DynamicCache.from_legacy_cache(tuple(pairs))
+    if pass_through:
+        cache.update = _pass_through_update
+    return cache
+
+
+def _pass_through_update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    return key_states, value_states
 
 
 def _cache_tensors(cache: Any, layers: int) -> list[torch.Tensor]:
@@ -162,21 +253,25 @@ def kv_input_dims(layers: int) -> list[dict[int, str]]:
     return [tokens, {0: "batch", 1: "total"}, dict(tokens)] + [{0: "batch", 2: "past"} for _ in range(2 * layers)]
 
 
-def capture_kv_decoder(hf_model: nn.Module, *, name: str, source: dict[str, Any] | None = None) -> Graph:
-    """Capture a ``transformers`` causal LM as a one-step KV-cache decoder graph."""
-    wrapper = HFKVDecoder(hf_model)
-    examples = wrapper.example_inputs()
+def capture_kv_decoder(hf_model: nn.Module, *, name: str, source: dict[str, Any] | None = None, attention: str = "gqa") -> Graph:
+    """Capture a ``transformers`` causal LM as a one-step KV-cache decoder graph (``attention``:
+    see :class:`HFKVDecoder`)."""
+    wrapper = HFKVDecoder(hf_model, attention)
+    traced = wrapper.example_inputs()
+    vocab = int(getattr(hf_model.config, "vocab_size", 100) or 100)
+    examples = wrapper.prefill_inputs(torch.randint(0, vocab, (2, EXAMPLE_PROMPT), generator=torch.Generator().manual_seed(1)))
     past, present = kv_names(wrapper.layers)
     graph = Graph.capture(
         wrapper,
         examples,
+        trace_inputs=traced,
         name=name,
         input_names=["input_ids", "attention_mask", "position_ids", *past],
         output_names=["logits", *present],
         dynamic_dims={0: "batch"},
         input_dims=kv_input_dims(wrapper.layers),
         source={**(source or {}), "kv_cache": {"layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
-                                               **decoder_facts(hf_model.config)}},
+                                               "attention": attention, **decoder_facts(hf_model.config)}},
     )
     return graph
 
@@ -242,5 +337,5 @@ def prefill_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -
     return out
 
 
-__all__ = ["EXAMPLE_PAST", "EXAMPLE_SEQ", "HFKVDecoder", "cache_geometry", "capture_kv_decoder", "kv_input_dims", "kv_names",
+__all__ = ["EXAMPLE_PAST", "EXAMPLE_PROMPT", "EXAMPLE_SEQ", "HFKVDecoder", "cache_geometry", "capture_kv_decoder", "kv_input_dims", "kv_names",
            "load_hf_kv_folder", "prefill_batches"]

@@ -98,6 +98,9 @@ class Graph:
         along it).
     source : dict
         Where the model came from (frontend, path), stored in the artifact manifest.
+    trace_inputs : tuple of Tensor, optional
+        Inputs to re-export with (:meth:`export_program`) when the examples have sizes export
+        would specialize: a KV decoder's examples are a prefill, with caches of length 0.
     """
 
     def __init__(
@@ -112,9 +115,11 @@ class Graph:
         dynamic_dims: dict[int, str] | None = None,
         input_dims: Sequence[dict[int, str]] | None = None,
         source: dict[str, Any] | None = None,
+        trace_inputs: Sequence[torch.Tensor] | None = None,
     ):
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
+        self.trace_inputs = tuple(trace_inputs) if trace_inputs is not None else None
         self.name = name
         self.dynamic_dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
         self.input_dims = [dict(d) for d in input_dims] if input_dims is not None else None
@@ -156,6 +161,7 @@ class Graph:
         dynamic_dims: dict[int, str] | None = None,
         input_dims: Sequence[dict[int, str]] | None = None,
         source: dict[str, Any] | None = None,
+        trace_inputs: Sequence[torch.Tensor] | None = None,
     ) -> "Graph":
         """Capture ``module`` with ``torch.export`` and return its unlifted graph.
 
@@ -167,9 +173,12 @@ class Graph:
         works the capture falls back to static shapes and records why. ``input_dims`` gives the
         dynamic dims per input instead (see the class); they are all kept or, when one is
         specialized, the capture fails with the reason (a decoder's cache length cannot be fixed).
+        ``trace_inputs`` are traced instead of the examples (kept on the graph for re-export):
+        for examples with a size export specializes, such as a cache of length 0.
         """
         module = module.eval()
         example_inputs = tuple(example_inputs)
+        traced = tuple(trace_inputs) if trace_inputs is not None else example_inputs
         name = name or type(module).__name__
         source = dict(source or {})
         dims = dict(dynamic_dims) if dynamic_dims is not None else ({0: "batch"} if dynamic_batch else {})
@@ -177,7 +186,7 @@ class Graph:
         if input_dims is not None:
             input_dims = [dict(d) for d in input_dims]
             try:
-                ep = _export_dynamic(module, example_inputs, dims, input_dims)
+                ep = _export_dynamic(module, traced, dims, input_dims)
             except Exception as err:  # noqa: BLE001
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise FrontendError(f"{name}: torch.export with dynamic {_dims_text(input_dims)} failed: {first[:300]}") from err
@@ -185,9 +194,9 @@ class Graph:
             if lost:
                 raise FrontendError(f"{name}: torch.export fixed the size of {', '.join(lost)}; these dims must stay dynamic")
             kept = {0: dims[0]} if 0 in dims else {}
-        elif dims and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in example_inputs):
+        elif dims and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in traced):
             try:
-                ep = _export_dynamic(module, example_inputs, dims)
+                ep = _export_dynamic(module, traced, dims)
                 kept = _dynamic_positions(ep, dims)
                 if dims.keys() - kept.keys():
                     source["specialized_dims"] = sorted(dims[d] for d in dims.keys() - kept.keys())
@@ -196,7 +205,7 @@ class Graph:
                 source["dynamic_export_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
         if ep is None:
             try:
-                ep = torch.export.export(module, example_inputs)
+                ep = torch.export.export(module, traced)
             except Exception as err:  # noqa: BLE001
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise FrontendError(f"{name}: torch.export failed: {first[:300]}") from err
@@ -215,6 +224,7 @@ class Graph:
             dynamic_dims=kept,
             input_dims=input_dims,
             source=source,
+            trace_inputs=trace_inputs,
         )
         from graphpress.ir.verify import stamp
 
@@ -317,6 +327,7 @@ class Graph:
                 delattr(module, attr)
         self._versions = {}
         self.example_inputs = ()
+        self.trace_inputs = None
         self.calibration = None
 
     @contextlib.contextmanager
@@ -592,7 +603,7 @@ class Graph:
 
         Backends call this; an example size of 1 on a dynamic dim is traced at 2 (see :meth:`capture`).
         """
-        inputs = tuple(example_inputs or self.example_inputs)
+        inputs = tuple(example_inputs or self.trace_inputs or self.example_inputs)
         if self.input_dims is not None:
             return _export_dynamic(self.gm, inputs, self.dynamic_dims, self.input_dims)
         if self.dynamic_dims:

@@ -47,10 +47,11 @@ def decode_against_transformers(run, model, prompt: torch.Tensor, steps: int) ->
     return prefill, worst
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
-def test_prefill_and_32_decode_steps_equal_transformers(family):
+@pytest.mark.parametrize("family, attention", [("llama", "gqa"), ("qwen2", "gqa"), ("mistral", "gqa"), ("phi3", "gqa"), ("llama", "eager")])
+def test_prefill_and_32_decode_steps_equal_transformers(family, attention):
     model = _model(family)
-    graph = capture_kv_decoder(model, name=family)
+    graph = capture_kv_decoder(model, name=family, attention=attention)
+    assert model.config._attn_implementation == "eager"  # the caller's model is left as it was
     prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     prefill, decode = decode_against_transformers(graph.run, model, prompt, 32)
     assert prefill < 1e-5 and decode < 1e-5
@@ -68,9 +69,12 @@ def test_the_graph_has_genai_names_and_per_input_dims():
     assert out["logits"] == ("batch", "seq", 128) and out["present.0.key"] == ("batch", 2, "past + seq", 16)
     assert {k: graph.source["kv_cache"][k] for k in ("layers", "kv_heads", "head_dim", "model_type", "context_length")} == {
         "layers": 2, "kv_heads": 2, "head_dim": 16, "model_type": "llama", "context_length": 96}
-    # the examples are a real cached prefix of 4 tokens and 12 new ones
+    # the examples are a prefill of 16 tokens; the traced inputs a real cached prefix of 4 tokens and 12 new ones
     ids, mask, pos, k0 = graph.example_inputs[:4]
+    assert ids.shape == (2, 16) and mask.shape == (2, 16) and pos[0].tolist() == list(range(16)) and k0.shape == (2, 2, 0, 16)
+    ids, mask, pos, k0 = graph.trace_inputs[:4]
     assert ids.shape == (2, 12) and mask.shape == (2, 16) and pos[0].tolist() == list(range(4, 16)) and k0.shape == (2, 2, 4, 16)
+    assert sum(n.target == torch.ops.graphpress.gqa_cached.default for n in graph.gm.graph.nodes) == 2  # one op per layer
     graph.verify()
     # a snapshot keeps the dims; a prefill (past 0) and a batch of 1 run
     snap = graph.snapshot()

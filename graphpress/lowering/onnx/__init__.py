@@ -6,6 +6,7 @@
 :mod:`graphpress.ir`:
 
 * :mod:`~graphpress.lowering.onnx.fused` -- ``linear_act``;
+* :mod:`~graphpress.lowering.onnx.attention` -- ``gqa_cached``;
 * :mod:`~graphpress.lowering.onnx.circulant` -- ``circulant_linear``, ``circulant_conv2d``;
 * :mod:`~graphpress.lowering.onnx.quant` -- ``qlinear``, ``qconv2d``, ``wlinear_nbits``, ``quantize_act``;
 * :mod:`~graphpress.lowering.onnx.load` -- ``wlinear_load``, ``wembedding_load``;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from graphpress.lowering.onnx import circulant, fused, load, quant, sparse, sparse_store
+from graphpress.lowering.onnx import attention, circulant, fused, load, quant, sparse, sparse_store
 
 
 def translation_table(*, circulant_linear: str = circulant.DEFAULT_LINEAR_LOWERING) -> dict[Callable, Callable]:
@@ -45,6 +46,7 @@ def translation_table(*, circulant_linear: str = circulant.DEFAULT_LINEAR_LOWERI
     """
     table: dict[Callable, Callable] = {}
     table.update(fused.translations())
+    table.update(attention.translations())
     table.update(circulant.translations(circulant_linear))
     table.update(quant.translations())
     table.update(load.translations())
