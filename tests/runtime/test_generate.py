@@ -115,8 +115,7 @@ def kv_decoder(tmp_path_factory):
     model = write_llama(root / "m", layers=2, vocab=256)
     exact = compress(root / "m", out=root / "exact", recipe={"name": "exact", "passes": ["eliminate-dead-code"]}, kv_cache=True,
                      bench=False)
-    int4 = compress(root / "m", out=root / "int4", kv_cache=True, bench=False,
-                    recipe={"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none"}}]})
+    int4 = compress(root / "m", out=root / "int4", kv_cache=True, bench=False, recipe="llm-int4")
     return model, load(exact.folder), load(int4.folder), int4.graph
 
 
@@ -138,16 +137,18 @@ def test_a_kv_artifact_generates_transformers_tokens_one_token_per_step(kv_decod
 
 def test_an_int4_kv_artifact_decodes_as_its_graph_does_in_onnx_runtime(kv_decoder):
     from graphpress.frontends.hf_kv import HFKVDecoder
+    from graphpress.ir.compare import sqnr_db
 
     model, _, art, graph = kv_decoder
-    assert art.manifest["passes"][0]["name"] == "quantize-layerwise"
+    assert [p["name"] for p in art.manifest["passes"]] == ["quantize-layerwise", "fuse-parallel-linears", "eliminate-dead-code"]
+    assert art.manifest["passes"][1]["stats"]["linears_fused"] == 2 * 5  # q/k/v and gate/up of both layers
     wrapper = HFKVDecoder(model)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
     ours, theirs = graph.run(*wrapper.prefill_inputs(prompt)), art(*wrapper.prefill_inputs(prompt))
-    worst, fp_gap = 0.0, float((ours[0] - model(prompt, use_cache=False).logits).abs().max())
+    fp_gap = float((ours[0] - model(prompt, use_cache=False).logits).abs().max())
     for step in range(32):  # ONNX Runtime's caches fed back, the graph fed the same
-        assert np.abs(theirs[0] - ours[0].numpy()).max() < 1e-4 and np.abs(theirs[1] - ours[1].numpy()).max() < 1e-4
-        worst = max(worst, float(np.abs(theirs[0] - ours[0].numpy()).max()))
+        # int8 activation rounding (MatMulNBits accuracy level 4) may tie-break apart: SQNR, not allclose
+        assert sqnr_db(ours[0], torch.as_tensor(theirs[0])) > 35 and sqnr_db(ours[1], torch.as_tensor(theirs[1])) > 35
         nxt = torch.as_tensor(theirs[0][:, -1].argmax(-1))[:, None]
         n = 6 + step + 1
         feeds = (nxt, torch.ones(1, n, dtype=torch.long), torch.tensor([[n - 1]]))
