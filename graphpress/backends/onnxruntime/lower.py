@@ -171,29 +171,6 @@ def _optimize_keeping_packed_weights(model: Any) -> None:
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
-def fuse_rms_norms(model: Any) -> dict[str, int]:
-    """Rewrite RMS norms (``x * 1/sqrt(mean(x^2) + eps) * w``, with a residual ``Add`` before
-    when there is one) into ONNX Runtime's ``SimplifiedLayerNormalization`` /
-    ``SkipSimplifiedLayerNormalization``, with onnxscript's own rewrite rules; returns how many
-    of each (``{"rms": n, "skip_rms": m}``, the second taken out of the first).
-
-    An LLM exported from ATen spells each norm in 7 nodes (``Pow``, ``ReduceMean``, ``Add``,
-    ``Sqrt``, ``Reciprocal``, ``Mul``, ``Mul``) that ORT's optimizer does not fuse; two per layer.
-    The fused kernel computes the same float32 expression (one rounding order apart)."""
-    try:
-        from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
-        from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
-    except ImportError:  # an onnxscript without ORT fusions: the plain nodes run as they are
-        return {"rms": 0, "skip_rms": 0}
-    rms = fuse_rms_normalization(model)
-    skip = fuse_skip_rms_normalization(model) if rms else 0
-    if rms:
-        import onnxscript.optimizer
-
-        onnxscript.optimizer.remove_unused_nodes(model)
-    return {"rms": rms, "skip_rms": skip}
-
-
 def _strip_debug_metadata(model: Any) -> int:
     """Drop the exporter's per-node and per-value metadata (source stack traces, module paths) and
     doc strings; returns how many entries went. They are debugging aids, not part of the model, and
@@ -277,7 +254,6 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
             if program is not None:
                 _optimize_keeping_packed_weights(program.model)
                 info["qdq_cleanup"] = clean_qdq(program.model)
-                info["fused_rms_norms"] = fuse_rms_norms(program.model)
     except Exception as err:  # noqa: BLE001
         raise BackendError(f"onnxruntime: ONNX export of {graph.name!r} failed: {_error_line(err)}") from err
     info["onnx_export_s"] = round(time.perf_counter() - t0, 3)
