@@ -110,3 +110,36 @@ def test_kv_cache_needs_a_hugging_face_folder(tmp_path):
         load(tmp_path / "m", kv_cache=True, input_shape="1x4")
     graph = load(tmp_path / "m", kv_cache=True)
     assert graph.input_names[3] == "past_key_values.0.key" and graph.source["frontend"] == "huggingface"
+
+
+def test_the_rotary_goes_into_the_attention_op_only_for_position_only_rope_types():
+    from transformers.models.llama import modeling_llama
+
+    rotate = modeling_llama.apply_rotary_pos_emb
+    model = _model("llama")
+    inside = capture_kv_decoder(model, name="tiny")
+    outside = capture_kv_decoder(model, name="tiny", attention="eager")
+    assert inside.source["kv_cache"]["rotary"] == "in attention" and outside.source["kv_cache"]["rotary"] == "model"
+    assert modeling_llama.apply_rotary_pos_emb is rotate  # the model's module is left as it was
+    gqa = [n for n in inside.gm.graph.nodes if n.target == torch.ops.graphpress.gqa_cached.default]
+    assert len(gqa) == 2 and all(n.args[7] is not None for n in gqa)  # the tables
+    calls = sum(n.op == "call_function" for n in inside.gm.graph.nodes)
+    assert calls < sum(n.op == "call_function" for n in outside.gm.graph.nodes)
+    # a position-only rope with scaling goes in too, and stays exact
+    linear = _model("llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    graph = capture_kv_decoder(linear, name="linear")
+    assert graph.source["kv_cache"]["rotary"] == "in attention"
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    prefill, decode = decode_against_transformers(graph.run, linear, prompt, 8)
+    assert prefill < 1e-5 and decode < 1e-5
+    # partial rotary keeps the model's own: the rule must not match
+    partial = _model("phi3", partial_rotary_factor=0.5)
+    graph = capture_kv_decoder(partial, name="partial")
+    assert graph.source["kv_cache"]["rotary"] == "model (partial or interleaved rotary)"
+    prefill, decode = decode_against_transformers(graph.run, partial, prompt, 8)
+    assert prefill < 1e-5 and decode < 1e-5
+
+
+def test_a_length_dependent_rope_is_refused_in_one_line():
+    with pytest.raises(FrontendError, match=r"rope type 'dynamic' changes its angles with the sequence length.*position-only rope types"):
+        capture_kv_decoder(_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), name="dyn")

@@ -6,7 +6,8 @@ caches as ``(b, Hkv, P, d)``, plus ``seqlens_k = sum(mask, 1) - 1`` (int32, per 
 ``total_sequence_length = mask.shape[1]`` (int32 scalar), from which it derives the causal window
 of each row. It returns ``(b, s, H*d)`` and the presents ``concat(past, new)``: the caches are
 not shared buffers (``past_present_share_buffer`` stays off in ``genai_config.json``), so ORT
-appends. No rotary inside (``do_rotary=0``): the op's inputs are already rotated.
+appends. With rotary tables the kernel rotates the queries and new keys itself (``do_rotary=1``,
+halves convention) at the positions it derives from ``seqlens_k``; without, they come rotated.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def _gqa():
             "GroupQueryAttention", "com.microsoft", 1,
             inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
                     fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
-                    fp("seqlens_k", "M"), fp("total_sequence_length", "M")],
+                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                    fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt)],
             outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
             type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
             attributes=[attr("num_heads", at.INT, ""), attr("kv_num_heads", at.INT, ""), attr("scale", at.FLOAT, ""),
-                        attr("do_rotary", at.INT, "")],
+                        attr("do_rotary", at.INT, ""), attr("rotary_interleaved", at.INT, "")],
         )
         _OP["gqa"] = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
     return _OP["gqa"]
@@ -58,7 +60,7 @@ def _static(value, axis: int, what: str) -> int:
         raise ValueError(f"graphpress::gqa_cached: {what} must be static, got shape {getattr(value, 'shape', None)}") from None
 
 
-def _onnx_gqa_cached(q, k, v, past_k, past_v, mask, scale: float):
+def _onnx_gqa_cached(q, k, v, past_k, past_v, mask, scale: float, cos=None, sin=None):
     """onnxscript (trace mode) translation of ``graphpress::gqa_cached`` (module docstring)."""
     from onnxscript import opset18 as op
 
@@ -70,8 +72,10 @@ def _onnx_gqa_cached(q, k, v, past_k, past_v, mask, scale: float):
     seqlens = op.Cast(op.Sub(op.ReduceSum(mask, _const(np.array([1], dtype=np.int64)), keepdims=0), _const(np.array(1, dtype=np.int64))),
                       to=6)  # int32
     total = op.Cast(op.Gather(op.Shape(mask), _const(np.array(1, dtype=np.int64)), axis=0), to=6)
+    rotary = {"do_rotary": 1, "rotary_interleaved": 0} if cos is not None else {"do_rotary": 0}
+    tables = (cos, sin) if cos is not None else ()
     out, present_k, present_v = _gqa()(tokens_major(q, heads), tokens_major(k, kv_heads), tokens_major(v, kv_heads), past_k, past_v,
-                                       seqlens, total, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), do_rotary=0)
+                                       seqlens, total, *tables, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), **rotary)
     return op.Reshape(out, _const(np.array([0, 0, heads, dim], dtype=np.int64))), present_k, present_v
 
 
