@@ -29,6 +29,10 @@ def test_a_kv_graph_gets_its_sizes_names_and_tokens(tmp_path):
     assert (dec["head_size"], dec["hidden_size"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == (8, 32, 4, 2, 2)
     assert dec["inputs"]["past_key_names"] % 1 == "past_key_values.1.key" and dec["outputs"]["present_value_names"] % 0 == "present.0.value"
     assert set(dec["inputs"]) >= {"input_ids", "attention_mask", "position_ids"}
+    # GroupQueryAttention writes into a full-length cache in place: GenAI may share the buffers
+    assert config["search"]["past_present_share_buffer"] is True
+    eager = capture_kv_decoder(_llama(), name="tiny", attention="eager")
+    assert genai_config(eager, "model.onnx")["search"]["past_present_share_buffer"] is False  # plain ops only append
     out = tmp_path / "art"
     out.mkdir()
     assert write_genai_files(graph, out, "model.onnx") == ["genai_config.json", "tokenizer.json"]

@@ -162,7 +162,7 @@ def test_onnx_runtime_genai_runs_a_kv_artifact_and_gives_its_tokens(kv_decoder):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'graphpress[llm]')")
     _, _, art, _ = kv_decoder
     config = json.loads((art.folder / "genai_config.json").read_text())
-    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is False
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is True
     prompt = np.array([[5, 7, 9, 11]])
     ours = art.generate(prompt, 10)
     model = og.Model(str(art.folder))
