@@ -140,7 +140,8 @@ def test_an_int4_kv_artifact_decodes_as_its_graph_does_in_onnx_runtime(kv_decode
     from graphpress.ir.compare import sqnr_db
 
     model, _, art, graph = kv_decoder
-    assert [p["name"] for p in art.manifest["passes"]] == ["quantize-layerwise", "fuse-parallel-linears", "eliminate-dead-code"]
+    assert [p["name"] for p in art.manifest["passes"]] == ["quantize-layerwise", "fuse-parallel-linears", "quantize-embeddings",
+                                                                 "eliminate-dead-code"]
     assert art.manifest["passes"][1]["stats"]["linears_fused"] == 2 * 5  # q/k/v and gate/up of both layers
     wrapper = HFKVDecoder(model)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
