@@ -143,3 +143,27 @@ def test_the_rotary_goes_into_the_attention_op_only_for_position_only_rope_types
 def test_a_length_dependent_rope_is_refused_in_one_line():
     with pytest.raises(FrontendError, match=r"rope type 'dynamic' changes its angles with the sequence length.*position-only rope types"):
         capture_kv_decoder(_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), name="dyn")
+
+
+def test_stories260k_with_a_cache_follows_the_llama2c_model(shared_models):
+    # real pretrained weights: llama2.c's interleaved rotary pairs become transformers' halves
+    from graphpress.frontends.llama2c import load_llama2c
+    from graphpress.frontends.llama2c.to_hf import to_transformers
+
+    path = shared_models / "stories260k" / "stories260K.bin"
+    graph = load(path, kv_cache=True)
+    assert graph.source["frontend"] == "llama2c" and graph.source["kv_cache"]["rotary"] == "in attention"
+    original = load_llama2c(path)
+    prompt = torch.tensor([[1, 403, 407, 261, 378]])
+    wrapper = HFKVDecoder(to_transformers(original))
+    with torch.no_grad():
+        outs = graph.run(*wrapper.prefill_inputs(prompt))
+        torch.testing.assert_close(outs[0], original(prompt), rtol=1e-4, atol=2e-4)
+        seqs, past = prompt, outs[1:]
+        for _ in range(16):  # greedy, through the cache, against the full llama2.c forward
+            nxt = outs[0][:, -1].argmax(-1, keepdim=True)
+            seqs = torch.cat([seqs, nxt], 1)
+            n = seqs.shape[1]
+            outs = graph.run(nxt, torch.ones(1, n, dtype=torch.long), torch.tensor([[n - 1]]), *past)
+            past = outs[1:]
+            torch.testing.assert_close(outs[0][:, -1], original(seqs)[:, -1], rtol=1e-4, atol=2e-4)
