@@ -523,7 +523,8 @@ def generate(
     wall = time.perf_counter() - t0
     made = out.shape[1] - len(ids)
     console.print()
-    console.print(f"{made} tokens in {wall:.2f} s ({made / wall:.1f} tokens/s; no KV cache: each step re-runs the sequence)", style="dim")
+    how = "KV cache: one token per step" if getattr(model, "kv_cache", False) else "no KV cache: each step re-runs the sequence"
+    console.print(f"{made} tokens in {wall:.2f} s ({made / wall:.1f} tokens/s; {how})", style="dim")
 
 
 def parse_dims(items: Optional[list[str]], option: str = "--dim") -> dict[str, int]:

@@ -91,6 +91,9 @@ def _sliding_window(config: Any) -> int | None:
 
 
 ATTENTIONS = ("gqa", "eager")
+#: ONNX Runtime's GroupQueryAttention (CPU) takes head sizes that are multiples of this; smaller
+#: or odd heads keep transformers' eager attention.
+GQA_HEAD_MULTIPLE = 16
 # transformers' name for graphpress's attention function (AttentionInterface / mask interface)
 _ATTN_NAME = "graphpress_gqa"
 _STEP: contextvars.ContextVar = contextvars.ContextVar("graphpress_kv_step", default=None)
@@ -183,12 +186,17 @@ class HFKVDecoder(nn.Module):
         super().__init__()
         if attention not in ATTENTIONS:
             raise FrontendError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
-        self.attention = attention
-        if attention == "gqa":
-            _register_attention()
         self.model = hf_model.eval()
         config = hf_model.config
         self.layers, self.kv_heads, self.head_dim = cache_geometry(config)
+        self.attention_note = None
+        if attention == "gqa" and self.head_dim % GQA_HEAD_MULTIPLE:
+            # ONNX Runtime's GroupQueryAttention CPU kernel refuses such heads (stories260K: 8)
+            attention = "eager"
+            self.attention_note = f"eager (head_dim {self.head_dim}: GroupQueryAttention needs a multiple of {GQA_HEAD_MULTIPLE})"
+        self.attention = attention
+        if attention == "gqa":
+            _register_attention()
         # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         rope = next((m.rope_type for m in hf_model.modules() if hasattr(m, "rope_type") and hasattr(m, "inv_freq")), "default")
@@ -333,7 +341,9 @@ def capture_kv_decoder(hf_model: nn.Module, *, name: str, source: dict[str, Any]
         dynamic_dims={0: "batch"},
         input_dims=kv_input_dims(wrapper.layers),
         source={**(source or {}), "kv_cache": {"layers": wrapper.layers, "kv_heads": wrapper.kv_heads, "head_dim": wrapper.head_dim,
-                                               "attention": attention, **wrapper.facts, **decoder_facts(hf_model.config)}},
+                                               "attention": wrapper.attention, **({"attention_note": wrapper.attention_note}
+                                                                                   if wrapper.attention_note else {}),
+                                               **wrapper.facts, **decoder_facts(hf_model.config)}},
     )
     return graph
 

@@ -192,6 +192,10 @@ def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_n
     vocab = model.outputs[io.logits].shape[-1]
     if isinstance(vocab, int) and (ids.min() < 0 or ids.max() >= vocab):
         raise ArtifactError(f"{model.folder}: prompt token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+    context = getattr(model, "context_length", None)
+    if context is not None and ids.shape[1] + max_new_tokens > context:
+        raise ArtifactError(f"{model.folder}: a {ids.shape[1]}-token prompt and {max_new_tokens} new tokens exceed the model's context of "
+                            f"{context} tokens; shorten the prompt or ask for fewer tokens")
     ids = ids.astype(np.int64)
     rng = np.random.default_rng(sampling.seed)
     done = np.zeros(ids.shape[0], dtype=bool)

@@ -172,6 +172,20 @@ class LoadedModel:
         arrays = self.validate(inputs)
         return list(self.runner(*(arrays[i] for i in self._order)))
 
+    @property
+    def kv_cache(self) -> bool:
+        """Whether this is a decoder artifact with a KV cache (``past_key_values.*`` inputs):
+        :meth:`generate` then runs one token per step."""
+        return any(s.name.startswith("past_key_values.") for s in self.inputs)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens a KV-cache decoder artifact was built for (its source's
+        ``max_position_embeddings``), None when unknown."""
+        facts = (self.manifest.get("source") or {}).get("kv_cache") or {}
+        value = facts.get("context_length")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def generate(self, prompt_ids: Any, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  on_token: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:

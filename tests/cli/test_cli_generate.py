@@ -99,6 +99,9 @@ def test_run_with_kv_cache_then_generate_gives_the_same_tokens_as_the_streamed_a
     assert res.exit_code == 0, res.output
     want = load(artifact / "art").generate(np.array([[5, 7, 9]]), 5)[0]  # no cache: the whole sequence each step
     assert " ".join(f"w{t}" for t in want) in " ".join(res.output.split())
+    assert "KV cache: one token per step" in res.output
+    # the source's max_position_embeddings (64) bounds prompt + new tokens: one line
+    assert "exceed the model's context of 64 tokens" in one_error_line(["generate", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "62"])
 
 
 def test_kv_cache_is_refused_with_streaming_and_outside_hugging_face_folders(artifact, tmp_path):
