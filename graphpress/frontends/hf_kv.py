@@ -22,10 +22,13 @@ Attention (``attention=``):
 
 * ``"gqa"`` (default): the model's attention function is replaced, through transformers'
   ``AttentionInterface``, by one ``graphpress::gqa_cached`` op per layer that takes the step's
-  rotated queries, keys and values and the layer's cache and returns the output and the
-  presents (:mod:`graphpress.ir.ops_attention`; the cache's ``update`` hands the new keys and
-  values through instead of concatenating). ONNX Runtime runs it as one
-  ``GroupQueryAttention`` node;
+  queries, keys and values and the layer's cache and returns the output and the presents
+  (:mod:`graphpress.ir.ops_attention`; the cache's ``update`` hands the new keys and values
+  through instead of concatenating). ONNX Runtime runs it as one ``GroupQueryAttention`` node.
+  For rope types that depend on the position alone, the rotary embedding moves into the op too
+  (constant cos/sin tables; the model's ``apply_rotary_pos_emb`` is stood in for by the identity
+  during the traced call). Heads whose size is not a multiple of 16 (ONNX Runtime's kernel
+  refuses them) fall back to ``"eager"``;
 * ``"eager"``: the model's own eager attention over ``DynamicCache``'s concatenation (~15 ONNX
   nodes per layer, the cache copied once per grouped head): the reference the first is tested
   against.
@@ -38,7 +41,8 @@ of the artifact adds a decode step: the example prefill's caches fed back with o
 
 Models with a sliding-window cache (a Mistral with ``sliding_window`` set, a Qwen2 with
 ``use_sliding_window``) are refused in one line: their cache drops old entries, which a graph
-with ``present = concat(past, new)`` does not.
+with ``present = concat(past, new)`` does not. So are rope types whose angles change with the
+sequence length at run time (``dynamic``, ``longrope``).
 """
 
 from __future__ import annotations
