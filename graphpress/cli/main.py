@@ -141,7 +141,7 @@ def run(
     ),
     kv_cache: bool = typer.Option(
         False, "--kv-cache",
-        help="Hugging Face causal LMs: capture one generation step with a KV cache (past keys/values in, present out), so the artifact generates a token per step instead of re-running the sequence. See docs/artifact.md.",
+        help="Hugging Face causal LMs and llama2.c files: capture one generation step with a KV cache (past keys/values in, present out), so the artifact generates a token per step instead of re-running the sequence. See docs/frontends/kv-cache.md.",
     ),
     stream: str = typer.Option(
         "auto", "--stream",
