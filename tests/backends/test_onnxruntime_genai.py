@@ -10,7 +10,7 @@ from graphpress.ir.graph import Graph
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=80, eos_token_id=3, bos_token_id=1)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -26,13 +26,19 @@ def test_a_kv_graph_gets_its_sizes_names_and_tokens(tmp_path):
     assert model["type"] == "llama" and model["vocab_size"] == 96 and model["context_length"] == 80
     assert model["eos_token_id"] == 3 and model["bos_token_id"] == 1 and model["pad_token_id"] == 3  # no pad: the eos
     dec = model["decoder"]
-    assert (dec["head_size"], dec["hidden_size"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == (8, 32, 4, 2, 2)
+    assert (dec["head_size"], dec["hidden_size"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == (16, 64, 4, 2, 2)
     assert dec["inputs"]["past_key_names"] % 1 == "past_key_values.1.key" and dec["outputs"]["present_value_names"] % 0 == "present.0.value"
     assert set(dec["inputs"]) >= {"input_ids", "attention_mask", "position_ids"}
     # GroupQueryAttention writes into a full-length cache in place: GenAI may share the buffers
     assert config["search"]["past_present_share_buffer"] is True
     eager = capture_kv_decoder(_llama(), name="tiny", attention="eager")
     assert genai_config(eager, "model.onnx")["search"]["past_present_share_buffer"] is False  # plain ops only append
+    # heads of 8: GroupQueryAttention refuses them, the capture keeps eager attention, no sharing
+    small = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=80)
+    small._attn_implementation = "eager"
+    graph8 = capture_kv_decoder(transformers.LlamaForCausalLM(small).eval(), name="h8")
+    assert graph8.source["kv_cache"]["attention"] == "eager" and genai_config(graph8, "model.onnx")["search"]["past_present_share_buffer"] is False
     out = tmp_path / "art"
     out.mkdir()
     assert write_genai_files(graph, out, "model.onnx") == ["genai_config.json", "tokenizer.json"]
