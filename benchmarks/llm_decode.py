@@ -19,6 +19,12 @@ tokenizer) is compressed three ways, all int4 with groups of 32 and int8 activat
 ``builder-genai``
     ``python -m onnxruntime_genai.models.builder -p int4 -e cpu`` (fused GroupQueryAttention,
     rotary and skip-layer-norm contrib ops), run by ``og.Generator``.
+``gp-fp32-kv`` / ``gp-fp32-kv-genai``
+    ``compress run FOLDER --kv-cache`` with the exact default recipe (float32), in graphpress's
+    runtime and in GenAI's.
+``torch-fp32-kv``
+    transformers itself in float32 with its own KV cache (a prefill, then one token per call):
+    the torch-eager baseline of the fp32 rows, and the KL reference.
 
 Timing: batch 1, a ``--prompt``-token prompt (random ids), greedy, ``--new`` new tokens; per
 variant the prefill time and the median time per decoded token; variants interleaved in
@@ -61,11 +67,11 @@ def _folder(size: str, where: Path) -> Path:
     return out
 
 
-def _compress(folder: Path, out: Path, kv: bool) -> dict[str, Any]:
+def _compress(folder: Path, out: Path, kv: bool, recipe: Any = RECIPE) -> dict[str, Any]:
     from graphpress.api import compress
 
     t0 = time.perf_counter()
-    res = compress(folder, out=out, recipe=RECIPE, kv_cache=kv, bench=False)
+    res = compress(folder, out=out, recipe=recipe, kv_cache=kv, bench=False)
     return {"folder": str(res.folder), "compress_s": round(time.perf_counter() - t0, 1),
             "model_mb": round(sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")) / 2**20, 1)}
 
@@ -89,6 +95,26 @@ def _genai_model(folder: str, threads: int):
 
 
 # ---------------------------------------------------------------------------- timing
+def _time_torch(model, prompt: np.ndarray, new: int) -> tuple[float, list[float], list[int]]:
+    """transformers in float32 with its own KV cache: a prefill, then one token per call."""
+    import torch
+
+    ids = torch.as_tensor(prompt)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        stamps = [time.perf_counter()]
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        for _ in range(new - 1):
+            kwargs = {"cache" if "cache" in out else "past_key_values": cache}
+            out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **kwargs)
+            cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            tokens.append(int(out.logits[0, -1].argmax()))
+            stamps.append(time.perf_counter())
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])], tokens
+
+
 def _time_graphpress(art, prompt: np.ndarray, new: int) -> tuple[float, list[float], list[int]]:
     """Prefill seconds, per-token seconds and the tokens, through ``LoadedModel.generate``."""
     stamps: list[float] = []
@@ -185,17 +211,27 @@ def main() -> None:
             "builder-genai": _builder(folder, tmp / "builder", tmp),
         }
         builds["gp-kv-genai"] = dict(builds["gp-kv"])
-        arts = {name: load(builds[name]["folder"], threads=args.threads) for name in ("gp-kv", "gp-full")}
+        builds["gp-fp32-kv"] = _compress(folder, tmp / "gp-fp32", kv=True, recipe="default")
+        builds["gp-fp32-kv-genai"] = dict(builds["gp-fp32-kv"])
+        from graphpress.frontends.huggingface import build_hf_model
+
+        torch_model = build_hf_model(folder).float()
+        builds["torch-fp32-kv"] = {"compress_s": 0.0, "model_mb": round(sum(p.numel() * 4 for p in torch_model.parameters()) / 2**20, 1)}
+        arts = {name: load(builds[name]["folder"], threads=args.threads) for name in ("gp-kv", "gp-full", "gp-fp32-kv")}
         genai = {"gp-kv-genai": _genai_model(builds["gp-kv"]["folder"], args.threads),
-                 "builder-genai": _genai_model(builds["builder-genai"]["folder"], args.threads)}
+                 "builder-genai": _genai_model(builds["builder-genai"]["folder"], args.threads),
+                 "gp-fp32-kv-genai": _genai_model(builds["gp-fp32-kv"]["folder"], args.threads)}
 
         rng = np.random.default_rng(0)
         prompt = rng.integers(3, cfg["vocab_size"], (1, args.prompt))
-        runs: dict[str, list[dict]] = {k: [] for k in ("gp-kv", "gp-kv-genai", "builder-genai", "gp-full")}
+        runs: dict[str, list[dict]] = {k: [] for k in ("gp-kv", "gp-kv-genai", "builder-genai", "gp-full", "gp-fp32-kv", "gp-fp32-kv-genai",
+                                                       "torch-fp32-kv")}
         for _ in range(args.rounds):  # interleaved: every variant once per round
             for name in runs:
-                if name in arts:
-                    new = args.new if name == "gp-kv" else args.full_new
+                if name == "torch-fp32-kv":
+                    prefill, steps, tokens = _time_torch(torch_model, prompt, args.new)
+                elif name in arts:
+                    new = args.full_new if name == "gp-full" else args.new
                     prefill, steps, tokens = _time_graphpress(arts[name], prompt, new)
                 else:
                     prefill, steps, tokens = _time_genai(genai[name], prompt, args.new)
@@ -218,6 +254,11 @@ def main() -> None:
         quality["builder-genai"] = _kl_top1(ref, _kv_prefill_logits(lambda f: sess.run(["logits"], f), names, seqs, kv_heads, head_dim,
                                                                     layers, "position_ids" in names))
         quality["gp-kv-genai"] = quality["gp-kv"]
+        fp_art = arts["gp-fp32-kv"]
+        quality["gp-fp32-kv"] = _kl_top1(ref, _kv_prefill_logits(lambda f: fp_art(*[f.get(s.name) for s in fp_art.inputs]),
+                                                                 [s.name for s in fp_art.inputs], seqs, kv_heads, head_dim, layers, True))
+        quality["gp-fp32-kv-genai"] = quality["gp-fp32-kv"]
+        quality["torch-fp32-kv"] = (0.0, 1.0)  # the reference itself
 
     rows = {}
     for name, rs in runs.items():
@@ -234,6 +275,9 @@ def main() -> None:
     base = rows["builder-genai"]["ms_per_token"]
     for row in rows.values():
         row["time_per_token_vs_builder"] = round(row["ms_per_token"] / base, 2)
+    eager = rows["torch-fp32-kv"]["ms_per_token"]
+    for name in ("gp-fp32-kv", "gp-fp32-kv-genai"):
+        rows[name]["speedup_vs_torch_fp32_kv"] = round(eager / rows[name]["ms_per_token"], 2)
     result = {
         "benchmark": "llm_decode",
         "model": {"size": args.size if not args.folder else str(args.folder), **{k: cfg[k] for k in ("hidden_size", "num_hidden_layers",
@@ -253,6 +297,8 @@ def main() -> None:
         spread = f"{r['ms_per_token_spread'][0]}-{r['ms_per_token_spread'][1]}"
         print(f"{name:16s}{r['ms_per_token']:10.2f}{spread:>16s}{r['tokens_per_s']:8.1f}{r['prefill_ms']:12.1f}"
               f"{r['time_per_token_vs_builder']:12.2f}{r['kl']:10.4f}{r['top1_agreement']:8.3f}{r['model_mb']:8.1f}")
+    print(f"fp32 with a KV cache, graphpress vs torch eager: {rows['gp-fp32-kv']['speedup_vs_torch_fp32_kv']}x (graphpress runtime), "
+          f"{rows['gp-fp32-kv-genai']['speedup_vs_torch_fp32_kv']}x (GenAI runtime)")
     print(f"same tokens from graphpress's runtime and GenAI on the KV artifact: {same_tokens}; wrote {args.out}")
 
 
