@@ -134,11 +134,30 @@ def decoder_io(model: Any) -> DecoderIO:
 
 class _Stepper:
     """Runs one generation step of a decoder artifact: the logits of the last position of each
-    row, for the whole sequence so far (no cache) or the new tokens and the cache (KV)."""
+    row, for the whole sequence so far (no cache) or the new tokens and the cache (KV).
 
-    def __init__(self, model: Any, io: DecoderIO):
+    With a KV cache, when the artifact's attention writes into full-length caches in place
+    (``GroupQueryAttention``: ``manifest["source"]["kv_cache"]["attention"] == "gqa"``) and its
+    runner offers ``shared_cache_decoder`` (ONNX Runtime), each cache is allocated once at
+    ``max_len`` and bound as both past and present; otherwise the presents are fed back as the
+    next step's past."""
+
+    def __init__(self, model: Any, io: DecoderIO, max_len: int = 0):
         self.model, self.io = model, io
         self.cache: list[np.ndarray] | None = None
+        self.max_len = max_len
+        self.shared: Any = None
+
+    def _shared(self, batch: int) -> Any:
+        facts = (getattr(self.model, "manifest", {}).get("source") or {}).get("kv_cache") or {}
+        make = getattr(getattr(self.model, "runner", None), "shared_cache_decoder", None)
+        if facts.get("attention") != "gqa" or make is None or not self.max_len:
+            return None
+        names = [s.name for s in self.model.inputs]
+        outs = [s.name for s in self.model.outputs]
+        kv_heads, head_dim = self.io.cache_shape
+        return make([names[i] for i in self.io.past], [outs[j] for j in self.io.present], (batch, kv_heads, self.max_len, head_dim),
+                    self.io.cache_dtype, outs[self.io.logits])
 
     def __call__(self, ids: np.ndarray, new: int) -> np.ndarray:
         """``ids``: the whole sequence so far; ``new``: how many of its last tokens were not
@@ -147,6 +166,13 @@ class _Stepper:
         if not io.cached:
             return self.model(ids)[io.logits][:, -1, :]
         b, n = ids.shape
+        if self.cache is None and self.shared is None:
+            self.shared = self._shared(b) or False
+        if self.shared:
+            names = [s.name for s in self.model.inputs]
+            feeds = {names[io.ids]: ids[:, n - new:].astype(np.int64), names[io.mask]: np.ones((b, n), dtype=np.int64),
+                     names[io.positions]: np.broadcast_to(np.arange(n - new, n, dtype=np.int64), (b, new)).copy()}
+            return self.shared(feeds)[:, -1, :]
         feeds: list[Any] = [None] * len(self.model.inputs)
         if self.cache is None:
             kv_heads, head_dim = io.cache_shape
@@ -199,7 +225,7 @@ def generate(model: Any, prompt_ids: Sequence[Sequence[int]] | np.ndarray, max_n
     ids = ids.astype(np.int64)
     rng = np.random.default_rng(sampling.seed)
     done = np.zeros(ids.shape[0], dtype=bool)
-    step_fn = _Stepper(model, io)
+    step_fn = _Stepper(model, io, max_len=ids.shape[1] + max_new_tokens)
     for step in range(max_new_tokens):
         logits = step_fn(ids, ids.shape[1] if step == 0 else 1)
         new = next_tokens(logits, sampling, rng).astype(np.int64)

@@ -123,9 +123,11 @@ def test_a_kv_artifact_generates_transformers_tokens_one_token_per_step(kv_decod
     model, art, _, _ = kv_decoder
     assert [s.name for s in art.inputs][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    from graphpress.backends.onnxruntime.session import SharedCacheDecoder
+
     fed = []
-    real = type(art).__call__
-    monkeypatch.setattr(type(art), "__call__", lambda self, *xs: fed.append(xs[0].shape) or real(self, *xs))
+    real = SharedCacheDecoder.__call__
+    monkeypatch.setattr(SharedCacheDecoder, "__call__", lambda self, feeds: fed.append(feeds["input_ids"].shape) or real(self, feeds))
     got = art.generate(prompt.numpy(), 8)
     with torch.no_grad():
         want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
@@ -174,3 +176,19 @@ def test_onnx_runtime_genai_runs_a_kv_artifact_and_gives_its_tokens(kv_decoder):
     while not gen.is_done():
         gen.generate_next_token()
     assert [int(t) for t in gen.get_sequence(0)] == ours[0].tolist()
+
+
+def test_shared_cache_buffers_give_the_tokens_of_fed_back_caches(kv_decoder, monkeypatch):
+    # ONNX Runtime's IOBinding path (each cache allocated once at full length, bound as past and
+    # present) against feeding the presents back: the same tokens, greedy and sampled
+    _, exact, int4, _ = kv_decoder
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5)).numpy()
+    made = []
+    real = type(exact.runner).shared_cache_decoder
+    monkeypatch.setattr(type(exact.runner), "shared_cache_decoder", lambda self, *a, **k: made.append(a[2]) or real(self, *a, **k))
+    shared = [art.generate(prompt, 10) for art in (exact, int4)] + [exact.generate(prompt, 10, temperature=0.9, top_k=20, seed=3)]
+    assert made == [(2, 2, 17, 16)] * 3  # (batch, kv heads, prompt + new, head_dim), once per generate
+    monkeypatch.delattr(type(exact.runner), "shared_cache_decoder")
+    fed_back = [art.generate(prompt, 10) for art in (exact, int4)] + [exact.generate(prompt, 10, temperature=0.9, top_k=20, seed=3)]
+    for a, b in zip(shared, fed_back):
+        assert np.array_equal(a, b)

@@ -103,8 +103,47 @@ class OrtRunner:
         except Exception as err:  # noqa: BLE001
             raise BackendError(f"{self.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
 
+    def shared_cache_decoder(self, past: Sequence[str], present: Sequence[str], shape: Sequence[int], dtype: str = "float32",
+                             logits: str = "logits") -> "SharedCacheDecoder":
+        """A :class:`SharedCacheDecoder` over this session (see there)."""
+        return SharedCacheDecoder(self, past, present, shape, dtype, logits)
+
     def __repr__(self) -> str:
         return f"OrtRunner({self.model_path.name!r}, inputs={self.input_names}, providers={self.providers})"
+
+
+class SharedCacheDecoder:
+    """Generation steps of a KV-cache decoder whose attention writes into full-length cache
+    buffers in place (``com.microsoft.GroupQueryAttention``), through ORT's IOBinding.
+
+    Each layer's key and value cache is allocated once, ``shape = (batch, kv_heads, max_len,
+    head_dim)``, and bound both as the step's past and as its present: the kernel sees the same
+    buffer and appends the step's keys and values in place (what ONNX Runtime GenAI does with
+    ``past_present_share_buffer``), instead of the runtime feeding the presents back as new
+    arrays every step. A step takes the new token ids, the mask over everything so far and the
+    positions; it returns the logits.
+    """
+
+    def __init__(self, runner: OrtRunner, past: Sequence[str], present: Sequence[str], shape: Sequence[int], dtype: str,
+                 logits: str):
+        self.runner, self.session = runner, runner.session
+        self.past, self.present, self.logits = list(past), list(present), logits
+        self.caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=dtype)) for _ in self.past]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, cache in zip(self.past, self.caches):
+            binding.bind_ortvalue_input(name, cache)
+        for name, cache in zip(self.present, self.caches):
+            binding.bind_ortvalue_output(name, cache)
+        binding.bind_output(self.logits)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as err:  # noqa: BLE001
+            raise BackendError(f"{self.runner.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
+        return binding.get_outputs()[-1].numpy()
 
 
 __all__ = ["OrtRunner", "default_providers", "to_numpy", "CUDA", "CPU"]
