@@ -27,7 +27,8 @@ tokenizer) is compressed three ways, all int4 with groups of 32 and int8 activat
     the torch-eager baseline of the fp32 rows, and the KL reference.
 
 Timing: batch 1, a ``--prompt``-token prompt (random ids), greedy, ``--new`` new tokens; per
-variant the prefill time and the median time per decoded token; variants interleaved in
+variant the prefill time and the median time per decoded token (per step); the int4 KV variants
+and the builder also at ``--batch`` rows (``-b8``: tokens/s counts every row); variants interleaved in
 ``--rounds`` rounds (A B C D, A B C D ...) on ``--threads`` intra-op threads each, medians over
 rounds with the spread.
 
@@ -129,7 +130,7 @@ def _time_genai(model, prompt: np.ndarray, new: int) -> tuple[float, list[float]
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
+    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False, batch_size=prompt.shape[0])
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(prompt.astype(np.int32))  # runs the prompt and picks the first new token
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--full-new", type=int, default=8, help="new tokens of the no-cache variant (a full forward each)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="the batched rows' batch size (ms per step; tokens/s counts every row)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--heldout-len", type=int, default=128)
@@ -224,18 +226,23 @@ def main() -> None:
 
         rng = np.random.default_rng(0)
         prompt = rng.integers(3, cfg["vocab_size"], (1, args.prompt))
+        prompts = {1: prompt, args.batch: rng.integers(3, cfg["vocab_size"], (args.batch, args.prompt))}
+        batched = ("gp-kv", "gp-kv-genai", "builder-genai")  # also timed at --batch rows (the name gets "-b8")
         runs: dict[str, list[dict]] = {k: [] for k in ("gp-kv", "gp-kv-genai", "builder-genai", "gp-full", "gp-fp32-kv", "gp-fp32-kv-genai",
-                                                       "torch-fp32-kv")}
+                                                       "torch-fp32-kv", *(f"{b}-b{args.batch}" for b in batched))}
         for _ in range(args.rounds):  # interleaved: every variant once per round
             for name in runs:
+                base, _, tail = name.partition(f"-b{args.batch}")
+                rows_in = args.batch if name != base and not tail else 1
+                x = prompts[rows_in]
                 if name == "torch-fp32-kv":
-                    prefill, steps, tokens = _time_torch(torch_model, prompt, args.new)
-                elif name in arts:
-                    new = args.full_new if name == "gp-full" else args.new
-                    prefill, steps, tokens = _time_graphpress(arts[name], prompt, new)
+                    prefill, steps, tokens = _time_torch(torch_model, x, args.new)
+                elif base in arts:
+                    new = args.full_new if base == "gp-full" else args.new
+                    prefill, steps, tokens = _time_graphpress(arts[base], x, new)
                 else:
-                    prefill, steps, tokens = _time_genai(genai[name], prompt, args.new)
-                runs[name].append({"prefill_s": prefill, "ms_per_token": 1e3 * statistics.median(steps), "tokens": tokens})
+                    prefill, steps, tokens = _time_genai(genai[base], x, args.new)
+                runs[name].append({"prefill_s": prefill, "ms_per_token": 1e3 * statistics.median(steps), "tokens": tokens, "batch": rows_in})
 
         # the same tokens from graphpress's runtime and GenAI on the one artifact
         same_tokens = runs["gp-kv"][0]["tokens"] == runs["gp-kv-genai"][0]["tokens"]
@@ -264,17 +271,20 @@ def main() -> None:
     for name, rs in runs.items():
         ms = [r["ms_per_token"] for r in rs]
         pre = [r["prefill_s"] for r in rs]
-        kl, top1 = quality[name]
+        base = name.partition(f"-b{args.batch}")[0]
+        batch = rs[0]["batch"]
+        kl, top1 = quality[base]
         rows[name] = {
+            "batch": batch,
             "ms_per_token": round(statistics.median(ms), 2), "ms_per_token_spread": [round(min(ms), 2), round(max(ms), 2)],
-            "tokens_per_s": round(1e3 / statistics.median(ms), 1),
+            "tokens_per_s": round(batch * 1e3 / statistics.median(ms), 1),
             "prefill_ms": round(1e3 * statistics.median(pre), 1), "prefill_ms_spread": [round(1e3 * min(pre), 1), round(1e3 * max(pre), 1)],
             "kl": round(kl, 5), "top1_agreement": round(top1, 4),
-            **{k: v for k, v in builds[name].items() if k != "folder"},
+            **{k: v for k, v in builds[base].items() if k != "folder"},
         }
-    base = rows["builder-genai"]["ms_per_token"]
-    for row in rows.values():
-        row["time_per_token_vs_builder"] = round(row["ms_per_token"] / base, 2)
+    for name, row in rows.items():
+        ref = rows[f"builder-genai-b{args.batch}" if row["batch"] != 1 else "builder-genai"]["ms_per_token"]
+        row["time_per_token_vs_builder"] = round(row["ms_per_token"] / ref, 2)
     eager = rows["torch-fp32-kv"]["ms_per_token"]
     for name in ("gp-fp32-kv", "gp-fp32-kv-genai"):
         rows[name]["speedup_vs_torch_fp32_kv"] = round(eager / rows[name]["ms_per_token"], 2)
@@ -292,6 +302,7 @@ def main() -> None:
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Llama {args.size}: prompt {args.prompt}, {args.new} new tokens, batch 1, {args.threads} threads, {args.rounds} interleaved rounds")
+    print("ms/token is per step: at batch > 1 a step makes a token for every row")
     print(f"{'variant':16s}{'ms/token':>10s}{'spread':>16s}{'tok/s':>8s}{'prefill ms':>12s}{'vs builder':>12s}{'KL':>10s}{'top-1':>8s}{'MB':>8s}")
     for name, r in rows.items():
         spread = f"{r['ms_per_token_spread'][0]}-{r['ms_per_token_spread'][1]}"
