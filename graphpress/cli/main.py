@@ -474,7 +474,7 @@ def bench(
 @app.command()
 @handle_errors
 def generate(
-    artifact: Path = typer.Argument(..., help="Decoder artifact folder (input_ids -> logits)."),
+    artifact: Path = typer.Argument(..., help="Decoder artifact folder (input_ids -> logits, or made with --kv-cache)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text, encoded with the tokenizer.json of the model's source folder."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Token ids, e.g. '1 15 27' (or comma-separated)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate."),

@@ -124,7 +124,7 @@ def _load_kv(source: Any, example_inputs: Any, input_shape: Any) -> Graph:
         what = type(source).__name__ if isinstance(source, torch.nn.Module) else str(source)
         raise FrontendError(f"{what}: --kv-cache needs a Hugging Face causal-LM folder (config.json + weights) or a llama2.c .bin")
     if example_inputs is not None or input_shape is not None:
-        raise FrontendError(f"{path}: --kv-cache makes its own example inputs (a cached prefix and new tokens); drop --input-shape / example inputs")
+        raise FrontendError(f"{path}: --kv-cache makes its own example inputs (prefill prompts, and a cached prefix to trace with); drop --input-shape / example inputs")
     from graphpress.frontends.hf_kv import capture_kv_decoder, load_hf_kv_folder
 
     if is_l2c:

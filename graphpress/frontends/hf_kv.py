@@ -116,10 +116,15 @@ class _Step:
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
+def _rotary_modules(model: nn.Module) -> list[nn.Module]:
+    """transformers' rotary-embedding modules (they carry ``rope_type`` and ``inv_freq``)."""
+    return [m for m in model.modules() if hasattr(m, "rope_type") and hasattr(m, "inv_freq")]
+
+
 def rotary_tables(model: nn.Module, head_dim: int, positions: int) -> tuple[torch.Tensor, torch.Tensor] | str:
     """``(cos, sin)`` half tables ``(positions, head_dim/2)`` of the model's rotary module, or why
     there are none (several rotary modules, a length-dependent rope type, partial rotary)."""
-    rotaries = [m for m in model.modules() if hasattr(m, "rope_type") and hasattr(m, "inv_freq")]
+    rotaries = _rotary_modules(model)
     if len(rotaries) != 1:
         return f"{len(rotaries)} rotary modules"
     rot = rotaries[0]
@@ -143,9 +148,8 @@ def _unrotated(q, k, *args, **kwargs):
 
 def _gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: ``graphpress::gqa_cached`` over the layer's cache
-    (``key`` / ``value`` are the step's new ones: see :func:`_pass_through_update`)."""
-    from graphpress.ir import ops_attention  # noqa: F401 -- registers the op
-
+    (``key`` / ``value`` are the step's new ones: see :func:`_pass_through_update`; the op is
+    registered by ``graphpress.ir``)."""
     step = _STEP.get()
     idx = module.layer_idx
     scale = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
@@ -203,7 +207,7 @@ class HFKVDecoder(nn.Module):
             _register_attention()
         # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-        rope = next((m.rope_type for m in hf_model.modules() if hasattr(m, "rope_type") and hasattr(m, "inv_freq")), "default")
+        rope = next((m.rope_type for m in _rotary_modules(hf_model)), "default")
         if rope not in _STATIC_ROPE:
             raise FrontendError(
                 f"{type(hf_model).__name__}: rope type {rope!r} changes its angles with the sequence length at run time; a KV-cache "
@@ -276,17 +280,27 @@ class HFKVDecoder(nn.Module):
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         """Caches of length 0 (a prefill's past)."""
-        return [torch.zeros(batch, self.kv_heads, 0, self.head_dim) for _ in range(2 * self.layers)]
+        return _empty_cache(batch, self.layers, self.kv_heads, self.head_dim)
 
     def prefill_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The graph's inputs for a prompt with no past: token ids ``(batch, seq)`` -> ids, a
         mask of ones, positions ``0 .. seq-1`` and empty caches (how calibration token
         sequences are fed to a KV graph)."""
-        ids = torch.as_tensor(input_ids).long()
-        if ids.dim() == 1:
-            ids = ids[None]
-        b, s = ids.shape
-        return (ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *self.empty_cache(b))
+        return prefill_feed(input_ids, self.layers, self.kv_heads, self.head_dim)
+
+
+def _empty_cache(batch: int, layers: int, kv_heads: int, head_dim: int) -> list[torch.Tensor]:
+    return [torch.zeros(batch, kv_heads, 0, head_dim) for _ in range(2 * layers)]
+
+
+def prefill_feed(input_ids: Any, layers: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """A KV graph's inputs for prompts ``(batch, seq)`` (or ``(seq,)``) with no past: the ids,
+    a mask of ones, positions ``0 .. seq-1`` and caches of length 0."""
+    ids = torch.as_tensor(input_ids).long()
+    if ids.dim() == 1:
+        ids = ids[None]
+    b, s = ids.shape
+    return (ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *_empty_cache(b, layers, kv_heads, head_dim))
 
 
 def _cache(config: Any, past: Sequence[torch.Tensor], layers: int, *, pass_through: bool = False):
@@ -377,14 +391,9 @@ def decoder_facts(config: Any) -> dict[str, Any]:
 
 def load_hf_kv_folder(folder: str | Path) -> Graph:
     """A Hugging Face causal-LM folder captured with its KV cache (module docstring)."""
-    from graphpress.frontends.huggingface import build_hf_model, is_hf_folder
+    from graphpress.frontends.huggingface import open_hf_folder
 
-    folder = Path(folder)
-    if not folder.exists():
-        raise FrontendError(f"{folder}: folder not found")
-    if not is_hf_folder(folder):
-        raise FrontendError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    hf = build_hf_model(folder)
+    folder, hf = open_hf_folder(folder)
     if not hasattr(hf, "lm_head") and "ForCausalLM" not in type(hf).__name__:
         raise FrontendError(f"{folder}: {type(hf).__name__} is not a causal LM; --kv-cache needs a decoder with an LM head")
     return capture_kv_decoder(hf, name=folder.name,
@@ -405,13 +414,9 @@ def prefill_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -
             continue
         if len(batch) != 1 or batch[0].dtype not in (torch.int64, torch.int32):
             raise FrontendError(f"{graph.name}: calibration for a KV-cache decoder must be token ids (batch, seq), got {len(batch)} tensors")
-        ids = batch[0].long()
-        ids = ids[None] if ids.dim() == 1 else ids
-        b, s = ids.shape
-        empty = [torch.zeros(b, geometry["kv_heads"], 0, geometry["head_dim"]) for _ in range(2 * geometry["layers"])]
-        out.append((ids, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), *empty))
+        out.append(prefill_feed(batch[0], geometry["layers"], geometry["kv_heads"], geometry["head_dim"]))
     return out
 
 
 __all__ = ["EXAMPLE_PAST", "EXAMPLE_PROMPT", "EXAMPLE_SEQ", "HFKVDecoder", "cache_geometry", "capture_kv_decoder", "kv_input_dims", "kv_names",
-           "load_hf_kv_folder", "prefill_batches"]
+           "load_hf_kv_folder", "prefill_batches", "prefill_feed"]

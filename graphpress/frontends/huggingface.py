@@ -174,6 +174,17 @@ def build_hf_model(folder: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def open_hf_folder(folder: str | Path) -> tuple[Path, torch.nn.Module]:
+    """``(folder, model)``: the folder checked (one-line errors) and its model built with
+    :func:`build_hf_model`; what both the logits capture and the KV-cache capture start from."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FrontendError(f"{folder}: folder not found")
+    if not is_hf_folder(folder):
+        raise FrontendError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    return folder, build_hf_model(folder)
+
+
 def load_hf_folder(
     folder: str | Path,
     *,
@@ -182,12 +193,7 @@ def load_hf_folder(
     dynamic_batch: bool = True,
 ) -> Graph:
     """Capture a HF model folder; example input: seeded ``input_ids`` of shape (2, seq_len)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FrontendError(f"{folder}: folder not found")
-    if not is_hf_folder(folder):
-        raise FrontendError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    hf = build_hf_model(folder)
+    folder, hf = open_hf_folder(folder)
     wrapper = wrap_hf_model(hf)
     if example_inputs is None:
         vocab = int(getattr(hf.config, "vocab_size", 100))

@@ -757,14 +757,18 @@ def _dims_text(input_dims: Sequence[dict[int, str]]) -> str:
 
 def _specialized(ep: torch.export.ExportedProgram, input_dims: Sequence[dict[int, str]]) -> list[str]:
     """``"name (input i, dim d)"`` for every requested dim that export made static."""
-    user = set(ep.graph_signature.user_inputs)
-    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     lost = []
-    for i, (v, own) in enumerate(zip(vals, input_dims)):
+    for i, (v, own) in enumerate(zip(_user_input_vals(ep), input_dims)):
         for d, name in own.items():
             if not (isinstance(v, torch.Tensor) and d < v.dim() and isinstance(v.shape[d], torch.SymInt)):
                 lost.append(f"{name} (input {i}, dim {d})")
     return lost
+
+
+def _user_input_vals(ep: torch.export.ExportedProgram) -> list[Any]:
+    """The recorded values of an exported program's user inputs, in order."""
+    user = set(ep.graph_signature.user_inputs)
+    return [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
 
 
 def _placeholder_vals(gm: fx.GraphModule) -> list[Any]:
@@ -773,9 +777,7 @@ def _placeholder_vals(gm: fx.GraphModule) -> list[Any]:
 
 def _dynamic_positions(ep: torch.export.ExportedProgram, dims: dict[int, str]) -> dict[int, str]:
     """The requested dims that stayed symbolic on every input that has them."""
-    user = set(ep.graph_signature.user_inputs)
-    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    vals = [v for v in _user_input_vals(ep) if isinstance(v, torch.Tensor)]
     kept = {}
     for d, name in dims.items():
         having = [v for v in vals if d < v.dim()]

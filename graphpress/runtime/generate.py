@@ -146,17 +146,17 @@ class _Stepper:
         self.model, self.io = model, io
         self.cache: list[np.ndarray] | None = None
         self.max_len = max_len
-        self.shared: Any = None
+        self.shared: Any = None  # decided at the first cached step: a decoder, or False
+        self.names = [s.name for s in model.inputs]
 
     def _shared(self, batch: int) -> Any:
         facts = (getattr(self.model, "manifest", {}).get("source") or {}).get("kv_cache") or {}
         make = getattr(getattr(self.model, "runner", None), "shared_cache_decoder", None)
         if facts.get("attention") != "gqa" or make is None or not self.max_len:
-            return None
-        names = [s.name for s in self.model.inputs]
+            return False
         outs = [s.name for s in self.model.outputs]
         kv_heads, head_dim = self.io.cache_shape
-        return make([names[i] for i in self.io.past], [outs[j] for j in self.io.present], (batch, kv_heads, self.max_len, head_dim),
+        return make([self.names[i] for i in self.io.past], [outs[j] for j in self.io.present], (batch, kv_heads, self.max_len, head_dim),
                     self.io.cache_dtype, outs[self.io.logits])
 
     def __call__(self, ids: np.ndarray, new: int) -> np.ndarray:
@@ -166,20 +166,19 @@ class _Stepper:
         if not io.cached:
             return self.model(ids)[io.logits][:, -1, :]
         b, n = ids.shape
-        if self.cache is None and self.shared is None:
-            self.shared = self._shared(b) or False
+        # the step's tokens, the mask over everything so far, and their positions
+        step = {io.ids: np.ascontiguousarray(ids[:, n - new:], dtype=np.int64), io.mask: np.ones((b, n), dtype=np.int64),
+                io.positions: np.broadcast_to(np.arange(n - new, n, dtype=np.int64), (b, new)).copy()}
+        if self.shared is None:
+            self.shared = self._shared(b)
         if self.shared:
-            names = [s.name for s in self.model.inputs]
-            feeds = {names[io.ids]: ids[:, n - new:].astype(np.int64), names[io.mask]: np.ones((b, n), dtype=np.int64),
-                     names[io.positions]: np.broadcast_to(np.arange(n - new, n, dtype=np.int64), (b, new)).copy()}
-            return self.shared(feeds)[:, -1, :]
-        feeds: list[Any] = [None] * len(self.model.inputs)
+            return self.shared({self.names[i]: x for i, x in step.items()})[:, -1, :]
         if self.cache is None:
             kv_heads, head_dim = io.cache_shape
             self.cache = [np.zeros((b, kv_heads, 0, head_dim), dtype=io.cache_dtype) for _ in io.past]
-        feeds[io.ids] = np.ascontiguousarray(ids[:, n - new:])
-        feeds[io.mask] = np.ones((b, n), dtype=np.int64)
-        feeds[io.positions] = np.broadcast_to(np.arange(n - new, n, dtype=np.int64), (b, new)).copy()
+        feeds: list[Any] = [None] * len(self.model.inputs)
+        for slot, x in step.items():
+            feeds[slot] = x
         for slot, tensor in zip(io.past, self.cache):
             feeds[slot] = tensor
         outs = self.model(*feeds)
