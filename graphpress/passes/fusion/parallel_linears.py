@@ -32,7 +32,7 @@ from torch import fx
 
 import graphpress.ir.ops_quant  # noqa: F401 -- registers graphpress::wlinear_nbits
 from graphpress.ir.graph import Graph
-from graphpress.ir.rewrite import Skips
+from graphpress.ir.rewrite import Skips, erase_dead
 from graphpress.passes.base import PassResult, register
 
 LINEAR = torch.ops.aten.linear.default
@@ -81,8 +81,7 @@ class FuseParallelLinears:
 
     def __call__(self, graph: Graph) -> PassResult:
         skips = Skips()
-        order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
-        by_input: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        by_input: dict[fx.Node, list[fx.Node]] = defaultdict(list)  # members in graph order
         for node in graph.gm.graph.nodes:
             if node.op == "call_function" and node.target in (LINEAR, NBITS) and isinstance(node.args[0], fx.Node):
                 by_input[node.args[0]].append(node)
@@ -103,12 +102,10 @@ class FuseParallelLinears:
             for group in agreeing.values():
                 if len(group) < self.config.min_group:
                     continue
-                group.sort(key=order.__getitem__)
                 fused_rows += self._fuse(graph, group)
                 groups += 1
                 fused_linears += len(group)
         if groups:
-            graph.gm.graph.eliminate_dead_code()
             graph.remove_unused_tensors()
             graph.recompile()
         stats = {"groups_fused": groups, "linears_fused": fused_linears, "rows": fused_rows, "skipped": dict(skips)}
@@ -152,8 +149,8 @@ class FuseParallelLinears:
             with g.inserting_before(node):
                 part = g.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, start + r))
             node.replace_all_uses_with(part)
-            g.erase_node(node)
             start += r
+        erase_dead(graph, group)  # the members, and the weights only they read
         return start
 
 
