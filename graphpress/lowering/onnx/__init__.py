@@ -11,7 +11,8 @@
 * :mod:`~graphpress.lowering.onnx.quant` -- ``qlinear``, ``qconv2d``, ``wlinear_nbits``, ``quantize_act``;
 * :mod:`~graphpress.lowering.onnx.load` -- ``wlinear_load``, ``wembedding_load``;
 * :mod:`~graphpress.lowering.onnx.sparse` -- ``sparse_linear``, ``sparse_linear_pc``;
-* :mod:`~graphpress.lowering.onnx.sparse_store` -- ``sparse_unpack``.
+* :mod:`~graphpress.lowering.onnx.sparse_store` -- ``sparse_unpack``;
+* :mod:`~graphpress.lowering.onnx.common` -- constants and ``com.microsoft`` contrib ops, for all of them.
 
 Choices of a lowering are arguments of :func:`translation_table`, never module state: two
 exports with different choices can run side by side.

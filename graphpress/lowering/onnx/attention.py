@@ -18,39 +18,26 @@ import numpy as np
 import torch
 
 import graphpress.ir.ops_attention  # noqa: F401 -- registers the op
-
-_OP: dict[str, object] = {}
-
-
-def _gqa():
-    """``com.microsoft.GroupQueryAttention`` for onnxscript trace mode (the ``onnx`` package
-    ships no schema for contrib ops; the exporter needs one to bind inputs and attributes)."""
-    if "gqa" not in _OP:
-        from onnx.defs import OpSchema
-        from onnxscript.values import Op, Opset
-
-        fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-        attr, at = OpSchema.Attribute, OpSchema.AttrType
-        schema = OpSchema(
-            "GroupQueryAttention", "com.microsoft", 1,
-            inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
-                    fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
-                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
-                    fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt)],
-            outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
-            type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
-            attributes=[attr("num_heads", at.INT, ""), attr("kv_num_heads", at.INT, ""), attr("scale", at.FLOAT, ""),
-                        attr("do_rotary", at.INT, ""), attr("rotary_interleaved", at.INT, "")],
-        )
-        _OP["gqa"] = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
-    return _OP["gqa"]
+from graphpress.lowering.onnx.common import const, contrib_op
 
 
-def _const(array: np.ndarray):
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
+def _gqa_schema():
+    """``com.microsoft.GroupQueryAttention``'s schema, the inputs and attributes used here."""
+    from onnx.defs import OpSchema
 
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attr, at = OpSchema.Attribute, OpSchema.AttrType
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[fp("query", "T"), fp("key", "T", param_option=opt), fp("value", "T", param_option=opt),
+                fp("past_key", "T", param_option=opt), fp("past_value", "T", param_option=opt),
+                fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                fp("cos_cache", "T", param_option=opt), fp("sin_cache", "T", param_option=opt)],
+        outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[attr("num_heads", at.INT, ""), attr("kv_num_heads", at.INT, ""), attr("scale", at.FLOAT, ""),
+                    attr("do_rotary", at.INT, ""), attr("rotary_interleaved", at.INT, "")],
+    )
 
 
 def _static(value, axis: int, what: str) -> int:
@@ -67,16 +54,16 @@ def _onnx_gqa_cached(q, k, v, past_k, past_v, mask, scale: float, cos=None, sin=
     heads, kv_heads, dim = _static(q, 1, "query heads"), _static(k, 1, "key/value heads"), _static(q, 3, "head_dim")
 
     def tokens_major(x, n):  # (b, n, s, d) -> (b, s, n*d)
-        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), _const(np.array([0, 0, n * dim], dtype=np.int64)))
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), const(np.array([0, 0, n * dim], dtype=np.int64)))
 
-    seqlens = op.Cast(op.Sub(op.ReduceSum(mask, _const(np.array([1], dtype=np.int64)), keepdims=0), _const(np.array(1, dtype=np.int64))),
+    seqlens = op.Cast(op.Sub(op.ReduceSum(mask, const(np.array([1], dtype=np.int64)), keepdims=0), const(np.array(1, dtype=np.int64))),
                       to=6)  # int32
-    total = op.Cast(op.Gather(op.Shape(mask), _const(np.array(1, dtype=np.int64)), axis=0), to=6)
+    total = op.Cast(op.Gather(op.Shape(mask), const(np.array(1, dtype=np.int64)), axis=0), to=6)
     rotary = {"do_rotary": 1, "rotary_interleaved": 0} if cos is not None else {"do_rotary": 0}
     tables = (cos, sin) if cos is not None else ()
-    out, present_k, present_v = _gqa()(tokens_major(q, heads), tokens_major(k, kv_heads), tokens_major(v, kv_heads), past_k, past_v,
+    out, present_k, present_v = contrib_op("GroupQueryAttention", _gqa_schema)(tokens_major(q, heads), tokens_major(k, kv_heads), tokens_major(v, kv_heads), past_k, past_v,
                                        seqlens, total, *tables, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), **rotary)
-    return op.Reshape(out, _const(np.array([0, 0, heads, dim], dtype=np.int64))), present_k, present_v
+    return op.Reshape(out, const(np.array([0, 0, heads, dim], dtype=np.int64))), present_k, present_v
 
 
 def translations() -> dict[Callable, Callable]:

@@ -31,6 +31,7 @@ import torch
 
 import graphpress.ir.ops_circulant  # noqa: F401 -- registers graphpress::circulant_linear/_conv2d
 from graphpress.ir.circulant import diagonal_index
+from graphpress.lowering.onnx.common import const
 
 #: The lowerings of ``circulant_linear`` (see module docstring).
 LINEAR_LOWERINGS = ("auto", "dense", "dft", "dft-matmul")
@@ -54,14 +55,6 @@ def _static_shape(value: Any, rank: int, what: str) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def _const(array: np.ndarray):
-    """A ``Constant`` node holding ``array`` (for indices and DFT matrices)."""
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
-
-
 def _unfoldable_zero(dtype: int):
     """A ``(1,)`` zero made by ``ConstantOfShape``.
 
@@ -73,7 +66,7 @@ def _unfoldable_zero(dtype: int):
     import onnx
     from onnxscript import opset18 as op
 
-    return op.ConstantOfShape(_const(np.array([1], dtype=np.int64)), value=onnx.helper.make_tensor("zero", dtype, [1], [0]))
+    return op.ConstantOfShape(const(np.array([1], dtype=np.int64)), value=onnx.helper.make_tensor("zero", dtype, [1], [0]))
 
 
 def _onnx_dense_blocks(c, p: int, q: int, b: int):
@@ -81,7 +74,7 @@ def _onnx_dense_blocks(c, p: int, q: int, b: int):
     import onnx
     from onnxscript import opset18 as op
 
-    idx = op.Add(_const(diagonal_index(b).numpy().astype(np.int64)), _unfoldable_zero(onnx.TensorProto.INT64))
+    idx = op.Add(const(diagonal_index(b).numpy().astype(np.int64)), _unfoldable_zero(onnx.TensorProto.INT64))
     return op.Gather(c, idx, axis=-1)
 
 
@@ -110,7 +103,7 @@ def _onnx_linear_dense(x, c, bias, p: int, q: int, b: int):
 
     blocks = _onnx_dense_blocks(c, p, q, b)  # (p, q, b_r, b_s)
     # W^T[j*b + s, i*b + r] = blocks[i, j, r, s]
-    wt = op.Reshape(op.Transpose(blocks, perm=[1, 3, 0, 2]), _const(np.array([q * b, p * b], dtype=np.int64)))
+    wt = op.Reshape(op.Transpose(blocks, perm=[1, 3, 0, 2]), const(np.array([q * b, p * b], dtype=np.int64)))
     y = op.MatMul(x, wt)
     return op.Add(y, bias) if bias is not None else y
 
@@ -143,7 +136,7 @@ def _onnx_linear_spectral(x, c, bias, p: int, q: int, b: int, *, dft_op: bool):
     from onnxscript import opset18 as op
 
     f = b // 2 + 1
-    i64 = lambda *v: _const(np.array(v, dtype=np.int64))
+    i64 = lambda *v: const(np.array(v, dtype=np.int64))
     # spectrum of c (initializer-only: folded at session creation)
     c = op.Add(c, op.CastLike(_unfoldable_zero(1), c))  # keep the compact c in the file (see _unfoldable_zero)
     cf = op.DFT(op.Unsqueeze(c, i64(-1)), axis=2, onesided=1)  # (p, q, f, 2)
@@ -156,7 +149,7 @@ def _onnx_linear_spectral(x, c, bias, p: int, q: int, b: int, *, dft_op: bool):
     out_shape = op.Concat(op.Slice(op.Shape(x), i64(0), i64(-1), i64(0)), i64(p * b), axis=0)
     if not dft_op:
         fwd, _inv = _dft_matrices(b)
-        xf = op.MatMul(op.Reshape(x, i64(-1, q, b)), op.CastLike(_const(fwd.astype(np.float32)), x))  # (R, q, 2f): [re..., im...]
+        xf = op.MatMul(op.Reshape(x, i64(-1, q, b)), op.CastLike(const(fwd.astype(np.float32)), x))  # (R, q, 2f): [re..., im...]
         xs = op.Reshape(op.Transpose(op.Reshape(xf, i64(-1, q, 2, f)), perm=[3, 0, 2, 1]), i64(f, -1, 2 * q))
     else:
         xb = op.Reshape(x, i64(-1, q, b, 1))  # (R, q, b, 1)
@@ -166,7 +159,7 @@ def _onnx_linear_spectral(x, c, bias, p: int, q: int, b: int, *, dft_op: bool):
     # inverse real DFT: (R, p, [f re, f im]) @ (2f, b)
     ys = op.Transpose(op.Reshape(yf, i64(f, -1, 2, p)), perm=[1, 3, 2, 0])  # (R, p, 2, f)
     _fwd, inv = _dft_matrices(b)
-    y = op.MatMul(op.Reshape(ys, i64(-1, p, 2 * f)), op.CastLike(_const(inv.astype(np.float32)), x))  # (R, p, b)
+    y = op.MatMul(op.Reshape(ys, i64(-1, p, 2 * f)), op.CastLike(const(inv.astype(np.float32)), x))  # (R, p, b)
     y = op.Reshape(y, out_shape)
     return op.Add(y, bias) if bias is not None else y
 
@@ -179,7 +172,7 @@ def _onnx_circulant_conv2d(x, c, bias, stride, padding, dilation):
     kh, kw, p, q, b = _static_shape(c, 5, "graphpress::circulant_conv2d")
     blocks = _onnx_dense_blocks(c, p, q, b)  # (kh, kw, p, q, b_r, b_s)
     # W[i*b + r, j*b + s, y, x] = blocks[y, x, i, j, r, s]
-    w = op.Reshape(op.Transpose(blocks, perm=[2, 4, 3, 5, 0, 1]), _const(np.array([p * b, q * b, kh, kw], dtype=np.int64)))
+    w = op.Reshape(op.Transpose(blocks, perm=[2, 4, 3, 5, 0, 1]), const(np.array([p * b, q * b, kh, kw], dtype=np.int64)))
     pads = [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])]
     kwargs = {"strides": [int(s) for s in stride], "pads": pads, "dilations": [int(d) for d in dilation], "group": 1, "kernel_shape": [kh, kw]}
     if bias is not None:

@@ -14,13 +14,7 @@ import numpy as np
 import torch
 
 import graphpress.ir.ops_load  # noqa: F401 -- registers graphpress::wlinear_load/wembedding_load
-
-
-def _const(array: np.ndarray):
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+from graphpress.lowering.onnx.common import const
 
 
 def _unpack(packed, bits: int, rows: int, cols: int):
@@ -31,12 +25,12 @@ def _unpack(packed, bits: int, rows: int, cols: int):
     if bits == 8:
         return packed
     per = 8 // bits
-    mask = _const(np.array(2**bits - 1, dtype=np.uint8))
-    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, _const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
-                          _const(np.array([-1], dtype=np.int64))) for j in range(per)]
-    codes = op.Reshape(op.Concat(*parts, axis=-1), _const(np.array([rows, -1], dtype=np.int64)))
+    mask = const(np.array(2**bits - 1, dtype=np.uint8))
+    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
+                          const(np.array([-1], dtype=np.int64))) for j in range(per)]
+    codes = op.Reshape(op.Concat(*parts, axis=-1), const(np.array([rows, -1], dtype=np.int64)))
     # the last byte of a row may hold padding codes (zero points of an odd block count)
-    return op.Slice(codes, _const(np.array([0], dtype=np.int64)), _const(np.array([cols], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+    return op.Slice(codes, const(np.array([0], dtype=np.int64)), const(np.array([cols], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
 
 
 def _dequantized(packed, scales, zeros, n_in: int, bits: int, group_size: int, what: str):
@@ -47,17 +41,17 @@ def _dequantized(packed, scales, zeros, n_in: int, bits: int, group_size: int, w
         rows, nb, _nbytes = (int(d) for d in packed.shape)
     except (TypeError, ValueError):
         raise ValueError(f"{what}: the stored weight needs a static shape, got {packed.shape}") from None
-    q = op.Cast(_unpack(op.Reshape(packed, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb * group_size), to=1)
-    q = op.Reshape(q, _const(np.array([rows, nb, group_size], dtype=np.int64)))
+    q = op.Cast(_unpack(op.Reshape(packed, const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb * group_size), to=1)
+    q = op.Reshape(q, const(np.array([rows, nb, group_size], dtype=np.int64)))
     if zeros is None:
-        z = _const(np.array(2.0 ** (bits - 1), dtype=np.float32))
+        z = const(np.array(2.0 ** (bits - 1), dtype=np.float32))
     else:
-        z = op.Unsqueeze(op.Cast(_unpack(op.Reshape(zeros, _const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb), to=1),
-                         _const(np.array([-1], dtype=np.int64)))
-    s = op.Reshape(scales, _const(np.array([rows, nb, 1], dtype=np.int64)))
-    w = op.Reshape(op.Mul(op.Sub(q, z), s), _const(np.array([rows, nb * group_size], dtype=np.int64)))
+        z = op.Unsqueeze(op.Cast(_unpack(op.Reshape(zeros, const(np.array([rows, -1], dtype=np.int64))), bits, rows, nb), to=1),
+                         const(np.array([-1], dtype=np.int64)))
+    s = op.Reshape(scales, const(np.array([rows, nb, 1], dtype=np.int64)))
+    w = op.Reshape(op.Mul(op.Sub(q, z), s), const(np.array([rows, nb * group_size], dtype=np.int64)))
     if nb * group_size != n_in:
-        w = op.Slice(w, _const(np.array([0], dtype=np.int64)), _const(np.array([n_in], dtype=np.int64)), _const(np.array([1], dtype=np.int64)))
+        w = op.Slice(w, const(np.array([0], dtype=np.int64)), const(np.array([n_in], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
     return w
 
 

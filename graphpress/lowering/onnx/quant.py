@@ -18,13 +18,7 @@ import numpy as np
 import torch
 
 from graphpress.ir.ops_quant import ACCURACY_LEVEL
-
-
-def _const(array: np.ndarray):
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+from graphpress.lowering.onnx.common import const, contrib_op
 
 
 def _static_dims(value, what: str) -> tuple[int, ...]:
@@ -65,37 +59,30 @@ def _ms_schema(name: str):
     raise KeyError(name)
 
 
-_MS_OPS: dict[str, object] = {}
-
-
 def _ms(name: str):
     """A callable ``com.microsoft`` op for onnxscript trace mode."""
-    if name not in _MS_OPS:
-        from onnxscript.values import Op, Opset
-
-        _MS_OPS[name] = Op(Opset("com.microsoft", 1), name, _ms_schema(name))
-    return _MS_OPS[name]
+    return contrib_op(name, lambda: _ms_schema(name))
 
 
 def _qdq(x, scale: float, zero_point: int):
     from onnxscript import opset18 as op
 
-    s = _const(np.array(scale, dtype=np.float32))
-    z = _const(np.array(zero_point, dtype=np.uint8))
+    s = const(np.array(scale, dtype=np.float32))
+    z = const(np.array(zero_point, dtype=np.uint8))
     return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
 
 def _dq_weight(w_q, w_scale, out_features: int):
     from onnxscript import opset18 as op
 
-    return op.DequantizeLinear(w_q, w_scale, _const(np.zeros(out_features, dtype=np.int8)), axis=0)
+    return op.DequantizeLinear(w_q, w_scale, const(np.zeros(out_features, dtype=np.int8)), axis=0)
 
 
 def _dq_bias(bias, in_scale: float, w_scale, out_features: int):
     from onnxscript import opset18 as op
 
-    b_scale = op.Mul(_const(np.array(in_scale, dtype=np.float32)), w_scale)
-    return op.DequantizeLinear(bias, b_scale, _const(np.zeros(out_features, dtype=np.int32)), axis=0)
+    b_scale = op.Mul(const(np.array(in_scale, dtype=np.float32)), w_scale)
+    return op.DequantizeLinear(bias, b_scale, const(np.zeros(out_features, dtype=np.int32)), axis=0)
 
 
 def _onnx_qlinear(x, w_q, w_scale, bias, in_scale: float, in_zero_point: int, out_scale: float, out_zero_point: int, relu: bool):
@@ -105,11 +92,11 @@ def _onnx_qlinear(x, w_q, w_scale, bias, in_scale: float, in_zero_point: int, ou
     out_f, in_f = _static_dims(w_q, "graphpress::qlinear")
     if in_scale == 0:
         wt = op.Transpose(w_q, perm=[1, 0])  # (in, out): folded at session creation
-        args = [x, wt, w_scale, _const(np.zeros(out_f, dtype=np.int8))] + ([bias] if bias is not None else [])
+        args = [x, wt, w_scale, const(np.zeros(out_f, dtype=np.int8))] + ([bias] if bias is not None else [])
         y = _ms("DynamicQuantizeMatMul")(*args)
         return op.Relu(y) if relu else y
     rank = len(x.shape) if getattr(x, "shape", None) is not None else 2
-    x2 = x if rank == 2 else op.Reshape(x, _const(np.array([-1, in_f], dtype=np.int64)))
+    x2 = x if rank == 2 else op.Reshape(x, const(np.array([-1, in_f], dtype=np.int64)))
     xd = _qdq(x2, in_scale, in_zero_point)
     wd = _dq_weight(w_q, w_scale, out_f)
     if bias is not None:
@@ -121,8 +108,8 @@ def _onnx_qlinear(x, w_q, w_scale, bias, in_scale: float, in_zero_point: int, ou
     if out_scale > 0:
         y = _qdq(y, out_scale, out_zero_point)
     if rank != 2:
-        shape = op.Concat(op.Slice(op.Shape(x), _const(np.array([0], dtype=np.int64)), _const(np.array([-1], dtype=np.int64))),
-                          _const(np.array([out_f], dtype=np.int64)), axis=0)
+        shape = op.Concat(op.Slice(op.Shape(x), const(np.array([0], dtype=np.int64)), const(np.array([-1], dtype=np.int64))),
+                          const(np.array([out_f], dtype=np.int64)), axis=0)
         y = op.Reshape(y, shape)
     return y
 

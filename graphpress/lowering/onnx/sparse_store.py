@@ -17,13 +17,7 @@ import numpy as np
 import torch
 
 import graphpress.ir.ops_sparse_store  # noqa: F401 -- registers graphpress::sparse_unpack
-
-
-def _const(array: np.ndarray):
-    import onnx_ir as ir
-    from onnxscript import opset18 as op
-
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
+from graphpress.lowering.onnx.common import const
 
 
 def _onnx_sparse_unpack(bitmask, values, shape):
@@ -35,16 +29,16 @@ def _onnx_sparse_unpack(bitmask, values, shape):
     # int32 positions halve the memory of the fold at session creation; int64 only past 2**31 elements
     index_type, index_np = (6, np.int32) if n < 2**31 - 1 else (7, np.int64)
     bits = op.BitwiseAnd(
-        op.BitShift(op.Unsqueeze(bitmask, _const(np.array([-1], dtype=np.int64))), _const(np.arange(8, dtype=np.uint8)), direction="RIGHT"),
-        _const(np.array(1, dtype=np.uint8)),
+        op.BitShift(op.Unsqueeze(bitmask, const(np.array([-1], dtype=np.int64))), const(np.arange(8, dtype=np.uint8)), direction="RIGHT"),
+        const(np.array(1, dtype=np.uint8)),
     )
-    bits = op.Reshape(bits, _const(np.array([-1], dtype=np.int64)))
+    bits = op.Reshape(bits, const(np.array([-1], dtype=np.int64)))
     if n % 8:
-        bits = op.Slice(bits, _const(np.array([0], dtype=np.int64)), _const(np.array([n], dtype=np.int64)))
+        bits = op.Slice(bits, const(np.array([0], dtype=np.int64)), const(np.array([n], dtype=np.int64)))
     bits = op.Cast(bits, to=index_type)
-    pos = op.Mul(op.CumSum(bits, _const(np.array(0, dtype=index_np))), bits)
-    padded = op.Concat(op.CastLike(_const(np.zeros(1, dtype=np.float32)), values), values, axis=0)
-    return op.Reshape(op.Gather(padded, pos, axis=0), _const(np.array(shape, dtype=np.int64)))
+    pos = op.Mul(op.CumSum(bits, const(np.array(0, dtype=index_np))), bits)
+    padded = op.Concat(op.CastLike(const(np.zeros(1, dtype=np.float32)), values), values, axis=0)
+    return op.Reshape(op.Gather(padded, pos, axis=0), const(np.array(shape, dtype=np.int64)))
 
 
 def translations() -> dict[Callable, Callable]:
