@@ -40,6 +40,9 @@ class LoweredModel:
         "outputs": [OutputDiff dicts]}], "worst": {...}}``; ``{"skipped": True}`` when not run.
     info : dict
         Backend facts for the manifest/report: opset, timings in seconds, file sizes, ...
+    io : dict, optional
+        ``{"inputs": [...], "outputs": [...]}`` (name/shape/dtype dicts) when the model file's
+        interface is not the graph's (caches stored as codes); the manifest lists these.
     """
 
     backend: str
@@ -47,6 +50,7 @@ class LoweredModel:
     files: list[str]
     check: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    io: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -313,13 +313,13 @@ QUANT_OPS = ("qlinear", "qconv2d", "wlinear_nbits", "quantize_act")
 
 def quantizes_activations(gm: torch.fx.GraphModule) -> bool:
     """Whether ``gm`` calls an op that rounds its *activations* (``qlinear``, ``qconv2d``,
-    ``quantize_act``, ``wlinear_nbits`` with ``act_bits > 0``): a discontinuous function of its input, on which
+    ``quantize_act``, ``wlinear_nbits`` with ``act_bits > 0``, ``kv_quant_write``): a discontinuous function of its input, on which
     ONNX Runtime and the eager simulation can part by whole grid steps (see module docstring)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in (torch.ops.graphpress.qlinear.default, torch.ops.graphpress.qconv2d.default,
-                           torch.ops.graphpress.quantize_act.default):
+                           torch.ops.graphpress.quantize_act.default, torch.ops.graphpress.kv_quant_write.default):
             return True
         if node.target is torch.ops.graphpress.wlinear_nbits.default:
             act_bits = node.args[8] if len(node.args) > 8 else node.kwargs.get("act_bits", 0)

@@ -225,8 +225,9 @@ def make_manifest(
         "created": _utc_now(),
         "backend": lowered.backend,
         "model_file": lowered.model_file,
-        "inputs": [s.to_dict() for s in graph.input_specs],
-        "outputs": [s.to_dict() for s in graph.output_specs],
+        # the model file's interface: the graph's, unless the lowering changed it (caches stored as codes)
+        "inputs": list((getattr(lowered, "io", None) or {}).get("inputs") or [s.to_dict() for s in graph.input_specs]),
+        "outputs": list((getattr(lowered, "io", None) or {}).get("outputs") or [s.to_dict() for s in graph.output_specs]),
         "source": {"name": graph.name, "dynamic_batch": bool(graph.dynamic_batch), **dict(graph.source)},
         "recipe": dict(recipe or {}),
         "passes": [dict(p) for p in (passes or [])],

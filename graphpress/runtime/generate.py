@@ -88,7 +88,8 @@ class DecoderIO:
 
     ``past`` / ``present`` are empty for an artifact without a KV cache; otherwise they pair up
     (``present[j]`` is fed back as ``past[j]`` at the next step) and ``cache_shape`` is
-    ``(kv_heads, head_dim)`` with ``cache_dtype`` the caches' numpy dtype name."""
+    ``(kv_heads, head_dim)`` with ``cache_dtype`` the caches' numpy dtype name. ``codes`` is
+    true when the caches are stored as k-bit codes plus ``*_scales`` (``quantize-kv-cache``)."""
 
     ids: int
     logits: int
@@ -98,6 +99,7 @@ class DecoderIO:
     present: tuple[int, ...] = ()
     cache_shape: tuple[int, int] | None = None
     cache_dtype: str = "float32"
+    codes: bool = False
 
     @property
     def cached(self) -> bool:
@@ -118,12 +120,14 @@ def decoder_io(model: Any) -> DecoderIO:
         missing += [n for n in ["logits", *present_names] if n not in out_by_name]
         if missing:
             raise ArtifactError(f"{model.folder}: a KV-cache decoder artifact needs {', '.join(missing)}; it takes {got}")
+        for name in past_names:
+            spec = ins[by_name[name]]
+            if len(spec.shape) != 4 or not all(isinstance(d, int) for d in (spec.shape[1], spec.shape[3])):
+                raise ArtifactError(f"{model.folder}: {name} must be (batch, kv_heads, past, head_dim), got {spec.shape_str()}")
         spec = ins[by_name["past_key_values.0.key"]]
-        if len(spec.shape) != 4 or not all(isinstance(d, int) for d in (spec.shape[1], spec.shape[3])):
-            raise ArtifactError(f"{model.folder}: past_key_values.0.key must be (batch, kv_heads, past, head_dim), got {spec.shape_str()}")
         return DecoderIO(by_name["input_ids"], out_by_name["logits"], by_name["attention_mask"], by_name["position_ids"],
                          tuple(by_name[n] for n in past_names), tuple(out_by_name[n] for n in present_names),
-                         (int(spec.shape[1]), int(spec.shape[3])), spec.dtype)
+                         (int(spec.shape[1]), int(spec.shape[3])), spec.dtype, codes=spec.dtype == "uint8")
     ids = [i for i, s in enumerate(ins) if s.dtype == "int64" and len(s.shape) == 2]
     logits = [i for i, s in enumerate(outs) if s.dtype.startswith("float") and len(s.shape) == 3]
     if len(ins) != 1 or not ids or not logits:
@@ -152,7 +156,7 @@ class _Stepper:
     def _shared(self, batch: int) -> Any:
         facts = (getattr(self.model, "manifest", {}).get("source") or {}).get("kv_cache") or {}
         make = getattr(getattr(self.model, "runner", None), "shared_cache_decoder", None)
-        if facts.get("attention") != "gqa" or make is None or not self.max_len:
+        if facts.get("attention") != "gqa" or make is None or not self.max_len or self.io.codes:
             return False
         outs = [s.name for s in self.model.outputs]
         kv_heads, head_dim = self.io.cache_shape
@@ -174,8 +178,9 @@ class _Stepper:
         if self.shared:
             return self.shared({self.names[i]: x for i, x in step.items()})[:, -1, :]
         if self.cache is None:
-            kv_heads, head_dim = io.cache_shape
-            self.cache = [np.zeros((b, kv_heads, 0, head_dim), dtype=io.cache_dtype) for _ in io.past]
+            specs = [self.model.inputs[i] for i in io.past]
+            # empty caches, each of its own row width and dtype (codes and scales when stored in k bits)
+            self.cache = [np.zeros((b, int(s.shape[1]), 0, int(s.shape[3])), dtype=s.dtype) for s in specs]
         feeds: list[Any] = [None] * len(self.model.inputs)
         for slot, x in step.items():
             feeds[slot] = x

@@ -192,3 +192,34 @@ def test_shared_cache_buffers_give_the_tokens_of_fed_back_caches(kv_decoder, mon
     fed_back = [art.generate(prompt, 10) for art in (exact, int4)] + [exact.generate(prompt, 10, temperature=0.9, top_k=20, seed=3)]
     for a, b in zip(shared, fed_back):
         assert np.array_equal(a, b)
+
+
+def test_a_kv_artifact_with_caches_in_k_bits_stores_codes_and_decodes_as_its_graph(tmp_path):
+    from graphpress.api import compress
+    from tests.stream.tiny import write_llama
+
+    write_llama(tmp_path / "m", layers=2, vocab=256)
+    res = compress(tmp_path / "m", out=tmp_path / "kv4", kv_cache=True, bench=False, recipe="llm-int4-kv4")
+    art = load(res.folder)
+    specs = {s.name: s for s in art.inputs}
+    bits = art.manifest["lowering"]["info"]["kv_cache_bits"]
+    assert set(bits) == {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")} and set(bits.values()) <= {2, 4, 8}
+    for name, b in bits.items():
+        assert specs[name].dtype == "uint8" and specs[name].shape[3] == 16 * b // 8
+        assert specs[name + "_scales"].dtype == "float16" and specs[name + "_scales"].shape[3] == 2
+    assert not (art.folder / "genai_config.json").exists()  # GenAI reads float caches only
+    stats = next(p for p in art.manifest["passes"] if p["name"] == "quantize-kv-cache")["stats"]
+    assert stats["ratio_vs_fp16"] < 0.5
+    # the artifact's greedy tokens are those of its graph, decoded through the graph's own float caches
+    prompt = np.array([[5, 7, 9, 11, 13]])
+    got = art.generate(prompt, 12)
+    graph, ids = res.graph, torch.as_tensor(prompt)
+    with torch.no_grad():
+        outs = graph.run(ids, torch.ones_like(ids), torch.arange(5)[None], *[torch.zeros(1, 2, 0, 16)] * 4)
+        seq = ids
+        for _ in range(12):
+            nxt = outs[0][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            n = seq.shape[1]
+            outs = graph.run(nxt, torch.ones(1, n, dtype=torch.long), torch.tensor([[n - 1]]), *outs[1:])
+    assert np.array_equal(got, seq.numpy())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from graphpress.ir.graph import Graph
+from graphpress.lowering.onnx.kv_cache import storage_of
 
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -36,9 +37,10 @@ _GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3"
 
 
 def genai_config(graph: Graph, model_file: str) -> dict[str, Any] | None:
-    """The GenAI config of a KV-cache decoder graph, or None for any other graph."""
+    """The GenAI config of a KV-cache decoder graph, or None for any other graph and for caches
+    stored as codes (``quantize-kv-cache``: GenAI knows only float caches)."""
     facts = graph.source.get("kv_cache")
-    if not facts or "hidden_size" not in facts:
+    if not facts or "hidden_size" not in facts or storage_of(graph).bits:
         return None
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}

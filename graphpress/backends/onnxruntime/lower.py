@@ -49,6 +49,7 @@ from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 from graphpress.ir.ops_quant import quantizes_activations
 from graphpress.lowering.onnx import translation_table
+from graphpress.lowering.onnx.kv_cache import storage_of, store_quantized_caches
 
 MODEL_FILE = "model.onnx"
 # protobuf refuses messages of 2 GiB; keep headroom for the graph itself next to the weights.
@@ -263,6 +264,12 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
     model = program.model
     renamed = _name_dynamic_dims(model, graph.input_specs)
     info["dynamic_dims"] = sorted(set(renamed.values()))
+    try:
+        kv_bits = store_quantized_caches(model)  # quantize-kv-cache: the caches become packed codes
+    except ValueError as err:
+        raise BackendError(f"onnxruntime: {graph.name!r}: {err}") from None
+    if kv_bits:
+        info["kv_cache_bits"] = kv_bits
     if not debug_metadata:
         info["metadata_entries_dropped"] = _strip_debug_metadata(model)
     model.metadata_props["graphpress_version"] = graphpress.__version__
@@ -373,20 +380,26 @@ def check_onnx(graph: Graph, model_path: str | os.PathLike, *, seeds: Sequence[i
     t0 = time.perf_counter()
     runner = OrtRunner(model_path, providers=[CPU], threads=threads)
     quantized = quantizes_activations(graph.gm)
+    # caches stored as codes (quantize-kv-cache): torch runs on the caches the codes stand for
+    storage = storage_of(graph)
     runs, worst = [], None
     sets = _check_inputs(graph, seeds)
     for label, inputs in sets:
+        if storage.bits:
+            inputs = storage.round_trip(graph.input_names, inputs)
         refs = graph.run(*inputs)
-        if graph.source.get("kv_cache") and inputs is sets[0][1]:
+        if graph.source.get("kv_cache") and label == sets[0][0]:
             # a KV-cache decoder also decodes one token from the example prefill's caches
             sets.append((_DECODE_STEP, _decode_step(graph, refs)))
         try:
-            outs = runner(*inputs)
+            outs = runner(*(storage.encode(graph.input_names, inputs) if storage.bits else inputs))
         except BackendError as err:
             raise BackendError(f"onnxruntime: {graph.name!r} failed on {label}: {err}") from err
-        if len(outs) != len(refs):
-            raise BackendError(f"onnxruntime: {graph.name!r} has {len(outs)} ONNX outputs, torch has {len(refs)}")
         tests = [torch.from_numpy(np.asarray(o)) for o in outs]
+        if storage.bits:
+            tests = storage.decode(graph.output_names, tests)
+        if len(tests) != len(refs):
+            raise BackendError(f"onnxruntime: {graph.name!r} has {len(outs)} ONNX outputs, torch has {len(refs)}")
         diffs = compare_outputs(refs, tests, graph.output_names)
         for d, r, t in zip(diffs, refs, tests):
             tie_rounding = quantized and r.shape == t.shape and r.dtype == t.dtype and d.sqnr_db >= QUANT_CHECK_MIN_SQNR_DB
@@ -462,7 +475,10 @@ class OnnxRuntimeBackend:
             files = sorted(set(files) | set(genai))
             info["genai_config"] = GENAI_CONFIG
         report = check_onnx(graph, Path(folder) / MODEL_FILE, seeds=self.check_seeds) if check else {"skipped": True}
-        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info)
+        storage = storage_of(graph)
+        io = {"inputs": storage.specs([s.to_dict() for s in graph.input_specs]),
+              "outputs": storage.specs([s.to_dict() for s in graph.output_specs])} if storage.bits else None
+        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info, io=io)
 
     def runner(self, model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OrtRunner:
         """An :class:`OrtRunner` for a lowered model (CUDA EP when available)."""

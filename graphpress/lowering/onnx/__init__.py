@@ -7,6 +7,7 @@
 
 * :mod:`~graphpress.lowering.onnx.fused` -- ``linear_act``;
 * :mod:`~graphpress.lowering.onnx.attention` -- ``gqa_cached``;
+* :mod:`~graphpress.lowering.onnx.kv_cache` -- ``kv_quant_write`` (a marker, then packed-code cache storage);
 * :mod:`~graphpress.lowering.onnx.circulant` -- ``circulant_linear``, ``circulant_conv2d``;
 * :mod:`~graphpress.lowering.onnx.quant` -- ``qlinear``, ``qconv2d``, ``wlinear_nbits``, ``quantize_act``;
 * :mod:`~graphpress.lowering.onnx.load` -- ``wlinear_load``, ``wembedding_load``;
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from graphpress.lowering.onnx import attention, circulant, fused, load, quant, sparse, sparse_store
+from graphpress.lowering.onnx import attention, circulant, fused, kv_cache, load, quant, sparse, sparse_store
 
 
 def translation_table(*, circulant_linear: str = circulant.DEFAULT_LINEAR_LOWERING) -> dict[Callable, Callable]:
@@ -48,6 +49,7 @@ def translation_table(*, circulant_linear: str = circulant.DEFAULT_LINEAR_LOWERI
     table: dict[Callable, Callable] = {}
     table.update(fused.translations())
     table.update(attention.translations())
+    table.update(kv_cache.translations())
     table.update(circulant.translations(circulant_linear))
     table.update(quant.translations())
     table.update(load.translations())

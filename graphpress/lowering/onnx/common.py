@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-_CONTRIB: dict[str, Any] = {}
+_CONTRIB: dict[tuple[str, str], Any] = {}
 
 
 def const(array: np.ndarray):
@@ -18,15 +18,15 @@ def const(array: np.ndarray):
     return op.Constant(value=ir.tensor(np.ascontiguousarray(array)))
 
 
-def contrib_op(name: str, schema: Callable[[], Any]):
-    """The ``com.microsoft`` op ``name`` as an onnxscript callable, built once from
-    ``schema()`` (an ``onnx.defs.OpSchema``: the ``onnx`` package ships none for contrib ops,
-    and the exporter needs one to bind inputs and attributes)."""
-    if name not in _CONTRIB:
+def contrib_op(name: str, schema: Callable[[], Any], domain: str = "com.microsoft"):
+    """The ``domain`` op ``name`` (a ``com.microsoft`` contrib op by default) as an onnxscript
+    callable, built once from ``schema()`` (an ``onnx.defs.OpSchema``: the ``onnx`` package ships
+    none for contrib ops, and the exporter needs one to bind inputs and attributes)."""
+    if (domain, name) not in _CONTRIB:
         from onnxscript.values import Op, Opset
 
-        _CONTRIB[name] = Op(Opset("com.microsoft", 1), name, schema())
-    return _CONTRIB[name]
+        _CONTRIB[domain, name] = Op(Opset(domain, 1), name, schema())
+    return _CONTRIB[domain, name]
 
 
 __all__ = ["const", "contrib_op"]
