@@ -33,7 +33,8 @@ time per step; some variants also at ``--batch`` rows (``-b8``); ``--rounds`` in
 on ``--threads`` intra-op threads; medians over rounds with the spread.
 
 Peak memory: the peak resident set of a fresh process that loads the variant and generates
-``--new`` tokens from the prompt (``ru_maxrss``; the interpreter and libraries included).
+``--new`` tokens from the prompt (``VmHWM``; the interpreter and libraries included), next to
+that of a process that only imports the same libraries (``peak_idle_mb``).
 
 KV bytes per token: what one token adds to all caches as the variant stores them (float32,
 float16 or codes plus float16 grids), next to float16's.
@@ -80,18 +81,19 @@ WEIGHTS: dict[str, list[Any]] = {
 
 
 def recipe(weights: str, kv: str | None, kv_bits: dict[str, int] | None = None, max_kl: float | None = 0.25) -> dict[str, Any]:
-    """The recipe of ``gp-<weights>[-kv4|-kv4u]``: KV-cache quantization first (on the float
-    model; a search's widths replayed with ``kv_bits``), then the weights, fusion, embeddings."""
+    """The recipe of ``gp-<weights>[-kv4|-kv4u]``: the weights, fusion and embeddings, then
+    KV-cache quantization last (as in ``llm-int4-kv4``: a pass after it would compare rounded
+    caches), searched or replaying a search's widths (``kv_bits``)."""
     passes: list[Any] = []
-    if kv == "kv4":
-        passes.append({"quantize-kv-cache": {"cache_bits": kv_bits, "max_kl": None} if kv_bits else {"avg_bits": 4, "max_kl": None}})
-    elif kv == "kv4u":
-        passes.append({"quantize-kv-cache": {"bits": 4, "max_kl": None}})
     for p in WEIGHTS[weights]:
         name, opts = next(iter(p.items()))
         passes.append({name: {**opts, "max_kl": max_kl}} if name == "quantize-layerwise" else p)
     if weights != "fp32":
         passes += ["fuse-parallel-linears", {"quantize-embeddings": {"bits": 8, "group_size": 32}}]
+    if kv == "kv4":
+        passes.append({"quantize-kv-cache": {"cache_bits": kv_bits, "max_kl": None} if kv_bits else {"avg_bits": 4, "max_kl": None}})
+    elif kv == "kv4u":
+        passes.append({"quantize-kv-cache": {"bits": 4, "max_kl": None}})
     passes.append("eliminate-dead-code")
     return {"name": f"{weights}-{kv or 'kv'}", "passes": passes}
 
@@ -216,10 +218,16 @@ def time_genai(model, prompt: np.ndarray, new: int) -> tuple[float, list[float]]
 
 # ---------------------------------------------------------------------------- peak memory
 _PEAK = r"""
-import json, resource, sys, numpy as np
+import json, sys, numpy as np
 kind, folder, threads, prompt_len, new, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 prompt = np.random.default_rng(0).integers(3, vocab, (1, prompt_len))
-if kind == "gp":
+if kind == "idle-gp":
+    import graphpress.runtime, graphpress.runtime.generate
+elif kind == "idle-genai":
+    import onnxruntime_genai
+elif kind == "idle-torch":
+    import torch, transformers, graphpress.frontends.huggingface
+elif kind == "gp":
     from graphpress.runtime import load
     load(folder, threads=threads).generate(prompt, new)
 elif kind == "genai":
@@ -244,7 +252,8 @@ else:
     with torch.no_grad():
         m.generate(torch.as_tensor(prompt), attention_mask=torch.ones(1, prompt_len, dtype=torch.long), max_new_tokens=new,
                    min_new_tokens=new, do_sample=False, pad_token_id=0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux keeps the parent's ru_maxrss across exec
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -350,7 +359,8 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
         max_kl = None if model == "stories260k" else 0.25
         builds: dict[str, dict] = {}
         kv_bits = None
-        for name in names:
+        # the KV search runs once, on the int4 model (gp-int4-kv4); the other -kv4 variants replay its widths
+        for name in sorted(names, key=lambda n: n != "gp-int4-kv4"):
             t0 = time.perf_counter()
             try:
                 if name == "torch-fp32":
@@ -363,7 +373,6 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
                     builds[name] = build_gp(source, tmp / name, recipe("int4", None, max_kl=max_kl), False, calib)
                 else:
                     w, _, kv = name.removeprefix("gp-").partition("-")
-                    # the search runs once (on the float model, first in every recipe); the others replay its widths
                     builds[name] = build_gp(source, tmp / name, recipe(w, kv or None, kv_bits if kv == "kv4" else None, max_kl), True, calib)
                     if kv == "kv4" and kv_bits is None:
                         kv_bits = builds[name]["kv_search"]["bits"]
@@ -411,14 +420,20 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
             if name.endswith("-genai"):
                 continue
             call, specs = gp_call(obj) if kind == "gp" else ort_call(Path(builds[name]["folder"]) / "model.onnx", args.threads)
+            # the builder names its caches' head dim symbolically ("kv_cache_dim")
+            specs = [(n, (sh[0], cfg["num_key_value_heads"], sh[2], cfg["hidden_size"] // cfg["num_attention_heads"])
+                      if n.startswith("past_key_values.") and not isinstance(sh[3], int) else sh, d) for n, sh, d in specs]
             quality[name] = kl_top1(ref, np.stack([decode_logits(call, specs, s, half) for s in heldout]))
             kvb[name] = kv_bytes(specs)
         for name in names:
             if name.endswith("-genai"):
                 quality[name], kvb[name] = quality[name.removesuffix("-genai")], kvb[name.removesuffix("-genai")]
 
+        idle = {k: peak_mb(f"idle-{k}", "", args.threads, prompt_len, args.new, vocab) for k in {runners[n][0] for n in names}}
+        block["peak_idle_mb"] = idle
         for name in names:
             kind = runners[name][0]
+            builds[name]["peak_idle_mb"] = idle[kind]
             peak_kind = "gp-nocache" if name == "gp-int4-nocache" else kind
             builds[name]["peak_mb"] = peak_mb(peak_kind, str(folder) if kind == "torch" else builds[name]["folder"], args.threads, prompt_len,
                                               args.new, vocab)
