@@ -579,3 +579,42 @@ def test_group_rounding_is_checked():
         make_pass("quantize-layerwise", {"group_rounding": "gptq4"})
     with pytest.raises(PassError, match="act_order"):
         make_pass("quantize-layerwise", {"act_order": "yes"})
+
+
+# ---------------------------------------------------------------------------- LoRC
+class Outliers(nn.Module):
+    """One 64 -> 64 linear whose input channel 5 has weights 50x the others: the groups holding it
+    get a coarse step, so the rounding error sits in those 32 columns (a low-rank block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        with torch.no_grad():
+            self.fc.weight[:, 5] *= 50
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_lorc_adds_the_errors_leading_singular_directions_back_where_it_pays():
+    torch.manual_seed(0)
+    g = Graph.capture(Outliers().eval(), (torch.randn(4, 64),))
+    g.calibration = [(torch.randn(64, 64),)]
+    x = torch.randn(256, 64)
+    ref = g.run(x)[0]
+    plain = run(g, bits=[4], target_bits=4, activations="none")
+    lorc = run(g, bits=[4], target_bits=4, activations="none", lorc_rank=16)
+    info = lorc.stats["layers"]["fc"]["lorc"]
+    assert info["kept"] and info["rank"] == 16 and info["weight_sqnr_db"][1] > info["weight_sqnr_db"][0] + 3
+    # y = W_hat x + B (A x): two float linears of rank 16 beside the 4-bit op, summed
+    linears = [n for n in lorc.graph.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+    assert len(linears) == 2 and [tuple(lorc.graph.tensor_of(n.args[1]).shape) for n in linears] == [(16, 64), (64, 16)]
+    assert lorc.stats["bytes_after"] == plain.stats["bytes_after"] + info["extra_bytes"] == plain.stats["bytes_after"] + 4 * 16 * 128
+    assert sqnr_db(ref, lorc.graph.run(x)[0]) > sqnr_db(ref, plain.graph.run(x)[0]) + 3
+    # a gain below lorc_min_gain_db: nothing added
+    kept_out = run(g, bits=[4], target_bits=4, activations="none", lorc_rank=1, lorc_min_gain_db=30.0)
+    assert kept_out.stats["layers"]["fc"]["lorc"]["kept"] is False
+    assert not any(n.target is aten.linear.default for n in kept_out.graph.gm.graph.nodes if n.op == "call_function")
+    assert kept_out.stats["bytes_after"] == plain.stats["bytes_after"]
+    with pytest.raises(PassError, match="option 'lorc_rank': must be an integer >= 0"):
+        QuantizeLayerwiseConfig(lorc_rank=-1)

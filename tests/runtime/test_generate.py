@@ -208,6 +208,7 @@ def test_a_kv_artifact_with_caches_in_k_bits_stores_codes_and_decodes_as_its_gra
         assert specs[name].dtype == "uint8" and specs[name].shape[3] == 16 * b // 8
         assert specs[name + "_scales"].dtype == "float16" and specs[name + "_scales"].shape[3] == 2
     assert not (art.folder / "genai_config.json").exists()  # GenAI reads float caches only
+    assert (art.folder / "tokenizer.json").exists()  # the tokenizer travels with the artifact all the same
     stats = next(p for p in art.manifest["passes"] if p["name"] == "quantize-kv-cache")["stats"]
     assert stats["ratio_vs_fp16"] < 0.5
     # the artifact's greedy tokens are those of its graph, decoded through the graph's own float caches

@@ -78,13 +78,17 @@ def genai_config(graph: Graph, model_file: str) -> dict[str, Any] | None:
 
 
 def write_genai_files(graph: Graph, folder: Path, model_file: str) -> list[str]:
-    """Write ``genai_config.json`` (and copy the source's tokenizer files) for a KV-cache
-    decoder graph; returns the names written (none for any other graph)."""
-    config = genai_config(graph, model_file)
-    if config is None:
+    """Write ``genai_config.json`` and copy the source's tokenizer files for a KV-cache decoder
+    graph (the tokenizer alone when its caches are stored as codes, which GenAI does not read);
+    returns the names written (none for any other graph)."""
+    facts = graph.source.get("kv_cache")
+    if not facts:
         return []
-    (folder / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    written = [GENAI_CONFIG]
+    config = genai_config(graph, model_file)
+    written = []
+    if config is not None:
+        (folder / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        written.append(GENAI_CONFIG)
     src = graph.source.get("path")
     if src and Path(src).is_dir():
         for name in TOKENIZER_FILES:

@@ -473,6 +473,7 @@ class OnnxRuntimeBackend:
         genai = write_genai_files(graph, Path(folder), MODEL_FILE)  # KV-cache decoders: ONNX Runtime GenAI runs the artifact
         if genai:
             files = sorted(set(files) | set(genai))
+        if GENAI_CONFIG in genai:
             info["genai_config"] = GENAI_CONFIG
         report = check_onnx(graph, Path(folder) / MODEL_FILE, seeds=self.check_seeds) if check else {"skipped": True}
         storage = storage_of(graph)

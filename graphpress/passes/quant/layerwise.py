@@ -74,7 +74,7 @@ import difflib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,7 @@ from graphpress.ir.quant import (
     symmetric_per_channel,
     to_nbits,
     weight_bytes,
+    weight_sqnr_db,
 )
 from graphpress.ir.rewrite import (
     Skips,
@@ -186,6 +187,13 @@ class QuantizeLayerwiseConfig:
         A residual shortcut that reads the input of a static layer reads it on that layer's grid
         (:mod:`graphpress.passes.quant.shortcuts`; ONNX Runtime then fuses the sums into
         ``QLinearAdd``), or keeps reading the float value.
+    lorc_rank : int
+        Low-rank compensation (ZeroQuant-V2's LoRC) of the group-wise linears: the rank-``r``
+        truncated SVD of the weight's quantization error ``E = W - W_hat`` is added back as two
+        small float linears, ``y = W_hat x + B (A x)`` with ``B A = U_r S_r V_r^T``. 0: off.
+    lorc_min_gain_db : float
+        A layer keeps its compensation only when it raises the layer's weight SQNR by at least
+        this much (the extra ``r (in + out)`` float32 weights and two matmuls must pay).
     layer_bits : dict of str to int
         Fixed bit-width per layer name (not allocated).
     targets, ignore : tuple of str
@@ -222,6 +230,8 @@ class QuantizeLayerwiseConfig:
     act_order: bool = False
     bias_correction: bool = True
     shortcuts: Literal["quantized", "float"] = "quantized"
+    lorc_rank: int = 0
+    lorc_min_gain_db: float = 0.5
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
@@ -258,6 +268,10 @@ class QuantizeLayerwiseConfig:
             raise _err("bias_correction", f"must be true or false, got {self.bias_correction!r}")
         if not isinstance(self.act_order, bool):
             raise _err("act_order", f"must be true or false, got {self.act_order!r}")
+        if not isinstance(self.lorc_rank, int) or isinstance(self.lorc_rank, bool) or self.lorc_rank < 0:
+            raise _err("lorc_rank", f"must be an integer >= 0 (0: off), got {self.lorc_rank!r}")
+        if not (isinstance(self.lorc_min_gain_db, (int, float)) and self.lorc_min_gain_db >= 0):
+            raise _err("lorc_min_gain_db", f"must be a number of dB >= 0, got {self.lorc_min_gain_db!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise _err("percentile", f"must be in (50, 100], got {self.percentile!r}")
         bad = {k: v for k, v in dict(self.layer_bits).items() if v not in ALLOWED_BITS}
@@ -268,7 +282,7 @@ class QuantizeLayerwiseConfig:
     def __hash__(self) -> int:
         return hash((self.version, self.bits, self.target_bits, self.size_budget, self.allocation, self.order, self.importance,
                      self.group_size, self.symmetric, self.activations, self.act_calibration, self.percentile,
-                     self.weight_rounding, self.group_rounding, self.act_order, self.bias_correction, self.shortcuts, tuple(sorted(self.layer_bits.items())), self.skip, self.targets, self.ignore, self.zd_cut,
+                     self.weight_rounding, self.group_rounding, self.act_order, self.bias_correction, self.shortcuts, self.lorc_rank, self.lorc_min_gain_db, tuple(sorted(self.layer_bits.items())), self.skip, self.targets, self.ignore, self.zd_cut,
                      self.seed, self.min_sqnr_db, self.max_kl, self.on_budget))
 
     @property
@@ -475,7 +489,9 @@ class QuantizeLayerwise:
         n = sum(layer.params for layer in active)
         avg = math.fsum(bits[l.name] * l.params for l in active) / n
         before = sum(4 * l.params for l in active)
-        after = sum(stored_bytes(l, bits[l.name], cfg) for l in active)
+        # LoRC's float factors are stored too, where a layer kept them
+        after = sum(stored_bytes(l, bits[l.name], cfg) for l in active) + sum(
+            e["lorc"]["extra_bytes"] for e in stats_layers.values() if (e.get("lorc") or {}).get("kept"))
         kind, amount = cfg.budget
         stats = {
             "quantized": sum(1 for p in plans if p.bits < FLOAT_BITS),
@@ -494,6 +510,8 @@ class QuantizeLayerwise:
             "refined": {"weight_rounding": cfg.weight_rounding, "bias_correction": cfg.bias_correction,
                         "layers": sum(1 for e in stats_layers.values() if "bias_shift_rms" in e or e.get("weight_rounding") == "gptq")},
             "notes": notes,
+            **({"lorc": {"rank": cfg.lorc_rank, "layers_kept": sum(1 for e in stats_layers.values() if (e.get("lorc") or {}).get("kept")),
+                         "layers_tried": sum(1 for e in stats_layers.values() if e.get("lorc"))}} if cfg.lorc_rank else {}),
             "kept_float": kept,
             "skipped": dict(Skips(_count(kept))),
         }
@@ -577,6 +595,8 @@ class QuantizeLayerwise:
                 calls[layer.name] = call = _rewrite_layer(graph, p, weights[layer.name], cfg, io.get(ends[layer.name][0]))
                 if call.rounding:
                     entry["weight_rounding"] = call.rounding
+                if call.lorc is not None:
+                    entry["lorc"] = call.lorc
                 entry["op"] = call.op_name
                 if p.in_quant is not None:
                     entry["input_quant"] = {"scale": p.in_quant.scale, "zero_point": p.in_quant.zero_point}
@@ -870,6 +890,7 @@ class _Call:
     w_float: torch.Tensor | None = None
     b_float: torch.Tensor | None = None
     rounding: str = ""  # how a group-wise op's codes were chosen, when not to nearest
+    lorc: dict[str, Any] | None = None  # low-rank compensation's figures (lorc_rank > 0)
 
     @property
     def op_name(self) -> str:
@@ -933,6 +954,7 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
 
     replaced = layer.relu if _fuses_relu(plan) else None
     static = plan.in_quant is not None
+    result = None  # the node the layer's users read, when not the quantized op itself (LoRC's sum)
     if layer.kind == "linear" and not static and not plan.dynamic:
         gptq = cfg.group_rounding == "gptq" and inputs
         if gptq:
@@ -950,6 +972,9 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
         scalars = [layer.in_features, nb.bits, cfg.group_size, act_bits]
         new = insert_call(graph, WLINEAR_NBITS, (x, *args_nodes, *scalars), before=node, like=node)
         call = _Call(WLINEAR_NBITS, tensors, scalars)
+        if cfg.lorc_rank and replaced is None:
+            summed, call.lorc = _low_rank_compensation(graph, gq, w, cfg, x, new, node, const)
+            result = summed if summed is not None else new
         if gptq:
             call.rounding = "gptq (act order)" if cfg.act_order else "gptq"
             if n_rows < layer.in_features:
@@ -977,6 +1002,7 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
             call = _Call(QCONV2D, [q, scale, b], conv_scalars)
     graph.annotations(new)["quant"] = {"bits": plan.bits, "layer": layer.name}
     call.node, call.layer, call.w_float = new, layer.name, w.detach()
+    new = result if result is not None else new
     call.b_float = None if bias is None else bias.detach().float().clone()
     inputs = [a for a in node.all_input_nodes]  # before erasing: erase_node clears the args
     old_out = replaced if replaced is not None else node
@@ -989,6 +1015,27 @@ def _rewrite_layer(graph: Graph, plan: LayerPlan, w: torch.Tensor, cfg: Quantize
             graph.gm.graph.erase_node(d)
     erase_dead(graph, inputs)
     return call
+
+
+def _low_rank_compensation(graph: Graph, gq: Any, w: torch.Tensor, cfg: QuantizeLayerwiseConfig, x: fx.Node, new: fx.Node,
+                           node: fx.Node, const: Callable[[str, torch.Tensor], fx.Node]) -> tuple[fx.Node | None, dict[str, Any]]:
+    """LoRC (``lorc_rank``): ``new + B (A x)`` with ``B A`` the rank-r truncated SVD of the
+    quantization error, when it raises the weight SQNR by ``lorc_min_gain_db``; else nothing
+    is inserted. Returns the sum node (or None) and the layer's figures."""
+    w = w.detach().float()
+    deq = gq.dequantize().float()
+    u, sv, vh = torch.linalg.svd(w - deq, full_matrices=False)
+    r = min(cfg.lorc_rank, sv.numel())
+    b, a = (u[:, :r] * sv[:r]).contiguous(), vh[:r].contiguous()
+    before, after = weight_sqnr_db(w, deq), weight_sqnr_db(w, deq + b @ a)
+    info = {"rank": r, "weight_sqnr_db": [round(before, 2), round(after, 2)], "extra_bytes": 4 * r * (w.shape[0] + w.shape[1])}
+    if after - before < cfg.lorc_min_gain_db:
+        info["kept"] = False
+        return None, info
+    info["kept"] = True
+    low = insert_call(graph, torch.ops.aten.linear.default, (x, const("lorc_a", a)), before=node)
+    low = insert_call(graph, torch.ops.aten.linear.default, (low, const("lorc_b", b)), before=node)
+    return insert_call(graph, torch.ops.aten.add.Tensor, (new, low), before=node, like=node), info
 
 
 def _passthrough_source(node: Any) -> fx.Node | None:
