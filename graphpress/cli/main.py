@@ -524,6 +524,9 @@ def generate(
     made = out.shape[1] - len(ids)
     console.print()
     how = "KV cache: one token per step" if getattr(model, "kv_cache", False) else "no KV cache: each step re-runs the sequence"
+    kv_bits = ((model.manifest.get("lowering") or {}).get("info") or {}).get("kv_cache_bits")
+    if kv_bits:
+        how += f", caches stored in {'/'.join(map(str, sorted(set(kv_bits.values()))))}-bit codes"
     console.print(f"{made} tokens in {wall:.2f} s ({made / wall:.1f} tokens/s; {how})", style="dim")
 
 

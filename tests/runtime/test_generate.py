@@ -199,6 +199,9 @@ def test_a_kv_artifact_with_caches_in_k_bits_stores_codes_and_decodes_as_its_gra
     from tests.stream.tiny import write_llama
 
     write_llama(tmp_path / "m", layers=2, vocab=256)
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0")).save(str(tmp_path / "m" / "tokenizer.json"))
     res = compress(tmp_path / "m", out=tmp_path / "kv4", kv_cache=True, bench=False, recipe="llm-int4-kv4")
     art = load(res.folder)
     specs = {s.name: s for s in art.inputs}

@@ -241,7 +241,8 @@ class QuantizeKVCache:
 
         def kl_of(bits: dict[str, int]) -> float:
             assign(bits)
-            return max(0.0, kl_divergence(ref, decode(bits)))
+            kl = kl_divergence(ref, decode(bits))
+            return kl if math.isnan(kl) else max(0.0, kl)  # a NaN must reach the check below, not become 0
 
         def nbytes(bits: dict[str, int]) -> float:
             return sum(kv_bytes_per_token(c.kv_heads, c.head_dim, bits[c.name]) for c in caches)
@@ -285,11 +286,11 @@ class QuantizeKVCache:
             "bytes_per_token": nbytes(chosen), "fp16_bytes_per_token": fp16, "ratio_vs_fp16": round(nbytes(chosen) / fp16, 4),
             "search_s": round(time.perf_counter() - t0, 2),
         })
-        if cfg.max_kl is not None and not (kl <= cfg.max_kl):
-            raise PassError(f"pass '{NAME}': decode KL {kl:.4g} nats exceeds max_kl={cfg.max_kl} at avg_bits={cfg.avg_bits}; "
-                            f"raise avg_bits (or bits) or max_kl")
         if math.isnan(kl):
             raise PassError(f"pass '{NAME}': decode KL is NaN with the chosen widths {chosen}")
+        if cfg.max_kl is not None and kl > cfg.max_kl:
+            raise PassError(f"pass '{NAME}': decode KL {kl:.4g} nats exceeds max_kl={cfg.max_kl} at avg_bits={cfg.avg_bits}; "
+                            f"raise avg_bits (or bits) or max_kl")
         return PassResult(graph, changed=True, stats=stats)
 
 
