@@ -129,21 +129,23 @@ class SharedCacheDecoder:
         self.runner, self.session = runner, runner.session
         self.past, self.present, self.logits = list(past), list(present), logits
         self.caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=dtype)) for _ in self.past]
+        # one binding for the whole generation: the caches are bound once, a step rebinds only
+        # its token ids, mask, positions and the logits
+        self.binding = self.session.io_binding()
+        for name, cache in zip(self.past, self.caches):
+            self.binding.bind_ortvalue_input(name, cache)
+        for name, cache in zip(self.present, self.caches):
+            self.binding.bind_ortvalue_output(name, cache)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        binding = self.session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, cache in zip(self.past, self.caches):
-            binding.bind_ortvalue_input(name, cache)
-        for name, cache in zip(self.present, self.caches):
-            binding.bind_ortvalue_output(name, cache)
-        binding.bind_output(self.logits)
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self.binding.bind_output(self.logits)  # unallocated: its shape changes after the prompt
         try:
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(self.binding)
         except Exception as err:  # noqa: BLE001
             raise BackendError(f"{self.runner.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
-        return binding.get_outputs()[-1].numpy()
+        return self.binding.get_outputs()[-1].numpy()
 
 
 __all__ = ["OrtRunner", "default_providers", "to_numpy", "CUDA", "CPU"]
