@@ -22,7 +22,7 @@ import torch
 
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
-from graphpress.lowering.onnx.kv_cache import storage_of
+from graphpress.lowering.onnx.kv_cache import CacheStorage, storage_of
 from graphpress.passes import Pipeline, PipelineReport, config_from_dict
 from graphpress.passes.recipes import Recipe, load_recipe
 
@@ -400,8 +400,8 @@ def export(
             "backend_check": lowered.check,
         }
         stage("verify")
-        # caches stored as codes (quantize-kv-cache): the artifact is compared on the graph's interface
-        as_graph = storage_of(graph).wrap(runner, graph.input_names, graph.output_names)
+        # caches stored as codes (quantize-kv-cache, ONNX): the artifact is compared on the graph's interface
+        as_graph = _storage(graph, lowered).wrap(runner, graph.input_names, graph.output_names)
         metrics["vs_original"] = _vs_original(original, as_graph, check_inputs, graph.output_names, on_step)
         metrics["check_batches"] = [int(x[0].shape[0]) if x and x[0].dim() else 1 for x in check_inputs]
         manifest = make_manifest(
@@ -482,7 +482,7 @@ def _measure_latency(
         if baseline and original is not graph:
             base = be.lower(original, Path(tmp_base), check=False)
             variants[f"{lowered.backend} (original)"] = _runner_call(be.runner(Path(tmp_base) / base.model_file, threads=n), x1)
-        storage = storage_of(graph)
+        storage = _storage(graph, lowered)
         # caches stored as codes: the prefill's empty caches are encoded once, not inside the timed call
         x1c = tuple(storage.encode(graph.input_names, x1)) if storage.bits else x1
         variants[f"{lowered.backend} (compressed)"] = _runner_call(be.runner(tmp / lowered.model_file, threads=n), x1c)
@@ -499,6 +499,12 @@ def _measure_latency(
             "loadavg_1m": max(load_before["loadavg_1m"], load_after["loadavg_1m"]),
         },
     }
+
+
+def _storage(graph: Graph, lowered: Any) -> CacheStorage:
+    """How the lowered model stores the graph's caches: as codes where the lowering changed the
+    model file's interface (ONNX Runtime), as the graph's float tensors otherwise (torch)."""
+    return storage_of(graph) if getattr(lowered, "io", None) else CacheStorage({})
 
 
 def _vs_original(original: Graph, runner: Any, check_inputs, names: Sequence[str], on_step: Step | None = None) -> list[dict[str, Any]]:

@@ -227,3 +227,20 @@ def test_a_kv_artifact_with_caches_in_k_bits_stores_codes_and_decodes_as_its_gra
             n = seq.shape[1]
             outs = graph.run(nxt, torch.ones(1, n, dtype=torch.long), torch.tensor([[n - 1]]), *outs[1:])
     assert np.array_equal(got, seq.numpy())
+
+
+@pytest.mark.parametrize("passes", [["eliminate-dead-code"], [{"quantize-kv-cache": {"bits": 4, "max_kl": None}}, "eliminate-dead-code"]],
+                         ids=["float-cache", "4-bit-cache"])
+def test_a_kv_artifact_on_the_torch_backend_keeps_the_graphs_names_and_tokens(tmp_path, passes):
+    from graphpress.api import compress
+    from tests.stream.tiny import write_llama
+
+    write_llama(tmp_path / "m", layers=2, vocab=256)
+    recipe = {"name": "kv", "passes": passes}
+    on_torch = load(compress(tmp_path / "m", out=tmp_path / "t", kv_cache=True, bench=False, recipe=recipe, backend="torch").folder)
+    on_ort = load(compress(tmp_path / "m", out=tmp_path / "o", kv_cache=True, bench=False, recipe=recipe).folder)
+    # export names a forward's *args past_0, past_1 ...: the runner reports the graph's names
+    assert on_torch.runner.input_names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert all(s.dtype == "float32" for s in on_torch.inputs[3:])  # torch keeps float caches (rounded, when quantized)
+    prompt = np.array([[5, 7, 9, 11]])
+    assert np.array_equal(on_torch.generate(prompt, 10), on_ort.generate(prompt, 10))

@@ -13,6 +13,7 @@ graph, JSON metadata and raw tensors.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from graphpress.errors import BackendError
 from graphpress.ir.graph import Graph
 
 MODEL_FILE = "model.pt2"
+#: Inside ``model.pt2``: the graph's input and output names, which the runner reports.
+IO_FILE = "graphpress_io.json"
 
 
 def _first_line(err: BaseException) -> str:
@@ -51,14 +54,21 @@ class TorchRunner:
         import graphpress.ir.ops  # noqa: F401 -- registers graphpress:: ops before the program is read
 
         self.model_path = Path(model_path)
+        extra = {IO_FILE: ""}
         try:
-            program = torch.export.load(str(self.model_path))
+            program = torch.export.load(str(self.model_path), extra_files=extra)
         except Exception as err:
             raise BackendError(f"{self.model_path.name}: torch.export.load failed: {_first_line(err)}") from err
         self.module = program.module()
         sig = program.graph_signature
         self.input_names = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         self.output_names = [getattr(s.arg, "name", f"output_{i}") for i, s in enumerate(sig.output_specs) if s.kind.name == "USER_OUTPUT"]
+        # the graph's own names, stored at lowering: export names a forward's *args "past_0", "past_1" ...
+        names = json.loads(extra[IO_FILE]) if extra.get(IO_FILE) else {}
+        if len(names.get("inputs", ())) == len(self.input_names):
+            self.input_names = list(names["inputs"])
+        if len(names.get("outputs", ())) == len(self.output_names):
+            self.output_names = list(names["outputs"])
         self.threads = threads
 
     def __call__(self, *inputs: Any) -> list[np.ndarray]:
@@ -107,7 +117,8 @@ class TorchBackend:
         except Exception as err:
             raise BackendError(f"torch: torch.export of {graph.name!r} failed: {_first_line(err)}") from err
         path = folder / MODEL_FILE
-        torch.export.save(program, str(path))
+        torch.export.save(program, str(path), extra_files={IO_FILE: json.dumps({"inputs": list(graph.input_names),
+                                                                                 "outputs": list(graph.output_names)})})
         info = {"export_s": round(time.perf_counter() - t0, 3), "model_bytes": path.stat().st_size, "torch_version": torch.__version__}
         report = check_program(graph, path, self.check_seeds) if check else {"skipped": True}
         return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=[MODEL_FILE], check=report, info=info)
