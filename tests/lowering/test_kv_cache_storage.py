@@ -40,3 +40,12 @@ def test_specs_list_codes_and_scales_where_the_float_cache_was():
     assert specs == [{"name": "present.1.value", "shape": ["batch", 4, "total", 16], "dtype": "uint8"},
                      {"name": "present.1.value_scales", "shape": ["batch", 4, "total", 2], "dtype": "float16"},
                      {"name": "logits", "shape": ["batch", "seq", 100], "dtype": "float32"}]
+
+
+def test_a_stored_cache_may_differ_by_one_grid_step_not_more():
+    storage = CacheStorage({"past_key_values.0.key": 2})
+    ref = torch.tensor([[[[0.0, 1.0, 2.0, 3.0]]]])  # one row: 2-bit step 1.0
+    assert storage.within_a_step("present.0.key", ref, ref + torch.tensor([0.0, 1.0, 0.0, -1.0]))  # codes flipped by one
+    assert not storage.within_a_step("present.0.key", ref, ref + torch.tensor([0.0, 2.0, 0.0, 0.0]))  # two steps: a wrong lowering
+    assert storage.within_a_step("present.0.value", ref, ref) is None  # a float cache: the usual tolerance applies
+    assert storage.within_a_step("logits", ref, ref) is None
