@@ -201,6 +201,12 @@ def storage_of(graph) -> "CacheStorage":
     return CacheStorage(bits)
 
 
+def _past_name(name: str) -> str:
+    """The cache input a present output is fed back as (``present.3.key`` -> ``past_key_values.3.key``);
+    any other name as it is."""
+    return "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+
+
 @dataclass(frozen=True)
 class CacheStorage:
     """How a lowered decoder stores its caches, to move between the float graph's interface
@@ -227,7 +233,7 @@ class CacheStorage:
         boundary to the next code, or shifts a row's range: at 2 bits a step is a third of the row's
         range, so allclose and SQNR floors fail for rounding, not for a wrong lowering (which is off
         by many steps, or everywhere)."""
-        past = "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+        past = _past_name(name)
         if past not in self.bits or ref.shape != test.shape or ref.numel() == 0:
             return None
         step = (ref.amax(-1, keepdim=True) - ref.amin(-1, keepdim=True)) / float(2 ** self.bits[past] - 1)
@@ -252,7 +258,7 @@ class CacheStorage:
         out = []
         for spec in specs:
             name = spec["name"]
-            past = "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+            past = _past_name(name)
             if past not in self.bits:
                 out.append(dict(spec))
                 continue
@@ -261,11 +267,6 @@ class CacheStorage:
             out.append({"name": name + SCALES, "shape": [*dims, 2], "dtype": "float16"})
         return out
 
-    def round_trip(self, names: Sequence[str], values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The float inputs the artifact's encoded inputs stand for (quantized caches rounded)."""
-        feeds = self.encode(names, values)
-        return tuple(self.decode(names, feeds))
-
     def decode(self, names: Sequence[str], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Float tensors for the artifact's tensors ``values``, whose float names are ``names``
         (a quantized cache's codes and scales give one float tensor)."""
@@ -273,7 +274,7 @@ class CacheStorage:
         it = iter(values)
         for name in names:
             x = next(it)
-            past = "past_key_values." + name[len("present."):] if name.startswith("present.") else name
+            past = _past_name(name)
             if past not in self.bits:
                 out.append(x)
                 continue
