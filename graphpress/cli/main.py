@@ -153,11 +153,9 @@ def run(
 
     check_out_dir(out, overwrite)  # fail before minutes of work
     why = stream_choice(checkpoint, stream)
-    if why is not None and kv_cache:
-        raise GraphpressError(f"--kv-cache: streamed artifacts have no KV cache yet ({why.rstrip('.')}); use --stream off with --kv-cache")
     if why is not None:
         _run_stream(checkpoint, why, recipe=recipe, out=out, overwrite=overwrite, backend=backend, backend_option=backend_option,
-                    bench=bench, calibration=calibration, finetune_data=finetune_data, workers=workers)
+                    bench=bench, calibration=calibration, finetune_data=finetune_data, workers=workers, kv_cache=kv_cache)
         return
     if workers != 1:
         raise GraphpressError(f"--workers {workers}: several processes split a streamed run only; add --stream on (decoder-LLM folders)")
@@ -204,7 +202,7 @@ def run(
 
 def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite: bool, backend: Optional[str],
                 backend_option: Optional[list[str]], bench: Optional[bool], calibration: Optional[Path], finetune_data: Optional[Path],
-                workers: int = 1) -> None:
+                workers: int = 1, kv_cache: bool = False) -> None:
     """``compress run --stream``: the streamed path (ONNX Runtime only, no fine-tuning, no latency stage)."""
     from graphpress.api import check_recipe, compress_stream
 
@@ -224,7 +222,7 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
             prog.step(done, total, f"{record.unit} ({record.time_s:.1f} s, RSS {record.rss_mb} MB{sq})")
 
         result = compress_stream(checkpoint, out=out, recipe=recipe, overwrite=overwrite, calibration=calibration, on_unit=on_unit,
-                                 options={"workers": workers})
+                                 options={"workers": workers, "kv_cache": kv_cache})
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports and writes
         return
     s = result.manifest["stream"]
@@ -232,7 +230,8 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
     ort = e2e["onnxruntime"]
     console.print(
         f"{len(s['units'])} units in {s['wall_s']} s; worst block SQNR {s['worst_block_sqnr_db']} dB; held-out KL {e2e['kl']:.4g}, "
-        f"top-1 agreement {e2e['top1_agreement']:.3f}; ONNX Runtime check passed (max abs {ort['max_abs']:.3g})"
+        f"top-1 agreement {e2e['top1_agreement']:.3f}; ONNX Runtime check passed (max abs {ort['max_abs']:.3g}"
+        + (f", decode step after {ort['decode_step']['past']} cached tokens included" if "decode_step" in ort else "") + ")"
     )
     if bench:
         console.print(f"latency is not measured in streaming mode: run 'compress bench {result.folder}'")

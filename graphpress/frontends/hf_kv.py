@@ -47,6 +47,7 @@ sequence length at run time (``dynamic``, ``longrope``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import sys
@@ -107,8 +108,8 @@ class _Step:
     """What one ``HFKVDecoder.forward`` hands its attention calls: each layer's past, the mask,
     the rotary tables (None: the queries and keys come rotated), and the presents they return."""
 
-    def __init__(self, past: Sequence[torch.Tensor], mask: torch.Tensor, layers: int, tables: tuple | None = None):
-        self.past, self.mask, self.tables = past, mask, tables
+    def __init__(self, past: Sequence[torch.Tensor], mask: torch.Tensor, layers: int, tables: tuple | None = None, first: int = 0):
+        self.past, self.mask, self.tables, self.first = past, mask, tables, first  # first: the index of past[0:2]'s layer
         self.present: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layers
 
 
@@ -127,7 +128,12 @@ def rotary_tables(model: nn.Module, head_dim: int, positions: int) -> tuple[torc
     rotaries = _rotary_modules(model)
     if len(rotaries) != 1:
         return f"{len(rotaries)} rotary modules"
-    rot = rotaries[0]
+    return tables_of(rotaries[0], head_dim, positions)
+
+
+def tables_of(rot: nn.Module, head_dim: int, positions: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``(cos, sin)`` half tables of one rotary module, or why there are none (see
+    :func:`rotary_tables`)."""
     if rot.rope_type not in _STATIC_ROPE:
         return f"rope type {rot.rope_type!r} depends on the sequence length"
     if not positions:
@@ -151,13 +157,42 @@ def _gqa_attention(module, query, key, value, attention_mask, scaling=None, drop
     (``key`` / ``value`` are the step's new ones: see :func:`_pass_through_update`; the op is
     registered by ``graphpress.ir``)."""
     step = _STEP.get()
-    idx = module.layer_idx
+    idx = module.layer_idx - step.first
     scale = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
     tables = step.tables or (None, None)
     out, present_k, present_v = torch.ops.graphpress.gqa_cached(query, key, value, step.past[2 * idx], step.past[2 * idx + 1], step.mask,
                                                                 scale, *tables)
     step.present[idx] = (present_k, present_v)
     return out, None
+
+
+@contextlib.contextmanager
+def gqa_call(config: Any, step: _Step, home: Any = None):
+    """For the calls inside: the attention of every layer built on ``config`` is
+    ``graphpress::gqa_cached`` over ``step``'s caches and, with ``home`` (the family's modeling
+    module), its ``apply_rotary_pos_emb`` is the identity (the op rotates). Both are restored
+    after, so the caller's model keeps its own attention and rotary."""
+    _register_attention()
+    token, saved = _STEP.set(step), config._attn_implementation
+    rotate = home.apply_rotary_pos_emb if home is not None else None
+    try:
+        config._attn_implementation = _ATTN_NAME
+        if home is not None:
+            home.apply_rotary_pos_emb = _unrotated
+        yield step
+    finally:
+        config._attn_implementation = saved
+        if home is not None:
+            home.apply_rotary_pos_emb = rotate
+        _STEP.reset(token)
+
+
+def rotary_home(model: nn.Module) -> Any:
+    """The modeling module of ``model``'s attention class when it has an ``apply_rotary_pos_emb``
+    to stand in for (None otherwise)."""
+    attn = next((m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__), None)
+    home = sys.modules.get(type(attn).__module__) if attn is not None else None
+    return home if home is not None and hasattr(home, "apply_rotary_pos_emb") else None
 
 
 def _register_attention() -> None:
@@ -217,9 +252,8 @@ class HFKVDecoder(nn.Module):
         self._rotary_module = None
         if attention == "gqa" and rotary_in_attention:
             tables = rotary_tables(hf_model, self.head_dim, int(getattr(config, "max_position_embeddings", 0) or 0))
-            attn = next((m for m in hf_model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__), None)
-            home = sys.modules.get(type(attn).__module__) if attn is not None else None
-            if isinstance(tables, str) or home is None or not hasattr(home, "apply_rotary_pos_emb"):
+            home = rotary_home(hf_model)
+            if isinstance(tables, str) or home is None:
                 self.facts["rotary"] = f"model ({tables if isinstance(tables, str) else 'no apply_rotary_pos_emb to stand in for'})"
             else:
                 self.register_buffer("rope_cos", tables[0], persistent=False)
@@ -241,19 +275,8 @@ class HFKVDecoder(nn.Module):
             return (out.logits, *_cache_tensors(returned, self.layers))
         home = self._rotary_module
         step = _Step(past, attention_mask, self.layers, (self.rope_cos, self.rope_sin) if home is not None else None)
-        config = self.model.config
-        token, saved = _STEP.set(step), config._attn_implementation
-        rotate = home.apply_rotary_pos_emb if home is not None else None
-        try:  # set for this call only: the caller's model keeps its own attention and rotary
-            config._attn_implementation = _ATTN_NAME
-            if home is not None:
-                home.apply_rotary_pos_emb = _unrotated
+        with gqa_call(self.model.config, step, home):
             out = self._call(input_ids, attention_mask, position_ids, cache)
-        finally:
-            config._attn_implementation = saved
-            if home is not None:
-                home.apply_rotary_pos_emb = rotate
-            _STEP.reset(token)
         if any(p is None for p in step.present):
             missing = [i for i, p in enumerate(step.present) if p is None]
             raise FrontendError(f"{type(self.model).__name__}: layers {missing} did not call the attention function; use attention='eager'")

@@ -53,6 +53,7 @@ from graphpress.stream.onnx_units import EMBED_FILE, OnnxTemplates, check_sessio
 from graphpress.stream.units import (
     BlockUnit,
     HeadUnit,
+    KVBlockUnit,
     block_window,
     build_meta_model,
     head_slices,
@@ -90,6 +91,11 @@ class StreamOptions:
         the same inputs) is below this; None: report only.
     head_slice_bytes : int or None
         Largest float32 bytes of one head slice; None: half the largest block's float32 bytes.
+    kv_cache : bool
+        Write a generation-step artifact with a KV cache (``past_key_values.{i}.key/.value`` in,
+        ``present.{i}.key/.value`` out, ``attention_mask`` and ``position_ids``; the interface of
+        :mod:`graphpress.frontends.hf_kv` and ONNX Runtime GenAI): every block is a
+        :class:`~graphpress.stream.units.KVBlockUnit`, calibrated and checked on prefills.
     workers : int
         Local processes (ranks) the run is split over with ``torch.distributed`` (gloo): each
         calibrates on its share of the calibration sequences, statistics are summed over the
@@ -110,6 +116,7 @@ class StreamOptions:
     head_slice_bytes: int | None = None
     workers: int = 1
     collective_timeout_s: float = 1800.0
+    kv_cache: bool = False
 
 
 @dataclass
@@ -202,6 +209,8 @@ def compress_stream(
         recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
     Pipeline.from_recipe(recipe)  # unknown passes and options fail before any weight is read
     layout = decoder_layout(ShardedCheckpoint(folder))
+    if options.kv_cache:
+        _check_kv(folder, recipe)
     _tokens(calibration, options.calibration_sequences, options.calibration_seq_len, layout.vocab_size, options.seed, "calibration")
     if not isinstance(options.workers, int) or options.workers < 1:
         raise FrontendError(f"stream option workers={options.workers!r}: give a positive number of processes")
@@ -250,6 +259,8 @@ def run_rank(
     # budget decision is the same on all; statistics come from each rank's own share
     check_ids = calib_ids[: options.batch]
     local_ids = calib_ids[rank::size]
+    kv = _kv_geometry(config) if options.kv_cache else None
+    feed = _feeder(kv)
     total = 1 + layout.num_layers + len(_slices(layout, options))
     records: list[UnitRecord] = []
 
@@ -279,6 +290,9 @@ def run_rank(
                 # of them from unit to unit (no forward of their own; see _compress_unit)
                 check = calib[: len(check_ids)] if size == 1 else torch.nn.functional.embedding(check_ids, table).to(storage).float()
                 test = torch.nn.functional.embedding(held_ids, table).to(storage).float()
+            # a KV artifact's decode path: the held-out prefix's caches, then its last token as one step
+            decode = (test[:, :-1], test[:, -1:]) if kv else None
+            presents: dict[str, str] = {}
             prev = None
             if primary:
                 model = embedding_model(table, storage, scratch)
@@ -295,17 +309,26 @@ def run_rank(
                 # one tensor at a time: a block's checkpoint-dtype copy never sits beside its float32 one
                 weights = {rel: checkpoint.get(layout.blocks[i] + rel).float() for rel in layout.block_tensors}
                 window = block_window(config, i)
-                graph = _bound_block(templates, window, meta, weights, i, check)
+                graph = _bound_block(templates, window, meta, weights, i, check, kv)
                 del weights
                 graph.name = f"block.{i}"
                 check_in = check
-                record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}", size == 1)
+                record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}", size == 1, feed)
                 with torch.no_grad():
-                    ref = _run(graph, ref)
-                    test = _run(compressed, test)
+                    ref = _run(graph, ref, feed)
+                    test = _run(compressed, test, feed)
+                    if decode is not None:
+                        decode = _decode_block(compressed, decode, feed)
                 if primary:
-                    prev = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", {"hidden": prev}, exports,
-                                ({"hidden": check_in}, check))["hidden_out"]
+                    inputs = {"hidden": prev}
+                    if kv:
+                        inputs.update({"attention_mask": "attention_mask", "position_ids": "position_ids",
+                                       "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value"})
+                    outs = _add(stitcher, lower_to_onnx, compressed, scratch, f"layers.{i}/", inputs, exports,
+                                (dict(zip(graph.input_names, feed(check_in))), check))
+                    prev = outs["hidden_out"]
+                    if kv:
+                        presents[f"present.{i}.key"], presents[f"present.{i}.value"] = outs["present_key"], outs["present_value"]
                 del check_in
                 graph.release()
                 compressed.release()
@@ -319,7 +342,7 @@ def run_rank(
             t0 = time.perf_counter()
             norm = materialize(meta.model.norm, {"weight": checkpoint.get(layout.final_norm)})
             slices = _slices(layout, options)
-            outputs, ref_logits, test_logits = [], [], []
+            outputs, ref_logits, test_logits, decode_logits = [], [], [], []
             for k, part in enumerate(slices):
                 t1 = time.perf_counter() if k else t0
                 unit = HeadUnit(norm, checkpoint.get_rows(layout.lm_head, part.start, part.stop).float())  # only this slice is read
@@ -331,6 +354,8 @@ def run_rank(
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
+                    if decode is not None:
+                        decode_logits.append(_run(compressed, decode[1]))
                 if primary:
                     outputs.append(_add(stitcher, lower_to_onnx, compressed, scratch, f"head.{k}/", {"hidden": prev}, exports,
                                         ({"hidden": check}, checked))["logits"])
@@ -348,7 +373,7 @@ def run_rank(
                 logits_name = outputs[0]
                 if len(outputs) > 1:
                     logits_name = stitcher.add_unit(concat_model(len(outputs)), prefix="head/", inputs={f"x{k}": n for k, n in enumerate(outputs)})["logits"]
-                files = stitcher.close({"logits": logits_name})
+                files = stitcher.close({"logits": logits_name, **presents})
 
         if not primary:
             dist.barrier()  # rank 0 is checking and writing the artifact
@@ -372,7 +397,7 @@ def run_rank(
         del meta
         gc.collect()
         trim()
-        ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all)
+        ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all, kv, torch.cat(decode_logits, -1) if kv else None)
         end_to_end["onnxruntime"] = ort_check
         peaks["check_peak_rss_mb"] = rss_mb("VmHWM")
         if not ort_check["ok"]:
@@ -382,8 +407,10 @@ def run_rank(
         end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound,
                                       "rebinding_checked_max_abs": [_json(v) for v in sorted(exports.checked.values())]}
         end_to_end.update(peaks)
-        manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start)
-        moved = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
+        manifest = _manifest(folder, layout, recipe, options, records, end_to_end, calib_ids, time.perf_counter() - t_start, kv)
+        moved: dict[str, Any] = {name: Prehashed(stitched / name, meta_["sha256"], meta_["bytes"]) for name, meta_ in files.items()}
+        if kv:
+            moved.update(_genai_files(manifest["source"]["kv_cache"], folder))
         folder_out = write_artifact(out, moved, manifest, _report(manifest), overwrite=overwrite)
         dist.barrier()
     finally:
@@ -422,15 +449,26 @@ def _embedding_dtype(table: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _bound_block(templates: dict, window: int | None, meta, weights: dict[str, torch.Tensor], index: int, calib: torch.Tensor) -> Graph:
+def _bound_block(templates: dict, window: int | None, meta, weights: dict[str, torch.Tensor], index: int, calib: torch.Tensor,
+                 kv: "_KV | None" = None) -> Graph:
     """Block ``index`` as a graph: the template of its kind (captured at its first block, then
-    holding no weights of its own) snapshotted with this block's tensors set."""
-    example = (calib[: min(2, len(calib))],)
+    holding no weights of its own) snapshotted with this block's tensors set; with ``kv``, the
+    block's generation step over its cache (:class:`KVBlockUnit`)."""
+    example = _feeder(kv)(calib[: min(2, len(calib))])
     template = templates.get(window)
     if template is None:
-        unit = BlockUnit(materialize(meta.model.layers[index], dict(weights)), rotary_for(meta), window)
-        graph = Graph.capture(unit, example, name=f"block.{index}", dynamic_dims=TOKEN_DIMS,
-                              input_names=["hidden"], output_names=["hidden_out"], source={"unit": "block"})
+        layer = materialize(meta.model.layers[index], dict(weights))
+        if kv is None:
+            graph = Graph.capture(BlockUnit(layer, rotary_for(meta), window), example, name=f"block.{index}", dynamic_dims=TOKEN_DIMS,
+                                  input_names=["hidden"], output_names=["hidden_out"], source={"unit": "block"})
+        else:
+            unit = KVBlockUnit(layer, rotary_for(meta), meta.config)
+            kv.facts.update(unit.facts)
+            graph = Graph.capture(unit, example, name=f"block.{index}", trace_inputs=_kv_trace_inputs(calib, kv), dynamic_dims={0: "batch"},
+                                  input_names=list(KV_UNIT_INPUTS), output_names=["hidden_out", "present_key", "present_value"],
+                                  input_dims=[{0: "batch", 1: "seq"}, {0: "batch", 1: "total"}, {0: "batch", 1: "seq"},
+                                              {0: "batch", 2: "past"}, {0: "batch", 2: "past"}],
+                                  source={"unit": "block", "kv_unit": True})
         targets = [f"layer.{rel}" for rel in weights]
         missing = [t for t in targets if not _has(graph, t)]
         if missing:
@@ -464,14 +502,16 @@ def _has(graph: Graph, target: str) -> bool:
 
 
 def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: torch.Tensor, options: StreamOptions, where: str,
-                   check_leads_calib: bool):
+                   check_leads_calib: bool, feed: Callable[[torch.Tensor], tuple] | None = None):
     """Run the recipe on one unit: verified on ``check`` (the same on every rank), calibrated on
     this rank's batches ``calib``. The unit's SQNR is the pipeline's own cumulative figure on
     ``check`` (every rank gets the same). Returns the record, the compressed unit and its
     outputs on ``calib`` and on ``check``; ``check_leads_calib`` (one process: ``check`` is the
-    first rows of ``calib``) takes the latter from the former instead of another forward."""
-    graph.example_inputs = (check,)
-    graph.calibration = [(calib[k:k + options.batch],) for k in range(0, len(calib), options.batch)]
+    first rows of ``calib``) takes the latter from the former instead of another forward;
+    ``feed`` turns hidden states into the unit's inputs (a KV block's prefill)."""
+    feed = feed or _feeder(None)
+    graph.example_inputs = feed(check)
+    graph.calibration = [feed(calib[k:k + options.batch]) for k in range(0, len(calib), options.batch)]
     pipeline = Pipeline.from_recipe(recipe)
     # a unit's inputs are activations: seeded random ones say little about them, so every pass
     # is verified on the unit's own calibration activations (the example inputs) instead
@@ -481,18 +521,130 @@ def _compress_unit(graph: Graph, recipe: Recipe, calib: torch.Tensor, check: tor
     except GraphpressError as err:
         raise type(err)(f"{where}: {err}") from err
     compressed = report.graph
-    sqnr = min((d.sqnr_db for d in report.steps[-1].cumulative), default=math.inf) if report.steps else math.inf
+    # the unit's first output: the residual stream (a KV block's presents are reported per pass)
+    sqnr = report.steps[-1].cumulative[0].sqnr_db if report.steps and report.steps[-1].cumulative else math.inf
     if options.min_block_sqnr_db is not None and sqnr < options.min_block_sqnr_db:
         raise VerificationError(f"{where}: output SQNR {sqnr:.1f} dB on the check sequences is below min_block_sqnr_db={options.min_block_sqnr_db}")
     with torch.no_grad():
-        outputs = _run(compressed, calib)
-        checked = outputs[: check.shape[0]] if check_leads_calib else _run(compressed, check)
+        outputs = _run(compressed, calib, feed)
+        checked = outputs[: check.shape[0]] if check_leads_calib else _run(compressed, check, feed)
     record = UnitRecord(graph.name, 0.0, None, graph.parameter_count(), sqnr_db=sqnr, passes=report.to_dict()["passes"])
     return record, compressed, outputs, checked
 
 
-def _run(graph: Graph, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    return torch.cat([graph.run(x[k:k + batch])[0] for k in range(0, len(x), batch)])
+def _run(graph: Graph, x: torch.Tensor, feed: Callable[[torch.Tensor], tuple] | None = None, batch: int = 8) -> torch.Tensor:
+    """The unit's first output on hidden states ``x``, ``batch`` sequences at a time."""
+    feed = feed or _feeder(None)
+    return torch.cat([graph.run(*feed(x[k:k + batch]))[0] for k in range(0, len(x), batch)])
+
+
+# ------------------------------------------------------------------------------------ KV cache
+#: A KV block unit's inputs (:class:`KVBlockUnit`).
+KV_UNIT_INPUTS = ("hidden", "attention_mask", "position_ids", "past_key", "past_value")
+
+
+@dataclass
+class _KV:
+    """A KV run's cache geometry and the facts its manifest records (``source["kv_cache"]``)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    facts: dict[str, Any]
+
+
+def _kv_geometry(config) -> _KV:
+    from graphpress.frontends.hf_kv import cache_geometry, decoder_facts
+
+    layers, kv_heads, head_dim = cache_geometry(config)
+    return _KV(layers, kv_heads, head_dim, {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, **decoder_facts(config)})
+
+
+def _feeder(kv: _KV | None) -> Callable[[torch.Tensor], tuple]:
+    """Hidden states ``(batch, seq, hidden)`` -> a unit's inputs: themselves, or a KV block's
+    prefill (a mask of ones, positions ``0 .. seq-1``, caches of length 0)."""
+    if kv is None:
+        return lambda h: (h,)
+
+    def feed(h: torch.Tensor) -> tuple:
+        b, s = h.shape[0], h.shape[1]
+        empty = torch.zeros(b, kv.kv_heads, 0, kv.head_dim, dtype=h.dtype)
+        return (h, torch.ones(b, s, dtype=torch.long), torch.arange(s).expand(b, s).contiguous(), empty, empty.clone())
+
+    return feed
+
+
+def _kv_trace_inputs(calib: torch.Tensor, kv: _KV) -> tuple:
+    """What a KV block is traced on: cached inputs whose sizes export specializes none of (a
+    past of 4 random rows, 12 new tokens; see :mod:`graphpress.frontends.hf_kv`)."""
+    from graphpress.frontends.hf_kv import EXAMPLE_PAST, EXAMPLE_SEQ
+
+    gen = torch.Generator().manual_seed(0)
+    h = calib[:2, :EXAMPLE_SEQ]
+    if h.shape[0] < 2 or h.shape[1] < EXAMPLE_SEQ:
+        h = torch.randn(2, EXAMPLE_SEQ, calib.shape[-1], generator=gen)
+    past = [torch.randn(2, kv.kv_heads, EXAMPLE_PAST, kv.head_dim, generator=gen) for _ in range(2)]
+    total = EXAMPLE_PAST + EXAMPLE_SEQ
+    return (h, torch.ones(2, total, dtype=torch.long), torch.arange(EXAMPLE_PAST, total).expand(2, EXAMPLE_SEQ).contiguous(), *past)
+
+
+def _decode_block(graph: Graph, decode: tuple[torch.Tensor, torch.Tensor], feed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry the held-out decode check through one compressed KV block: the prefix as a prefill
+    (its caches), then the last token as one step over them."""
+    prefix, last = decode
+    hidden, past_k, past_v = graph.run(*feed(prefix))
+    b, p = prefix.shape[0], prefix.shape[1]
+    step = graph.run(last, torch.ones(b, p + 1, dtype=torch.long), torch.full((b, 1), p, dtype=torch.long), past_k, past_v)[0]
+    return hidden, step
+
+
+def _check_kv(folder, recipe: Recipe) -> None:
+    """What a streamed KV artifact cannot be, refused in one line before any weight is read."""
+    from graphpress.frontends.hf_kv import _sliding_window
+    from graphpress.frontends.huggingface import read_hf_config
+
+    config = read_hf_config(folder)
+    window = _sliding_window(config)
+    if window is not None:
+        raise FrontendError(
+            f"{folder}: sliding-window attention ({window} tokens) drops old cache entries; a KV-cache export supports full attention "
+            f"only (set sliding_window to null in config.json if the model is used within {window} tokens)"
+        )
+    rope = (getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):
+        raise FrontendError(f"{folder}: rope type {rope_type!r} changes its angles with the sequence length at run time; a KV-cache "
+                            f"export supports position-only rope types")
+    if any(name == "quantize-kv-cache" for name, _ in recipe.passes):
+        raise FrontendError(f"recipe {recipe.name!r}: quantize-kv-cache measures the decode KL of the whole model and cannot run per "
+                            f"block; use --stream off for it")
+
+
+def _genai_files(facts: dict[str, Any], folder) -> dict[str, Any]:
+    """``genai_config.json`` (bytes) and the source folder's tokenizer files (paths)."""
+    import json
+
+    from graphpress.backends.onnxruntime.genai import GENAI_CONFIG, TOKENIZER_FILES, genai_config_for
+
+    files: dict[str, Any] = {GENAI_CONFIG: (json.dumps(genai_config_for(facts, "model.onnx"), indent=2) + "\n").encode()}
+    for name in TOKENIZER_FILES:
+        if (Path(folder) / name).is_file():
+            files[name] = Path(folder) / name
+    return files
+
+
+def _kv_io(layout, kv: _KV) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The manifest's inputs and outputs of a streamed KV artifact."""
+    cache = ["batch", kv.kv_heads, "past", kv.head_dim]
+    inputs = [{"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64"},
+              {"name": "attention_mask", "shape": ["batch", "total"], "dtype": "int64"},
+              {"name": "position_ids", "shape": ["batch", "seq"], "dtype": "int64"}]
+    outputs = [{"name": "logits", "shape": ["batch", "seq", layout.vocab_size], "dtype": "float32"}]
+    for i in range(kv.layers):
+        for part in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{part}", "shape": cache, "dtype": "float32"})
+            outputs.append({"name": f"present.{i}.{part}", "shape": ["batch", kv.kv_heads, "total", kv.head_dim], "dtype": "float32"})
+    return inputs, outputs
 
 
 def _json(x: float) -> float | str:
@@ -508,30 +660,62 @@ def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict
     return stitcher.add_unit(model, prefix=prefix, inputs=inputs)
 
 
-def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor) -> dict[str, Any]:
+def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor, kv: _KV | None = None,
+               decoded: torch.Tensor | None = None) -> dict[str, Any]:
     """Load the stitched model in ONNX Runtime, run the held-out ids, compare with the streamed
-    compressed logits."""
+    compressed logits. A KV artifact runs them as a prefill, and also decodes the last token from
+    the prefix's presents, compared with the streamed blocks' own decode step (``decoded``)."""
     t0 = time.perf_counter()
     sess = check_session(str(model))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    (got,) = sess.run(["logits"], {"input_ids": ids.numpy()})
+    if kv is None:
+        (got,) = sess.run(["logits"], {"input_ids": ids.numpy()})
+    else:
+        got = sess.run(["logits"], _kv_feeds(ids, kv))[0]
     run_s = time.perf_counter() - t0
     got_t = torch.from_numpy(got)
     diff = float((got_t - expected).abs().max())
     scale = float(expected.abs().max()) or 1.0
     kl = kl_divergence(expected, got_t)
     ok = diff <= 1e-3 * max(1.0, scale) and kl < 1e-4
-    return {"ok": bool(ok), "max_abs": diff, "kl_vs_streamed": kl, "load_s": round(load_s, 3), "run_s": round(run_s, 3)}
+    out = {"ok": bool(ok), "max_abs": diff, "kl_vs_streamed": kl, "load_s": round(load_s, 3), "run_s": round(run_s, 3)}
+    if kv is not None and decoded is not None:
+        names = [o.name for o in sess.get_outputs()]
+        prefix = dict(zip(names, sess.run(names, _kv_feeds(ids[:, :-1], kv))))
+        b, p = ids.shape[0], ids.shape[1] - 1
+        feeds = {"input_ids": ids[:, -1:].numpy(), "attention_mask": torch.ones(b, p + 1, dtype=torch.long).numpy(),
+                 "position_ids": torch.full((b, 1), p, dtype=torch.long).numpy()}
+        feeds.update({f"past_key_values.{n[len('present.'):]}": v for n, v in prefix.items() if n.startswith("present.")})
+        step = torch.from_numpy(sess.run(["logits"], feeds)[0])
+        d_diff = float((step - decoded).abs().max())
+        d_kl = kl_divergence(decoded, step)
+        out["decode_step"] = {"max_abs": d_diff, "kl_vs_streamed": d_kl, "past": p}
+        out["ok"] = bool(out["ok"] and d_diff <= 1e-3 * max(1.0, float(decoded.abs().max())) and d_kl < 1e-4)
+        out["max_abs"] = max(diff, d_diff)
+    return out
+
+
+def _kv_feeds(ids: torch.Tensor, kv: _KV) -> dict[str, Any]:
+    """A KV artifact's feeds for a prefill of ``ids``."""
+    import numpy as np
+
+    b, s = ids.shape
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((b, s), dtype=np.int64),
+             "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+    empty = np.zeros((b, kv.kv_heads, 0, kv.head_dim), dtype=np.float32)
+    for i in range(kv.layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
 
 
 def _manifest(folder, layout, recipe: Recipe, options: StreamOptions, records: list[UnitRecord], end_to_end: dict,
-              calib_ids: torch.Tensor, wall: float) -> dict[str, Any]:
+              calib_ids: torch.Tensor, wall: float, kv: _KV | None = None) -> dict[str, Any]:
     import graphpress
 
     blocks = [r for r in records if r.unit.startswith("block.")]
     worst = min((r.sqnr_db for r in blocks if r.sqnr_db is not None), default=None)
-    return {
+    manifest = {
         "graphpress_version": graphpress.__version__,
         "backend": "onnxruntime",
         "model_file": "model.onnx",
@@ -554,6 +738,11 @@ def _manifest(folder, layout, recipe: Recipe, options: StreamOptions, records: l
         "example_shapes": {"input_ids": [int(options.heldout_sequences), int(options.heldout_seq_len)]},
         "lowering": {"info": {"streamed": True, "units": len(records)}, "check": end_to_end["onnxruntime"]},
     }
+    if kv is not None:
+        manifest["inputs"], manifest["outputs"] = _kv_io(layout, kv)
+        manifest["source"]["kv_cache"] = dict(kv.facts)
+        manifest["lowering"]["info"].update({"kv_cache": True, "genai_config": "genai_config.json"})
+    return manifest
 
 
 def _report(manifest: dict[str, Any]) -> str:

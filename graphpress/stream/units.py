@@ -9,6 +9,13 @@ one output and the blocks chain. That is the full-sequence forward the whole-gra
 captures (``input_ids -> logits``, no KV cache), split where the residual stream is all that
 crosses.
 
+With a KV cache (``StreamOptions(kv_cache=True)``, ``compress run --stream on --kv-cache``) a
+block is :class:`KVBlockUnit` instead: one generation step of the block, ``(hidden,
+attention_mask, position_ids, past_key, past_value) -> (hidden_out, present_key, present_value)``,
+with the attention the whole-graph KV capture uses (:mod:`graphpress.frontends.hf_kv`: one
+``graphpress::gqa_cached`` op, the rotary tables inside it). The residual stream still chains
+the blocks; each block's cache is its own pair of model inputs and outputs.
+
 Modules are built from ``transformers``' own classes on the ``meta`` device (no memory) and
 given one unit's weights at a time in float32 (:func:`load_unit_weights`); the checkpoint stays in
 its dtype on disk.
@@ -77,6 +84,108 @@ class BlockUnit(nn.Module):
         mask = causal_mask(seq, hidden.dtype, self.window, hidden.device)
         out = self.layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
         return out[0] if isinstance(out, tuple) else out
+
+
+class _PassThrough:
+    """The cache a layer's attention sees under ``graphpress::gqa_cached``: ``update`` hands the
+    step's keys and values through (the op appends them to the past itself)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return key_states, value_states
+
+
+class _Concat:
+    """A one-layer cache for eager attention: ``update`` returns and keeps ``concat(past, new)``."""
+
+    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor):
+        self.present = (past_key, past_value)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.present = (torch.cat([self.present[0], key_states], 2), torch.cat([self.present[1], value_states], 2))
+        return self.present
+
+
+def cached_mask(attention_mask: torch.Tensor, past: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``(batch, 1, seq, past + seq)`` mask of a step over a cache: query ``i`` (at
+    position ``past + i``) may see key ``j`` when ``j <= past + i`` and ``attention_mask[b, j]``
+    is 1; the dtype's lowest value elsewhere (transformers' eager convention)."""
+    total = attention_mask.shape[1]
+    q_pos = torch.arange(seq, device=attention_mask.device)[:, None] + (total - seq)
+    k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] != 0)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, low)
+
+
+class KVBlockUnit(nn.Module):
+    """One decoder block for one generation step over its KV cache (module docstring).
+
+    ``forward(hidden, attention_mask, position_ids, past_key, past_value) -> (hidden_out,
+    present_key, present_value)`` with ``hidden (batch, seq, hidden_size)``, ``attention_mask
+    (batch, past + seq)`` and caches ``(batch, kv_heads, past, head_dim)``: the layout of
+    :mod:`graphpress.frontends.hf_kv`, one layer's share of it.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        The family's decoder layer (its ``self_attn.layer_idx`` is the block's index).
+    rotary : nn.Module
+        The family's rotary embedding (built on CPU).
+    config : transformers config
+        The model's config (the layer's attention reads ``_attn_implementation`` from it).
+    """
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module, config: Any):
+        super().__init__()
+        import inspect
+
+        from graphpress.frontends.hf_kv import GQA_HEAD_MULTIPLE, cache_geometry, rotary_home, tables_of
+
+        self.layer, self.rotary, self.config = layer, rotary, config
+        self.index = int(layer.self_attn.layer_idx)
+        _, self.kv_heads, self.head_dim = cache_geometry(config)
+        self.attention = "gqa" if self.head_dim % GQA_HEAD_MULTIPLE == 0 else "eager"
+        self.facts: dict[str, Any] = {"attention": self.attention, "rotary": "model"}
+        if self.attention == "eager":
+            self.facts["attention_note"] = f"eager (head_dim {self.head_dim}: GroupQueryAttention needs a multiple of {GQA_HEAD_MULTIPLE})"
+        self.home = None
+        if self.attention == "gqa":
+            tables = tables_of(rotary, self.head_dim, int(getattr(config, "max_position_embeddings", 0) or 0))
+            home = rotary_home(layer)
+            if isinstance(tables, str) or home is None:
+                self.facts["rotary"] = f"model ({tables if isinstance(tables, str) else 'no apply_rotary_pos_emb to stand in for'})"
+            else:
+                self.register_buffer("rope_cos", tables[0], persistent=False)
+                self.register_buffer("rope_sin", tables[1], persistent=False)
+                self.home = home
+                self.facts["rotary"] = "in attention"
+        self._cache_arg = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past_key: torch.Tensor, past_value: torch.Tensor):
+        from graphpress.frontends.hf_kv import _Step, gqa_call
+
+        cos, sin = self.rotary(hidden, position_ids)
+        kwargs = {"position_ids": position_ids, "position_embeddings": (cos, sin), "use_cache": True}
+        if self.attention == "gqa":
+            tables = (self.rope_cos, self.rope_sin) if self.home is not None else None
+            step = _Step([past_key, past_value], attention_mask, 1, tables, first=self.index)
+            with gqa_call(self.config, step, self.home):
+                out = self.layer(hidden, attention_mask=None, **{self._cache_arg: _PassThrough()}, **kwargs)
+            present = step.present[0]
+        else:
+            cache = _Concat(past_key, past_value)
+            mask = cached_mask(attention_mask, past_key.shape[2], hidden.shape[1], hidden.dtype)
+            saved = self.config._attn_implementation
+            try:
+                self.config._attn_implementation = "eager"
+                out = self.layer(hidden, attention_mask=mask, **{self._cache_arg: cache}, **kwargs)
+            finally:
+                self.config._attn_implementation = saved
+            present = cache.present
+        hidden_out = out[0] if isinstance(out, tuple) else out
+        return hidden_out, present[0], present[1]
 
 
 class HeadUnit(nn.Module):
@@ -155,9 +264,11 @@ def materialize(module: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
 __all__ = [
     "BlockUnit",
     "HeadSlice",
+    "KVBlockUnit",
     "HeadUnit",
     "block_window",
     "build_meta_model",
+    "cached_mask",
     "causal_mask",
     "head_slices",
     "materialize",

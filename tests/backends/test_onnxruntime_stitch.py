@@ -501,3 +501,39 @@ def test_units_without_large_weights_write_no_data_file(tmp_path):
         x = np.ones((1, 8), np.float32)
         (mid,) = _run(small, {"x": x})
         np.testing.assert_allclose(_run(dest / MODEL_FILE, {"x": x})[0], _run(small, {"x": mid})[0], rtol=0, atol=1e-6)
+
+
+def test_identical_weights_of_two_units_are_stored_once(tmp_path):
+    # the same 64x64 weight (16 KiB) in two units: the second unit reads the first one's
+    same, other = _dense_unit(seed=0, name="a"), _dense_unit(seed=0, name="b")
+    third = _dense_unit(seed=1, name="c")  # other bytes: must not be shared
+    dest = tmp_path / "s"
+    with OnnxStitcher(dest) as st:
+        h = st.add_unit(same, prefix="a/", inputs={"x": "x"})["out"]
+        h = st.add_unit(other, prefix="b/", inputs={"x": h})["out"]
+        st.add_unit(third, prefix="c/", inputs={"x": h})
+        st.close({"y": "c/out"})
+        shared = st.shared_tensors
+    assert shared == 1
+    model = onnx.load(str(dest / MODEL_FILE), load_external_data=False)
+    assert sorted(t.name for t in model.graph.initializer) == ["a/w", "c/w"]
+    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMul"] == ["a/w", "a/w", "c/w"]
+    assert (dest / DATA_FILE).stat().st_size < 3 * 64 * 64 * 4  # two weights (with alignment), not three
+    x = np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32)
+    (want,) = _run(third, {"x": _run(other, {"x": _run(same, {"x": x})[0]})[0]})
+    np.testing.assert_allclose(_run(dest / MODEL_FILE, {"x": x})[0], want, rtol=0, atol=1e-6)
+
+
+def test_equal_bytes_of_another_shape_are_not_shared(tmp_path):
+    square = _dense_unit(k=64, name="sq")
+    w = numpy_helper.to_array(square.graph.initializer[0]).reshape(32, 128)
+    flat = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["out"])], "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 128])],
+        [numpy_helper.from_array(w, "w")]), opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    with OnnxStitcher(tmp_path / "s") as st:
+        st.add_unit(square, prefix="sq/", inputs={"x": "x"})
+        st.add_unit(flat, prefix="flat/", inputs={"x": "x2"})
+        st.close({"y": "sq/out", "z": "flat/out"})
+        assert st.shared_tensors == 0

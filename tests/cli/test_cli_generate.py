@@ -104,8 +104,20 @@ def test_run_with_kv_cache_then_generate_gives_the_same_tokens_as_the_streamed_a
     assert "exceed the model's context of 64 tokens" in one_error_line(["generate", str(out), "--prompt-ids", "1 2 3", "--max-new-tokens", "62"])
 
 
-def test_kv_cache_is_refused_with_streaming_and_outside_hugging_face_folders(artifact, tmp_path):
-    assert "--kv-cache: streamed artifacts have no KV cache yet" in one_error_line(
-        ["run", str(artifact / "m"), "--kv-cache", "--stream", "on", "-o", str(tmp_path / "x")])
+def test_a_streamed_kv_artifact_generates_the_tokens_of_the_whole_graph_one(artifact):
+    out = artifact / "kv-stream"
+    (artifact / "exact.yaml").write_text("name: exact\npasses:\n  - eliminate-dead-code\n")
+    res = runner.invoke(app, ["run", str(artifact / "m"), "-r", str(artifact / "exact.yaml"), "--kv-cache", "--stream", "on", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "decode step after" in res.output  # the end-to-end check decoded a token from the artifact's own caches
+    assert {"genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    res = runner.invoke(app, ["generate", str(out), "--prompt", "w5 w7 w9", "--max-new-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    want = load(artifact / "art").generate(np.array([[5, 7, 9]]), 5)[0]
+    assert " ".join(f"w{t}" for t in want) in " ".join(res.output.split())
+    assert "KV cache: one token per step" in res.output
+
+
+def test_kv_cache_is_refused_outside_hugging_face_folders(artifact, tmp_path):
     assert "--kv-cache needs a Hugging Face causal-LM folder" in one_error_line(
         ["run", "tests.frontends.models:small_cnn", "--kv-cache", "-o", str(tmp_path / "y")])

@@ -42,6 +42,12 @@ def genai_config(graph: Graph, model_file: str) -> dict[str, Any] | None:
     facts = graph.source.get("kv_cache")
     if not facts or "hidden_size" not in facts or storage_of(graph).bits:
         return None
+    return genai_config_for(facts, model_file)
+
+
+def genai_config_for(facts: dict[str, Any], model_file: str) -> dict[str, Any]:
+    """The GenAI config of a decoder with float caches described by ``facts`` (the
+    ``source["kv_cache"]`` of a KV-cache capture or of a streamed KV artifact)."""
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
@@ -98,4 +104,4 @@ def write_genai_files(graph: Graph, folder: Path, model_file: str) -> list[str]:
     return written
 
 
-__all__ = ["GENAI_CONFIG", "TOKENIZER_FILES", "genai_config", "write_genai_files"]
+__all__ = ["GENAI_CONFIG", "TOKENIZER_FILES", "genai_config", "genai_config_for", "write_genai_files"]

@@ -180,6 +180,11 @@ class OnnxStitcher:
         self._one: _LazyDataFile | None = None  # data_files="one": created with the first external tensor
         self._units = 0
         self.external_bytes = 0
+        # (dtype, dims, digest) -> stitched name of an in-memory initializer already placed: a
+        # unit's tensor with the same bytes refers to it instead of being written again (the
+        # rotary tables every block of a KV decoder carries, 64 MB each at 128K positions)
+        self._content: dict[tuple, str] = {}
+        self.shared_tensors = 0
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "OnnxStitcher":
@@ -288,9 +293,13 @@ class OnnxStitcher:
                 + (f"; did you mean {hint[0]!r}?" if hint else f" (inputs: {', '.join(sorted(in_names)) or 'none'})")
             )
 
+        same = self._shared_initializers(g)
+
         def rename(name: str) -> str:
             if not name:  # an omitted optional input
                 return name
+            if name in same:
+                return same[name]
             return inputs[name] if name in inputs else prefix + name
 
         new_inputs: list[onnx.ValueInfoProto] = []
@@ -327,8 +336,14 @@ class OnnxStitcher:
         data = self._data_file_for(prefix)
         base = Path(base_dir) if base_dir is not None else None
         inits = []
+        placed: dict[tuple, str] = {}
         for t in g.initializer:
+            if t.name in same:
+                continue
             inits.append(self._place_tensor(label, t, rename(t.name), data, base))
+            key = self._content_key(t)
+            if key is not None:
+                placed.setdefault(key, rename(t.name))
         # Large Constant nodes would keep their weights in model.onnx: they become initializers.
         kept_nodes = []
         for node in nodes:
@@ -349,6 +364,9 @@ class OnnxStitcher:
         self._functions.update(functions)
         self._ir_version = max(self._ir_version, model.ir_version)
         self._prefixes.add(prefix)
+        for key, name in placed.items():
+            self._content.setdefault(key, name)
+        self.shared_tensors += len(same)
         self._graph.input.extend(new_inputs)
         for vi in new_inputs:
             self._types[vi.name] = vi.type
@@ -361,6 +379,24 @@ class OnnxStitcher:
         self._names.update(prefix + n for n in defined if n not in in_names)
         self._units += 1
         return {o.name: rename(o.name) for o in g.output}
+
+    def _content_key(self, t: onnx.TensorProto) -> tuple | None:
+        """``(dtype, dims, digest)`` of an in-memory tensor that would go to external data (None
+        for small, string or already-external tensors, which are not shared)."""
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING or _nbytes(t) < self.inline_below:
+            return None
+        return (t.data_type, tuple(t.dims), hashlib.blake2b(_raw_bytes(t), digest_size=16).digest())
+
+    def _shared_initializers(self, g: onnx.GraphProto) -> dict[str, str]:
+        """The unit's initializers whose bytes an earlier unit already placed -> that name."""
+        if not self._content:
+            return {}
+        same = {}
+        for t in g.initializer:
+            key = self._content_key(t)
+            if key is not None and key in self._content:
+                same[t.name] = self._content[key]
+        return same
 
     def _merge_opsets(self, label: str, imports) -> dict[str, int]:
         merged: dict[str, int] = {}
