@@ -28,6 +28,13 @@ Variants (``--variants`` filters by name):
     the same artifact run by ONNX Runtime GenAI through its ``genai_config.json``.
 ``gp-int4-nocache``
     ``llm-int4`` without ``--kv-cache``: each new token re-runs the sequence.
+``gp-int4-stream``
+    ``compress run SOURCE --stream on --kv-cache``: the same int4 weights compressed block by block
+    from the shards (``docs/big-models.md``), the embedding kept in float16 (streaming writes it
+    directly), ``min_sqnr_db: 0`` per block instead of the logits' KL budget (a block has no logits).
+
+Every graphpress build runs in a child process: ``compress_s`` and ``compress_peak_mb`` (its
+``VmHWM``) are that process's own.
 
 Timing: a ``--prompt``-token prompt, greedy, ``--new`` new tokens; the prefill time and the median
 time per step; some variants also at ``--batch`` rows (``-b8``); ``--rounds`` interleaved rounds
@@ -146,17 +153,50 @@ def _mb(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")) / 2**20, 1)
 
 
-def build_gp(source: Path, out: Path, rec: Any, kv: bool, calibration) -> dict[str, Any]:
+_BUILD = r"""
+import json, sys, time, torch
+from pathlib import Path
+torch.set_num_threads(int(sys.argv[5]))
+source, out, rec, calib = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), torch.load(sys.argv[4], weights_only=True)
+stream = sys.argv[6] == "stream"
+t0 = time.perf_counter()
+info = {}
+if stream:
+    from graphpress.stream import StreamOptions, compress_stream
+    res = compress_stream(source, rec, out, calibration=calib, options=StreamOptions(kv_cache=True, calibration_sequences=len(calib),
+                                                                                        calibration_seq_len=calib.shape[1]))
+    e2e = res.manifest["stream"]["end_to_end"]
+    info["stream"] = {"kl_heldout": e2e["kl"], "ort_check_max_abs": e2e["onnxruntime"]["max_abs"],
+                      "decode_step_max_abs": e2e["onnxruntime"]["decode_step"]["max_abs"], "units": len(res.units)}
+else:
     from graphpress.api import compress
-
-    t0 = time.perf_counter()
-    res = compress(source, out=out, recipe=rec, kv_cache=kv, bench=False, calibration=calibration)
-    info = {"folder": str(res.folder), "compress_s": round(time.perf_counter() - t0, 1), "model_mb": _mb(out)}
+    res = compress(source, out=out, recipe=rec, kv_cache=sys.argv[6] == "kv", bench=False, calibration=calib)
     kvp = next((p for p in res.report.to_dict()["passes"] if p["name"] == "quantize-kv-cache"), None) if res.report else None
     if kvp:
         st = kvp["stats"]
         info["kv_search"] = {k: st.get(k) for k in ("bits", "kl", "uniform_kl", "predicted_kl", "kept", "ratio_vs_fp16", "search_s")}
-    return info
+info["compress_s"] = round(time.perf_counter() - t0, 1)
+info["compress_peak_mb"] = next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print("BUILD " + json.dumps(info))
+"""
+
+
+def build_gp(source: Path, out: Path, rec: Any, mode: str, calibration: Path, threads: int) -> dict[str, Any]:
+    """Compress in a child process (``mode``: ``kv``, ``nocache`` or ``stream``): its wall time
+    and peak resident set are the build's own."""
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(source), str(out), json.dumps(rec), str(calibration), str(threads), mode],
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BUILD ")]
+    if proc.returncode or not lines:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["the build failed"])[-1])
+    return {"folder": str(out), **json.loads(lines[-1][len("BUILD "):]), "model_mb": _mb(out)}
+
+
+def stream_recipe(max_kl: float | None) -> dict[str, Any]:
+    """``gp-int4-stream``: ``int4``'s weights per block (a block has no logits for a KL budget,
+    so the floor is the block's output SQNR, 0 dB: report only)."""
+    q = {**WEIGHTS["int4"][0]["quantize-layerwise"], "min_sqnr_db": 0}
+    return {"name": "int4-stream", "passes": [{"quantize-layerwise": q}, "fuse-parallel-linears", "eliminate-dead-code"]}
 
 
 def build_builder(folder: Path, out: Path, precision: str, work: Path) -> dict[str, Any]:
@@ -327,10 +367,11 @@ def variants_of(model: str) -> list[str]:
         return ["torch-fp32", "gp-fp32", "gp-fp32-kv4", "gp-int8", "gp-int8-kv4", "gp-int4", "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq",
                 "gp-gptq-kv4", "gp-awq", "gp-awq-kv4", "gp-mixed", "gp-mixed-kv4", "gp-lorc"]
     if model == "1b":
-        return ["torch-fp32", "builder-int4", "gp-int4", "gp-int4-genai", "gp-int4-kv4", "gp-int4-kv4u"]
+        return ["torch-fp32", "builder-fp32", "builder-int4", "gp-fp32", "gp-fp32-genai", "gp-int8", "gp-int4", "gp-int4-genai",
+                "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-awq", "gp-mixed", "gp-int4-stream"]
     return ["torch-fp32", "builder-fp32", "builder-int4", "gp-fp32", "gp-fp32-genai", "gp-fp32-kv4", "gp-int8", "gp-int8-kv4", "gp-int4",
             "gp-int4-genai", "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-gptq-kv4", "gp-awq", "gp-awq-kv4", "gp-mixed", "gp-mixed-kv4",
-            "gp-lorc", "gp-int4-nocache"]
+            "gp-lorc", "gp-int4-nocache", "gp-int4-stream"]
 
 
 BATCHED = ("builder-int4", "gp-int4", "gp-int4-genai", "gp-int4-kv4")
@@ -360,6 +401,8 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
         # 1B runs no GPTQ, and every calibration row is a forward of the verification there
         rows = args.calib_rows or (4 if model == "1b" else 16)
         calib = torch.as_tensor(sampled(torch_model, vocab, rows, length, seed=1, bos=bos))
+        calib_file = tmp / "calibration.pt"
+        torch.save(calib, calib_file)
         heldout = sampled(torch_model, vocab, args.heldout, length, seed=2, bos=bos)
         prompt_len = min(args.prompt, cfg.get("max_position_embeddings", 4096) - args.new)
         # stories260K's int4 costs ~2 nats: its budget is lifted to measure it (llm-int4 refuses it)
@@ -377,10 +420,13 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
                 elif name.endswith("-genai"):
                     builds[name] = dict(builds[name.removesuffix("-genai")])
                 elif name == "gp-int4-nocache":
-                    builds[name] = build_gp(source, tmp / name, recipe("int4", None, max_kl=max_kl), False, calib)
+                    builds[name] = build_gp(source, tmp / name, recipe("int4", None, max_kl=max_kl), "nocache", calib_file, args.threads)
+                elif name == "gp-int4-stream":
+                    builds[name] = build_gp(folder, tmp / name, stream_recipe(max_kl), "stream", calib_file, args.threads)
                 else:
                     w, _, kv = name.removeprefix("gp-").partition("-")
-                    builds[name] = build_gp(source, tmp / name, recipe(w, kv or None, kv_bits if kv == "kv4" else None, max_kl), True, calib)
+                    builds[name] = build_gp(source, tmp / name, recipe(w, kv or None, kv_bits if kv == "kv4" else None, max_kl), "kv",
+                                            calib_file, args.threads)
                     if kv == "kv4" and kv_bits is None:
                         kv_bits = builds[name]["kv_search"]["bits"]
             except Exception as err:  # noqa: BLE001 -- a variant that cannot be built is a row that says why
@@ -514,6 +560,11 @@ def targets(v: dict[str, dict]) -> dict[str, Any]:
         if base and kv:
             t[f"kv4_{w}"] = {"kv_vs_fp16": kv["kv_vs_fp16"], "kl_increase": round(kv["kl"] - base["kl"], 5),
                              "ms_per_step_ratio": round(kv["ms_per_step"] / base["ms_per_step"], 3)}
+    if "gp-int4-stream" in v and "gp-int4" in v:
+        g, st = v["gp-int4"], v["gp-int4-stream"]
+        t["stream_vs_whole_graph_int4"] = {"compress_peak_mb": [g.get("compress_peak_mb"), st.get("compress_peak_mb")],
+                                           "compress_s": [g["compress_s"], st["compress_s"]], "ms_per_step": [g["ms_per_step"], st["ms_per_step"]],
+                                           "kl": [g["kl"], st["kl"]], "model_mb": [g["model_mb"], st["model_mb"]]}
     if "gp-int4-kv4" in v and "gp-int4-kv4u" in v:
         s, u = v["gp-int4-kv4"], v["gp-int4-kv4u"]
         t["kv4_searched_vs_uniform"] = {"kl_searched": s["kl"], "kl_uniform": u["kl"], "kv_bytes_searched": s["kv_bytes_per_token"],

@@ -47,6 +47,7 @@ from graphpress.ir import dist
 from graphpress.ir.compare import kl_divergence, sqnr_db, top1_agreement
 from graphpress.ir.graph import Graph
 from graphpress.ir.memory import reset_peak, rss_mb, trim
+from graphpress.ir.ops_quant import quantizes_activations
 from graphpress.passes.pipeline import Pipeline
 from graphpress.passes.recipes import Recipe, load_recipe
 from graphpress.stream.onnx_units import EMBED_FILE, OnnxTemplates, check_session, concat_model, embedding_model, export_unit
@@ -293,6 +294,7 @@ def run_rank(
             # a KV artifact's decode path: the held-out prefix's caches, then its last token as one step
             decode = (test[:, :-1], test[:, -1:]) if kv else None
             presents: dict[str, str] = {}
+            rounds_activations = False  # ONNX Runtime breaks int8 rounding ties otherwise than torch (check_onnx)
             prev = None
             if primary:
                 model = embedding_model(table, storage, scratch)
@@ -314,6 +316,7 @@ def run_rank(
                 graph.name = f"block.{i}"
                 check_in = check
                 record, compressed, calib, check = _compress_unit(graph, recipe, calib, check, options, f"block {i}", size == 1, feed)
+                rounds_activations = rounds_activations or quantizes_activations(compressed.gm)
                 with torch.no_grad():
                     ref = _run(graph, ref, feed)
                     test = _run(compressed, test, feed)
@@ -351,6 +354,7 @@ def run_rank(
                 del unit
                 record, compressed, _, checked = _compress_unit(graph, recipe, calib, check, options, f"head slice {k} (rows {part.start}:{part.stop})",
                                                           size == 1)
+                rounds_activations = rounds_activations or quantizes_activations(compressed.gm)
                 with torch.no_grad():
                     ref_logits.append(_run(graph, ref))
                     test_logits.append(_run(compressed, test))
@@ -397,12 +401,13 @@ def run_rank(
         del meta
         gc.collect()
         trim()
-        ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all, kv, torch.cat(decode_logits, -1) if kv else None)
+        ort_check = _ort_check(stitched / "model.onnx", held_ids, test_all, kv, torch.cat(decode_logits, -1) if kv else None,
+                               rounds_activations)
         end_to_end["onnxruntime"] = ort_check
         peaks["check_peak_rss_mb"] = rss_mb("VmHWM")
         if not ort_check["ok"]:
             raise VerificationError(
-                f"{folder}: ONNX Runtime's logits differ from the streamed ones (max abs {ort_check['max_abs']:.3g}); the artifact is not written")
+                f"{folder}: ONNX Runtime's logits differ from the streamed ones ({_check_text(ort_check)}); the artifact is not written")
         del test_all
         end_to_end["onnx_exports"] = {"exported": exports.exports, "rebound": exports.rebound,
                                       "rebinding_checked_max_abs": [_json(v) for v in sorted(exports.checked.values())]}
@@ -661,10 +666,17 @@ def _add(stitcher, lower, graph: Graph, scratch: Path, prefix: str, inputs: dict
 
 
 def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor, kv: _KV | None = None,
-               decoded: torch.Tensor | None = None) -> dict[str, Any]:
+               decoded: torch.Tensor | None = None, rounds_activations: bool = False) -> dict[str, Any]:
     """Load the stitched model in ONNX Runtime, run the held-out ids, compare with the streamed
     compressed logits. A KV artifact runs them as a prefill, and also decodes the last token from
-    the prefix's presents, compared with the streamed blocks' own decode step (``decoded``)."""
+    the prefix's presents, compared with the streamed blocks' own decode step (``decoded``).
+
+    Logits agree when the max abs error is within ``1e-3 x max(1, max |expected|)`` and the KL
+    below 1e-4; where a unit rounds its activations (int8), ONNX Runtime breaks rounding ties
+    otherwise than torch and the deep stack amplifies one int8 step, so there the rule of
+    :func:`~graphpress.backends.onnxruntime.lower.check_onnx` holds instead: an SQNR of at least
+    ``QUANT_CHECK_MIN_SQNR_DB`` (top-1 agreement is recorded, not required: the near-flat logits
+    of a random-weight model flip their argmax on the smallest difference)."""
     t0 = time.perf_counter()
     sess = check_session(str(model))
     load_s = time.perf_counter() - t0
@@ -675,11 +687,11 @@ def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor, kv: _KV |
         got = sess.run(["logits"], _kv_feeds(ids, kv))[0]
     run_s = time.perf_counter() - t0
     got_t = torch.from_numpy(got)
-    diff = float((got_t - expected).abs().max())
-    scale = float(expected.abs().max()) or 1.0
-    kl = kl_divergence(expected, got_t)
-    ok = diff <= 1e-3 * max(1.0, scale) and kl < 1e-4
-    out = {"ok": bool(ok), "max_abs": diff, "kl_vs_streamed": kl, "load_s": round(load_s, 3), "run_s": round(run_s, 3)}
+    diff, kl, ok, agree = _agree(expected, got_t, rounds_activations)
+    out = {"ok": bool(ok), "max_abs": diff, "kl_vs_streamed": kl, "sqnr_db": _json(sqnr_db(expected, got_t)), "top1_vs_streamed": agree,
+           "load_s": round(load_s, 3), "run_s": round(run_s, 3)}
+    if rounds_activations:
+        out["rule"] = f"activations rounded: SQNR >= {_QUANT_SQNR_DB:g} dB"
     if kv is not None and decoded is not None:
         names = [o.name for o in sess.get_outputs()]
         prefix = dict(zip(names, sess.run(names, _kv_feeds(ids[:, :-1], kv))))
@@ -688,12 +700,36 @@ def _ort_check(model: Path, ids: torch.Tensor, expected: torch.Tensor, kv: _KV |
                  "position_ids": torch.full((b, 1), p, dtype=torch.long).numpy()}
         feeds.update({f"past_key_values.{n[len('present.'):]}": v for n, v in prefix.items() if n.startswith("present.")})
         step = torch.from_numpy(sess.run(["logits"], feeds)[0])
-        d_diff = float((step - decoded).abs().max())
-        d_kl = kl_divergence(decoded, step)
-        out["decode_step"] = {"max_abs": d_diff, "kl_vs_streamed": d_kl, "past": p}
-        out["ok"] = bool(out["ok"] and d_diff <= 1e-3 * max(1.0, float(decoded.abs().max())) and d_kl < 1e-4)
+        d_diff, d_kl, d_ok, d_agree = _agree(decoded, step, rounds_activations)
+        out["decode_step"] = {"max_abs": d_diff, "kl_vs_streamed": d_kl, "sqnr_db": _json(sqnr_db(decoded, step)), "top1_vs_streamed": d_agree,
+                              "past": p}
+        out["ok"] = bool(out["ok"] and d_ok)
         out["max_abs"] = max(diff, d_diff)
     return out
+
+
+def _check_text(check: dict[str, Any]) -> str:
+    parts = [f"prefill: max abs {check['max_abs']:.3g}, SQNR {check['sqnr_db']} dB, top-1 {check['top1_vs_streamed']:.3f}"]
+    if "decode_step" in check:
+        d = check["decode_step"]
+        parts.append(f"decode step: max abs {d['max_abs']:.3g}, SQNR {d['sqnr_db']} dB, top-1 {d['top1_vs_streamed']:.3f}")
+    return "; ".join(parts)
+
+
+#: The SQNR floor of logits where activations are rounded (check_onnx's QUANT_CHECK_MIN_SQNR_DB).
+_QUANT_SQNR_DB = 15.0
+
+
+def _agree(expected: torch.Tensor, got: torch.Tensor, rounds_activations: bool) -> tuple[float, float, bool, float]:
+    """``(max abs, KL, agree, top-1 agreement)`` of ONNX Runtime's logits against the streamed ones
+    (the rule: :func:`_ort_check`)."""
+    diff = float((got - expected).abs().max())
+    kl = kl_divergence(expected, got)
+    agree = top1_agreement(expected, got)
+    ok = diff <= 1e-3 * max(1.0, float(expected.abs().max())) and kl < 1e-4
+    if rounds_activations and not ok:
+        ok = sqnr_db(expected, got) >= _QUANT_SQNR_DB
+    return diff, kl, ok, agree
 
 
 def _kv_feeds(ids: torch.Tensor, kv: _KV) -> dict[str, Any]:

@@ -49,3 +49,14 @@ def test_a_stored_cache_may_differ_by_one_grid_step_not_more():
     assert not storage.within_a_step("present.0.key", ref, ref + torch.tensor([0.0, 2.0, 0.0, 0.0]))  # two steps: a wrong lowering
     assert storage.within_a_step("present.0.value", ref, ref) is None  # a float cache: the usual tolerance applies
     assert storage.within_a_step("logits", ref, ref) is None
+
+
+def test_with_int8_activations_upstream_a_row_may_also_move_its_grid_by_half_a_step():
+    storage = CacheStorage({"past_key_values.0.key": 2})
+    ref = torch.tensor([[[[0.0, 1.0, 2.0, 3.0]]]])  # step 1.0
+    # the key moved upstream: the test row's range is 3.3 (step 1.1) and a value crossed a boundary
+    test = torch.tensor([[[[0.0, 2.2, 2.2, 3.3]]]])
+    assert not storage.within_a_step("present.0.key", ref, test)  # 1.2 > one step of the reference
+    assert storage.within_a_step("present.0.key", ref, test, upstream=True)  # <= (1.0 + 1.1) / 2 + 1.1 / 2 = 1.6
+    # the rule must not match a wrong lowering: a whole row reversed is off by the full range
+    assert not storage.within_a_step("present.0.key", ref, ref.flip(-1), upstream=True)

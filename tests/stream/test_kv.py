@@ -63,13 +63,18 @@ def test_every_block_is_one_grouped_query_attention_sharing_one_rotary_table(exa
 
 def test_int4_streams_with_its_cache_and_decodes_as_checked(tmp_path):
     model = write_llama(tmp_path / "m", layers=3, vocab=256)
-    result = compress_stream(tmp_path / "m", INT4, tmp_path / "out", options=KV)
+    # llm-int4's weights: int4 groups of 32 with int8 activation compute, q/k/v and gate/up fused
+    recipe = {"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "int8-block", "group_size": 32}},
+                                         "fuse-parallel-linears"]}
+    result = compress_stream(tmp_path / "m", recipe, tmp_path / "out", options=KV)
     e2e = result.manifest["stream"]["end_to_end"]
-    assert e2e["onnxruntime"]["ok"] and e2e["onnxruntime"]["decode_step"]["max_abs"] < 1e-3
+    ort = e2e["onnxruntime"]
+    # int8 activations: ONNX Runtime may break rounding ties otherwise than torch, so the SQNR floor is the rule
+    assert ort["ok"] and ort["rule"].startswith("activations rounded") and ort["decode_step"]["sqnr_db"] > 30
     assert 0 < e2e["kl"] < 0.05  # lossy, not broken
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMulNBits") >= 3 * 6 and ops.count("GroupQueryAttention") == 3  # q/k/v (maybe packed), o, gate, up, down
+    assert ops.count("MatMulNBits") == 3 * 4 + 1 and ops.count("GroupQueryAttention") == 3  # qkv, o, gate+up, down per block; the head
     art = load(tmp_path / "out")
     prompt = np.array([[1, 2, 3]])
     tokens = art.generate(prompt, 8)[0]
