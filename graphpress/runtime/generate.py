@@ -161,7 +161,7 @@ class _Stepper:
         outs = [s.name for s in self.model.outputs]
         kv_heads, head_dim = self.io.cache_shape
         return make([self.names[i] for i in self.io.past], [outs[j] for j in self.io.present], (batch, kv_heads, self.max_len, head_dim),
-                    self.io.cache_dtype, outs[self.io.logits])
+                    self.io.cache_dtype, outs[self.io.logits], ids=self.names[self.io.ids])
 
     def __call__(self, ids: np.ndarray, new: int) -> np.ndarray:
         """``ids``: the whole sequence so far; ``new``: how many of its last tokens were not

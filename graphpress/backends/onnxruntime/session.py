@@ -104,9 +104,9 @@ class OrtRunner:
             raise BackendError(f"{self.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
 
     def shared_cache_decoder(self, past: Sequence[str], present: Sequence[str], shape: Sequence[int], dtype: str = "float32",
-                             logits: str = "logits") -> "SharedCacheDecoder":
+                             logits: str = "logits", ids: str | None = None) -> "SharedCacheDecoder":
         """A :class:`SharedCacheDecoder` over this session (see there)."""
-        return SharedCacheDecoder(self, past, present, shape, dtype, logits)
+        return SharedCacheDecoder(self, past, present, shape, dtype, logits, ids)
 
     def __repr__(self) -> str:
         return f"OrtRunner({self.model_path.name!r}, inputs={self.input_names}, providers={self.providers})"
@@ -122,12 +122,17 @@ class SharedCacheDecoder:
     ``past_present_share_buffer``), instead of the runtime feeding the presents back as new
     arrays every step. A step takes the new token ids, the mask over everything so far and the
     positions; it returns the logits.
+
+    With ``ids`` (the token input's name), a one-token step writes its logits into one buffer kept
+    for the whole generation instead of an array ORT allocates and the runtime copies each step;
+    the returned array is that buffer, valid until the next call.
     """
 
     def __init__(self, runner: OrtRunner, past: Sequence[str], present: Sequence[str], shape: Sequence[int], dtype: str,
-                 logits: str):
+                 logits: str, ids: str | None = None):
         self.runner, self.session = runner, runner.session
-        self.past, self.present, self.logits = list(past), list(present), logits
+        self.past, self.present, self.logits, self.ids = list(past), list(present), logits, ids
+        self._step_out: np.ndarray | None = None  # (batch, 1, vocab), bound while steps are one token
         self.caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=dtype)) for _ in self.past]
         # one binding for the whole generation: the caches are bound once, a step rebinds only
         # its token ids, mask, positions and the logits
@@ -140,12 +145,23 @@ class SharedCacheDecoder:
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         for name, value in feeds.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        self.binding.bind_output(self.logits)  # unallocated: its shape changes after the prompt
+        one = self.ids is not None and feeds[self.ids].shape[1] == 1
+        if one and self._step_out is not None:
+            pass  # the step buffer is still bound
+        else:
+            self.binding.bind_output(self.logits)  # unallocated: the prompt's shape
+            self._step_out = None
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as err:  # noqa: BLE001
             raise BackendError(f"{self.runner.model_path.name}: onnxruntime run failed: {_first_line(err)}") from err
-        return self.binding.get_outputs()[-1].numpy()
+        if one and self._step_out is not None:
+            return self._step_out
+        out = self.binding.get_outputs()[-1].numpy()
+        if one:  # the first one-token step: its shape is every later step's; bind a buffer of it
+            self._step_out = np.empty_like(out)
+            self.binding.bind_output(self.logits, "cpu", 0, self._step_out.dtype, list(self._step_out.shape), self._step_out.ctypes.data)
+        return out
 
 
 __all__ = ["OrtRunner", "default_providers", "to_numpy", "CUDA", "CPU"]
