@@ -86,7 +86,8 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def _sliding_window(config: Any) -> int | None:
+def sliding_window(config: Any) -> int | None:
+    """The sliding attention window of a config (None: full attention), as its cache uses it."""
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
@@ -104,8 +105,8 @@ _ATTN_NAME = "graphpress_gqa"
 _STEP: contextvars.ContextVar = contextvars.ContextVar("graphpress_kv_step", default=None)
 
 
-class _Step:
-    """What one ``HFKVDecoder.forward`` hands its attention calls: each layer's past, the mask,
+class AttentionStep:
+    """What one ``HFKVDecoder.forward`` (or one ``KVBlockUnit``) hands its attention calls: each layer's past, the mask,
     the rotary tables (None: the queries and keys come rotated), and the presents they return."""
 
     def __init__(self, past: Sequence[torch.Tensor], mask: torch.Tensor, layers: int, tables: tuple | None = None, first: int = 0):
@@ -167,7 +168,7 @@ def _gqa_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 @contextlib.contextmanager
-def gqa_call(config: Any, step: _Step, home: Any = None):
+def gqa_call(config: Any, step: AttentionStep, home: Any = None):
     """For the calls inside: the attention of every layer built on ``config`` is
     ``graphpress::gqa_cached`` over ``step``'s caches and, with ``home`` (the family's modeling
     module), its ``apply_rotary_pos_emb`` is the identity (the op rotates). Both are restored
@@ -260,7 +261,7 @@ class HFKVDecoder(nn.Module):
                 self.register_buffer("rope_sin", tables[1], persistent=False)
                 self._rotary_module = home
                 self.facts["rotary"] = "in attention"
-        window = _sliding_window(config)
+        window = sliding_window(config)
         if window is not None:
             raise FrontendError(
                 f"{type(hf_model).__name__}: sliding-window attention ({window} tokens) drops old cache entries; a KV-cache export "
@@ -274,7 +275,7 @@ class HFKVDecoder(nn.Module):
             returned = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
             return (out.logits, *_cache_tensors(returned, self.layers))
         home = self._rotary_module
-        step = _Step(past, attention_mask, self.layers, (self.rope_cos, self.rope_sin) if home is not None else None)
+        step = AttentionStep(past, attention_mask, self.layers, (self.rope_cos, self.rope_sin) if home is not None else None)
         with gqa_call(self.model.config, step, home):
             out = self._call(input_ids, attention_mask, position_ids, cache)
         if any(p is None for p in step.present):
@@ -441,5 +442,6 @@ def prefill_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -
     return out
 
 
-__all__ = ["EXAMPLE_PAST", "EXAMPLE_PROMPT", "EXAMPLE_SEQ", "HFKVDecoder", "cache_geometry", "capture_kv_decoder", "kv_input_dims", "kv_names",
-           "load_hf_kv_folder", "prefill_batches", "prefill_feed"]
+__all__ = ["EXAMPLE_PAST", "EXAMPLE_PROMPT", "EXAMPLE_SEQ", "AttentionStep", "HFKVDecoder", "cache_geometry", "capture_kv_decoder",
+           "decoder_facts", "gqa_call", "kv_input_dims", "kv_names", "load_hf_kv_folder", "prefill_batches", "prefill_feed", "rotary_home",
+           "sliding_window", "tables_of"]

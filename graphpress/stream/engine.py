@@ -605,11 +605,11 @@ def _decode_block(graph: Graph, decode: tuple[torch.Tensor, torch.Tensor], feed)
 
 def _check_kv(folder, recipe: Recipe) -> None:
     """What a streamed KV artifact cannot be, refused in one line before any weight is read."""
-    from graphpress.frontends.hf_kv import _sliding_window
+    from graphpress.frontends.hf_kv import sliding_window
     from graphpress.frontends.huggingface import read_hf_config
 
     config = read_hf_config(folder)
-    window = _sliding_window(config)
+    window = sliding_window(config)
     if window is not None:
         raise FrontendError(
             f"{folder}: sliding-window attention ({window} tokens) drops old cache entries; a KV-cache export supports full attention "

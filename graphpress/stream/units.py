@@ -164,13 +164,13 @@ class KVBlockUnit(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past_key: torch.Tensor, past_value: torch.Tensor):
-        from graphpress.frontends.hf_kv import _Step, gqa_call
+        from graphpress.frontends.hf_kv import AttentionStep, gqa_call
 
         cos, sin = self.rotary(hidden, position_ids)
         kwargs = {"position_ids": position_ids, "position_embeddings": (cos, sin), "use_cache": True}
         if self.attention == "gqa":
             tables = (self.rope_cos, self.rope_sin) if self.home is not None else None
-            step = _Step([past_key, past_value], attention_mask, 1, tables, first=self.index)
+            step = AttentionStep([past_key, past_value], attention_mask, 1, tables, first=self.index)
             with gqa_call(self.config, step, self.home):
                 out = self.layer(hidden, attention_mask=None, **{self._cache_arg: _PassThrough()}, **kwargs)
             present = step.present[0]
