@@ -792,6 +792,13 @@ def _report(manifest: dict[str, Any]) -> str:
         f"- worst block SQNR {s['worst_block_sqnr_db']} dB; ONNX Runtime check: {'passed' if e2e['onnxruntime']['ok'] else 'FAILED'} "
         f"(max abs {e2e['onnxruntime']['max_abs']:.3g})",
         f"- wall {s['wall_s']} s",
+    ]
+    kv = (manifest["source"].get("kv_cache") or {})
+    if kv:
+        step = e2e["onnxruntime"].get("decode_step") or {}
+        lines.append(f"- KV cache: {kv['layers']} layers x (key, value) of {kv['kv_heads']} heads x {kv['head_dim']}, attention {kv['attention']}; "
+                     f"a decode step after {step.get('past')} cached tokens checked in ONNX Runtime (max abs {step.get('max_abs', float('nan')):.3g})")
+    lines += [
         "",
         "| unit | time (s) | RSS after (MB) | peak RSS (MB) | SQNR (dB) |",
         "|---|---|---|---|---|",

@@ -47,6 +47,8 @@ def test_an_exact_streamed_kv_artifact_generates_the_models_tokens(exact):
     assert ort["ok"] and ort["decode_step"]["past"] == 11 and ort["decode_step"]["max_abs"] < 1e-4
     facts = result.manifest["source"]["kv_cache"]
     assert (facts["layers"], facts["kv_heads"], facts["head_dim"], facts["attention"], facts["rotary"]) == (2, 2, 16, "gqa", "in attention")
+    assert "KV cache: 2 layers x (key, value) of 2 heads x 16, attention gqa; a decode step after 11 cached tokens" in (
+        root / "out" / "report.md").read_text()
     config = json.loads((root / "out" / "genai_config.json").read_text())["model"]
     assert config["decoder"]["num_hidden_layers"] == 2 and config["vocab_size"] == 256 and config["context_length"] == 64
 
@@ -130,3 +132,14 @@ def test_onnx_runtime_genai_runs_a_streamed_kv_artifact(exact):
     while not gen.is_done():
         gen.generate_next_token()
     assert [int(t) for t in gen.get_sequence(0)] == ours[0].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_other_families_stream_with_their_cache_and_generate_their_tokens(tmp_path, family):
+    # Qwen2: biased q/k/v; Phi-3: one fused qkv_proj and gate_up_proj (the units read the family's own layers)
+    from tests.stream.test_units import _folder
+
+    model = _folder(tmp_path / "m", family)
+    compress_stream(tmp_path / "m", EXACT, tmp_path / "out", options=KV)
+    prompt = np.array([[3, 14, 15, 92]])
+    assert load(tmp_path / "out").generate(prompt, 10)[0].tolist() == _greedy(model, prompt, 10).tolist()
