@@ -17,7 +17,8 @@ Ops
     ``act_bits=0``. ONNX: the dequantization subgraph, ``MatMul`` with its transpose, ``Add``.
 ``graphpress::wembedding_load(Tensor ids, Tensor packed, Tensor scales, Tensor? zeros, int dim, int bits, int group_size) -> Tensor``
     ``table[ids]`` with the ``(vocab, dim)`` table stored group-wise along ``dim`` (rows are
-    quantized like a linear weight's output rows). ONNX: the dequantization subgraph, ``Gather``.
+    quantized like a linear weight's output rows). ONNX: ``Gather`` of the ids' codes, scales and
+    zero points, then those rows dequantized (the table stays in k bits in the session).
 
 Exact: eager runs dequantize-then-float exactly like the ONNX graph; the only difference from
 ``wlinear_nbits`` in ORT is the kernel's summation order.

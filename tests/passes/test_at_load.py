@@ -114,7 +114,15 @@ def test_lm_pipeline_is_smaller_on_disk_float_after_load_and_matches_eager(lm, t
     assert float_bytes < n_weights * 4 * 0.2  # scales, zero points' floats and biases only: no float weight matrix
     assert info["model_bytes"] < base["model_bytes"] * (0.45 if bits == 8 else 0.35)
     ops = _optimized_ops(tmp_path / "q" / "model.onnx", tmp_path)
-    assert "MatMulNBits" not in ops and ops.get("Cast", 0) == 0 and ops.get("BitShift", 0) == 0  # dequantized at load
+    assert "MatMulNBits" not in ops and ops["MatMul"] == 3  # the linears: dequantized at load (constant-folded)
+    # the embedding gathers its rows' codes, scales and zero points and dequantizes those rows only:
+    # its table stays in k bits in the session (nothing vocab x dim in float32 folded for it)
+    opt = onnx.load(str(tmp_path / "opt.onnx"))
+    inits = {t.name: t for t in opt.graph.initializer}
+    gathered = [n.input[0] for n in opt.graph.node if n.op_type == "Gather"]
+    assert any(name in inits and inits[name].data_type == onnx.TensorProto.UINT8 and inits[name].dims[0] == 96 for name in gathered)
+    assert not any(name in inits and inits[name].data_type == onnx.TensorProto.FLOAT and list(inits[name].dims) == [96, 64] for name in gathered)
+    assert ops.get("BitShift", 0) == (0 if bits == 8 else 4)  # 4 bits: the gathered rows' codes and zero points are unpacked
     ids = torch.randint(0, 96, (3, 12))
     got = _ort(tmp_path / "q" / "model.onnx").run(None, {"ids": ids.numpy()})[0]
     np.testing.assert_allclose(got, g.gm(ids).detach().numpy(), rtol=1e-4, atol=1e-4)

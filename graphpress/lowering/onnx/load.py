@@ -1,9 +1,15 @@
 """ONNX translations of the load-time dequantized ops (:mod:`graphpress.ir.ops_load`).
 
-The packed codes, scales and zero points are initializers; their dequantization is plain ONNX ops
-on them (unpack, ``Sub``, ``Mul``), constant-folded by ONNX Runtime at session creation, then
-``MatMul`` with the transpose (+ ``Add``) for ``wlinear_load`` and ``Gather`` for
-``wembedding_load``.
+The packed codes, scales and zero points are initializers.
+
+* ``wlinear_load``: their dequantization is plain ONNX ops on them (unpack, ``Sub``, ``Mul``),
+  constant-folded by ONNX Runtime at session creation, then ``MatMul`` with the transpose (+
+  ``Add``).
+* ``wembedding_load``: the step's rows are gathered first -- codes, scales and zero points -- and
+  only those are dequantized. The table stays in k bits in memory, and nothing is folded at
+  session creation: folding a whole table took several float32 copies of it at once (a 1B Llama's
+  session peaked at 2.4x the builder's). A row is dequantized by the same elementwise
+  ``(q - z) * s`` in float32 either way, so the numbers are the same.
 """
 
 from __future__ import annotations
@@ -64,12 +70,48 @@ def _onnx_wlinear_load(x, packed, scales, zeros, bias, in_features: int, bits: i
     return op.Add(y, bias) if bias is not None else y
 
 
-def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group_size: int):
-    """onnxscript (trace mode) translation of ``graphpress::wembedding_load``."""
+def _unpack_rows(codes, bits: int, cols: int):
+    """uint8 codes ``(n, cols)`` from packed bytes ``(n, bytes)`` (any ``n``), low bits first."""
     from onnxscript import opset18 as op
 
-    table = _dequantized(packed, scales, zeros, int(dim), int(bits), int(group_size), "graphpress::wembedding_load")
-    return op.Gather(table, ids, axis=0)
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    mask = const(np.array(2**bits - 1, dtype=np.uint8))
+    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(codes, const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
+                          const(np.array([-1], dtype=np.int64))) for j in range(per)]
+    flat = op.Reshape(op.Concat(*parts, axis=-1), op.Concat(op.Shape(codes, start=0, end=1), const(np.array([-1], dtype=np.int64)), axis=0))
+    return op.Slice(flat, const(np.array([0], dtype=np.int64)), const(np.array([cols], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
+
+
+def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group_size: int):
+    """onnxscript (trace mode) translation of ``graphpress::wembedding_load``: gather the rows'
+    codes, scales and zero points, then dequantize those rows (module docstring)."""
+    from onnxscript import opset18 as op
+
+    try:
+        rows, nb, _nbytes = (int(d) for d in packed.shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"graphpress::wembedding_load: the stored table needs a static shape, got {packed.shape}") from None
+    bits, group_size, dim = int(bits), int(group_size), int(dim)
+    flat_ids = op.Reshape(ids, const(np.array([-1], dtype=np.int64)))
+    n_by = lambda k: const(np.array([-1, k], dtype=np.int64))  # noqa: E731 -- (n, k) for the gathered rows
+
+    def gathered(table):  # a (rows, ...) initializer of static shape -> (n, row width) of the ids' rows
+        width = int(np.prod([int(d) for d in table.shape])) // rows  # zero points are stored flat, MatMulNBits-style
+        return op.Reshape(op.Gather(op.Reshape(table, const(np.array([rows, width], dtype=np.int64))), flat_ids, axis=0), n_by(width))
+
+    q = op.Cast(_unpack_rows(gathered(packed), bits, nb * group_size), to=1)
+    q = op.Reshape(q, const(np.array([-1, nb, group_size], dtype=np.int64)))
+    if zeros is None:
+        z = const(np.array(2.0 ** (bits - 1), dtype=np.float32))
+    else:
+        z = op.Unsqueeze(op.Cast(_unpack_rows(gathered(zeros), bits, nb), to=1), const(np.array([-1], dtype=np.int64)))
+    s = op.Reshape(gathered(scales), const(np.array([-1, nb, 1], dtype=np.int64)))
+    w = op.Reshape(op.Mul(op.Sub(q, z), s), n_by(nb * group_size))
+    if nb * group_size != dim:
+        w = op.Slice(w, const(np.array([0], dtype=np.int64)), const(np.array([dim], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
+    return op.Reshape(w, op.Concat(op.Shape(ids), const(np.array([dim], dtype=np.int64)), axis=0))
 
 
 def translations() -> dict[Callable, Callable]:

@@ -8,8 +8,9 @@ is quantized group-wise along ``D`` like a linear weight's output row (asymmetri
 
     E[v, g*G:(g+1)*G] ~= (Q[v, g, :] - z[v, g]) * s[v, g]
 
-and the lookup becomes ``wembedding_load`` (:mod:`graphpress.ir.ops_load`), which ONNX Runtime
-dequantizes by constant folding when it creates the session and then gathers in float.
+and the lookup becomes ``wembedding_load`` (:mod:`graphpress.ir.ops_load`). ONNX Runtime gathers
+the looked-up rows' codes, scales and zero points and dequantizes only those rows, so the table
+stays in k bits in memory (no float copy folded at session creation).
 
 Lossy (``exact = False``): the rows are rounded. The relative error of a row is that of k-bit
 RTN over groups of ``G`` (8 bits, G = 32: about 45 dB SQNR per table, reported in the stats); the
