@@ -26,6 +26,9 @@ Variants (``--variants`` filters by name):
     q/k/v and gate/up fused, 8-bit embeddings.
 ``gp-<w>-genai``
     the same artifact run by ONNX Runtime GenAI through its ``genai_config.json``.
+``gp-int4s`` / ``gp-int4s-genai``
+    ``int4`` with symmetric groups: no zero points (``MatMulNBits``' faster path and the builder's
+    layout), each group's scale the least-error one of a few (``graphpress.ir.quant``).
 ``gp-int4-nocache``
     ``llm-int4`` without ``--kv-cache``: each new token re-runs the sequence.
 ``gp-int4-stream``
@@ -83,6 +86,8 @@ WEIGHTS: dict[str, list[Any]] = {
     "fp32": [],
     "int8": [{"quantize-layerwise": {"bits": [8], "target_bits": 8, **_Q}}],
     "int4": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, **_Q}}],
+    # symmetric groups (no zero points: MatMulNBits' faster path, the builder's layout), least-error scale per group
+    "int4s": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "symmetric": True, **_Q}}],
     "gptq": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "group_rounding": "gptq", "act_order": True, **_Q}}],
     "awq": [{"awq-scale": {"bits": 4, "group_size": 32}}, {"quantize-layerwise": {"bits": [4], "target_bits": 4, **_Q}}],
     "mixed": [{"quantize-layerwise": {"bits": [4, 8], "target_bits": 5, **_Q}}],
@@ -371,10 +376,10 @@ def variants_of(model: str) -> list[str]:
                 "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-awq", "gp-mixed", "gp-int4-stream"]
     return ["torch-fp32", "builder-fp32", "builder-int4", "gp-fp32", "gp-fp32-genai", "gp-fp32-kv4", "gp-int8", "gp-int8-kv4", "gp-int4",
             "gp-int4-genai", "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-gptq-kv4", "gp-awq", "gp-awq-kv4", "gp-mixed", "gp-mixed-kv4",
-            "gp-lorc", "gp-int4-nocache", "gp-int4-stream"]
+            "gp-lorc", "gp-int4-nocache", "gp-int4-stream", "gp-int4s", "gp-int4s-genai"]
 
 
-BATCHED = ("builder-int4", "gp-int4", "gp-int4-genai", "gp-int4-kv4")
+BATCHED = ("builder-int4", "gp-int4", "gp-int4-genai", "gp-int4-kv4", "gp-int4s", "gp-int4s-genai")
 
 
 def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
@@ -544,12 +549,12 @@ def targets(v: dict[str, dict]) -> dict[str, Any]:
             t["fp32_speedup_vs_torch_eager_genai_runtime"] = round(v["torch-fp32"]["ms_per_step"] / v["gp-fp32-genai"]["ms_per_step"], 2)
     if "gp-int4" in v and "builder-int4" in v:
         b = v["builder-int4"]
-        for name in ("gp-int4", "gp-int4-genai", "gp-gptq", "gp-awq"):
+        for name in ("gp-int4", "gp-int4-genai", "gp-int4s", "gp-int4s-genai", "gp-gptq", "gp-awq"):
             if name in v:
                 t[f"{name}_tokens_per_s_vs_builder"] = round(v[name]["tokens_per_s"] / b["tokens_per_s"], 3)
                 t[f"{name}_size_vs_builder"] = round(v[name]["model_mb"] / b["model_mb"], 3)
                 t[f"{name}_kl_minus_builder"] = round(v[name]["kl"] - b["kl"], 5)
-        for name in ("gp-int4", "gp-int4-genai", "gp-int4-kv4"):
+        for name in ("gp-int4", "gp-int4-genai", "gp-int4-kv4", "gp-int4s", "gp-int4s-genai"):
             if f"{name}-b8" in v and "builder-int4-b8" in v:
                 t[f"{name}_b8_tokens_per_s_vs_builder"] = round(v[f"{name}-b8"]["tokens_per_s"] / v["builder-int4-b8"]["tokens_per_s"], 3)
     if "gp-lorc" in v and "gp-int4" in v:
@@ -601,6 +606,7 @@ def main() -> None:
     ap.add_argument("--heldout-len", type=int, default=128)
     ap.add_argument("--calib-rows", type=int, help="calibration sequences (default 16; 4 for the 1B)")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--block", help="store the (single) model's block under this name instead of the model's (keeps the model's own block)")
     args = ap.parse_args()
 
     import torch
@@ -616,7 +622,7 @@ def main() -> None:
             continue
         print(f"{model}: building and measuring ...", flush=True)
         block = measure_model(model, args, only)
-        result["models"][model] = block
+        result["models"][args.block or model] = block
         args.out.parent.mkdir(exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         _print(model, block)

@@ -19,8 +19,11 @@ Weights, group-wise round-to-nearest (RTN), asymmetric with a zero point (the de
     q = clamp(round(W / s) + z, 0, 2^k - 1)   (unsigned),   W_hat = (q - z) * s
 
 The range always contains 0 (so 0 is exactly representable and the zero point is an integer on
-the grid). ``symmetric=True`` uses ``s = max |W_g| / (2^(k-1) - 1)`` and the fixed zero point
-``z = 2^(k-1)`` (ONNX Runtime ``MatMulNBits``' default when no zero points are stored). A
+the grid). ``symmetric=True`` uses the fixed zero point ``z = 2^(k-1)`` (ONNX Runtime
+``MatMulNBits``' default when no zero points are stored) and, per group, the least-error scale
+among ``s = peak / -2^(k-1) * f`` (``peak`` the group's largest-magnitude weight, which lands on
+the code ``-2^(k-1)`` at ``f = 1``: all ``2^k`` codes in use; ``f < 1`` clips it to round the
+rest finer) and ``max |W_g| / (2^(k-1) - 1)``; see :func:`group_grid`. A
 ``K`` that is no multiple of ``g`` is zero-padded to whole groups (padding never changes the
 range, which contains 0 anyway), as ``MatMulNBits`` expects.
 
@@ -205,20 +208,49 @@ def groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric
 
 def group_grid(wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` of each group, the groups along the last dim of ``wg``: asymmetric,
-    ``[min(w, 0), max(w, 0)]`` on ``2^bits - 1`` steps with a rounded zero point; symmetric,
-    ``max |w| / (2^(bits-1) - 1)`` around the fixed zero point ``2^(bits-1)``. A group of zeros
-    gets scale 1."""
+    ``[min(w, 0), max(w, 0)]`` on ``2^bits - 1`` steps with a rounded zero point; symmetric, the
+    least-error scale of :func:`_symmetric_grid` (its sign may be negative) around the fixed zero
+    point ``2^(bits-1)``. A group of zeros gets scale 1."""
     levels = 2**bits - 1
     if symmetric:
-        half = 2 ** (bits - 1)
-        amax = wg.abs().amax(-1)
-        s = torch.where(amax > 0, amax / (half - 1), torch.ones_like(amax))
-        return s, torch.full_like(s, float(half))
+        return _symmetric_grid(wg, bits), torch.full(wg.shape[:-1], float(2 ** (bits - 1)), dtype=wg.dtype, device=wg.device)
     lo = wg.amin(-1).clamp(max=0)
     hi = wg.amax(-1).clamp(min=0)
     s = (hi - lo) / levels
     s = torch.where(s > 0, s, torch.ones_like(s))
     return s, torch.clamp(torch.round(-lo / s), 0, levels)
+
+
+#: Scales tried per group by the symmetric grid, as fractions of ``peak / -2^(bits-1)``.
+SYMMETRIC_SHRINK = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8, 0.76)
+
+
+def _symmetric_grid(wg: torch.Tensor, bits: int) -> torch.Tensor:
+    """The scale of each symmetric group (zero point ``2^(bits-1)``): the one of least squared
+    error among ``peak / -2^(bits-1) * f`` for ``f`` in :data:`SYMMETRIC_SHRINK` and
+    ``max |w| / (2^(bits-1) - 1)``, where ``peak`` is the group's largest-magnitude weight.
+
+    ``peak / -2^(bits-1)`` puts that weight on the code ``-2^(bits-1)`` exactly (the scale takes
+    its sign), so all ``2^bits`` codes are in use: a step of ``max |w| / 8`` at 4 bits instead of
+    ``max |w| / 7`` (llama.cpp's Q4_0 grid). Shrinking it clips the few largest weights of the
+    group to round the many others finer, where that lowers the group's error (the clip search
+    of AWQ and llama.cpp's k-quants, without activations). A group of zeros gets scale 1."""
+    half = 2 ** (bits - 1)
+    levels = 2**bits - 1
+    peak = torch.gather(wg, -1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    amax = peak.abs()
+    candidates = [peak / -half * f for f in SYMMETRIC_SHRINK] + [amax / (half - 1)]
+    best_s, best_err = None, None
+    for s in candidates:
+        s = torch.where(s != 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(wg / s[..., None]) + half, 0, levels)
+        err = ((q - half) * s[..., None] - wg).pow(2).sum(-1)
+        if best_s is None:
+            best_s, best_err = s, err
+        else:
+            better = err < best_err
+            best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
+    return best_s
 
 
 def gptq_groupwise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 32, *, symmetric: bool = False,

@@ -51,7 +51,11 @@ def test_groupwise_error_bound_and_zero_on_grid(bits, symmetric):
     assert wh.shape == w.shape
     err = (wh - w).abs().reshape(6, -1)
     pad = torch.nn.functional.pad(err, (0, 28)).reshape(6, 4, 32)
-    assert bool((pad <= gq.scale[..., None] / 2 + 1e-6).all())
+    step = gq.scale.abs()[..., None]
+    if symmetric:  # the grid may clip a group's largest weights to round the rest finer: within its range, half a step
+        inside = torch.nn.functional.pad(w.abs(), (0, 28)).reshape(6, 4, 32) <= step * (2 ** (bits - 1) - 1)
+        pad = torch.where(inside, pad, torch.zeros_like(pad))
+    assert bool((pad <= step / 2 + 1e-6).all())
     # 0 is exactly representable: a zero weight comes back as 0
     w0 = w.clone()
     w0[:, 5] = 0.0
@@ -279,3 +283,30 @@ def test_gptq_groupwise_zeroes_an_input_that_never_fires_and_rejects_bad_shapes(
     assert torch.all(gq.dequantize()[:, 5] == 0)
     with pytest.raises(ValueError, match="gptq_groupwise: need w"):
         Q.gptq_groupwise(w, torch.eye(63), 4, 32)
+
+
+def test_the_symmetric_grid_uses_all_codes_and_beats_max_over_seven():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    gq = Q.groupwise(w, 4, 32, symmetric=True)
+    assert int(gq.q.min()) == 0 and int(gq.q.max()) == 15  # the -8 code is in use (max|w| / 7 never reaches it)
+    # the old grid: max |w| / 7 around 8
+    amax = w.reshape(64, 8, 32).abs().amax(-1, keepdim=True)
+    s7 = amax / 7
+    old = (torch.clamp(torch.round(w.reshape(64, 8, 32) / s7) + 8, 0, 15) - 8) * s7
+    new = gq.dequantize()
+    assert Q.weight_sqnr_db(w, new) > Q.weight_sqnr_db(w, old.reshape(64, 256)) + 0.5
+    # each group's scale is the least-error candidate: never worse than max|w| / 7 or peak / -8 alone
+    peak = torch.gather(w.reshape(64, 8, 32), -1, w.reshape(64, 8, 32).abs().argmax(-1, keepdim=True))
+    s8 = peak / -8
+    plain8 = (torch.clamp(torch.round(w.reshape(64, 8, 32) / s8) + 8, 0, 15) - 8) * s8
+    err = (new.reshape(64, 8, 32) - w.reshape(64, 8, 32)).pow(2).sum(-1)
+    assert bool((err <= (old - w.reshape(64, 8, 32)).pow(2).sum(-1) + 1e-9).all())
+    assert bool((err <= (plain8 - w.reshape(64, 8, 32)).pow(2).sum(-1) + 1e-9).all())
+
+
+def test_a_symmetric_group_of_zeros_or_of_one_value_is_exact():
+    w = torch.zeros(2, 32)
+    w[1] = -0.75
+    back = Q.groupwise(w, 4, 32, symmetric=True).dequantize()
+    assert torch.equal(back, w)  # zeros: scale 1, code 8; one value: it is the peak, on code 0
