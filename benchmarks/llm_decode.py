@@ -373,7 +373,9 @@ def variants_of(model: str) -> list[str]:
                 "gp-gptq-kv4", "gp-awq", "gp-awq-kv4", "gp-mixed", "gp-mixed-kv4", "gp-lorc"]
     if model == "1b":
         return ["torch-fp32", "builder-fp32", "builder-int4", "gp-fp32", "gp-fp32-genai", "gp-int8", "gp-int4", "gp-int4-genai",
-                "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-awq", "gp-mixed", "gp-int4-stream"]
+                "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-awq", "gp-mixed", "gp-int4-stream",
+                # the other weights' -kv4 rows replay gp-int4-kv4's widths (--kv-bits-from when measured apart)
+                "gp-fp32-kv4", "gp-int8-kv4", "gp-gptq-kv4", "gp-awq-kv4", "gp-mixed-kv4"]
     return ["torch-fp32", "builder-fp32", "builder-int4", "gp-fp32", "gp-fp32-genai", "gp-fp32-kv4", "gp-int8", "gp-int8-kv4", "gp-int4",
             "gp-int4-genai", "gp-int4-kv4", "gp-int4-kv4u", "gp-gptq", "gp-gptq-kv4", "gp-awq", "gp-awq-kv4", "gp-mixed", "gp-mixed-kv4",
             "gp-lorc", "gp-int4-nocache", "gp-int4-stream", "gp-int4s", "gp-int4s-genai"]
@@ -414,6 +416,10 @@ def measure_model(model: str, args, only: set[str] | None) -> dict[str, Any]:
         max_kl = None if model == "stories260k" else 0.25
         builds: dict[str, dict] = {}
         kv_bits = None
+        if args.kv_bits_from:  # the widths a search in another run chose (its gp-int4-kv4 row)
+            old = json.loads(args.out.read_text())["models"][args.kv_bits_from]["variants"]["gp-int4-kv4"]
+            kv_bits = old["kv_search"]["bits"]
+            block["kv_bits_from"] = args.kv_bits_from
         # the KV search runs once, on the int4 model (gp-int4-kv4); the other -kv4 variants replay its widths
         for name in sorted(names, key=lambda n: n != "gp-int4-kv4"):
             t0 = time.perf_counter()
@@ -606,6 +612,7 @@ def main() -> None:
     ap.add_argument("--heldout-len", type=int, default=128)
     ap.add_argument("--calib-rows", type=int, help="calibration sequences (default 16; 4 for the 1B)")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--kv-bits-from", help="replay the searched KV widths of this block of the JSON (no search: for -kv4 rows measured apart)")
     ap.add_argument("--block", help="store the (single) model's block under this name instead of the model's (keeps the model's own block)")
     args = ap.parse_args()
 

@@ -776,6 +776,10 @@ def _manifest(folder, layout, recipe: Recipe, options: StreamOptions, records: l
     }
     if kv is not None:
         manifest["inputs"], manifest["outputs"] = _kv_io(layout, kv)
+        # the concrete sizes 'compress bench' fills the symbolic dims with: a held-out prefill
+        b, s = int(options.heldout_sequences), int(options.heldout_seq_len)
+        manifest["example_shapes"] = {spec["name"]: ([b, kv.kv_heads, 0, kv.head_dim] if spec["name"].startswith("past_key_values.") else [b, s])
+                                      for spec in manifest["inputs"]}
         manifest["source"]["kv_cache"] = dict(kv.facts)
         manifest["lowering"]["info"].update({"kv_cache": True, "genai_config": "genai_config.json"})
     return manifest

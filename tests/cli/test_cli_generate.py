@@ -111,6 +111,8 @@ def test_a_streamed_kv_artifact_generates_the_tokens_of_the_whole_graph_one(arti
     assert res.exit_code == 0, res.output
     assert "decode step after" in res.output  # the end-to-end check decoded a token from the artifact's own caches
     assert {"genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    res = runner.invoke(app, ["bench", str(out)])  # the manifest gives every symbolic dim a size
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["generate", str(out), "--prompt", "w5 w7 w9", "--max-new-tokens", "5"])
     assert res.exit_code == 0, res.output
     want = load(artifact / "art").generate(np.array([[5, 7, 9]]), 5)[0]

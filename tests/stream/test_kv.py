@@ -47,6 +47,9 @@ def test_an_exact_streamed_kv_artifact_generates_the_models_tokens(exact):
     assert ort["ok"] and ort["decode_step"]["past"] == 11 and ort["decode_step"]["max_abs"] < 1e-4
     facts = result.manifest["source"]["kv_cache"]
     assert (facts["layers"], facts["kv_heads"], facts["head_dim"], facts["attention"], facts["rotary"]) == (2, 2, 16, "gqa", "in attention")
+    # the sizes 'compress bench' fills the symbolic dims with: a held-out prefill over empty caches
+    shapes = result.manifest["example_shapes"]
+    assert shapes["attention_mask"] == [2, 12] and shapes["past_key_values.1.value"] == [2, 2, 0, 16]
     assert "KV cache: 2 layers x (key, value) of 2 heads x 16, attention gqa; a decode step after 11 cached tokens" in (
         root / "out" / "report.md").read_text()
     config = json.loads((root / "out" / "genai_config.json").read_text())["model"]
