@@ -23,9 +23,10 @@ import graphpress.ir.ops_load  # noqa: F401 -- registers graphpress::wlinear_loa
 from graphpress.lowering.onnx.common import const
 
 
-def _unpack(packed, bits: int, rows: int, cols: int):
+def _unpack(packed, bits: int, rows: int | None, cols: int):
     """uint8 codes ``(rows, cols)`` from ``(rows, cols * bits / 8)`` packed bytes, low bits first
-    (the order of :func:`graphpress.ir.quant.pack_nbits`)."""
+    (the order of :func:`graphpress.ir.quant.pack_nbits`); ``rows=None``: as many as ``packed``
+    has at run time (an embedding's gathered rows)."""
     from onnxscript import opset18 as op
 
     if bits == 8:
@@ -34,7 +35,9 @@ def _unpack(packed, bits: int, rows: int, cols: int):
     mask = const(np.array(2**bits - 1, dtype=np.uint8))
     parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(packed, const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
                           const(np.array([-1], dtype=np.int64))) for j in range(per)]
-    codes = op.Reshape(op.Concat(*parts, axis=-1), const(np.array([rows, -1], dtype=np.int64)))
+    shape = (const(np.array([rows, -1], dtype=np.int64)) if rows is not None
+             else op.Concat(op.Shape(packed, start=0, end=1), const(np.array([-1], dtype=np.int64)), axis=0))
+    codes = op.Reshape(op.Concat(*parts, axis=-1), shape)
     # the last byte of a row may hold padding codes (zero points of an odd block count)
     return op.Slice(codes, const(np.array([0], dtype=np.int64)), const(np.array([cols], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
 
@@ -70,20 +73,6 @@ def _onnx_wlinear_load(x, packed, scales, zeros, bias, in_features: int, bits: i
     return op.Add(y, bias) if bias is not None else y
 
 
-def _unpack_rows(codes, bits: int, cols: int):
-    """uint8 codes ``(n, cols)`` from packed bytes ``(n, bytes)`` (any ``n``), low bits first."""
-    from onnxscript import opset18 as op
-
-    if bits == 8:
-        return codes
-    per = 8 // bits
-    mask = const(np.array(2**bits - 1, dtype=np.uint8))
-    parts = [op.Unsqueeze(op.BitwiseAnd(op.BitShift(codes, const(np.array(bits * j, dtype=np.uint8)), direction="RIGHT"), mask),
-                          const(np.array([-1], dtype=np.int64))) for j in range(per)]
-    flat = op.Reshape(op.Concat(*parts, axis=-1), op.Concat(op.Shape(codes, start=0, end=1), const(np.array([-1], dtype=np.int64)), axis=0))
-    return op.Slice(flat, const(np.array([0], dtype=np.int64)), const(np.array([cols], dtype=np.int64)), const(np.array([1], dtype=np.int64)))
-
-
 def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group_size: int):
     """onnxscript (trace mode) translation of ``graphpress::wembedding_load``: gather the rows'
     codes, scales and zero points, then dequantize those rows (module docstring)."""
@@ -101,12 +90,12 @@ def _onnx_wembedding_load(ids, packed, scales, zeros, dim: int, bits: int, group
         width = int(np.prod([int(d) for d in table.shape])) // rows  # zero points are stored flat, MatMulNBits-style
         return op.Reshape(op.Gather(op.Reshape(table, const(np.array([rows, width], dtype=np.int64))), flat_ids, axis=0), n_by(width))
 
-    q = op.Cast(_unpack_rows(gathered(packed), bits, nb * group_size), to=1)
+    q = op.Cast(_unpack(gathered(packed), bits, None, nb * group_size), to=1)
     q = op.Reshape(q, const(np.array([-1, nb, group_size], dtype=np.int64)))
     if zeros is None:
         z = const(np.array(2.0 ** (bits - 1), dtype=np.float32))
     else:
-        z = op.Unsqueeze(op.Cast(_unpack_rows(gathered(zeros), bits, nb), to=1), const(np.array([-1], dtype=np.int64)))
+        z = op.Unsqueeze(op.Cast(_unpack(gathered(zeros), bits, None, nb), to=1), const(np.array([-1], dtype=np.int64)))
     s = op.Reshape(gathered(scales), const(np.array([-1, nb, 1], dtype=np.int64)))
     w = op.Reshape(op.Mul(op.Sub(q, z), s), n_by(nb * group_size))
     if nb * group_size != dim:
