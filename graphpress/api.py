@@ -229,6 +229,24 @@ def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """One-line error unless ``address`` (``host:port`` or ``ray://host:port``; ``auto`` = the
+    cluster this machine is part of) accepts a TCP connection -- before any search work."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise GraphpressError(f"--ray-address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise GraphpressError(f"--ray-address {address}: unreachable ({err.strerror or err}); start the cluster with 'ray start --head' or drop the flag for a local Ray") from None
+
+
 def auto(
     source: Any,
     *,
@@ -324,6 +342,8 @@ def auto(
         raise GraphpressError(f"--max-drop {max_drop:g}: {metric} drops are fractions (0.01 = 1%)")
     if metric == "accuracy" and labels is None:
         raise GraphpressError("--metric accuracy needs --labels (class ids of the evaluation inputs); use --metric agreement without labels")
+    if ray_address:
+        check_ray_address(ray_address)
     if isinstance(calibration, (str, Path)):
         calibration = load_inputs(calibration, label="--calibration")
     if calibration is None:

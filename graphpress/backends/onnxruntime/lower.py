@@ -258,6 +258,12 @@ def _strip_debug_metadata(model: Any) -> int:
     for value in (*model.graph.inputs, *model.graph.initializers.values()):
         dropped += len(value.metadata_props)
         value.metadata_props.clear()
+    # model-level exporter notes (symbolic shapes' value ranges): they vary with the process's
+    # symbol counter, so two lowerings of one graph would differ by them
+    for props in (model.metadata_props, model.graph.metadata_props):
+        for key in [k for k in props if k.startswith("pkg.torch")]:
+            del props[key]
+            dropped += 1
     return dropped
 
 
