@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from graphpress.errors import ArtifactError, GraphpressError
 from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 from graphpress.lowering.onnx.kv_cache import CacheStorage, storage_of
@@ -106,6 +107,7 @@ def compress(
     on_stage: Stage | None = None,
     on_step: Step | None = None,
     kv_cache: bool = False,
+    require_speedup: float | None = None,
 ) -> CompressResult:
     """Load ``source``, run ``recipe`` with verification, lower to ``backend``, write ``out``.
 
@@ -147,6 +149,10 @@ def compress(
         Capture a Hugging Face causal LM as one generation step with a KV cache (past keys and
         values in, present ones out; :mod:`graphpress.frontends.hf_kv`), so that the artifact
         generates one token per step; token-id calibration data is fed as prompts (prefill).
+    require_speedup : float, optional
+        Fail (one line, naming the layers that cost time; the artifact stays for inspection) when
+        the artifact is not at least this many times faster than the original graph on the
+        backend (needs ``bench`` and ``baseline``).
 
     Everything that can be checked without the model is checked before the capture: the output
     folder (and that it can be written), the recipe (file, pass names, options), the backend and
@@ -186,7 +192,9 @@ def compress(
     if finetune_inputs is not None:
         stage("finetune")
         finetuned = distill(report.graph, graph, finetune_inputs, finetune or DistillConfig(), on_epoch=on_epoch)
-    return export(
+    if require_speedup is not None and not (bench and baseline):
+        raise GraphpressError("--require-speedup needs the latency stage and its baseline (drop --no-bench / --no-baseline)")
+    result = export(
         report.graph,
         out,
         backend=backend,
@@ -201,6 +209,208 @@ def compress(
         check_inputs=pipeline.check_inputs(graph),
         extra={"finetune": finetuned.to_dict()} if finetuned is not None else None,
     )
+    check_speedup(result, require_speedup)
+    return result
+
+
+AUTO_OBJECTIVES = ("latency", "size", "he-latency")
+AUTO_METRICS = ("agreement", "accuracy", "kl", "sqnr")
+
+
+def _split(data: tuple[torch.Tensor, ...], what: str) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    n = int(data[0].shape[0])
+    if n < 4:
+        raise GraphpressError(f"{what}: {n} samples; auto needs at least 4 (half calibrate, half measure), or give --eval-data")
+    half = n // 2
+    return [tuple(t[:half] for t in data)], tuple(t[half:] for t in data)
+
+
+def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """One-line error unless ``address`` (``host:port`` or ``ray://host:port``; ``auto`` = the
+    cluster this machine is part of) accepts a TCP connection -- before any search work."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise GraphpressError(f"--ray-address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise GraphpressError(f"--ray-address {address}: unreachable ({err.strerror or err}); start the cluster with 'ray start --head' or drop the flag for a local Ray") from None
+
+
+def auto(
+    source: Any,
+    *,
+    out: str | Path,
+    calibration: Any,
+    objective: str = "latency",
+    max_drop: float = 0.01,
+    metric: str = "agreement",
+    eval_data: Any = None,
+    labels: Any = None,
+    backend: str = "onnxruntime",
+    arch: str | None = None,
+    input_shape: Sequence[int] | str | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    workers: int = 2,
+    seed: int = 0,
+    bench: bool = True,
+    require_speedup: float | None = None,
+    on_stage: Stage | None = None,
+    on_step: Step | None = None,
+) -> CompressResult:
+    """Search every technique's per-layer choices under one quality budget, write the best artifact.
+
+    See :mod:`graphpress.auto.search` for the method and ``docs/auto.md`` for the report.
+
+    Parameters
+    ----------
+    source : nn.Module, str or Path
+        Anything :func:`graphpress.frontends.load` accepts.
+    out : path
+        Artifact folder (refused if it exists unless ``overwrite``); nothing is written when no
+        candidate meets the budget.
+    calibration : Tensor, tuple of Tensor, or path
+        Representative inputs: quantization ranges and per-layer sensitivity. Without
+        ``eval_data`` its second half is held out to measure the candidates.
+    objective : "latency" or "size"
+        Minimise the measured batch-1 latency on ONNX Runtime, or the artifact's bytes.
+    max_drop : float
+        Quality budget in ``metric``'s unit: a fraction for agreement / accuracy (0.01 = 1%),
+        nats for KL, or the lowest SQNR in dB for ``sqnr``.
+    metric : "agreement", "accuracy", "kl" or "sqnr"
+        Quality against the float model (``accuracy`` needs ``labels``).
+    eval_data, labels : Tensor or path, optional
+        Held-out inputs (and class labels) the candidates are measured on.
+    backend : str
+        ``onnxruntime`` (the objectives' costs are measured on it).
+    threads : int, optional
+        Intra-op threads of the cost table and the timing (default: ``torch.get_num_threads()``).
+    ray, ray_address, workers : optional
+        Run the trials as Ray tasks: a local Ray with ``workers`` CPUs started and stopped here,
+        or the cluster at ``ray_address``.
+    require_speedup : float, optional
+        As for :func:`compress`: fail when the written artifact is not this much faster than the
+        float model on the backend.
+
+    Returns
+    -------
+    CompressResult
+        The artifact; its manifest's ``auto`` entry summarizes the search, and ``auto.json``,
+        ``pareto.png`` and ``pareto.html`` in the folder hold the whole record.
+
+    Raises
+    ------
+    GraphpressError
+        One line, before the search where possible: an objective the backend cannot measure, a
+        metric the data cannot give, a budget no candidate meets (naming the closest), an
+        unreachable Ray address.
+    """
+    import json
+
+    from graphpress.auto import AutoConfig, Job, RayTrials, SerialTrials, search
+    from graphpress.auto.pareto import HTML, JSON, PNG, page_html, plot_png
+    from graphpress.frontends.torch_module import parse_shape
+    from graphpress.train import load_inputs
+
+    out = check_out_dir(out, overwrite)
+    if objective not in AUTO_OBJECTIVES:
+        raise GraphpressError(f"--objective {objective!r}: use one of {', '.join(AUTO_OBJECTIVES)}")
+    if metric not in AUTO_METRICS:
+        raise GraphpressError(f"--metric {metric!r}: use one of {', '.join(AUTO_METRICS)}")
+    if objective == "he-latency":
+        raise GraphpressError(f"--objective he-latency: the {backend} backend cannot measure encrypted latency; "
+                              "search HE block sizes with 'compress run' and the circulant-search pass (--backend he)")
+    if backend != "onnxruntime":
+        raise GraphpressError(f"--backend {backend!r}: auto measures its {objective} costs on onnxruntime only")
+    if metric != "sqnr" and not (isinstance(max_drop, (int, float)) and max_drop >= 0):
+        raise GraphpressError(f"--max-drop {max_drop!r}: must be a number >= 0 (a fraction for {metric})")
+    if metric in ("agreement", "accuracy") and max_drop >= 1:
+        raise GraphpressError(f"--max-drop {max_drop:g}: {metric} drops are fractions (0.01 = 1%)")
+    if metric == "accuracy" and labels is None:
+        raise GraphpressError("--metric accuracy needs --labels (class ids of the evaluation inputs); use --metric agreement without labels")
+    if ray_address:
+        check_ray_address(ray_address)
+    if isinstance(calibration, (str, Path)):
+        calibration = load_inputs(calibration, label="--calibration")
+    if calibration is None:
+        raise GraphpressError("auto needs --calibration: inputs to calibrate and rank the layers on")
+    calib = _as_tuple(calibration)
+    if eval_data is not None:
+        if isinstance(eval_data, (str, Path)):
+            eval_data = load_inputs(eval_data, label="--eval-data")
+        cal_batches, evaluation = [calib], _as_tuple(eval_data)
+    else:
+        cal_batches, evaluation = _split(calib, "--calibration")
+    if labels is not None:
+        if isinstance(labels, (str, Path)):
+            labels = load_inputs(labels, label="--labels")
+        labels = _as_tuple(labels)[0].long().reshape(-1)
+        if labels.numel() != int(evaluation[0].shape[0]):
+            where = "--eval-data" if eval_data is not None else "the held-out half of --calibration"
+            raise GraphpressError(f"--labels: {labels.numel()} labels for {int(evaluation[0].shape[0])} inputs of {where}")
+    if isinstance(input_shape, str):
+        input_shape = parse_shape(input_shape)
+    n = int(threads or torch.get_num_threads())
+    job = Job(source, cal_batches, evaluation, metric=metric, labels=labels, arch=arch,
+              input_shape=tuple(input_shape) if input_shape else None,
+              example_inputs=tuple(example_inputs) if example_inputs is not None else None, seed=seed)
+    config = AutoConfig(objective=objective, max_drop=float(max_drop), metric=metric, threads=n, seed=seed)
+    trials = RayTrials(workers=workers, address=ray_address) if (ray or ray_address) else SerialTrials()
+    try:
+        result = search(job, config, trials, on_stage=on_stage, on_step=on_step)
+    finally:
+        trials.close()
+    record = result.to_dict()
+    files: dict[str, bytes] = {JSON: json.dumps(record, indent=1, default=str).encode()}
+    png = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphpress-pareto-") as tmp:
+            plot_png(record, Path(tmp) / PNG)
+            png = (Path(tmp) / PNG).read_bytes()
+        files[PNG] = png
+    except ImportError:
+        record["plot"] = "matplotlib is not installed: pip install 'graphpress[auto]' for pareto.png"
+    files[HTML] = page_html(record, png).encode()
+    chosen = result.chosen
+    summary = {"objective": objective, "metric": metric, "max_drop": max_drop, "chosen": chosen.candidate.label(),
+               "choices": chosen.candidate.to_dict(), "quality": {k: v for k, v in chosen.quality.items() if k in ("drop", "value", "kl", "agreement", "accuracy", "sqnr_db")},
+               "latency_ms": chosen.latency_ms, "speedup_vs_float": record.get("speedup"), "candidates": len(record["candidates"]),
+               "pareto": record["pareto"], "trials": record["trials"], "files": sorted(files)}
+    passes = chosen.candidate.recipe()
+    pipeline = Pipeline.from_recipe({"name": "auto", "passes": passes}) if passes else None
+    report = pipeline.run(result.base) if pipeline is not None else None
+    graph = report.graph if report is not None else result.base
+    written = export(graph, out, backend=backend, original=result.base, report=report,
+                     recipe={"name": "auto", "passes": passes}, overwrite=overwrite, bench=bench or require_speedup is not None,
+                     on_stage=on_stage, on_step=on_step, threads=n, extra={"auto": summary}, extra_files=files,
+                     check_inputs=[tuple(t[:8] for t in evaluation)])
+    check_speedup(written, require_speedup)
+    return written
+
+
+#: The search record ``compress auto`` writes into its artifact.
+AUTO_RECORD = "auto.json"
+
+
+def auto_frontier(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Pareto frontier rows of an ``auto.json`` record (:func:`graphpress.auto.pareto.frontier_rows`)."""
+    from graphpress.auto.pareto import frontier_rows
+
+    return frontier_rows(record)
 
 
 #: ``stream="auto"`` streams a decoder LLM whose float32 weights exceed this many bytes (1 GB,
@@ -358,6 +568,7 @@ def export(
     extra: dict[str, Any] | None = None,
     on_step: Step | None = None,
     threads: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> CompressResult:
     """Lower ``graph`` to ``backend`` and write an artifact folder with manifest and report.
 
@@ -372,6 +583,9 @@ def export(
 
     ``threads``: intra-op threads for the latency stage, the same for torch eager and the
     backend (default: ``torch.get_num_threads()``).
+
+    ``extra_files``: more files for the artifact by name (e.g. ``compress auto``'s Pareto
+    report), hashed in the manifest like the model files.
 
     ``backend`` is a name or a configured backend, ``backend_options`` its options (see
     :func:`resolve_backend`); the options in force are written to ``manifest["backend_options"]``.
@@ -389,14 +603,18 @@ def export(
         claim_scratch(tmp)  # records this pid, so the next run removes the folder if this one is killed
         stage("lower")
         lowered = be.lower(graph, Path(tmp))
-        files = {name: Path(tmp) / name for name in lowered.files}
+        files: dict[str, Any] = {name: Path(tmp) / name for name in lowered.files}
+        for name, data in (extra_files or {}).items():
+            if name in files:
+                raise ArtifactError(f"extra file {name!r} would replace a model file of the artifact")
+            files[name] = data
         runner = be.runner(Path(tmp) / lowered.model_file)
         metrics: dict[str, Any] = {
             "params_before": original.parameter_count(),
             "params_after": graph.parameter_count(),
             "param_bytes_before": original.parameter_bytes(),
             "param_bytes_after": graph.parameter_bytes(),
-            "model_file_bytes": sum(p.stat().st_size for p in files.values()),
+            "model_file_bytes": sum((Path(tmp) / name).stat().st_size for name in lowered.files),
             "backend_check": lowered.check,
         }
         stage("verify")
@@ -468,7 +686,12 @@ def _measure_latency(
 ) -> dict[str, Any]:
     """Batch-1 latency of torch eager (original), the backend on the original graph (with
     ``baseline``) and on the compressed one: interleaved medians with p10-p90 spreads, the
-    thread count and the machine's load (see :func:`graphpress.runtime.bench.latency_warnings`)."""
+    thread count and the machine's load (see :func:`graphpress.runtime.bench.latency_warnings`).
+
+    The speed-up guard: with a baseline, ``speedup`` records the ratio over the original on the
+    backend and whether it lies beyond the measured spread, and (ONNX Runtime) each layer's
+    profiled time before and after goes to ``layer_latency_us`` -- the layers that cost time
+    are named when the artifact is not faster (:func:`speedup_verdict`)."""
     from graphpress.runtime.bench import compare_latency, machine_load
 
     n = int(threads or torch.get_num_threads())
@@ -477,8 +700,10 @@ def _measure_latency(
     load_before = machine_load()
     from graphpress.runtime.artifact import claim_scratch
 
+    profiles: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="graphpress-baseline-") as tmp_base:
         claim_scratch(tmp_base)  # a killed run's baseline folder is removed by the next run
+        base = None
         if baseline and original is not graph:
             base = be.lower(original, Path(tmp_base), check=False)
             variants[f"{lowered.backend} (original)"] = _runner_call(be.runner(Path(tmp_base) / base.model_file, threads=n), x1)
@@ -488,8 +713,10 @@ def _measure_latency(
         variants[f"{lowered.backend} (compressed)"] = _runner_call(be.runner(tmp / lowered.model_file, threads=n), x1c)
         with torch_threads(n):  # torch eager gets the threads the backend's session gets
             timing = compare_latency(variants, on_round=(lambda r, total: on_step(r, total, "rounds")) if on_step else None)
+        if base is not None and lowered.node_layers and original.parameter_bytes() <= _PROFILE_MAX_BYTES:
+            profiles = _layer_profiles(original, be, tmp_base, tmp / lowered.model_file, lowered.node_layers, x1, x1c, n)
     load_after = machine_load()
-    return {
+    out = {
         "latency_ms": {name: round(r.median_ms, 4) for name, r in timing.results.items()},
         "latency_spread_ms": {name: [round(r.p10_ms, 4), round(r.p90_ms, 4)] for name, r in timing.results.items()},
         "latency_batch": int(x1[0].shape[0]) if x1 and x1[0].dim() else 1,
@@ -499,6 +726,71 @@ def _measure_latency(
             "loadavg_1m": max(load_before["loadavg_1m"], load_after["loadavg_1m"]),
         },
     }
+    orig, comp = f"{lowered.backend} (original)", f"{lowered.backend} (compressed)"
+    if orig in timing.results:
+        o, c = timing.results[orig], timing.results[comp]
+        out["speedup"] = {
+            "vs": orig,
+            "ratio": round(o.median_ms / c.median_ms, 4),
+            # beyond the measured spread: the compressed median is below the original's 10th percentile
+            "faster": bool(c.median_ms < o.p10_ms),
+            "slower": bool(c.median_ms > o.p90_ms),
+        }
+    if profiles:
+        po, pc = profiles["original"]["layers_us"], profiles["compressed"]["layers_us"]
+        out["layer_latency_us"] = {k: [po.get(k, 0.0), pc.get(k, 0.0)] for k in sorted(set(po) | set(pc))}
+    return out
+
+
+#: The guard profiles layers of models up to this many parameter bytes (a second lowering of the original).
+_PROFILE_MAX_BYTES = 512 << 20
+
+
+def _layer_profiles(original: Graph, be: Any, tmp_base: str, model: Path, node_layers: dict[str, str], x1, x1c, n: int) -> dict[str, Any]:
+    """Per-layer profiled time of the original and the compressed model (ONNX Runtime).
+
+    The original is profiled with its batch norms folded (exact): ONNX Runtime folds them too,
+    but names the folded conv after the norm, and the layers must carry one name on both sides.
+    """
+    from graphpress.backends.onnxruntime.profile import profile_layers
+
+    folded = Pipeline.from_recipe({"name": "profile", "passes": ["fold-batchnorm"]}).run(original).graph
+    ref = be.lower(folded, Path(tmp_base) / "folded", check=False)
+    return {"original": profile_layers(Path(tmp_base) / "folded" / ref.model_file, x1, ref.node_layers, threads=n),
+            "compressed": profile_layers(model, x1c, node_layers, threads=n)}
+
+
+def speedup_verdict(metrics: dict[str, Any]) -> str | None:
+    """One sentence when the compressed artifact is not measurably faster than the original on
+    its backend (``None`` when it is, or when no baseline was timed), naming the layers whose
+    profiled time grew most."""
+    sp = metrics.get("speedup")
+    if not sp or sp.get("faster"):
+        return None
+    layers = metrics.get("layer_latency_us") or {}
+    worse = sorted(((c - o, k) for k, (o, c) in layers.items() if c > o), reverse=True)[:3]
+    who = ("; layers that cost time: " + ", ".join(f"{k} (+{d:.1f} us)" for d, k in worse)) if worse else ""
+    where = sp["vs"].split(" (")[0]
+    if sp.get("slower"):
+        return f"the compressed artifact is slower than the original on {where} ({sp['ratio']:.2f}x, beyond the measured spread){who}"
+    return f"the compressed artifact is not measurably faster than the original on {where} ({sp['ratio']:.2f}x, within the measured spread){who}"
+
+
+def check_speedup(result: "CompressResult", require: float | None) -> None:
+    """``--require-speedup R``: a one-line error when the measured speed-up over the original on
+    the backend is below ``R`` (the artifact stays on disk for inspection)."""
+    if require is None:
+        return
+    sp = result.metrics.get("speedup")
+    if not sp:
+        why = result.metrics.get("latency_error") or "no baseline was timed (latency or the baseline is off)"
+        raise GraphpressError(f"--require-speedup {require:g}: no speed-up measured: {why}")
+    if sp["ratio"] < require:
+        layers = result.metrics.get("layer_latency_us") or {}
+        worse = sorted(((c - o, k) for k, (o, c) in layers.items() if c > o), reverse=True)[:3]
+        who = ("; layers that cost time: " + ", ".join(f"{k} (+{d:.1f} us)" for d, k in worse)) if worse else ""
+        raise GraphpressError(f"--require-speedup {require:g}: measured {sp['ratio']:.2f}x vs {sp['vs']}{who}; "
+                              f"artifact kept at {result.folder} for inspection")
 
 
 def _storage(graph: Graph, lowered: Any) -> CacheStorage:
@@ -581,10 +873,21 @@ def render_report(manifest: dict[str, Any]) -> str:
             lines.append(f"| {k} | {v:.4f} | {sp} | {'-' if k in withheld else f'{first / v:.2f}x'} |")
         if reasons:
             lines += ["", "Speed-ups withheld: " + "; ".join(reasons) + ". Rerun `compress bench` on a quiet machine."]
+        verdict = speedup_verdict(m)
+        if verdict:
+            lines += ["", f"**Speed-up guard:** {verdict}."]
     if m.get("latency_error"):
         lines += ["", f"Latency not measured: {m['latency_error']}"]
     lines += ["", "## Lost (artifact vs original model)", "", "| output | max abs error | SQNR dB |", "|---|---|---|"]
     lines += [f"| {d['name']} | {d['max_abs']:.3g} | {_fmt_db(d['sqnr_db'])} |" for d in m.get("vs_original", [])]
+    au = manifest.get("auto")
+    if au:
+        q = au.get("quality", {})
+        lines += ["", "## compress auto", "",
+                  f"- objective {au['objective']}, budget --max-drop {au['max_drop']:g} ({au['metric']}); chosen: {au['chosen']}",
+                  f"- measured drop {q.get('drop')}, latency {au.get('latency_ms')} ms, speed-up vs float {au.get('speedup_vs_float')}",
+                  f"- {au['candidates']} candidates measured end to end; Pareto report: [pareto.html](pareto.html), "
+                  f"[pareto.png](pareto.png), search record: [auto.json](auto.json)"]
     passes = manifest.get("passes", [])
     if passes:
         lines += ["", "## Passes", "", "| pass | exact | changed | time s | stats |", "|---|---|---|---|---|"]

@@ -43,6 +43,10 @@ class LoweredModel:
     io : dict, optional
         ``{"inputs": [...], "outputs": [...]}`` (name/shape/dtype dicts) when the model file's
         interface is not the graph's (caches stored as codes); the manifest lists these.
+    node_layers : dict
+        Model-file node name -> graphpress layer name, where the backend can tell (ONNX Runtime:
+        from the exporter's name scopes), so per-node profiles add up per layer. Not written to
+        the manifest (thousands of entries on an LLM); empty where unknown.
     """
 
     backend: str
@@ -51,6 +55,7 @@ class LoweredModel:
     check: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     io: dict[str, Any] | None = None
+    node_layers: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -143,6 +143,9 @@ def run(
         False, "--kv-cache",
         help="Hugging Face causal LMs and llama2.c files: capture one generation step with a KV cache (past keys/values in, present out), so the artifact generates a token per step instead of re-running the sequence. See docs/frontends/kv-cache.md.",
     ),
+    require_speedup: Optional[float] = typer.Option(
+        None, "--require-speedup", help="Fail unless the artifact is at least R times faster than the original on the backend (names the layers that cost time).",
+    ),
     stream: str = typer.Option(
         "auto", "--stream",
         help="Decoder LLM folders: compress block by block from the shards, in a fraction of the model's size in memory (on), the whole graph at once (off), or on above 1 GB of float32 weights (auto). See docs/big-models.md.",
@@ -153,6 +156,8 @@ def run(
 
     check_out_dir(out, overwrite)  # fail before minutes of work
     why = stream_choice(checkpoint, stream)
+    if why is not None and require_speedup is not None:
+        raise GraphpressError("--require-speedup: a streamed run times no float baseline; use --stream off, or time the artifact with 'compress bench'")
     if why is not None:
         _run_stream(checkpoint, why, recipe=recipe, out=out, overwrite=overwrite, backend=backend, backend_option=backend_option,
                     bench=bench, calibration=calibration, finetune_data=finetune_data, workers=workers, kv_cache=kv_cache)
@@ -182,6 +187,7 @@ def run(
             finetune_inputs=finetune_data,
             finetune={"epochs": finetune_epochs, "lr": finetune_lr, "trainable": finetune_trainable},
             kv_cache=kv_cache,
+            require_speedup=require_speedup,
             **_progress_hooks(prog),
         )
     if result.manifest["passes"]:
@@ -198,6 +204,53 @@ def run(
     if result.manifest["backend"] == "he":
         _print_he_lowering(result.folder)
     console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, manifest.json)")
+
+
+@app.command()
+@handle_errors
+def auto(
+    checkpoint: str = typer.Argument(..., help="Model, as for 'run'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (must not exist unless --overwrite)."),
+    calibration: Path = typer.Option(..., "--calibration", help="Representative inputs (.pt/.npy/.npz/.safetensors); without --eval-data, half is held out to measure candidates."),
+    objective: str = typer.Option("latency", "--objective", help="latency (measured on ONNX Runtime) | size (artifact bytes) | he-latency."),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="Quality budget: a fraction for agreement/accuracy (0.01 = 1%), nats for kl, the lowest dB for sqnr."),
+    metric: str = typer.Option("agreement", "--metric", help="agreement (top-1 with the float model) | accuracy (needs --labels) | kl | sqnr."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out inputs the candidates are measured on."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Class ids of the evaluation inputs (for --metric accuracy)."),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Target the costs are measured on (onnxruntime)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for costs and timing (default: all cores torch uses)."),
+    ray: bool = typer.Option(False, "--ray", help="Run the trials as Ray tasks on a local Ray that graphpress starts and stops."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Run the trials on the Ray cluster at ADDR (implies --ray)."),
+    workers: int = typer.Option(2, "--workers", help="CPUs of the local Ray (--ray)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact folder."),
+    seed: int = typer.Option(0, "--seed", help="Seed of calibration and verification."),
+    require_speedup: Optional[float] = typer.Option(None, "--require-speedup", help="Fail unless the artifact is at least R times faster than the float model."),
+) -> None:
+    """Search quantization and pruning per layer under one quality budget; write the fastest (or smallest) verified artifact and a Pareto report."""
+    from graphpress.api import auto as run_auto, check_out_dir
+
+    check_out_dir(out, overwrite)
+    with StageProgress() as prog:
+        result = run_auto(checkpoint, out=out, calibration=calibration, objective=objective, max_drop=max_drop, metric=metric,
+                          eval_data=eval_data, labels=labels, backend=backend, arch=arch, input_shape=input_shape, overwrite=overwrite,
+                          threads=threads, ray=ray, ray_address=ray_address, workers=workers, seed=seed,
+                          require_speedup=require_speedup, on_stage=prog.stage, on_step=prog.inner)
+    _print_frontier(result.folder)
+    _print_result(result.manifest)
+    au = result.manifest["auto"]
+    console.print(f"chosen: {au['chosen']} (measured drop {au['quality'].get('drop'):.4g}, {au['candidates']} candidates measured)", soft_wrap=True)
+    console.print(f"artifact: [bold]{result.folder}[/bold] (report.md, pareto.html, manifest.json)")
+
+
+def _print_frontier(folder: Path) -> None:
+    from graphpress.api import AUTO_RECORD as JSON
+    from graphpress.cli.report import frontier_table
+
+    path = folder / JSON
+    if path.is_file():
+        console.print(frontier_table(json.loads(path.read_text(encoding="utf-8"))))
 
 
 def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite: bool, backend: Optional[str],
@@ -329,10 +382,15 @@ def _print_he_lowering(folder: Path) -> None:
 
 
 def _print_result(manifest: dict[str, Any]) -> None:
+    from graphpress.api import speedup_verdict
+
     console.print(result_table(manifest))
     lat = latency_table(manifest)
     if lat is not None:
         console.print(lat)
+    verdict = speedup_verdict(manifest.get("metrics", {}))
+    if verdict:
+        console.print(f"[yellow]speed-up guard:[/yellow] {verdict}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- passes
@@ -405,6 +463,8 @@ def inspect(
         t.add_row("recipe", " -> ".join(next(iter(p)) for p in m.get("recipe", {}).get("passes", [])) or "-")
         t.add_row("files", ", ".join(f"{k} ({fmt_bytes(v['bytes'])})" for k, v in m["files"].items()))
         console.print(t)
+        if m.get("auto"):
+            _print_frontier(path)
         if m.get("metrics"):
             _print_result(m)
         return

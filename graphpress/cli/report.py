@@ -301,6 +301,22 @@ def latency_table(manifest: dict[str, Any]) -> Table | Text | None:
     return t
 
 
+def frontier_table(record: dict[str, Any]) -> Table:
+    """``compress auto``'s Pareto frontier (and the chosen candidate), cheapest first."""
+    from graphpress.api import auto_frontier as frontier_rows
+
+    cfg = record["config"]
+    unit = {"agreement": "disagree %", "accuracy": "acc lost pts", "kl": "KL", "sqnr": "-SQNR dB"}.get(cfg["metric"], "drop")
+    t = Table(title=f"Pareto frontier (objective {cfg['objective']}, --max-drop {cfg['max_drop']:g} {cfg['metric']})", title_justify="left")
+    for col in ("#", "origin", "choices", unit, "latency ms", "file KB", "in budget"):
+        t.add_column(col, overflow="fold")
+    for r in frontier_rows(record):
+        style = "bold yellow" if r["chosen"] else None
+        t.add_row(str(r["#"]), r["origin"], r["choices"], f"{r['drop']:.4g}", ("-" if r["latency_ms"] is None else f"{r['latency_ms']:.4f}"), f"{r['file_kb']:.1f}",
+                  "yes" if r["within budget"] else "no", style=style)
+    return t
+
+
 def summary_table(summary, limit: int = 60) -> Table:
     t = Table(title=str(summary).splitlines()[0], title_justify="left")
     for col in ("node", "op", "module", "shape", "params", "FLOPs"):

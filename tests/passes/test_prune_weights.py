@@ -208,3 +208,12 @@ def test_the_default_budget_is_explicit():
     assert cfg.min_sqnr_db == 10.0 and cfg.on_budget == "adapt"
     with pytest.raises(PassError, match="option 'on_budget': 'retry' is not one of 'adapt', 'fail'"):
         make_pass("prune-weights", {"on_budget": "retry"})
+
+
+def test_layer_sparsity_alone_prunes_its_layers(net_graph):
+    # a default sparsity of 0 must not switch off the per-layer targets (compress auto prunes layer by layer this way)
+    r = prune(net_graph, sparsity=0.0, layer_sparsity={"fc1": 0.5}, min_sqnr_db=None)
+    assert r.changed
+    assert float((r.graph.get_tensor("fc1.weight") == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert int((r.graph.get_tensor("c1.weight") == 0).sum()) == 0
+    assert not prune(net_graph, sparsity=0.0, min_sqnr_db=None).changed

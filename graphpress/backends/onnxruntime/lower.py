@@ -172,6 +172,75 @@ def _optimize_keeping_packed_weights(model: Any) -> None:
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
+#: ONNX ops that carry a layer's arithmetic; an elementwise op after one (its relu, its residual
+#: sum) is charged to it, since ORT fuses them into one kernel named after the last op's output.
+_HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits", "QLinearConv", "QLinearMatMul", "QGemm",
+                        "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "GroupQueryAttention", "Attention"})
+_ELEMENTWISE_OPS = frozenset({"Relu", "Add", "Sum", "Clip", "Sigmoid", "Tanh", "Mul", "LeakyRelu", "HardSigmoid", "HardSwish",
+                              "Gelu", "FastGelu", "BatchNormalization", "QuantizeLinear", "DequantizeLinear"})
+
+
+def node_layers(model: Any) -> dict[str, str]:
+    """ONNX node and value name -> the graphpress layer it came from, read off the exporter's name scopes.
+
+    The dynamo exporter records each node's module path (``pkg.torch.onnx.name_scopes``, e.g.
+    ``['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'qconv2d_1']``: the modules, then the fx node).
+    The layer is the innermost module path -- what :func:`graphpress.ir.names.layer_name` calls a
+    conv or linear -- or the fx node's name for an op outside any module. Every node a
+    graphpress op expands into (a ``qconv2d``'s Quantize/Dequantize/Conv) carries its op's scope.
+
+    ONNX Runtime renames what it rewrites: a fused kernel keeps a node name with a suffix, or
+    (NCHWc layouts) takes the name of the value it writes. Both names are keys here, and an
+    elementwise node right after a conv/matmul (its relu, the residual sum fused into it) takes
+    that op's layer, so ORT's per-node profile
+    (:mod:`graphpress.backends.onnxruntime.profile`) sums back to layers. Must run before
+    :func:`_strip_debug_metadata`.
+    """
+    import ast
+
+    import onnx_ir as ir
+
+    layer: dict[Any, str] = {}
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for node in nodes:
+        raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if not raw:
+            continue
+        try:
+            scopes = [str(s) for s in ast.literal_eval(raw)]
+        except (ValueError, SyntaxError):
+            continue
+        modules = [s for s in scopes[:-1] if s]
+        layer[node] = modules[-1] if modules else scopes[-1]
+
+    def heavy_upstream(node: Any, depth: int = 3) -> str | None:
+        for value in node.inputs:
+            src = value.producer() if value is not None else None
+            if src is None or src not in layer:
+                continue
+            if src.op_type in _HEAVY_OPS:
+                return layer[src]
+            if depth > 1 and src.op_type in _ELEMENTWISE_OPS:
+                found = heavy_upstream(src, depth - 1)
+                if found is not None:
+                    return found
+        return None
+
+    out: dict[str, str] = {}
+    for node in nodes:
+        if node not in layer:
+            continue
+        name = layer[node]
+        if node.op_type in _ELEMENTWISE_OPS and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            name = heavy_upstream(node) or name
+        if node.name:
+            out[node.name] = name
+        for value in node.outputs:
+            if value.name:
+                out.setdefault(value.name, name)
+    return out
+
+
 def _strip_debug_metadata(model: Any) -> int:
     """Drop the exporter's per-node and per-value metadata (source stack traces, module paths) and
     doc strings; returns how many entries went. They are debugging aids, not part of the model, and
@@ -189,6 +258,12 @@ def _strip_debug_metadata(model: Any) -> int:
     for value in (*model.graph.inputs, *model.graph.initializers.values()):
         dropped += len(value.metadata_props)
         value.metadata_props.clear()
+    # model-level exporter notes (symbolic shapes' value ranges): they vary with the process's
+    # symbol counter, so two lowerings of one graph would differ by them
+    for props in (model.metadata_props, model.graph.metadata_props):
+        for key in [k for k in props if k.startswith("pkg.torch")]:
+            del props[key]
+            dropped += 1
     return dropped
 
 
@@ -214,7 +289,7 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
     Returns
     -------
     dict
-        Facts for the manifest: ``files`` (names written), ``opset``, ``dynamic_dims``,
+        Facts for the manifest: ``files`` (names written), ``node_layers`` (:func:`node_layers`), ``opset``, ``dynamic_dims``,
         ``external_data``, ``model_bytes``, timings ``export_program_s``, ``onnx_export_s``,
         ``save_s``, ``optimize_s``, and versions.
 
@@ -270,6 +345,7 @@ def lower_to_onnx(graph: Graph, folder: str | os.PathLike, *, opset: int = DEFAU
         raise BackendError(f"onnxruntime: {graph.name!r}: {err}") from None
     if kv_bits:
         info["kv_cache_bits"] = kv_bits
+    info["node_layers"] = node_layers(model)
     if not debug_metadata:
         info["metadata_entries_dropped"] = _strip_debug_metadata(model)
     model.metadata_props["graphpress_version"] = graphpress.__version__
@@ -475,6 +551,7 @@ class OnnxRuntimeBackend:
         """
         info = lower_to_onnx(graph, folder, opset=self.opset, optimize=self.optimize)
         files = info.pop("files")
+        layers = info.pop("node_layers", {})
         genai = write_genai_files(graph, Path(folder), MODEL_FILE)  # KV-cache decoders: ONNX Runtime GenAI runs the artifact
         if genai:
             files = sorted(set(files) | set(genai))
@@ -484,7 +561,8 @@ class OnnxRuntimeBackend:
         storage = storage_of(graph)
         io = {"inputs": storage.specs([s.to_dict() for s in graph.input_specs]),
               "outputs": storage.specs([s.to_dict() for s in graph.output_specs])} if storage.bits else None
-        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info, io=io)
+        return LoweredModel(backend=self.name, model_file=MODEL_FILE, files=files, check=report, info=info, io=io,
+                            node_layers=layers)
 
     def runner(self, model_path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OrtRunner:
         """An :class:`OrtRunner` for a lowered model (CUDA EP when available)."""

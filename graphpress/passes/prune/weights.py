@@ -245,7 +245,7 @@ class PruneWeights(SteppedBackOff):
                 kept[layer.name] = f"{layer.in_features * layer.kernel[0] * layer.kernel[1]} inputs per row is not a multiple of {pattern.m}"
             else:
                 todo.append(layer)
-        if not todo or cfg.target == 0.0:
+        if not todo or (cfg.target == 0.0 and not any(cfg.layer_sparsity.get(l.name, 0.0) for l in todo)):
             return PassResult(graph, changed=False, stats={"pruned": 0, "kept_dense": kept, "reason": "no eligible layer" if not todo else "sparsity 0"})
 
         data_aware = cfg.method != "magnitude"
