@@ -188,6 +188,23 @@ def gqa_call(config: Any, step: AttentionStep, home: Any = None):
         _STEP.reset(token)
 
 
+def install_rotary(owner: nn.Module, tables: tuple[torch.Tensor, torch.Tensor] | str, home: Any, facts: dict[str, Any]) -> Any:
+    """Give ``owner`` the rotary tables as buffers ``rope_cos`` / ``rope_sin`` when the op can
+    rotate (tables exist and the model has an ``apply_rotary_pos_emb`` to stand in for).
+
+    Returns the modeling module to patch (:func:`rotary_home`), or None when the model keeps its
+    own rotary; ``facts["rotary"]`` says which and why. Shared by the whole-graph capture
+    (:class:`HFKVDecoder`) and the streamed blocks (``stream.units.KVBlockUnit``).
+    """
+    if isinstance(tables, str) or home is None:
+        facts["rotary"] = f"model ({tables if isinstance(tables, str) else 'no apply_rotary_pos_emb to stand in for'})"
+        return None
+    owner.register_buffer("rope_cos", tables[0], persistent=False)
+    owner.register_buffer("rope_sin", tables[1], persistent=False)
+    facts["rotary"] = "in attention"
+    return home
+
+
 def rotary_home(model: nn.Module) -> Any:
     """The modeling module of ``model``'s attention class when it has an ``apply_rotary_pos_emb``
     to stand in for (None otherwise)."""
@@ -253,14 +270,7 @@ class HFKVDecoder(nn.Module):
         self._rotary_module = None
         if attention == "gqa" and rotary_in_attention:
             tables = rotary_tables(hf_model, self.head_dim, int(getattr(config, "max_position_embeddings", 0) or 0))
-            home = rotary_home(hf_model)
-            if isinstance(tables, str) or home is None:
-                self.facts["rotary"] = f"model ({tables if isinstance(tables, str) else 'no apply_rotary_pos_emb to stand in for'})"
-            else:
-                self.register_buffer("rope_cos", tables[0], persistent=False)
-                self.register_buffer("rope_sin", tables[1], persistent=False)
-                self._rotary_module = home
-                self.facts["rotary"] = "in attention"
+            self._rotary_module = install_rotary(self, tables, rotary_home(hf_model), self.facts)
         window = sliding_window(config)
         if window is not None:
             raise FrontendError(
@@ -443,5 +453,5 @@ def prefill_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]]) -
 
 
 __all__ = ["EXAMPLE_PAST", "EXAMPLE_PROMPT", "EXAMPLE_SEQ", "AttentionStep", "HFKVDecoder", "cache_geometry", "capture_kv_decoder",
-           "decoder_facts", "gqa_call", "kv_input_dims", "kv_names", "load_hf_kv_folder", "prefill_batches", "prefill_feed", "rotary_home",
+           "decoder_facts", "gqa_call", "install_rotary", "kv_input_dims", "kv_names", "load_hf_kv_folder", "prefill_batches", "prefill_feed", "rotary_home",
            "sliding_window", "tables_of"]

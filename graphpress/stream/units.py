@@ -140,7 +140,7 @@ class KVBlockUnit(nn.Module):
         super().__init__()
         import inspect
 
-        from graphpress.frontends.hf_kv import GQA_HEAD_MULTIPLE, cache_geometry, rotary_home, tables_of
+        from graphpress.frontends.hf_kv import GQA_HEAD_MULTIPLE, cache_geometry, install_rotary, rotary_home, tables_of
 
         self.layer, self.rotary, self.config = layer, rotary, config
         self.index = int(layer.self_attn.layer_idx)
@@ -152,14 +152,7 @@ class KVBlockUnit(nn.Module):
         self.home = None
         if self.attention == "gqa":
             tables = tables_of(rotary, self.head_dim, int(getattr(config, "max_position_embeddings", 0) or 0))
-            home = rotary_home(layer)
-            if isinstance(tables, str) or home is None:
-                self.facts["rotary"] = f"model ({tables if isinstance(tables, str) else 'no apply_rotary_pos_emb to stand in for'})"
-            else:
-                self.register_buffer("rope_cos", tables[0], persistent=False)
-                self.register_buffer("rope_sin", tables[1], persistent=False)
-                self.home = home
-                self.facts["rotary"] = "in attention"
+            self.home = install_rotary(self, tables, rotary_home(layer), self.facts)
         self._cache_arg = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

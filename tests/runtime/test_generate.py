@@ -10,6 +10,7 @@ import torch
 from graphpress.errors import ArtifactError
 from graphpress.runtime import load
 from graphpress.runtime.generate import Sampling, next_tokens
+from tests.genai_helpers import genai_greedy
 
 
 # ---------------------------------------------------------------------------- choosing a token
@@ -162,20 +163,12 @@ def test_an_int4_kv_artifact_decodes_as_its_graph_does_in_onnx_runtime(kv_decode
 
 
 def test_onnx_runtime_genai_runs_a_kv_artifact_and_gives_its_tokens(kv_decoder):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'graphpress[llm]')")
     _, _, art, _ = kv_decoder
     config = json.loads((art.folder / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["search"]["past_present_share_buffer"] is True
     prompt = np.array([[5, 7, 9, 11]])
     ours = art.generate(prompt, 10)
-    model = og.Model(str(art.folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=14, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert [int(t) for t in gen.get_sequence(0)] == ours[0].tolist()
+    assert genai_greedy(art.folder, prompt, 10) == ours[0].tolist()
 
 
 def test_shared_cache_buffers_give_the_tokens_of_fed_back_caches(kv_decoder, monkeypatch):

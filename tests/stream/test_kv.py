@@ -13,6 +13,7 @@ import torch
 from graphpress.errors import FrontendError
 from graphpress.runtime import load
 from graphpress.stream import StreamOptions, compress_stream
+from tests.genai_helpers import genai_greedy
 from tests.stream.tiny import write_llama
 
 INT4 = {"name": "int4", "passes": [{"quantize-layerwise": {"bits": [4], "target_bits": 4, "activations": "none", "group_size": 32}}]}
@@ -123,18 +124,10 @@ def test_what_cannot_stream_a_cache_is_one_line_before_any_weight_is_read(tmp_pa
 
 
 def test_onnx_runtime_genai_runs_a_streamed_kv_artifact(exact):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'graphpress[llm]')")
     _, root, _ = exact
     prompt = np.array([[5, 7, 9, 11]])
     ours = load(root / "out").generate(prompt, 10)
-    model = og.Model(str(root / "out"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=14, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert [int(t) for t in gen.get_sequence(0)] == ours[0].tolist()
+    assert genai_greedy(root / "out", prompt, 10) == ours[0].tolist()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
