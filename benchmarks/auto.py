@@ -161,8 +161,58 @@ def resnet_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "per_layer_predicted_vs_measured_us": record["profile"]}
 
 
+def stories_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """stories260K, objective size under --max-drop KL: auto against every single-technique recipe."""
+    from graphpress.zoo.paths import stories260k_path
+    from graphpress.zoo.samples import make_samples
+
+    path = stories260k_path()
+    if path is None:
+        raise SystemExit("stories260k needs ../shared/models/stories260k/stories260K.bin")
+    tokens = make_samples("stories", 96, seed=3, seq_len=64)
+    kw = dict(calibration=tokens[:32], eval_data=tokens[32:], max_drop=args.max_kl, metric="kl", objective="size",
+              threads=args.threads)
+    runs: dict[str, Any] = {}
+    for mode in args.modes:
+        log(f"stories260K: auto ({mode})")
+        runs[mode] = run_auto(str(path), work, mode, **kw)
+    record = runs[args.modes[0]][0]
+    agree = _strip(runs["serial"][0]) == _strip(runs["ray"][0]) if len(runs) == 2 else None
+    rows = []
+    float_bytes = record["candidates"][0]["quality"]["model_bytes"]
+    for i, c in enumerate(record["candidates"]):
+        if c["origin"] in ("float",) or c["origin"].startswith("uniform:") or i == record["chosen"]:
+            q = c["quality"]
+            if "error" in q:
+                continue
+            name = "graphpress auto" if i == record["chosen"] else ("float" if c["origin"] == "float" else f"single: {c['origin'].split(':', 1)[1]} everywhere")
+            rows.append({"variant": name, "choices": c["label"], "drop": round(q["drop"], 5), "within_budget": c["feasible"],
+                         "model_bytes": q["model_bytes"], "size_vs_float": round(q["model_bytes"] / float_bytes, 4),
+                         "agreement": q.get("agreement")})
+    auto_row = next(r for r in rows if r["variant"] == "graphpress auto")
+    others = [r for r in rows if r["variant"] not in ("graphpress auto", "float") and r["within_budget"]]
+    targets = {"auto within --max-drop": auto_row["within_budget"],
+               "auto smaller than every single recipe within the KL": all(auto_row["model_bytes"] < r["model_bytes"] for r in others),
+               "others within the KL": [r["variant"] for r in others],
+               "serial and Ray measure the same candidates": agree}
+    walls = {m: round(v[2], 1) for m, v in runs.items()}
+    if len(walls) == 2:
+        targets["Ray (2 workers) search wall vs serial"] = round(walls["serial"] / walls["ray"], 3)
+    return {"case": "stories260k", "quality": f"KL (nats) to the float model over {int(tokens[32:].numel())} held-out token positions",
+            "max_drop": args.max_kl, "objective": "size (artifact bytes)", "rows": rows, "targets": targets, "search_wall_s": walls,
+            "stage_s": {m: v[0]["timings_s"] for m, v in runs.items()}, "trials": {m: v[0]["trials"] for m, v in runs.items()},
+            "chosen": record["candidates"][record["chosen"]]["choices"], "candidates": len(record["candidates"])}
+
+
 def print_case(case: dict[str, Any]) -> None:
     log(f"\n== {case['case']}: {case['quality']}, objective {case['objective']}, --max-drop {case['max_drop']}")
+    if case["case"] == "stories260k":
+        log(f"{'variant':42s} {'KL':>8s} {'ok':>3s} {'KB':>8s} {'x float':>8s}")
+        for r in case["rows"]:
+            log(f"{r['variant'][:42]:42s} {r['drop']:8.4f} {'y' if r['within_budget'] else 'n':>3s} {r['model_bytes'] / 1024:8.1f} {r['size_vs_float']:8.3f}")
+        log(f"targets: {case['targets']}")
+        log(f"search wall s: {case['search_wall_s']}")
+        return
     log(f"{'variant':42s} {'drop':>8s} {'ok':>3s} {'b1 ms':>8s} {'p10-p90':>15s} {'x float':>8s} {'KB':>8s}")
     for r in case["rows"]:
         log(f"{r['variant'][:42]:42s} {r['drop']:8.4f} {'y' if r['within_budget'] else 'n':>3s} {r['median_ms']:8.4f} "
@@ -175,13 +225,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="resnet20")
     ap.add_argument("--modes", default="serial,ray", help="serial, ray or both (the Ray run checks equality and the wall ratio)")
-    ap.add_argument("--max-drop", type=float, default=0.01)
+    ap.add_argument("--max-drop", type=float, default=0.01, help="ResNet-20: agreement drop")
+    ap.add_argument("--max-kl", type=float, default=0.05, help="stories260K: KL budget (nats)")
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--eval", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "auto.json"))
+    ap.add_argument("--merge", action="store_true", help="keep the other cases already in --out")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
     torch.set_num_threads(args.threads)
@@ -191,7 +243,7 @@ def main() -> None:
         for name in args.cases.split(","):
             work = Path(tmp) / name
             work.mkdir()
-            case = {"resnet20": resnet_case}[name](args, work)
+            case = {"resnet20": resnet_case, "stories260k": stories_case}[name](args, work)
             print_case(case)
             cases.append(case)
     import subprocess
@@ -199,6 +251,10 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"benchmark": "auto", "commit": commit, "machine": machine_info(threads=args.threads), "wall_s": round(time.perf_counter() - t0, 1),
               "cases": cases}
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        kept = [c | {"commit": c.get("commit", old.get("commit"))} for c in old.get("cases", []) if c["case"] not in {c2["case"] for c2 in cases}]
+        result["cases"] = kept + [c | {"commit": commit} for c in cases]
     Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     log(f"wrote {args.out}")
 
