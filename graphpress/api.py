@@ -269,6 +269,7 @@ def auto(
     seed: int = 0,
     bench: bool = True,
     require_speedup: float | None = None,
+    poly_degree: int = 4096,
     on_stage: Stage | None = None,
     on_step: Step | None = None,
 ) -> CompressResult:
@@ -286,8 +287,10 @@ def auto(
     calibration : Tensor, tuple of Tensor, or path
         Representative inputs: quantization ranges and per-layer sensitivity. Without
         ``eval_data`` its second half is held out to measure the candidates.
-    objective : "latency" or "size"
-        Minimise the measured batch-1 latency on ONNX Runtime, or the artifact's bytes.
+    objective : "latency", "size" or "he-latency"
+        Minimise the measured batch-1 latency on ONNX Runtime, the artifact's bytes, or the
+        measured latency of one encrypted inference on the HE backend (``backend="he"``:
+        block-circulant block sizes per layer, priced by this machine's measured HE op costs).
     max_drop : float
         Quality budget in ``metric``'s unit: a fraction for agreement / accuracy (0.01 = 1%),
         nats for KL, or the lowest SQNR in dB for ``sqnr``.
@@ -296,7 +299,8 @@ def auto(
     eval_data, labels : Tensor or path, optional
         Held-out inputs (and class labels) the candidates are measured on.
     backend : str
-        ``onnxruntime`` (the objectives' costs are measured on it).
+        ``onnxruntime`` (latency, size) or ``he`` (he-latency): where costs are measured and the
+        artifact is lowered.
     threads : int, optional
         Intra-op threads of the cost table and the timing (default: ``torch.get_num_threads()``).
     ray, ray_address, workers : optional
@@ -304,7 +308,9 @@ def auto(
         or the cluster at ``ray_address``.
     require_speedup : float, optional
         As for :func:`compress`: fail when the written artifact is not this much faster than the
-        float model on the backend.
+        float model on the backend (ONNX Runtime objectives).
+    poly_degree : int
+        ``he-latency``: the ring degree N the HE costs are predicted and measured at.
 
     Returns
     -------
@@ -331,11 +337,17 @@ def auto(
         raise GraphpressError(f"--objective {objective!r}: use one of {', '.join(AUTO_OBJECTIVES)}")
     if metric not in AUTO_METRICS:
         raise GraphpressError(f"--metric {metric!r}: use one of {', '.join(AUTO_METRICS)}")
-    if objective == "he-latency":
-        raise GraphpressError(f"--objective he-latency: the {backend} backend cannot measure encrypted latency; "
-                              "search HE block sizes with 'compress run' and the circulant-search pass (--backend he)")
-    if backend != "onnxruntime":
-        raise GraphpressError(f"--backend {backend!r}: auto measures its {objective} costs on onnxruntime only")
+    if objective == "he-latency" and backend != "he":
+        raise GraphpressError(f"--objective he-latency: the {backend} backend cannot measure encrypted latency; add --backend he")
+    if objective != "he-latency" and backend != "onnxruntime":
+        raise GraphpressError(f"--backend {backend!r}: auto measures its {objective} costs on onnxruntime only"
+                              + (" (--backend he goes with --objective he-latency)" if backend == "he" else ""))
+    if backend == "he":
+        from graphpress.backends.he import require_tenseal
+
+        require_tenseal()
+        if require_speedup is not None:
+            raise GraphpressError("--require-speedup: encrypted artifacts are timed with 'compress bench', not by the latency stage")
     if metric != "sqnr" and not (isinstance(max_drop, (int, float)) and max_drop >= 0):
         raise GraphpressError(f"--max-drop {max_drop!r}: must be a number >= 0 (a fraction for {metric})")
     if metric in ("agreement", "accuracy") and max_drop >= 1:
@@ -368,7 +380,7 @@ def auto(
     job = Job(source, cal_batches, evaluation, metric=metric, labels=labels, arch=arch,
               input_shape=tuple(input_shape) if input_shape else None,
               example_inputs=tuple(example_inputs) if example_inputs is not None else None, seed=seed)
-    config = AutoConfig(objective=objective, max_drop=float(max_drop), metric=metric, threads=n, seed=seed)
+    config = AutoConfig(objective=objective, max_drop=float(max_drop), metric=metric, threads=n, seed=seed, poly_degree=int(poly_degree))
     trials = RayTrials(workers=workers, address=ray_address) if (ray or ray_address) else SerialTrials()
     try:
         result = search(job, config, trials, on_stage=on_stage, on_step=on_step)
@@ -394,10 +406,12 @@ def auto(
     pipeline = Pipeline.from_recipe({"name": "auto", "passes": passes}) if passes else None
     report = pipeline.run(result.base) if pipeline is not None else None
     graph = report.graph if report is not None else result.base
-    written = export(graph, out, backend=backend, original=result.base, report=report,
-                     recipe={"name": "auto", "passes": passes}, overwrite=overwrite, bench=bench or require_speedup is not None,
+    he = backend == "he"
+    written = export(graph, out, backend=backend, backend_options={"poly_degree": poly_degree} if he else None, original=result.base,
+                     report=report, recipe={"name": "auto", "passes": passes}, overwrite=overwrite,
+                     bench=(bench or require_speedup is not None) and not he,  # encrypted inference: seconds; 'compress bench' times it
                      on_stage=on_stage, on_step=on_step, threads=n, extra={"auto": summary}, extra_files=files,
-                     check_inputs=[tuple(t[:8] for t in evaluation)])
+                     check_inputs=[tuple(t[:1 if he else 8] for t in evaluation)])
     check_speedup(written, require_speedup)
     return written
 

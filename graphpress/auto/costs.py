@@ -17,6 +17,11 @@ Size: the bytes each layer's stored weights take under each choice, counted on t
 model's rewritten graph (codes, scales, zero points, sparse indices), so the same code that
 writes the artifact prices it.
 
+HE latency: the ``he-measured`` cost model of ``circulant-search`` -- each layer's exact HE
+operation counts under coefficient encoding at block size ``b`` (dense at ``b = 1``) times the
+per-operation seconds this machine measured (``compress he-calibrate``; measured here first when
+the cache lacks the ring degree). Milliseconds per encrypted layer.
+
 Tables are cached as JSON under ``$GRAPHPRESS_CACHE`` (default ``~/.cache/graphpress``)
 ``/auto-costs/<key>.json``, keyed by the model and data, the choices, the thread count, the
 ONNX Runtime version and the CPU: a second search on the same machine skips the measurement.
@@ -88,6 +93,7 @@ def measure_table(
     *,
     threads: int = 1,
     use_cache: bool = True,
+    poly_degree: int = 4096,
     on_step: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """The cost of every (layer, choice) under ``objective``; see the module docstring.
@@ -101,7 +107,7 @@ def measure_table(
     """
     choices = sorted({c for lay in layers for c in layer_choices(lay, objective)})
     batch = 1
-    key = table_key(job, objective, choices, threads, batch)
+    key = table_key(job, objective, choices, threads, batch if objective != "he-latency" else poly_degree)
     path = cache_root() / "auto-costs" / f"{key}.json"
     if use_cache and path.is_file():
         try:
@@ -110,6 +116,13 @@ def measure_table(
             return table
         except (OSError, ValueError):
             pass  # a damaged cache entry is measured again
+    if objective == "he-latency":
+        table = _he_table(job, layers, poly_degree)
+        table.update(key=key, threads=threads, batch=batch)
+        if use_cache:
+            _store(path, table)
+        table["cached"] = False
+        return table
     per_choice: dict[str, dict[str, float]] = {}
     other: dict[str, float] = {}
     names = {lay.name for lay in layers}
@@ -136,12 +149,41 @@ def measure_table(
     table = {"cost": cost, "unit": "us" if objective == "latency" else "bytes", "uniform": per_choice, "other": other,
              "threads": threads, "batch": batch, "key": key}
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        _store(path, table)
     table["cached"] = False
     return table
+
+
+def _store(path: Path, table: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _he_table(job: Job, layers: Sequence[LayerInfo], poly_degree: int) -> dict[str, Any]:
+    """Predicted ms per (layer, block size) from this machine's measured HE op costs."""
+    from graphpress.auto.trials import base_of
+    from graphpress.lowering.he import op_costs
+    from graphpress.passes.circulant.cost import get_cost_model
+    from graphpress.passes.circulant.layers import find_layers as circulant_layers
+
+    if op_costs.find_entry(poly_degree) is None:  # measured once per machine, as 'compress he-calibrate -N' does
+        from graphpress.backends.he import require_tenseal
+
+        require_tenseal()
+        from graphpress.backends.he.costmodel import calibrate
+
+        calibrate((poly_degree,))
+    model = get_cost_model("he-measured", owner="auto")
+    by_name = {lay.name: lay for lay in circulant_layers(base_of(job)[0])[0]}
+    cost: dict[str, dict[str, float]] = {}
+    for lay in layers:
+        row = {}
+        for c in layer_choices(lay, "he-latency"):
+            row[c.label] = round(model(by_name[lay.name], c.block, poly_degree=poly_degree), 4) if lay.name in by_name else 0.0
+        cost[lay.name] = row
+    return {"cost": cost, "unit": "ms (predicted HE)", "poly_degree": poly_degree, "source": "he-measured"}
 
 
 def _profile(graph: Any, job: Job, threads: int) -> dict[str, float]:

@@ -68,6 +68,9 @@ class AutoConfig:
     fanout : int
         Candidates measured per round of the k-ary search and of the revert: fixed, not the
         number of workers, so a serial and a Ray run measure the same candidates.
+    poly_degree, he_repeat : int
+        ``he-latency``: the ring degree the costs are predicted and the candidates run at, and the
+        encrypted inferences timed per candidate (interleaved rounds).
     """
 
     version: int = 1
@@ -80,6 +83,8 @@ class AutoConfig:
     seed: int = 0
     timing_rounds: int = 40
     fanout: int = 2
+    poly_degree: int = 4096
+    he_repeat: int = 3
 
     def feasible(self, q: dict[str, Any]) -> bool:
         if "error" in q:
@@ -238,7 +243,7 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
 
     t0 = time.perf_counter()
     stage("costs")
-    table = measure_table(job, layers, config.objective, threads=config.threads, on_step=step)
+    table = measure_table(job, layers, config.objective, threads=config.threads, poly_degree=config.poly_degree, on_step=step)
     table["objective"] = config.objective
     timings["costs"] = time.perf_counter() - t0
 
@@ -321,6 +326,9 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
     if config.objective == "latency":
         _time_all(job, evaluated, config, step)
         chosen = _fastest(feasible)
+    elif config.objective == "he-latency":
+        _time_he(job, [e for e in evaluated if e.feasible or e.origin in ("float",) or e.origin.startswith("uniform:")], config, step)
+        chosen = _fastest(feasible)
     else:
         chosen = min(feasible, key=lambda e: (e.quality.get("model_bytes", math.inf), e.quality["drop"]))
     timings["timing"] = time.perf_counter() - t0
@@ -329,6 +337,10 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
     profile = {}
     if config.objective == "latency":
         profile = _per_layer(job, graph, chosen, table, layers, config.threads)
+    elif config.objective == "he-latency":
+        pred = predicted(table, chosen.candidate.as_dict(), layers)
+        profile = {"predicted_ms": {k: round(v, 4) for k, v in pred.items()}, "predicted_total_ms": round(sum(pred.values()), 3),
+                   "measured_total_ms": chosen.latency_ms}
     return AutoResult(chosen, graph, base, evaluated, layers, sens, table, config, timings, counts, profile)
 
 
@@ -393,6 +405,38 @@ def _time_all(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step
             e.latency_ms = round(r.median_ms, 4)
             e.latency_spread_ms = (round(r.p10_ms, 4), round(r.p90_ms, 4))
         del runners, variants
+
+
+def _time_he(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step: Step) -> None:
+    """Wall time of one encrypted inference (the interactive protocol, client and server in this
+    process) of each candidate on the HE backend, ``he_repeat`` interleaved rounds, medians."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from graphpress.backends import get_backend
+
+    be = get_backend("he", encoding="coeff-circulant", poly_degree=config.poly_degree, check_seeds=())
+    x1 = job.evaluation[0][:1].numpy()
+    ok = [e for e in evaluated if "error" not in e.quality]
+    times: dict[int, list[float]] = {i: [] for i in range(len(ok))}
+    with tempfile.TemporaryDirectory(prefix="graphpress-auto-he-") as tmp:
+        runners = {}
+        for i, e in enumerate(ok):
+            step(i, len(ok), "lowering to HE")
+            folder = Path(tmp) / f"c{i}"
+            lowered = be.lower(build(job, e.candidate), folder, check=False)
+            runners[i] = be.runner(folder / lowered.model_file)
+            runners[i](x1)  # warm-up: keys, encoders, the first NTT tables
+        for r in range(config.he_repeat):
+            for i in (range(len(ok)) if r % 2 == 0 else reversed(range(len(ok)))):
+                step(r * len(ok) + len(times) - 1, config.he_repeat * len(ok), "encrypted inferences")
+                t0 = time.perf_counter()
+                runners[i](x1)
+                times[i].append(1e3 * (time.perf_counter() - t0))
+    for i, e in enumerate(ok):
+        e.latency_ms = round(statistics.median(times[i]), 3)
+        e.latency_spread_ms = (round(min(times[i]), 3), round(max(times[i]), 3))
 
 
 def _per_layer(job: Job, graph: Any, chosen: Evaluated, table: dict[str, Any], layers: Sequence[LayerInfo], threads: int) -> dict[str, Any]:

@@ -3,12 +3,15 @@
 A :class:`Choice` is what one layer (a conv or linear, named as every pass names it) becomes:
 
 * ``bits``: 32 keeps float; 8 is int8 with calibrated static uint8 activations (``QLinearConv`` /
-  ``QGemm`` on ONNX Runtime, the U8S8 kernels that are fast on x86); 4 is 4-bit weight-only groups
-  (``MatMulNBits``; linears only: there is no weight-only conv kernel);
+  ``QGemm`` on ONNX Runtime, the U8S8 kernels that are fast on x86), or with ``weight_only`` 8-bit
+  weight groups and float activations (``MatMulNBits``: small, not faster; linears only); 4 is
+  4-bit weight-only groups (``MatMulNBits``; linears only: there is no weight-only conv kernel);
 * ``prune``: the fraction of the layer's output channels removed (``prune-channels``), for layers
   that alone produce an unpinned channel group -- the next layer loses the same input channels;
 * ``sparsity``: unstructured weight sparsity stored as compressed rows (``prune-weights`` then
-  ``store-sparse``), a size choice.
+  ``store-sparse``), a size choice;
+* ``block``: block-circulant weights with ``b x b`` blocks (``block-circulant``, PrivCirNet), an
+  encrypted-inference choice: under coefficient encoding the HE products fall with ``b``.
 
 A :class:`Candidate` maps layers to choices (absent = float, untouched) and turns into one
 recipe (:meth:`Candidate.recipe`): structured pruning, then unstructured sparsity, then
@@ -16,8 +19,9 @@ quantization, each pass configured per layer, with the passes' own budgets off -
 measures quality itself, end to end, against ``--max-drop``.
 
 Which choices a layer may take depends on the objective (:func:`layer_choices`): latency on ONNX
-Runtime searches {float, int8} x {0, 25%, 50% channels}; size searches {float, int8, int4} x
-{dense, 50% sparse} on linears and {float, int8} on convs.
+Runtime searches {float, int8} x {0, 25%, 50% channels}; size searches {float, 8-bit and 4-bit
+weight-only groups, 50% sparse} on linears and {float, int8} on convs; HE latency searches the block sizes
+{1 (dense), 2, 4, 8, 16} each layer's shape admits.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from graphpress.ir.names import layer_name
 from graphpress.passes.layers import find_layers
 from graphpress.passes.prune.deps import analyze
 
-OBJECTIVES = ("latency", "size")
+OBJECTIVES = ("latency", "size", "he-latency")
+#: Block sizes the HE objective offers (a layer takes those that divide its dimensions).
+HE_BLOCKS = (2, 4, 8, 16)
 
 
 @dataclass(frozen=True, order=True)
@@ -41,12 +47,16 @@ class Choice:
     bits: int = 32
     prune: float = 0.0
     sparsity: float = 0.0
+    block: int = 1
+    weight_only: bool = False
 
     @property
     def label(self) -> str:
         parts = []
+        if self.block != 1:
+            parts.append(f"circ{self.block}")
         if self.bits != 32:
-            parts.append(f"int{self.bits}")
+            parts.append(f"w{self.bits}" if self.weight_only and self.bits == 8 else f"int{self.bits}")
         if self.prune:
             parts.append(f"prune{round(self.prune * 100)}")
         if self.sparsity:
@@ -55,19 +65,23 @@ class Choice:
 
     @property
     def leaves(self) -> bool:
-        return self.bits == 32 and not self.prune and not self.sparsity
+        return self.bits == 32 and not self.prune and not self.sparsity and self.block == 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "prune": self.prune, "sparsity": self.sparsity}
+        return {"bits": self.bits, "prune": self.prune, "sparsity": self.sparsity, "block": self.block, "weight_only": self.weight_only}
 
     @classmethod
     def parse(cls, label: str) -> "Choice":
         """Inverse of :attr:`label` (``"int8+prune25"``)."""
-        bits, prune, sparsity = 32, 0.0, 0.0
+        bits, prune, sparsity, block, weight_only = 32, 0.0, 0.0, 1, False
         for part in label.split("+"):
             if part == "float":
                 continue
-            if part.startswith("int"):
+            if part.startswith("circ"):
+                block = int(part[4:])
+            elif part == "w8":
+                bits, weight_only = 8, True
+            elif part.startswith("int"):
                 bits = int(part[3:])
             elif part.startswith("prune"):
                 prune = int(part[5:]) / 100
@@ -75,7 +89,7 @@ class Choice:
                 sparsity = int(part[6:]) / 100
             else:
                 raise ValueError(f"unknown choice {label!r}")
-        return cls(bits, prune, sparsity)
+        return cls(bits, prune, sparsity, block, weight_only)
 
 
 FLOAT = Choice()
@@ -91,6 +105,7 @@ class LayerInfo:
     params: int
     prunable: bool = False
     consumers: tuple[str, ...] = ()
+    blocks: tuple[int, ...] = ()  # block-circulant sizes its shape admits (b > 1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,10 @@ class Candidate:
         """The passes that realize this candidate (empty when every layer stays float)."""
         d = self.as_dict()
         passes: list[dict[str, Any]] = []
+        blocks = {n: c.block for n, c in d.items() if c.block != 1}
+        if blocks:
+            # reconstruct: the compact weights fitted to each layer's outputs on the calibration data
+            passes.append({"block-circulant": {"blocks": blocks, "targets": sorted(blocks), "method": "reconstruct", "min_sqnr_db": None}})
         prune = {n: c.prune for n, c in d.items() if c.prune}
         if prune:
             passes.append({"prune-channels": {"sparsity": 0.0, "layer_ratios": prune, "min_sqnr_db": None, "on_budget": "fail"}})
@@ -126,14 +145,16 @@ class Candidate:
         if sparse:
             passes.append({"prune-weights": {"sparsity": 0.0, "layer_sparsity": sparse, "min_sqnr_db": None, "on_budget": "fail"}})
             passes.append({"store-sparse": {"targets": sorted(sparse)}})
-        int8 = sorted(n for n, c in d.items() if c.bits == 8)
+        int8 = sorted(n for n, c in d.items() if c.bits == 8 and not c.weight_only)
+        w8 = sorted(n for n, c in d.items() if c.bits == 8 and c.weight_only)
         int4 = sorted(n for n, c in d.items() if c.bits == 4)
         if int8:
             passes.append({"quantize-layerwise": {"bits": [8], "target_bits": 8, "targets": int8, "activations": "int8", "act_calibration": act_calibration,
                                                   "min_sqnr_db": None, "on_budget": "fail"}})
-        if int4:
-            passes.append({"quantize-layerwise": {"bits": [4], "target_bits": 4, "targets": int4, "activations": "none", "min_sqnr_db": None,
-                                                  "on_budget": "fail"}})
+        for bits, names in ((8, w8), (4, int4)):
+            if names:
+                passes.append({"quantize-layerwise": {"bits": [bits], "target_bits": bits, "targets": names, "activations": "none",
+                                                      "min_sqnr_db": None, "on_budget": "fail"}})
         return passes
 
 
@@ -143,7 +164,10 @@ def search_layers(graph: Graph) -> list[LayerInfo]:
     A layer may take a ``prune`` choice when it is the only producer of an unpinned channel group
     (a residual sum joins several producers into one group; those stay whole here).
     """
+    from graphpress.passes.circulant.layers import find_layers as circulant_layers
+
     layers, _rejected = find_layers(graph)
+    circ = {lay.name: tuple(b for b in lay.feasible(HE_BLOCKS) if b > 1) for lay in circulant_layers(graph)[0]}
     analysis = analyze(graph)
     groups = {}
     for g in analysis.groups:
@@ -151,7 +175,7 @@ def search_layers(graph: Graph) -> list[LayerInfo]:
             continue
         consumers = sorted({layer_name(graph, u.node) for u in g.consumers})
         groups[g.layers[0]] = tuple(consumers)
-    return [LayerInfo(q.name, q.kind, q.params, q.name in groups, groups.get(q.name, ())) for q in layers]
+    return [LayerInfo(q.name, q.kind, q.params, q.name in groups, groups.get(q.name, ()), circ.get(q.name, ())) for q in layers]
 
 
 def layer_choices(layer: LayerInfo, objective: str) -> list[Choice]:
@@ -161,8 +185,11 @@ def layer_choices(layer: LayerInfo, objective: str) -> list[Choice]:
         return [Choice(b, p) for b in (32, 8) for p in prunes]
     if objective == "size":
         if layer.kind == "linear":
-            return [Choice(b, 0.0, s) for b in (32, 8, 4) for s in (0.0, 0.5) if not (b == 4 and s)]
+            # weight-only widths (the size is what counts) and float weights stored sparse
+            return [Choice(), Choice(8, weight_only=True), Choice(4), Choice(sparsity=0.5)]
         return [Choice(32), Choice(8)]
+    if objective == "he-latency":
+        return [Choice(), *(Choice(block=b) for b in layer.blocks)]
     raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
 
 

@@ -212,12 +212,13 @@ def auto(
     checkpoint: str = typer.Argument(..., help="Model, as for 'run'."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (must not exist unless --overwrite)."),
     calibration: Path = typer.Option(..., "--calibration", help="Representative inputs (.pt/.npy/.npz/.safetensors); without --eval-data, half is held out to measure candidates."),
-    objective: str = typer.Option("latency", "--objective", help="latency (measured on ONNX Runtime) | size (artifact bytes) | he-latency."),
+    objective: str = typer.Option("latency", "--objective", help="latency (measured on ONNX Runtime) | size (artifact bytes) | he-latency (encrypted inference, with --backend he)."),
     max_drop: float = typer.Option(0.01, "--max-drop", help="Quality budget: a fraction for agreement/accuracy (0.01 = 1%), nats for kl, the lowest dB for sqnr."),
     metric: str = typer.Option("agreement", "--metric", help="agreement (top-1 with the float model) | accuracy (needs --labels) | kl | sqnr."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out inputs the candidates are measured on."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class ids of the evaluation inputs (for --metric accuracy)."),
-    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Target the costs are measured on (onnxruntime)."),
+    backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Target the costs are measured on: onnxruntime, or he for --objective he-latency."),
+    poly_degree: int = typer.Option(4096, "--poly-degree", "-N", help="--objective he-latency: the HE ring degree costs are predicted and measured at."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for costs and timing (default: all cores torch uses)."),
@@ -236,7 +237,7 @@ def auto(
         result = run_auto(checkpoint, out=out, calibration=calibration, objective=objective, max_drop=max_drop, metric=metric,
                           eval_data=eval_data, labels=labels, backend=backend, arch=arch, input_shape=input_shape, overwrite=overwrite,
                           threads=threads, ray=ray, ray_address=ray_address, workers=workers, seed=seed,
-                          require_speedup=require_speedup, on_stage=prog.stage, on_step=prog.inner)
+                          require_speedup=require_speedup, poly_degree=poly_degree, on_stage=prog.stage, on_step=prog.inner)
     _print_frontier(result.folder)
     _print_result(result.manifest)
     au = result.manifest["auto"]

@@ -145,3 +145,23 @@ def test_bad_input_is_one_line_before_any_search(tmp_path, kwargs, message):
 
 def test_record_name_is_the_pareto_modules():
     assert AUTO_RECORD == JSON
+
+
+def test_auto_he_latency_picks_block_sizes_on_the_he_backend(tmp_path, digits):
+    pytest.importorskip("tenseal", reason="the HE backend needs tenseal (pip install 'graphpress[he]')")
+    model, x_cal, x_te, y_te = digits
+    out = tmp_path / "he"
+    res = auto(model, out=out, calibration=x_cal, eval_data=x_te, labels=y_te, metric="accuracy", max_drop=0.02,
+               objective="he-latency", backend="he", example_inputs=(x_cal[:2],))
+    assert res.manifest["backend"] == "he"
+    record = json.loads((out / JSON).read_text())
+    by_origin = {c["origin"]: c for c in record["candidates"]}
+    assert {"float", "uniform:circ2", "uniform:circ4"} <= set(by_origin)
+    # costs are predicted HE milliseconds per layer, falling with the block size
+    fc1 = record["cost_table"]["cost"]["fc1"]
+    assert fc1["float"] > fc1["circ2"] > fc1["circ4"] > 0
+    chosen = record["candidates"][record["chosen"]]
+    assert chosen["feasible"] and all(v.startswith("circ") for v in chosen["choices"].values())
+    # measured: one encrypted inference of each; the choice is faster than the dense model, and predicted within 50%
+    assert chosen["latency_ms"] < by_origin["float"]["latency_ms"]
+    assert 0.5 < record["profile"]["predicted_total_ms"] / record["profile"]["measured_total_ms"] < 1.5

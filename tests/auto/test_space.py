@@ -13,7 +13,8 @@ from graphpress.zoo.resnet20 import resnet20
 
 
 def test_choice_labels_round_trip():
-    for c in (FLOAT, Choice(8), Choice(8, 0.25), Choice(32, 0.5), Choice(4), Choice(8, 0.0, 0.5)):
+    for c in (FLOAT, Choice(8), Choice(8, 0.25), Choice(32, 0.5), Choice(4), Choice(8, 0.0, 0.5), Choice(block=4),
+              Choice(8, weight_only=True)):
         assert Choice.parse(c.label) == c
     assert Choice(8, 0.25).label == "int8+prune25" and FLOAT.label == "float" and FLOAT.leaves
     with pytest.raises(ValueError, match="unknown choice"):
@@ -21,9 +22,10 @@ def test_choice_labels_round_trip():
 
 
 def test_candidate_recipe_configures_each_family_per_layer():
-    cand = Candidate.of({"a": Choice(8, 0.25), "b": Choice(8), "c": Choice(32, 0.5), "d": FLOAT, "e": Choice(4)})
-    assert cand.to_dict() == {"a": "int8+prune25", "b": "int8", "c": "prune50", "e": "int4"}  # float layers are not named
-    (prune, p1), (q8, p2), (q4, p3) = [next(iter(p.items())) for p in cand.recipe()]
+    cand = Candidate.of({"a": Choice(8, 0.25), "b": Choice(8), "c": Choice(32, 0.5), "d": FLOAT, "e": Choice(4), "f": Choice(8, weight_only=True)})
+    assert cand.to_dict() == {"a": "int8+prune25", "b": "int8", "c": "prune50", "e": "int4", "f": "w8"}  # float layers are not named
+    (prune, p1), (q8, p2), (w8, p4), (q4, p3) = [next(iter(p.items())) for p in cand.recipe()]
+    assert w8 == "quantize-layerwise" and p4["targets"] == ["f"] and p4["activations"] == "none" and p4["bits"] == [8]
     assert prune == "prune-channels" and p1["layer_ratios"] == {"a": 0.25, "c": 0.5} and p1["sparsity"] == 0.0
     assert q8 == "quantize-layerwise" and p2["targets"] == ["a", "b"] and p2["activations"] == "int8" and p2["bits"] == [8]
     assert q4 == "quantize-layerwise" and p3["targets"] == ["e"] and p3["activations"] == "none"
@@ -50,6 +52,10 @@ def test_size_choices_keep_convs_out_of_weight_only_widths():
     g = load(digits_cnn().eval(), example_inputs=(torch.randn(2, 1, 8, 8),))
     layers = {lay.name: lay for lay in search_layers(g)}
     assert Choice(4) not in layer_choices(layers["conv1"], "size")  # no weight-only conv kernel
-    assert {Choice(4), Choice(8, 0.0, 0.5)} <= set(layer_choices(layers["fc1"], "size"))
+    assert {Choice(4), Choice(8, weight_only=True), Choice(sparsity=0.5)} <= set(layer_choices(layers["fc1"], "size"))
+    # HE: the block sizes each layer's shape admits (conv1 has one input channel: dense only)
+    assert layer_choices(layers["conv1"], "he-latency") == [FLOAT]
+    assert [c.block for c in layer_choices(layers["fc1"], "he-latency")] == [1, 2, 4, 8, 16]
+    assert Candidate.of({"fc1": Choice(block=4)}).recipe()[0]["block-circulant"]["blocks"] == {"fc1": 4}
     with pytest.raises(ValueError, match="unknown objective"):
-        layer_choices(layers["fc1"], "he-latency")
+        layer_choices(layers["fc1"], "speed")
