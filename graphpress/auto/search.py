@@ -249,7 +249,8 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
 
     t0 = time.perf_counter()
     stage("search")
-    fr = frontier(layers, table, sens_value, config.grid)
+    # the all-float end of the frontier is the "float" reference below, not a candidate
+    fr = [c for c in frontier(layers, table, sens_value, config.grid) if c.choices]
     evaluated: list[Evaluated] = []
     seen: dict[Candidate, Evaluated] = {}
 
@@ -275,8 +276,7 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
 
     # k-ary search over the frontier for the fastest feasible candidate
     lo, hi = -1, len(fr) - 1  # fr[lo] infeasible (sentinel), fr[hi] assumed feasible (checked first)
-    first = measure([fr[hi]], ["frontier"])[0]
-    if not first.feasible:
+    if fr and not measure([fr[hi]], ["frontier"])[0].feasible:
         hi = len(fr)  # even the most faithful compressed candidate misses: nothing on the frontier holds
     k = max(1, int(config.fanout))
     while hi - lo > 1:
@@ -429,8 +429,9 @@ def _time_he(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step:
             runners[i] = be.runner(folder / lowered.model_file)
             runners[i](x1)  # warm-up: keys, encoders, the first NTT tables
         for r in range(config.he_repeat):
-            for i in (range(len(ok)) if r % 2 == 0 else reversed(range(len(ok)))):
-                step(r * len(ok) + len(times) - 1, config.he_repeat * len(ok), "encrypted inferences")
+            order = list(range(len(ok))) if r % 2 == 0 else list(reversed(range(len(ok))))  # A B .. B A: no fixed neighbour
+            for j, i in enumerate(order):
+                step(r * len(ok) + j, config.he_repeat * len(ok), "encrypted inferences")
                 t0 = time.perf_counter()
                 runners[i](x1)
                 times[i].append(1e3 * (time.perf_counter() - t0))
