@@ -152,11 +152,14 @@ def test_auto_he_latency_picks_block_sizes_on_the_he_backend(tmp_path, digits):
     model, x_cal, x_te, y_te = digits
     out = tmp_path / "he"
     res = auto(model, out=out, calibration=x_cal, eval_data=x_te, labels=y_te, metric="accuracy", max_drop=0.02,
-               objective="he-latency", backend="he", example_inputs=(x_cal[:2],))
+               objective="he-latency", backend="he", example_inputs=(x_cal[:2],), finetune_data=x_cal, finetune={"epochs": 2})
     assert res.manifest["backend"] == "he"
+    # every measured candidate was distilled first (the compact vectors train), and so was the written one
+    assert res.manifest["finetune"]["epochs_run"] == 2 and res.manifest["finetune"]["params_trained"] > 0
     record = json.loads((out / JSON).read_text())
     by_origin = {c["origin"]: c for c in record["candidates"]}
     assert {"float", "uniform:circ2", "uniform:circ4"} <= set(by_origin)
+    assert by_origin["uniform:circ4"]["quality"]["finetune"]["epochs_run"] == 2 and "finetune" not in by_origin["float"]["quality"]
     # costs are predicted HE milliseconds per layer, falling with the block size
     fc1 = record["cost_table"]["cost"]["fc1"]
     assert fc1["float"] > fc1["circ2"] > fc1["circ4"] > 0
