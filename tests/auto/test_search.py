@@ -78,6 +78,10 @@ def test_auto_latency_writes_a_verified_artifact_and_pareto_report(tmp_path, dig
     assert chosen["feasible"] and chosen["quality"]["drop"] <= 0.01 and chosen["choices"]
     origins = {c["origin"] for c in record["candidates"]}
     assert {"float", "uniform:int8", "uniform:prune50"} <= origins and "frontier" in origins
+    # the peers' own quantizers are measured and timed as reference points, never chosen
+    assert {"peer:ORT quantize_static U8S8", "peer:ORT quantize_dynamic"} <= origins and not chosen["origin"].startswith("peer")
+    peer = next(c for c in record["candidates"] if c["origin"] == "peer:ORT quantize_static U8S8")
+    assert peer["latency_ms"] > 0 and peer["quality"]["model_bytes"] > 0 and peer["label"] == "ORT quantize_static U8S8"
     # every measured candidate was timed; the frontier is undominated and includes the float model or a faster one
     assert all(c["latency_ms"] > 0 for c in record["candidates"] if "error" not in c["quality"])
     assert record["pareto"] and record["chosen"] in range(len(record["candidates"]))
