@@ -116,6 +116,13 @@ def run_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]], chunk
     return (torch.cat(outs),)
 
 
+def _sig(x: float, digits: int = 9) -> float:
+    """``x`` to ``digits`` significant digits: two processes sum the same floats in a different
+    order in the last bit (seen: KL 8.556765766619137e-05 here, ...138e-05 in a Ray worker), and
+    the search must not take a different branch for it."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+
+
 def quality(metric: str, ref: torch.Tensor, test: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
     """Quality of ``test`` against the float model's ``ref`` outputs.
 
@@ -146,7 +153,7 @@ def quality(metric: str, ref: torch.Tensor, test: torch.Tensor, labels: torch.Te
         out["value"], out["drop"] = s, (-s if math.isfinite(s) else -1e9)
     else:
         raise GraphpressError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    return out
+    return {k: _sig(v) for k, v in out.items()}
 
 
 def build_report(job: Job, candidate: Candidate) -> Any:
@@ -202,7 +209,7 @@ def sensitivity(job: Job, candidate: Candidate) -> dict[str, Any]:
     ref = ref_cal[0]
     result = quality("kl" if ref.dim() >= 2 and ref.shape[-1] > 1 else "sqnr", ref, out)
     signal = float(ref.double().pow(2).sum())
-    result["noise"] = float((out.double() - ref.double()).pow(2).sum()) / max(signal, 1e-30)
+    result["noise"] = _sig(float((out.double() - ref.double()).pow(2).sum()) / max(signal, 1e-30))
     return result
 
 
