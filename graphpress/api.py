@@ -270,6 +270,8 @@ def auto(
     bench: bool = True,
     require_speedup: float | None = None,
     poly_degree: int = 4096,
+    finetune_data: Any = None,
+    finetune: dict[str, Any] | None = None,
     on_stage: Stage | None = None,
     on_step: Step | None = None,
 ) -> CompressResult:
@@ -311,6 +313,11 @@ def auto(
         float model on the backend (ONNX Runtime objectives).
     poly_degree : int
         ``he-latency``: the ring degree N the HE costs are predicted and measured at.
+    finetune_data : Tensor or path, optional
+        Unlabelled inputs: every measured candidate is distilled from the float model on them
+        before its quality is measured (and the written one is the distilled one), so the
+        search trades on recovered quality. ``finetune``: :class:`~graphpress.train.DistillConfig`
+        options (default: 3 epochs).
 
     Returns
     -------
@@ -329,6 +336,7 @@ def auto(
 
     from graphpress.auto import AutoConfig, Job, RayTrials, SerialTrials, search
     from graphpress.auto.pareto import HTML, JSON, PNG, page_html, plot_png
+    from graphpress.auto.trials import build_report, finetuned
     from graphpress.frontends.torch_module import parse_shape
     from graphpress.train import load_inputs
 
@@ -376,10 +384,20 @@ def auto(
             raise GraphpressError(f"--labels: {labels.numel()} labels for {int(evaluation[0].shape[0])} inputs of {where}")
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
+    ft_inputs, ft_config = None, None
+    if finetune_data is not None:
+        from graphpress.train import DistillConfig
+
+        if isinstance(finetune_data, (str, Path)):
+            finetune_data = load_inputs(finetune_data, label="--finetune-data")
+        ft_inputs = _as_tuple(finetune_data)
+        ft_config = {"epochs": 3, **dict(finetune or {})}
+        config_from_dict(DistillConfig, dict(ft_config), owner="finetune")  # unknown options fail before the search
     n = int(threads or torch.get_num_threads())
     job = Job(source, cal_batches, evaluation, metric=metric, labels=labels, arch=arch,
               input_shape=tuple(input_shape) if input_shape else None,
-              example_inputs=tuple(example_inputs) if example_inputs is not None else None, seed=seed)
+              example_inputs=tuple(example_inputs) if example_inputs is not None else None, seed=seed,
+              finetune=ft_inputs, finetune_config=ft_config)
     config = AutoConfig(objective=objective, max_drop=float(max_drop), metric=metric, threads=n, seed=seed, poly_degree=int(poly_degree))
     trials = RayTrials(workers=workers, address=ray_address) if (ray or ray_address) else SerialTrials()
     try:
@@ -403,14 +421,20 @@ def auto(
                "latency_ms": chosen.latency_ms, "speedup_vs_float": record.get("speedup"), "candidates": len(record["candidates"]),
                "pareto": record["pareto"], "trials": record["trials"], "files": sorted(files)}
     passes = chosen.candidate.recipe()
-    pipeline = Pipeline.from_recipe({"name": "auto", "passes": passes}) if passes else None
-    report = pipeline.run(result.base) if pipeline is not None else None
+    # the measured candidate, rebuilt the way its trial built it (one thread: the same weights)
+    report = build_report(job, chosen.candidate)
     graph = report.graph if report is not None else result.base
+    extra: dict[str, Any] = {"auto": summary}
+    if job.finetune is not None and report is not None:
+        graph = graph.clone()
+        tuned = finetuned(job, graph)
+        if tuned is not None:
+            extra["finetune"] = tuned
     he = backend == "he"
     written = export(graph, out, backend=backend, backend_options={"poly_degree": poly_degree} if he else None, original=result.base,
                      report=report, recipe={"name": "auto", "passes": passes}, overwrite=overwrite,
                      bench=(bench or require_speedup is not None) and not he,  # encrypted inference: seconds; 'compress bench' times it
-                     on_stage=on_stage, on_step=on_step, threads=n, extra={"auto": summary}, extra_files=files,
+                     on_stage=on_stage, on_step=on_step, threads=n, extra=extra, extra_files=files,
                      check_inputs=[tuple(t[:1 if he else 8] for t in evaluation)])
     check_speedup(written, require_speedup)
     return written

@@ -39,11 +39,12 @@ def plot_png(report: Mapping[str, Any], path: Any) -> None:
 
     metric = report["config"]["metric"]
     cands = report["candidates"]
-    front = set(report.get("pareto", []))
     chosen = report["chosen"]
     colors = {"float": "black", "frontier": "tab:blue", "revert": "tab:orange", "peer": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, xlabel in ((axes[0], "latency_ms", "batch-1 latency (ms, median)"), (axes[1], "model_bytes", "model file (KB)")):
+    lat_label = ("one encrypted inference (ms, median)" if report["config"]["objective"] == "he-latency"
+                 else "batch-1 latency (ms, median)")
+    for ax, key, xlabel in ((axes[0], "latency_ms", lat_label), (axes[1], "model_bytes", "model file (KB)")):
         pts = []
         for i, c in enumerate(cands):
             q = c["quality"]
@@ -60,7 +61,8 @@ def plot_png(report: Mapping[str, Any], path: Any) -> None:
             if origin in ("uniform", "peer", "float"):
                 ax.annotate(c["label"] if origin != "peer" else c["origin"].split(":", 1)[1], (x, y), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        fr = sorted((x, y) for i, x, y in pts if i in front)
+        # this panel's own frontier: the points no other beats on both axes
+        fr = sorted((x, y) for i, x, y in pts if not any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for _j, x2, y2 in pts))
         if len(fr) > 1:
             ax.plot([p[0] for p in fr], [p[1] for p in fr], color="tab:blue", lw=1, alpha=0.6)
         for i, x, y in pts:

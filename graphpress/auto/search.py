@@ -71,6 +71,8 @@ class AutoConfig:
     poly_degree, he_repeat : int
         ``he-latency``: the ring degree the costs are predicted and the candidates run at, and the
         encrypted inferences timed per candidate (interleaved rounds).
+    peers : bool
+        Measure the peers' own quantizers (:mod:`graphpress.auto.peers`) as reference points.
     """
 
     version: int = 1
@@ -85,6 +87,7 @@ class AutoConfig:
     fanout: int = 2
     poly_degree: int = 4096
     he_repeat: int = 3
+    peers: bool = True
 
     def feasible(self, q: dict[str, Any]) -> bool:
         if "error" in q:
@@ -106,11 +109,12 @@ class Evaluated:
     latency_ms: float | None = None
     latency_spread_ms: tuple[float, float] | None = None
     onnx: bytes | None = field(default=None, repr=False)
+    label: str | None = None  # a peer's name (its candidate is empty: it is never chosen)
 
     def to_dict(self) -> dict[str, Any]:
         q = {k: v for k, v in self.quality.items() if k != "onnx"}
-        return {"origin": self.origin, "label": self.candidate.label(), "choices": self.candidate.to_dict(),
-                "predicted": round(self.predicted, 2), "quality": q, "feasible": self.feasible,
+        return {"origin": self.origin, "label": self.label or self.candidate.label(), "choices": self.candidate.to_dict(),
+                "predicted": None if math.isnan(self.predicted) else round(self.predicted, 2), "quality": q, "feasible": self.feasible,
                 "latency_ms": self.latency_ms, "latency_spread_ms": list(self.latency_spread_ms) if self.latency_spread_ms else None}
 
 
@@ -249,7 +253,8 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
 
     t0 = time.perf_counter()
     stage("search")
-    fr = frontier(layers, table, sens_value, config.grid)
+    # the all-float end of the frontier is the "float" reference below, not a candidate
+    fr = [c for c in frontier(layers, table, sens_value, config.grid) if c.choices]
     evaluated: list[Evaluated] = []
     seen: dict[Candidate, Evaluated] = {}
 
@@ -275,8 +280,7 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
 
     # k-ary search over the frontier for the fastest feasible candidate
     lo, hi = -1, len(fr) - 1  # fr[lo] infeasible (sentinel), fr[hi] assumed feasible (checked first)
-    first = measure([fr[hi]], ["frontier"])[0]
-    if not first.feasible:
+    if fr and not measure([fr[hi]], ["frontier"])[0].feasible:
         hi = len(fr)  # even the most faithful compressed candidate misses: nothing on the frontier holds
     k = max(1, int(config.fanout))
     while hi - lo > 1:
@@ -313,7 +317,12 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
             current = min(got, key=lambda e: e.quality.get("drop", math.inf))
     timings["search"] = time.perf_counter() - t0
 
-    feasible = [e for e in evaluated if e.feasible and e.candidate.choices]
+    peers_failed: dict[str, str] = {}
+    if config.objective in ("latency", "size") and config.peers and len(job.evaluation) == 1:
+        peers_failed = _measure_peers(job, config, evaluated)
+    counts["peers_failed"] = peers_failed
+
+    feasible = [e for e in evaluated if e.feasible and e.candidate.choices and not e.origin.startswith("peer:")]
     if not feasible:
         tried = [e for e in evaluated if e.candidate.choices and "error" not in e.quality]
         closest = min(tried, key=lambda e: e.quality["drop"], default=None)
@@ -342,6 +351,36 @@ def search(job: Job, config: AutoConfig, trials: Any = None, *, on_stage: Stage 
         profile = {"predicted_ms": {k: round(v, 4) for k, v in pred.items()}, "predicted_total_ms": round(sum(pred.values()), 3),
                    "measured_total_ms": chosen.latency_ms}
     return AutoResult(chosen, graph, base, evaluated, layers, sens, table, config, timings, counts, profile)
+
+
+def _measure_peers(job: Job, config: AutoConfig, evaluated: list[Evaluated]) -> dict[str, str]:
+    """Quality and size of ONNX Runtime's own quantizers on the float model (the report's
+    reference points; timed with the candidates); returns the peers that failed, with why."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+    import torch
+
+    from graphpress.auto.peers import make_peers
+    from graphpress.auto.trials import quality
+    from graphpress.backends import get_backend
+
+    base, _rc, ref_eval = base_of(job)
+    with tempfile.TemporaryDirectory(prefix="graphpress-auto-peers-") as tmp:
+        lowered = get_backend("onnxruntime").lower(base, Path(tmp), check=False)
+        paths, failed = make_peers(Path(tmp) / lowered.model_file, Path(tmp), job.calibration[0])
+        for name, path in paths.items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = sess.get_inputs()[0].name
+            x = job.evaluation[0]
+            out = torch.cat([torch.from_numpy(sess.run(None, {feed: x[i:i + 256].numpy()})[0]).float() for i in range(0, int(x.shape[0]), 256)])
+            q = quality(job.metric, ref_eval[0], out, job.labels)
+            q["model_bytes"] = path.stat().st_size
+            evaluated.append(Evaluated(Candidate(), f"peer:{name}", math.nan, q, config.feasible(q), onnx=path.read_bytes(), label=name))
+    return failed
 
 
 def _fastest(feasible: Sequence[Evaluated]) -> Evaluated:
@@ -385,20 +424,26 @@ def _time_all(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step
     import tempfile
     from pathlib import Path
 
-    from graphpress.backends import get_backend
+    import onnxruntime as ort
+
     from graphpress.runtime.bench import compare_latency
 
-    be = get_backend("onnxruntime")
     x1 = [t[:1].numpy() for t in job.evaluation]
     ok = [e for e in evaluated if "error" not in e.quality]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(config.threads)
+    # no spinning: a pool left spinning after a slow variant (a peer's ConvInteger, 20x) would tax the next one
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory(prefix="graphpress-auto-time-") as tmp:
         runners = {}
         for i, e in enumerate(ok):
             step(i, len(ok), "lowering for timing")
             folder = Path(tmp) / f"c{i}"
             folder.mkdir()
-            runners[str(i)] = be.runner(_lowered(job, e, folder), threads=config.threads)
-        variants = {k: (lambda r=r: r(*x1)) for k, r in runners.items()}
+            sess = ort.InferenceSession(str(_lowered(job, e, folder)), opts, providers=["CPUExecutionProvider"])
+            feed = {inp.name: x for inp, x in zip(sess.get_inputs(), x1)}
+            runners[str(i)] = (lambda s=sess, f=feed: s.run(None, f))
+        variants = dict(runners)
         timing = compare_latency(variants, rounds=config.timing_rounds, on_round=lambda d, t: step(d, t, "timing rounds"))
         for i, e in enumerate(ok):
             r = timing.results[str(i)]
@@ -429,8 +474,9 @@ def _time_he(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step:
             runners[i] = be.runner(folder / lowered.model_file)
             runners[i](x1)  # warm-up: keys, encoders, the first NTT tables
         for r in range(config.he_repeat):
-            for i in (range(len(ok)) if r % 2 == 0 else reversed(range(len(ok)))):
-                step(r * len(ok) + len(times) - 1, config.he_repeat * len(ok), "encrypted inferences")
+            order = list(range(len(ok))) if r % 2 == 0 else list(reversed(range(len(ok))))  # A B .. B A: no fixed neighbour
+            for j, i in enumerate(order):
+                step(r * len(ok) + j, config.he_repeat * len(ok), "encrypted inferences")
                 t0 = time.perf_counter()
                 runners[i](x1)
                 times[i].append(1e3 * (time.perf_counter() - t0))

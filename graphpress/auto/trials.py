@@ -45,7 +45,9 @@ class Job:
     ``source`` is anything :func:`graphpress.frontends.load` accepts (a path, or an ``nn.Module``
     pickled to the workers); ``calibration`` the batches that calibrate quantization and
     measure per-layer sensitivity; ``evaluation`` the held-out inputs (and ``labels``) the
-    end-to-end quality is measured on.
+    end-to-end quality is measured on. ``finetune`` (unlabelled inputs) makes every measured
+    candidate distilled from the float model first (``finetune_config``: a
+    :class:`~graphpress.train.DistillConfig` as a dict), so the search sees recovered quality.
     """
 
     source: Any
@@ -57,13 +59,15 @@ class Job:
     input_shape: tuple[int, ...] | None = None
     example_inputs: tuple[torch.Tensor, ...] | None = None
     seed: int = 0
+    finetune: tuple[torch.Tensor, ...] | None = None
+    finetune_config: dict[str, Any] | None = None
     key: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             h = hashlib.sha256()
             h.update(repr((self.source if isinstance(self.source, (str, Path)) else id(self.source), self.arch, self.input_shape,
-                           self.metric, self.seed)).encode())
+                           self.metric, self.seed, self.finetune is not None, sorted((self.finetune_config or {}).items()))).encode())
             for batch in [*self.calibration, self.evaluation]:
                 for t in batch:
                     h.update(t.detach().contiguous().numpy().tobytes()[:1 << 20])
@@ -112,6 +116,13 @@ def run_batches(graph: Graph, batches: Sequence[tuple[torch.Tensor, ...]], chunk
     return (torch.cat(outs),)
 
 
+def _sig(x: float, digits: int = 9) -> float:
+    """``x`` to ``digits`` significant digits: two processes sum the same floats in a different
+    order in the last bit (seen: KL 8.556765766619137e-05 here, ...138e-05 in a Ray worker), and
+    the search must not take a different branch for it."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+
+
 def quality(metric: str, ref: torch.Tensor, test: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
     """Quality of ``test`` against the float model's ``ref`` outputs.
 
@@ -142,19 +153,46 @@ def quality(metric: str, ref: torch.Tensor, test: torch.Tensor, labels: torch.Te
         out["value"], out["drop"] = s, (-s if math.isfinite(s) else -1e9)
     else:
         raise GraphpressError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    return out
+    return {k: _sig(v) for k, v in out.items()}
 
 
-def build(job: Job, candidate: Candidate) -> Graph:
-    """The cleaned model with ``candidate``'s passes applied (verified by the pipeline)."""
+def build_report(job: Job, candidate: Candidate) -> Any:
+    """The pipeline report of ``candidate``'s passes on the cleaned model (None when it changes
+    nothing). One thread, one verification set: the same weights wherever it runs."""
     from graphpress.passes.pipeline import Pipeline
 
     base, _rc, _re = base_of(job)
     passes = candidate.recipe()
     if not passes:
-        return base
+        return None
     with _one_thread():
-        return Pipeline.from_recipe({"name": "auto-candidate", "passes": passes, "verify": {"random_inputs": 1, "seed": job.seed}}).run(base).graph
+        return Pipeline.from_recipe({"name": "auto", "passes": passes, "verify": {"random_inputs": 1, "seed": job.seed}}).run(base)
+
+
+def build(job: Job, candidate: Candidate) -> Graph:
+    """The cleaned model with ``candidate``'s passes applied (verified by the pipeline)."""
+    report = build_report(job, candidate)
+    return report.graph if report is not None else base_of(job)[0]
+
+
+def finetuned(job: Job, graph: Graph) -> dict[str, Any] | None:
+    """With ``job.finetune``: distill ``graph`` (in place) from the float model on those inputs,
+    one thread (the same weights in every process); a summary, or ``{"error": ...}`` when the
+    candidate has nothing to train (int8 codes are integers)."""
+    if job.finetune is None:
+        return None
+    from graphpress.train import DistillConfig, distill
+
+    base = base_of(job)[0]
+    if graph is base:
+        return None
+    try:
+        with _one_thread():
+            res = distill(graph, base, job.finetune, DistillConfig(**(job.finetune_config or {})))
+    except GraphpressError as err:
+        return {"error": str(err).splitlines()[0][:300]}
+    d = res.to_dict()
+    return {k: d[k] for k in ("best_epoch", "params_trained", "stopped_early") if k in d} | {"epochs_run": len(d.get("history", []))}
 
 
 def sensitivity(job: Job, candidate: Candidate) -> dict[str, Any]:
@@ -171,7 +209,7 @@ def sensitivity(job: Job, candidate: Candidate) -> dict[str, Any]:
     ref = ref_cal[0]
     result = quality("kl" if ref.dim() >= 2 and ref.shape[-1] > 1 else "sqnr", ref, out)
     signal = float(ref.double().pow(2).sum())
-    result["noise"] = float((out.double() - ref.double()).pow(2).sum()) / max(signal, 1e-30)
+    result["noise"] = _sig(float((out.double() - ref.double()).pow(2).sum()) / max(signal, 1e-30))
     return result
 
 
@@ -182,6 +220,9 @@ def evaluate(job: Job, candidate: Candidate) -> dict[str, Any]:
 
     try:
         graph = build(job, candidate)
+        if job.finetune is not None and graph is not base_of(job)[0]:
+            graph = graph.clone()  # distillation replaces tensors; the memoized base stays untouched
+        tuned = finetuned(job, graph)
         be = get_backend("onnxruntime")
         with tempfile.TemporaryDirectory(prefix="graphpress-auto-") as tmp, _one_thread():
             lowered = be.lower(graph, Path(tmp), check=False)
@@ -201,6 +242,8 @@ def evaluate(job: Job, candidate: Candidate) -> dict[str, Any]:
     result["model_bytes"] = size
     result["params"] = graph.parameter_count()
     result["param_bytes"] = graph.parameter_bytes()
+    if tuned is not None:
+        result["finetune"] = tuned
     result["onnx"] = onnx
     return result
 
@@ -276,4 +319,5 @@ class RayTrials:
             self._started = False
 
 
-__all__ = ["Job", "METRICS", "RayTrials", "SerialTrials", "base_of", "build", "evaluate", "quality", "run_batches", "sensitivity"]
+__all__ = ["Job", "METRICS", "RayTrials", "SerialTrials", "base_of", "build", "build_report", "evaluate", "finetuned", "quality", "run_batches",
+           "sensitivity"]

@@ -219,6 +219,8 @@ def auto(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Class ids of the evaluation inputs (for --metric accuracy)."),
     backend: str = typer.Option("onnxruntime", "--backend", "-b", help="Target the costs are measured on: onnxruntime, or he for --objective he-latency."),
     poly_degree: int = typer.Option(4096, "--poly-degree", "-N", help="--objective he-latency: the HE ring degree costs are predicted and measured at."),
+    finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Unlabelled inputs: distill every measured candidate from the float model before measuring it."),
+    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="Distillation epochs per candidate (with --finetune-data)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weight-only files: package.module:factory."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1x3x32x32."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for costs and timing (default: all cores torch uses)."),
@@ -237,7 +239,8 @@ def auto(
         result = run_auto(checkpoint, out=out, calibration=calibration, objective=objective, max_drop=max_drop, metric=metric,
                           eval_data=eval_data, labels=labels, backend=backend, arch=arch, input_shape=input_shape, overwrite=overwrite,
                           threads=threads, ray=ray, ray_address=ray_address, workers=workers, seed=seed,
-                          require_speedup=require_speedup, poly_degree=poly_degree, on_stage=prog.stage, on_step=prog.inner)
+                          require_speedup=require_speedup, poly_degree=poly_degree, finetune_data=finetune_data,
+                          finetune={"epochs": finetune_epochs}, on_stage=prog.stage, on_step=prog.inner)
     _print_frontier(result.folder)
     _print_result(result.manifest)
     au = result.manifest["auto"]

@@ -78,6 +78,10 @@ def test_auto_latency_writes_a_verified_artifact_and_pareto_report(tmp_path, dig
     assert chosen["feasible"] and chosen["quality"]["drop"] <= 0.01 and chosen["choices"]
     origins = {c["origin"] for c in record["candidates"]}
     assert {"float", "uniform:int8", "uniform:prune50"} <= origins and "frontier" in origins
+    # the peers' own quantizers are measured and timed as reference points, never chosen
+    assert {"peer:ORT quantize_static U8S8", "peer:ORT quantize_dynamic"} <= origins and not chosen["origin"].startswith("peer")
+    peer = next(c for c in record["candidates"] if c["origin"] == "peer:ORT quantize_static U8S8")
+    assert peer["latency_ms"] > 0 and peer["quality"]["model_bytes"] > 0 and peer["label"] == "ORT quantize_static U8S8"
     # every measured candidate was timed; the frontier is undominated and includes the float model or a faster one
     assert all(c["latency_ms"] > 0 for c in record["candidates"] if "error" not in c["quality"])
     assert record["pareto"] and record["chosen"] in range(len(record["candidates"]))
@@ -152,11 +156,14 @@ def test_auto_he_latency_picks_block_sizes_on_the_he_backend(tmp_path, digits):
     model, x_cal, x_te, y_te = digits
     out = tmp_path / "he"
     res = auto(model, out=out, calibration=x_cal, eval_data=x_te, labels=y_te, metric="accuracy", max_drop=0.02,
-               objective="he-latency", backend="he", example_inputs=(x_cal[:2],))
+               objective="he-latency", backend="he", example_inputs=(x_cal[:2],), finetune_data=x_cal, finetune={"epochs": 2})
     assert res.manifest["backend"] == "he"
+    # every measured candidate was distilled first (the compact vectors train), and so was the written one
+    assert res.manifest["finetune"]["epochs_run"] == 2 and res.manifest["finetune"]["params_trained"] > 0
     record = json.loads((out / JSON).read_text())
     by_origin = {c["origin"]: c for c in record["candidates"]}
     assert {"float", "uniform:circ2", "uniform:circ4"} <= set(by_origin)
+    assert by_origin["uniform:circ4"]["quality"]["finetune"]["epochs_run"] == 2 and "finetune" not in by_origin["float"]["quality"]
     # costs are predicted HE milliseconds per layer, falling with the block size
     fc1 = record["cost_table"]["cost"]["fc1"]
     assert fc1["float"] > fc1["circ2"] > fc1["circ4"] > 0
