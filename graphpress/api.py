@@ -405,7 +405,7 @@ def auto(
     finally:
         trials.close()
     record = result.to_dict()
-    files: dict[str, bytes] = {JSON: json.dumps(record, indent=1, default=str).encode()}
+    files: dict[str, bytes] = {}
     png = None
     try:
         with tempfile.TemporaryDirectory(prefix="graphpress-pareto-") as tmp:
@@ -414,6 +414,7 @@ def auto(
         files[PNG] = png
     except ImportError:
         record["plot"] = "matplotlib is not installed: pip install 'graphpress[auto]' for pareto.png"
+    files[JSON] = json.dumps(record, indent=1, default=str).encode()
     files[HTML] = page_html(record, png).encode()
     chosen = result.chosen
     summary = {"objective": objective, "metric": metric, "max_drop": max_drop, "chosen": chosen.candidate.label(),

@@ -69,8 +69,15 @@ def plot_png(report: Mapping[str, Any], path: Any) -> None:
             if i == chosen:
                 ax.scatter([x], [y], s=220, marker="*", color="gold", edgecolor="black", zorder=5, label="chosen")
         budget = float(report["config"]["max_drop"])
-        ax.axhline(100 * budget if metric in ("agreement", "accuracy") else (-budget if metric == "sqnr" else budget),
-                   ls="--", color="gray", lw=0.8)
+        line = 100 * budget if metric in ("agreement", "accuracy") else (-budget if metric == "sqnr" else budget)
+        ax.axhline(line, ls="--", color="gray", lw=0.8)
+        if metric != "sqnr" and line > 0:
+            # linear up to the budget, logarithmic above: the candidates that matter sit near it,
+            # the ones that broke the model (90% disagreement) stay on the plot without flattening them
+            ax.set_yscale("symlog", linthresh=line)
+            ax.set_ylim(bottom=-0.05 * line)
+        if key == "latency_ms":
+            ax.set_xscale("log")  # a peer 20x slower would squash every candidate into one column
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_drop_label(metric))
         ax.grid(alpha=0.3)
