@@ -799,6 +799,13 @@ def _layer_profiles(original: Graph, be: Any, tmp_base: str, model: Path, node_l
             "compressed": profile_layers(model, x1c, node_layers, threads=n)}
 
 
+def _slower_layers(metrics: dict[str, Any], top: int = 3) -> str:
+    """``"; layers that cost time: a (+7.0 us), ..."``: the layers whose profiled time grew most, or ``""``."""
+    layers = metrics.get("layer_latency_us") or {}
+    worse = sorted(((c - o, k) for k, (o, c) in layers.items() if c > o), reverse=True)[:top]
+    return ("; layers that cost time: " + ", ".join(f"{k} (+{d:.1f} us)" for d, k in worse)) if worse else ""
+
+
 def speedup_verdict(metrics: dict[str, Any]) -> str | None:
     """One sentence when the compressed artifact is not measurably faster than the original on
     its backend (``None`` when it is, or when no baseline was timed), naming the layers whose
@@ -806,9 +813,7 @@ def speedup_verdict(metrics: dict[str, Any]) -> str | None:
     sp = metrics.get("speedup")
     if not sp or sp.get("faster"):
         return None
-    layers = metrics.get("layer_latency_us") or {}
-    worse = sorted(((c - o, k) for k, (o, c) in layers.items() if c > o), reverse=True)[:3]
-    who = ("; layers that cost time: " + ", ".join(f"{k} (+{d:.1f} us)" for d, k in worse)) if worse else ""
+    who = _slower_layers(metrics)
     where = sp["vs"].split(" (")[0]
     if sp.get("slower"):
         return f"the compressed artifact is slower than the original on {where} ({sp['ratio']:.2f}x, beyond the measured spread){who}"
@@ -825,9 +830,7 @@ def check_speedup(result: "CompressResult", require: float | None) -> None:
         why = result.metrics.get("latency_error") or "no baseline was timed (latency or the baseline is off)"
         raise GraphpressError(f"--require-speedup {require:g}: no speed-up measured: {why}")
     if sp["ratio"] < require:
-        layers = result.metrics.get("layer_latency_us") or {}
-        worse = sorted(((c - o, k) for k, (o, c) in layers.items() if c > o), reverse=True)[:3]
-        who = ("; layers that cost time: " + ", ".join(f"{k} (+{d:.1f} us)" for d, k in worse)) if worse else ""
+        who = _slower_layers(result.metrics)
         raise GraphpressError(f"--require-speedup {require:g}: measured {sp['ratio']:.2f}x vs {sp['vs']}{who}; "
                               f"artifact kept at {result.folder} for inspection")
 

@@ -186,16 +186,21 @@ def _he_table(job: Job, layers: Sequence[LayerInfo], poly_degree: int) -> dict[s
     return {"cost": cost, "unit": "ms (predicted HE)", "poly_degree": poly_degree, "source": "he-measured"}
 
 
-def _profile(graph: Any, job: Job, threads: int) -> dict[str, float]:
+def profile_graph(graph: Any, job: Job, threads: int) -> dict[str, Any]:
+    """``graph`` lowered to ONNX Runtime and profiled per layer on one evaluation input
+    (:func:`graphpress.backends.onnxruntime.profile.profile_layers`'s result)."""
     from graphpress.backends import get_backend
     from graphpress.backends.onnxruntime.profile import profile_layers
 
     be = get_backend("onnxruntime")
     x1 = tuple(t[:1] for t in job.evaluation)
-    with tempfile.TemporaryDirectory(prefix="graphpress-auto-cost-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="graphpress-auto-prof-") as tmp:
         lowered = be.lower(graph, Path(tmp), check=False)
-        prof = profile_layers(Path(tmp) / lowered.model_file, x1, lowered.node_layers, threads=threads)
-    return dict(prof["layers_us"])
+        return profile_layers(Path(tmp) / lowered.model_file, x1, lowered.node_layers, threads=threads)
+
+
+def _profile(graph: Any, job: Job, threads: int) -> dict[str, float]:
+    return dict(profile_graph(graph, job, threads)["layers_us"])
 
 
 def predicted(table: Mapping[str, Any], choices: Mapping[str, Choice], layers: Sequence[LayerInfo]) -> dict[str, float]:
@@ -203,4 +208,4 @@ def predicted(table: Mapping[str, Any], choices: Mapping[str, Choice], layers: S
     return {lay.name: float(table["cost"][lay.name][choices.get(lay.name, Choice()).label]) for lay in layers}
 
 
-__all__ = ["cache_root", "measure_table", "predicted", "table_key"]
+__all__ = ["cache_root", "measure_table", "predicted", "profile_graph", "table_key"]

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphpress.auto.costs import measure_table, predicted
+from graphpress.auto.costs import measure_table, predicted, profile_graph
 from graphpress.auto.space import Candidate, Choice, LayerInfo, layer_choices, search_layers, uniform
 from graphpress.auto.trials import Job, SerialTrials, base_of, build, evaluate, sensitivity
 from graphpress.errors import GraphpressError
@@ -487,16 +487,7 @@ def _time_he(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step:
 
 def _per_layer(job: Job, graph: Any, chosen: Evaluated, table: dict[str, Any], layers: Sequence[LayerInfo], threads: int) -> dict[str, Any]:
     """The chosen candidate's per-layer predicted cost beside its profiled time (us)."""
-    import tempfile
-    from pathlib import Path
-
-    from graphpress.backends import get_backend
-    from graphpress.backends.onnxruntime.profile import profile_layers
-
-    be = get_backend("onnxruntime")
-    with tempfile.TemporaryDirectory(prefix="graphpress-auto-prof-") as tmp:
-        lowered = be.lower(graph, Path(tmp), check=False)
-        prof = profile_layers(Path(tmp) / lowered.model_file, [t[:1] for t in job.evaluation], lowered.node_layers, threads=threads)
+    prof = profile_graph(graph, job, threads)
     pred = predicted(table, chosen.candidate.as_dict(), layers)
     rows = {lay.name: {"choice": chosen.candidate.as_dict().get(lay.name, Choice()).label, "predicted_us": round(pred[lay.name], 2),
                        "measured_us": prof["layers_us"].get(lay.name, 0.0)} for lay in layers}
