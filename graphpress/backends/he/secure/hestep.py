@@ -1,0 +1,376 @@
+"""One linear/conv layer on additive secret shares, Cheetah style: the client's half of the work
+(:class:`ClientStep`) and the server's (:class:`ServerStep`), exchanged as bytes.
+
+Shares. The layer's input ``X`` is split ``X = a + s (mod t)``: the client holds ``a``, the
+server ``s`` (for the network's input, ``a`` is the client's quantized image and ``s = 0``). The
+client encrypts ``a`` in the coefficient layout of :mod:`graphpress.backends.he.kernels` (dense:
+Cheetah's HomConv / matrix layout; block-circulant: the twisted ``Y = X^(N/b)`` layout, see
+:mod:`..kernels.coeff_circulant`) with seeded symmetric encryption, and sends it. The server
+computes, per output ciphertext,
+
+    ct = sum_tiles Enc(a) * W_tile  +  Enc_pk(0)  +  (W s + bias + off - R)   (at the read positions)
+
+with ``R`` fresh and uniform in ``Z_t`` (its share of the output), ``off = floor(t/2)`` (so that
+``Y + off`` lies in ``[0, t)`` for every ``|Y| < t/2``), then *floods* the noise of every
+coefficient the client will read with a uniform integer of ``flood_bits`` bits, switches the
+ciphertext down to its last prime, and sends ``c1`` and only those coefficients of ``c0``. The
+client decrypts ``Y + off - R (mod t)``: uniformly distributed whatever ``W`` and ``X`` are.
+
+What each addition is for (semi-honest client):
+
+* ``R`` hides the value ``W X`` itself (the client sees ``Y + off - R``, uniform in ``Z_t``);
+* ``Enc_pk(0)`` re-randomizes ``c1``: without it ``c1 = a_seed * W_poly`` and the client, who
+  knows its own seed polynomial, would divide and read the weight polynomial;
+* the flooding noise (``2^flood_bits``, at least ``2^stat_bits`` times the bound on the
+  weight-dependent noise ``sum ||W_tile||_1 * (B_fresh + t)``) makes the decrypted noise
+  statistically independent of ``W`` (distance ``<= 2^-stat_bits`` per coefficient);
+* sending only the read coefficients of ``c0`` keeps the cross terms of the coefficient
+  encoding (other linear combinations of weights and inputs) on the server, and the
+  modulus switch shrinks every sent coefficient to the last prime's bits.
+
+The server learns nothing: it sees fresh RLWE ciphertexts under the client's key (128-bit
+parameters) and its own shares. Stride-2 convolutions read only every second row and column of
+the stride-1 map, so only those coefficients travel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphpress.backends.he.bfv import BFVContext, BFVParams, centered
+from graphpress.backends.he.kernels.coeff_circulant import CoeffCirculant, _powers, _twist
+from graphpress.backends.he.kernels.coeff_dense import CoeffDense
+from graphpress.backends.he.secure import rawct
+from graphpress.errors import BackendError
+from graphpress.lowering.he.counts import plan_coeff_conv, plan_coeff_linear
+
+#: SEAL's clipped fresh-noise bound (6 sigma, sigma = 3.2) per coefficient.
+FRESH_NOISE = 19.2
+
+
+# ---------------------------------------------------------------------------- geometry (public)
+@dataclass(frozen=True)
+class StepShape:
+    """What both parties know of a layer: shapes, block size, parameters (never the weights)."""
+
+    index: int
+    name: str
+    kind: str  # "linear" | "conv2d"
+    b: int
+    out_features: int
+    in_features: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    params: BFVParams
+    flood_bits: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepShape":
+        return cls(
+            int(d["index"]), str(d["name"]), str(d["kind"]), int(d["b"]), int(d["out_features"]), int(d["in_features"]),
+            tuple(d["kernel_size"]), tuple(d["stride"]), tuple(d["padding"]), tuple(d["in_shape"]), tuple(d["out_shape"]),
+            BFVParams.from_dict(d["params"]), int(d["flood_bits"]),
+        )
+
+    @property
+    def t(self) -> int:
+        return int(self.params.plain_modulus)
+
+    @property
+    def offset(self) -> int:
+        return self.t // 2
+
+    def plan(self) -> Any:
+        n, b = self.params.poly_degree, self.b
+        try:
+            if self.kind == "linear":
+                return plan_coeff_linear(self.out_features, self.in_features, n, b, self.name)
+            return plan_coeff_conv(
+                self.out_features, self.in_features, self.in_shape[1], self.in_shape[2], *self.kernel_size, n, b,
+                self.stride, self.padding, self.name,
+            )
+        except ValueError as err:
+            raise BackendError(f"he secure: layer {self.name!r}: {err}") from None
+
+    @property
+    def rows(self) -> int:
+        """Input vectors of a linear layer per sample (tokens)."""
+        return int(np.prod(self.in_shape[:-1])) if self.kind == "linear" else 1
+
+
+def _kernel(b: int) -> CoeffCirculant:
+    return CoeffCirculant() if b > 1 else CoeffDense()
+
+
+def _out_positions(shape: StepShape, plan: Any) -> list[tuple[tuple[int, int], np.ndarray, tuple[np.ndarray, ...]]]:
+    """Per response ciphertext ``(key, coefficient positions, output index arrays)``, in the order
+    the server sends them. Positions are the read coefficients; the index arrays address the
+    per-sample output ``(C_out, H_out, W_out)`` (conv) or ``(rows, m)`` (linear) and the position
+    ``r`` inside a block (for the twist)."""
+    b = plan.b
+    out: list = []
+    if shape.kind == "linear":
+        for g0 in range(0, shape.rows, plan.per_ct):
+            nv = min(plan.per_ct, shape.rows - g0)
+            for rt in range(plan.row_tiles):
+                rows = np.arange(rt * plan.p_t, min(plan.p, (rt + 1) * plan.p_t))
+                idx = CoeffCirculant._linear_out_index(plan, nv, rows - rt * plan.p_t, b)  # (nv, i, r)
+                vec = np.broadcast_to((g0 + np.arange(nv))[:, None, None], idx.shape)
+                feat = np.broadcast_to(rows[None, :, None] * b + np.arange(b)[None, None, :], idx.shape)
+                r = np.broadcast_to(np.arange(b)[None, None, :], idx.shape)
+                out.append(((g0, rt), idx.reshape(-1), (vec.reshape(-1), feat.reshape(-1)), r.reshape(-1)))
+        return out
+    sh, sw = shape.stride
+    for tile in range(plan.tiles):
+        h0 = tile * plan.rows
+        nrows = min(plan.rows, plan.H1 - h0)
+        for og in range(plan.out_groups):
+            outs = np.arange(og * plan.p_t, min(plan.p, (og + 1) * plan.p_t))
+            idx = CoeffCirculant._conv_out_index(plan, outs - og * plan.p_t, nrows)  # (i, r, h, w)
+            hh = h0 + np.arange(nrows)
+            keep_h = hh % sh == 0
+            keep_w = np.arange(plan.W1) % sw == 0
+            idx = idx[:, :, keep_h][:, :, :, keep_w]
+            ch = outs[:, None, None, None] * b + np.arange(b)[None, :, None, None]
+            ho = (hh[keep_h] // sh)[None, None, :, None]
+            wo = (np.arange(plan.W1)[keep_w] // sw)[None, None, None, :]
+            full = np.broadcast_arrays(ch, ho, wo, np.arange(b)[None, :, None, None], idx)
+            out.append(((tile, og), full[4].reshape(-1), (full[0].reshape(-1), full[1].reshape(-1), full[2].reshape(-1)), full[3].reshape(-1)))
+    return out
+
+
+def _pack(values: np.ndarray, nbytes: int) -> bytes:
+    return np.ascontiguousarray(values.astype("<u8")).view(np.uint8).reshape(-1, 8)[:, :nbytes].tobytes()
+
+
+def _unpack(blob: bytes, count: int, nbytes: int, what: str) -> np.ndarray:
+    if len(blob) != count * nbytes:
+        raise BackendError(f"he secure: {what}: expected {count * nbytes} bytes, got {len(blob)}")
+    buf = np.zeros((count, 8), dtype=np.uint8)
+    buf[:, :nbytes] = np.frombuffer(blob, dtype=np.uint8).reshape(count, nbytes)
+    return buf.view("<u8").reshape(-1)
+
+
+class _Side:
+    def __init__(self, ctx: BFVContext):
+        self.ctx = ctx
+        self.seal = ctx.seal
+        self._dir = tempfile.mkdtemp(prefix="graphpress-secure-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.path = os.path.join(self._dir, "obj")
+        last = ctx.context.last_context_data()
+        self.q_last = int(last.parms().coeff_modulus()[0].value())
+        self.nbytes = (self.q_last.bit_length() + 7) // 8
+
+
+# ---------------------------------------------------------------------------- client
+class ClientStep(_Side):
+    """The client's half: encrypt its input share, decrypt its output share."""
+
+    def __init__(self, shape: StepShape, ctx: BFVContext):
+        super().__init__(ctx)
+        self.shape = shape
+        self.plan = shape.plan()
+        self.fwd, self.inv = _powers(ctx, shape.b)
+        self.outputs = _out_positions(shape, self.plan)
+        # a ciphertext at the last level, for its members (parms id, sizes): responses are rebuilt on it
+        zero = ctx.encrypt_coeffs(np.zeros(1, dtype=np.int64))
+        while zero.coeff_modulus_size() > 1:
+            ctx._evaluator.mod_switch_to_next_inplace(zero)
+        self._prefix, _ = rawct.coeffs(zero, self.path)
+
+    def encrypt(self, a: np.ndarray) -> list[bytes]:
+        """Seeded symmetric encryptions of the input share ``a`` (per-sample ``in_shape``, mod t)."""
+        s, plan, ctx, t = self.shape, self.plan, self.ctx, self.shape.t
+        a = np.asarray(a, dtype=np.int64) % t
+        b, u = plan.b, np.arange(plan.b)
+        polys = []
+        if s.kind == "linear":
+            x = _twist(a.reshape(s.rows, plan.q, b), self.fwd, t)
+            for g0 in range(0, s.rows, plan.per_ct):
+                xs = x[g0 : g0 + plan.per_ct]
+                for cti in range(plan.col_tiles):
+                    cols = np.arange(cti * plan.q_t, min(plan.q, (cti + 1) * plan.q_t))
+                    idx = u[None, None, :] * plan.M + np.arange(xs.shape[0])[:, None, None] * plan.span + (cols - cti * plan.q_t)[None, :, None]
+                    poly = np.zeros(ctx.poly_degree, dtype=np.int64)
+                    poly[idx.reshape(-1)] = xs[:, cols, :].reshape(-1)
+                    polys.append(poly)
+        else:
+            ph, pw = plan.padding
+            xp = np.zeros((plan.q * b, plan.Hp + plan.Ht, plan.Wp), dtype=np.int64)
+            xp[:, ph : ph + plan.height, pw : pw + plan.width] = a
+            xt = _twist(xp.reshape(plan.q, b, xp.shape[1], plan.Wp).transpose(0, 2, 3, 1), self.fwd, t)  # (q, H, W', b)
+            hh, ww = np.arange(plan.Ht), np.arange(plan.Wp)
+            for tile in range(plan.tiles):
+                h0 = tile * plan.rows
+                for cg in range(plan.chan_groups):
+                    chans = np.arange(cg * plan.Q, min(plan.q, (cg + 1) * plan.Q))
+                    idx = (
+                        u[None, None, None, :] * plan.M
+                        + (chans - cg * plan.Q)[:, None, None, None] * plan.area
+                        + hh[None, :, None, None] * plan.Wp
+                        + ww[None, None, :, None]
+                    )
+                    poly = np.zeros(ctx.poly_degree, dtype=np.int64)
+                    poly[idx.reshape(-1)] = xt[chans, h0 : h0 + plan.Ht].reshape(-1)
+                    polys.append(poly)
+        out = []
+        for poly in polys:
+            pt = ctx.plain_coeffs(poly, side="client")
+            with ctx.counter.timed("client", "encrypt", count="encryptions"):
+                seeded = ctx._encryptor.encrypt_symmetric(pt)
+            with ctx.counter.timed("client", "serialize"):
+                out.append(rawct.save_bytes(seeded, self.path))
+        return out
+
+    def decrypt(self, responses: list[bytes]) -> np.ndarray:
+        """The client's output share ``Y + off - R (mod t)``, per-sample ``out_shape`` (int64)."""
+        s, ctx, t, n = self.shape, self.ctx, self.shape.t, self.ctx.poly_degree
+        if len(responses) != len(self.outputs):
+            raise BackendError(f"he secure: layer {s.name!r}: expected {len(self.outputs)} response ciphertexts, got {len(responses)}")
+        y = np.zeros((s.rows, s.out_features) if s.kind == "linear" else tuple(s.out_shape), dtype=np.int64)
+        for blob, (_, pos, where, r) in zip(responses, self.outputs):
+            vals = _unpack(blob, n + pos.size, self.nbytes, f"layer {s.name!r} response")
+            if int(vals.max(initial=0)) >= self.q_last:
+                raise BackendError(f"he secure: layer {s.name!r}: response coefficient out of range (malformed message)")
+            data = np.zeros((2, 1, n), dtype=np.uint64)
+            data[1, 0] = vals[:n]
+            data[0, 0, pos] = vals[n:]
+            ct = rawct.rebuild(self.seal, ctx.context, self._prefix, data, self.path, f"layer {s.name!r} response")
+            pt = ctx._decrypt(ct)
+            with ctx.counter.timed("client", "decode"):
+                have = pt.coeff_count()
+                got = np.fromiter((pt.data(int(i)) if i < have else 0 for i in pos), dtype=np.int64, count=pos.size)
+            share = (got % t) * self.inv[r] % t if s.b > 1 else got % t
+            y[where] = share
+        return y.reshape(s.out_shape) if s.kind == "linear" else y
+
+
+# ---------------------------------------------------------------------------- server
+def dense_weight(w_int: np.ndarray, kind: str) -> np.ndarray:
+    """Dense integer weight ``(m, n)`` / ``(C_out, C_in, kh, kw)`` of a dense or compact circulant one."""
+    w = np.asarray(w_int, dtype=np.int64)
+    if kind == "linear" and w.ndim == 3:
+        p, q, b = w.shape
+        r, s = np.arange(b)[:, None], np.arange(b)[None, :]
+        return w[:, :, (r - s) % b].transpose(0, 2, 1, 3).reshape(p * b, q * b)
+    if kind == "conv2d" and w.ndim == 5:
+        kh, kw, p, q, b = w.shape
+        r, s = np.arange(b)[:, None], np.arange(b)[None, :]
+        return w[:, :, :, :, (r - s) % b].transpose(2, 4, 3, 5, 0, 1).reshape(p * b, q * b, kh, kw)
+    return w
+
+
+def plain_layer(x: np.ndarray, w_dense: np.ndarray, shape: StepShape) -> np.ndarray:
+    """``W x`` in exact int64 for one sample (``in_shape`` -> ``out_shape``)."""
+    x = np.asarray(x, dtype=np.int64)
+    if shape.kind == "linear":
+        return (x.reshape(shape.rows, shape.in_features) @ w_dense.T).reshape(shape.out_shape)
+    ph, pw = shape.padding
+    sh, sw = shape.stride
+    kh, kw = shape.kernel_size
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # (C, Ho, Wo, kh, kw)
+    return np.tensordot(w_dense, win, axes=([1, 2, 3], [0, 3, 4]))
+
+
+def noise_bound_bits(w_int: np.ndarray, shape: StepShape, t: int) -> int:
+    """``log2`` of the bound on the weight-dependent noise of one output ciphertext:
+    ``sum_tiles ||W_tile||_1 * (B_fresh + t)`` with the plaintext coefficients centered mod ``t``
+    (twisted, for ``b > 1``: nearly uniform), bounded by the whole layer's sum."""
+    w = np.asarray(w_int, dtype=np.int64)
+    if shape.b > 1:
+        psi = _root(t, 2 * shape.b)
+        pw = np.array([pow(psi, u, t) for u in range(shape.b)], dtype=np.int64)
+        l1 = float(np.abs(centered(w % t * pw % t, t)).astype(np.float64).sum()) * shape.b
+    else:
+        l1 = float(np.abs(w).astype(np.float64).sum())
+    return int(math.ceil(math.log2(max(l1, 1.0) * (FRESH_NOISE + t))))
+
+
+def _root(t: int, order: int) -> int:
+    for a in range(2, 1 << 16):
+        r = pow(a, (t - 1) // order, t)
+        if pow(r, order // 2, t) == t - 1:
+            return r
+    raise BackendError(f"he secure: no primitive {order}-th root of unity modulo {t}")  # pragma: no cover
+
+
+class ServerStep(_Side):
+    """The server's half: multiply, add its share's contribution and the mask, flood, pack."""
+
+    def __init__(self, shape: StepShape, ctx: BFVContext, w_int: np.ndarray, bias_int: np.ndarray | None, rng: np.random.Generator):
+        super().__init__(ctx)
+        self.shape, self.rng = shape, rng
+        self.kernel = _kernel(shape.b)
+        what = shape.name
+        if shape.kind == "linear":
+            self.prep = self.kernel.prepare_linear(ctx, w_int, None, what)
+            self.plan, self.tiles, _, self.inv, self.fwd = self.prep.layouts["linear"]
+        else:
+            self.prep = self.kernel.prepare_conv(ctx, w_int, None, shape.stride, shape.padding, what, input_hw=shape.in_shape[1:])
+            self.plan, self.tiles, _, self.inv, self.fwd = self.prep.layouts["conv", shape.in_shape[1], shape.in_shape[2]]
+        self.w_dense = dense_weight(w_int, shape.kind)
+        self.bias = np.zeros(shape.out_features, dtype=np.int64) if bias_int is None else np.asarray(bias_int, dtype=np.int64)
+        self.outputs = _out_positions(shape, self.plan)
+        self.primes = [int(m.value()) for m in ctx.context.first_context_data().parms().coeff_modulus()]
+        self.n_inputs = self.plan.col_tiles * math.ceil(shape.rows / self.plan.per_ct) if shape.kind == "linear" else self.plan.tiles * self.plan.chan_groups
+
+    def respond(self, blobs: list[bytes], s_share: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """``(responses, R)``: the packed ciphertexts for the client and the server's output share."""
+        shape, ctx, plan, t = self.shape, self.ctx, self.plan, self.shape.t
+        if len(blobs) != self.n_inputs:
+            raise BackendError(f"he secure: layer {shape.name!r}: expected {self.n_inputs} input ciphertexts, got {len(blobs)}")
+        inputs = []
+        for k, blob in enumerate(blobs):
+            ct = rawct.load_bytes(self.seal.Ciphertext(), ctx.context, blob, self.path, f"layer {shape.name!r} input {k}")
+            if ct.size() != 2 or ct.parms_id() != ctx.context.first_parms_id():
+                raise BackendError(f"he secure: layer {shape.name!r} input {k}: not a fresh ciphertext at the layer's parameters")
+            inputs.append(ctx.to_ntt_inplace(ct))
+        y_s = plain_layer(np.asarray(s_share, dtype=np.int64) % t, self.w_dense, shape)
+        if shape.kind == "linear":
+            y_s = y_s.reshape(shape.rows, shape.out_features) + self.bias[None, :]
+        else:
+            y_s = y_s + self.bias[:, None, None]
+        mask = self.rng.integers(0, t, size=y_s.shape, dtype=np.int64)
+        addend = (y_s + shape.offset - mask) % t
+        responses = []
+        per = plan.col_tiles if shape.kind == "linear" else plan.chan_groups
+        for k, ((key, pos, where, r)) in enumerate(self.outputs):
+            group = key[0] // plan.per_ct if shape.kind == "linear" else key[0]
+            ins = inputs[group * per : (group + 1) * per]
+            if shape.kind == "linear":
+                pairs = [(ins[c], self.tiles[key[1], c]) for c in range(plan.col_tiles)]
+            else:
+                pairs = [(ins[c], self.tiles[key[1], c]) for c in range(plan.chan_groups)]
+            acc = self.kernel._accumulate(ctx, pairs)
+            ctx.add_inplace(acc, ctx.encrypt_zero_server())  # re-randomize c1 (circuit privacy)
+            vals = addend[where] % t
+            if shape.b > 1:
+                vals = vals * self.fwd[r] % t
+            poly = np.zeros(ctx.poly_degree, dtype=np.int64)
+            poly[pos] = vals
+            ctx.add_plain_inplace(acc, ctx.plain_coeffs(poly))
+            with ctx.counter.timed("server", "flood"):
+                prefix, data = rawct.coeffs(acc, self.path)
+                noise = rawct.big_uniform_mod(self.rng, pos.size, shape.flood_bits, self.primes)
+                for i, q in enumerate(self.primes):
+                    data[0, i, pos] = (data[0, i, pos] + noise[i]) % np.uint64(q)
+                acc = rawct.rebuild(self.seal, ctx.context, prefix, data, self.path)
+            with ctx.counter.timed("server", "mod_switch"):
+                while acc.coeff_modulus_size() > 1:
+                    ctx._evaluator.mod_switch_to_next_inplace(acc)
+                _, low = rawct.coeffs(acc, self.path)
+            responses.append(_pack(np.concatenate([low[1, 0], low[0, 0, pos]]), self.nbytes))
+        return responses, mask.reshape(shape.out_shape) if shape.kind == "linear" else mask
+
+
+__all__ = ["ClientStep", "FRESH_NOISE", "ServerStep", "StepShape", "dense_weight", "noise_bound_bits", "plain_layer"]
