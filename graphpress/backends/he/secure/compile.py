@@ -52,6 +52,7 @@ class _Value:
         self.name, self.shape, self.kind, self.nonneg = name, tuple(int(s) for s in shape), kind, nonneg
         self.scale = None if scale is None else np.broadcast_to(np.asarray(scale, dtype=np.float64), self.shape).copy()
         self.quantized: dict[tuple[float, int, int], str] = {}
+        self.qkey: tuple[float, int, int] | None = None
 
 
 class _Compiler:
@@ -95,6 +96,8 @@ class _Compiler:
 
     def quantized(self, v: _Value, act: dict[str, Any], what: str) -> _Value:
         key = (float(act["scale"]), int(act["lo"]), int(act["hi"]))
+        if v.kind == "q" and v.qkey == key:
+            return v
         if key in v.quantized:
             return self._by_name[v.quantized[key]]
         if v.kind == "float":
@@ -107,6 +110,7 @@ class _Compiler:
             x = self.rescale(v, np.full(v.shape, key[0]), what)
             out = self.new(v.shape, key[0], "q", nonneg=key[1] >= 0)
             self.ops.append({"op": "clamp", "in": [x.name], "out": out.name, "lo": key[1], "hi": key[2]})
+        out.qkey = key
         v.quantized[key] = out.name
         self._by_name[out.name] = out
         return out
@@ -117,6 +121,14 @@ class _Compiler:
         env: dict[fx.Node, Any] = {}
         gm = self.client.gm
         outputs: list[str] = []
+        # An activation that an encrypted layer reads is quantized as soon as it is computed, and
+        # every other reader (a residual connection, a shortcut) takes the quantized tensor too:
+        # integer-only inference, and scales that do not shrink from one residual block to the next.
+        want = {
+            n.args[0].name: self.hp.steps[int(n.args[2])].act
+            for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.graphpress_he.step.default and isinstance(n.args[0], fx.Node)
+        }
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 val = node.meta.get("val")
@@ -127,6 +139,9 @@ class _Compiler:
                 env[node] = getattr(gm, node.target) if hasattr(gm, node.target) else self.client.tensor_of(node)
             elif node.op == "call_function":
                 env[node] = self.call(node, env)
+                v = env[node]
+                if node.name in want and isinstance(v, _Value) and v.kind == "acc":
+                    env[node] = self.quantized(v, want[node.name], node.name)
             elif node.op == "output":
                 names = list(self.hp.output_names) or ["output"]
                 for i, arg in enumerate(fx.node.map_arg(node.args[0], lambda n: n) if isinstance(node.args[0], (list, tuple)) else [node.args[0]]):
@@ -168,11 +183,33 @@ class _Compiler:
             return self.emit("add", [a, b], self.new(x.shape, common, nonneg=x.nonneg and y.nonneg))
         if name in _RESHAPE:
             return self.emit("reshape", [x], self.new(out_shape, x.scale.reshape(out_shape), nonneg=x.nonneg), shape=list(out_shape))
+        if name == "slice":
+            axis = int(args[1]) % (len(x.shape) + 1) - 1 if len(args) > 1 else 0
+            if axis < 0:
+                raise BackendError(f"he secure: node {node.name!r} (slice): slicing the batch axis is not supported")
+            start, end, step = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None), (args[4] if len(args) > 4 else 1)
+            end = None if end is not None and end >= 2**62 else end
+            index = [slice(None)] * len(x.shape)
+            index[axis] = slice(start, end, step)
+            return self.emit("slice", [x], self.new(out_shape, x.scale[tuple(index)], nonneg=x.nonneg), axis=axis, start=start, end=end, step=int(step))
+        if name in ("constant_pad_nd", "pad"):
+            if name == "pad" and (args[2] if len(args) > 2 else node.kwargs.get("mode", "constant")) != "constant":
+                raise BackendError(f"he secure: node {node.name!r} (pad): only constant zero padding is supported")
+            value = (args[3] if len(args) > 3 else node.kwargs.get("value")) if name == "pad" else (args[2] if len(args) > 2 else node.kwargs.get("value", 0))
+            value = 0 if value is None else value
+            pads = [int(p) for p in args[1]]
+            if value != 0 or any(p < 0 for p in pads):
+                raise BackendError(f"he secure: node {node.name!r} (constant_pad_nd): only zero padding is supported")
+            widths = [[0, 0] for _ in x.shape]
+            for i in range(len(pads) // 2):
+                widths[len(x.shape) - 1 - i] = [pads[2 * i], pads[2 * i + 1]]
+            scale = np.pad(x.scale, widths, mode="edge")  # zeros: any positive scale
+            return self.emit("pad", [x], self.new(out_shape, scale, nonneg=x.nonneg), widths=widths)
         if name in ("mean", "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d"):
             return self.pool(node, name, x, args, out_shape)
         raise BackendError(
             f"he secure: node {node.name!r} ({name}): not supported by the secure protocol "
-            "(supported between encrypted layers: relu, add, max/avg pooling, mean over H,W, flatten/reshape); "
+            "(supported between encrypted layers: relu, add, max/avg pooling, mean over H,W, flatten/reshape, slice, zero padding); "
             "use protocol='interactive' only to debug, it shows the client every activation"
         )
 

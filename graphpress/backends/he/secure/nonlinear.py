@@ -89,7 +89,10 @@ class SPUParty:
         t0 = time.perf_counter()
         for seg in segments:
             f = segment_function(seg, program, jax.numpy)
-            args = [np.zeros(self._shape(program, name, source), dtype=np.int64) for name, source in seg.inputs]
+            args = []
+            for name, source in seg.inputs:
+                zeros = np.zeros(self._shape(program, name, source), dtype=np.int64)
+                args.extend([zeros] * (4 if source.startswith("split:") else 1))
             names = [f"s{seg.index}_in{i}" for i in range(len(args))]
             outs = [f"s{seg.index}_out{i}" for i in range(len(seg.outputs))]
             ex, _ = fe.compile(fe.Kind.JAX, f, args, {}, names, [spu.Visibility.VIS_SECRET] * len(args), lambda _o, outs=outs: outs)
@@ -118,7 +121,8 @@ class SPUParty:
         return s
 
     def run(self, seg: Segment, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Run a segment on this party's input shares; returns its output shares (uint64)."""
+        """Run a segment on this party's input shares (a ``split`` input as its four arrays,
+        :func:`~.program.split_share`); returns its output shares (uint64)."""
         ex, names, outs = self.executables[seg.index]
         for name, value in zip(names, inputs):
             self.runtime.set_var(name, self.share(value))

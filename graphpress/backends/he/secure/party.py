@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from graphpress.backends.he.secure.program import PROGRAM_FILE, SecureProgram, load_server_arrays, plan_segments, quantize_input
+from graphpress.backends.he.secure.program import PROGRAM_FILE, SecureProgram, load_server_arrays, plan_segments, quantize_input, split_share
 from graphpress.backends.he.secure.wire import Channel, pack_array, pack_blobs, unpack_array, unpack_blobs
 from graphpress.errors import BackendError
 
@@ -117,7 +117,12 @@ def run_client(folder: Path, x: np.ndarray, port: int, spu_addrs: list[str], tim
                 clock.stop(t, kind="he", sample=n, step=i, name=st.shape.name, b=st.shape.b, bytes_up=ch.sent - sent0, bytes_down=ch.received - recv0,
                            cts_in=len(enc), responses=len(resp))
             elif kind == "spu":
-                args = [_client_share(env, name, source, program) for name, source in item.inputs]
+                args = []
+                for name, source in item.inputs:
+                    if source.startswith("split:"):
+                        args.extend(split_share(env[name][1], int(source[6:]), 0))
+                    else:
+                        args.append(_client_share(env, name, source, program))
                 for name, value in zip(item.outputs, spu.run(item, args)):
                     env[name] = ("ring", value)
                 clock.stop(t, kind="spu", sample=n, segment=item.index, ops=[o["op"] for o in item.ops])
@@ -226,7 +231,9 @@ def run_server(folder: Path, port: int, spu_addrs: list[str], timeout: float, se
             elif kind == "spu":
                 args = []
                 for name, source in item.inputs:
-                    if source.startswith("const:"):
+                    if source.startswith("split:"):
+                        args.extend(split_share(env[name][1], int(source[6:]), 1))
+                    elif source.startswith("const:"):
                         args.append(arrays[source[6:]])
                     else:
                         v = env[name]

@@ -23,6 +23,8 @@ sum      sum over ``axes``
 sumpool  sum over non-overlapping ``k x k`` windows (average pooling; the ``1/k^2`` is in the scale)
 maxpool  max over non-overlapping ``k x k`` windows
 reshape  to ``shape``
+slice    ``x[start:end:step]`` along ``axis``
+pad      zeros around (``widths`` per axis): both parties pad their shares with zeros
 output   revealed to the client: ``int * scale`` (a single public scale per output)
 ======== ==================================================================================
 
@@ -119,6 +121,12 @@ def apply(op: dict[str, Any], args: list[Any], const: Any, xp: Any) -> Any:
         return r.sum(axis=(2, 4)) if kind == "sumpool" else r.max(axis=(2, 4))
     if kind == "reshape":
         return x.reshape(tuple(op["shape"]))
+    if kind == "slice":
+        index = [slice(None)] * x.ndim
+        index[int(op["axis"])] = slice(op["start"], op["end"], op["step"])
+        return x[tuple(index)]
+    if kind == "pad":
+        return xp.pad(x, [tuple(p) for p in op["widths"]])
     raise BackendError(f"he secure: unknown op {kind!r}")  # pragma: no cover -- the compiler emits only these
 
 
@@ -166,7 +174,10 @@ def plan_segments(program: SecureProgram) -> list[tuple[str, Any]]:
         for op in seg_ops:
             for v in op.get("in", []):
                 if v not in made and all(v != name for name, _ in inputs):
-                    inputs.append((v, producer.get(v, "ring")))
+                    source = producer.get(v, "ring")
+                    if op["op"] == "shift" and source == "ring":
+                        source = f"split:{int(op['bits'])}"
+                    inputs.append((v, source))
             if op["op"] == "mul":
                 inputs.append((f"const:{op['const']}", f"const:{op['const']}"))
         outputs = [op["out"] for op in seg_ops if op["out"] in later_reads[pending[-1]]]
@@ -180,6 +191,8 @@ def plan_segments(program: SecureProgram) -> list[tuple[str, Any]]:
             flush()
             schedule.append((op["op"], op))
         else:
+            if op["op"] == "shift":
+                flush()  # a shift starts a segment: its input arrives split (see segment_function)
             pending.append(i)
     flush()
     return schedule
@@ -191,18 +204,54 @@ def segment_function(segment: Segment, program: SecureProgram, xp: Any):
 
     def f(*args: Any) -> tuple[Any, ...]:
         env: dict[str, Any] = {}
-        for (name, source), value in zip(segment.inputs, args):
+        split: dict[str, tuple[Any, ...]] = {}
+        pos = 0
+        for name, source in segment.inputs:
+            if source.startswith("split:"):
+                split[name] = tuple(args[pos : pos + 4])
+                pos += 4
+                continue
+            value = args[pos]
+            pos += 1
             if source.startswith("he:"):
                 shape = program.step(int(source[3:]))
                 t, off = shape.t, shape.offset
                 value = xp.where(value >= t, value - t, value) - off
             env[name] = value
         for op in segment.ops:
+            if op["op"] == "shift" and op["in"][0] in split:
+                env[op["out"]] = exact_shift(split[op["in"][0]], int(op["bits"]), xp)
+                continue
             const = env.get(f"const:{op['const']}") if op["op"] == "mul" else None
             env[op["out"]] = apply(op, [env[v] for v in op["in"]], const, xp)
         return tuple(env[v] for v in segment.outputs)
 
     return f
+
+
+def split_share(share: np.ndarray, bits: int, rank: int) -> list[np.ndarray]:
+    """A party's four inputs to :func:`exact_shift` from its ``Z_2^64`` share of ``x``:
+    ``z_i = x_i (+ 2^(bits-1) + 2^52 for the client)``, then ``z_i >> bits``, ``z_i mod 2^bits``
+    and the top bit of ``z_i`` (as the client's or the server's own secret)."""
+    z = np.asarray(share, dtype=np.uint64)
+    if rank == 0:
+        z = z + np.uint64(((1 << (bits - 1)) if bits else 0) + (1 << _BIG))
+    msb = (z >> np.uint64(63)).astype(np.uint64)
+    zero = np.zeros_like(msb)
+    return [z >> np.uint64(bits), z & np.uint64((1 << bits) - 1), msb if rank == 0 else zero, zero if rank == 0 else msb]
+
+
+def exact_shift(parts: tuple[Any, ...], bits: int, xp: Any) -> Any:
+    """``floor(z / 2^bits) - 2^(52-bits)`` for ``z = z_0 + z_1 (mod 2^64)``, ``0 <= z < 2^63``, from
+    the parties' split shares (:func:`split_share`): ``floor(z / 2^k) = (z_0 >> k) + (z_1 >> k) + c
+    - w 2^(64-k)`` with the carry ``c = [lo_0 + lo_1 >= 2^k]`` (one comparison) and the wrap
+    ``w = [z_0 + z_1 >= 2^64] = msb_0 OR msb_1`` (true because ``z < 2^63``; one product). SPU's
+    own division by ``2^k`` is exact too but ~25x slower (measured: 7.2 s vs 0.27 s for 16384
+    values), its shift returns boolean shares."""
+    hi, lo, m0, m1 = parts
+    carry = xp.where(lo >= (1 << bits), 1, 0)
+    wrap = m0 + m1 - m0 * m1
+    return hi + carry - wrap * (1 << (63 - bits)) * 2 - (1 << (_BIG - bits))
 
 
 def quantize_input(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
@@ -239,4 +288,4 @@ def simulate(program: SecureProgram, arrays: dict[str, np.ndarray], x: np.ndarra
     return out
 
 
-__all__ = ["PROGRAM_FILE", "SERVER_FILE", "Segment", "SecureProgram", "apply", "load_server_arrays", "plan_segments", "quantize_input", "segment_function", "simulate"]
+__all__ = ["exact_shift", "split_share", "PROGRAM_FILE", "SERVER_FILE", "Segment", "SecureProgram", "apply", "load_server_arrays", "plan_segments", "quantize_input", "segment_function", "simulate"]
