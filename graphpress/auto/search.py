@@ -461,7 +461,7 @@ def _time_he(job: Job, evaluated: Sequence[Evaluated], config: AutoConfig, step:
 
     from graphpress.backends import get_backend
 
-    be = get_backend("he", encoding="coeff-circulant", poly_degree=config.poly_degree, check_seeds=())
+    be = get_backend("he", protocol="interactive", encoding="coeff-circulant", poly_degree=config.poly_degree, check_seeds=())
     x1 = job.evaluation[0][:1].numpy()
     ok = [e for e in evaluated if "error" not in e.quality]
     times: dict[int, list[float]] = {i: [] for i in range(len(ok))}

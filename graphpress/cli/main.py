@@ -131,7 +131,7 @@ def run(
         help="What fine-tuning trains: auto (the tensors passes mark trainable, else every weight), annotated, or all (pruned weights keep their zeros).",
     ),
     he_encoding: Optional[str] = typer.Option(None, "--he-encoding", help="= --backend-option encoding=... (--backend he): coeff-circulant (default) | coeff-dense | slot-dense."),
-    he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="= --backend-option protocol=... (--backend he): interactive (default, BFV) | polynomial (CKKS, fully encrypted)."),
+    he_protocol: Optional[str] = typer.Option(None, "--he-protocol", help="= --backend-option protocol=... (--backend he): secure (default: two parties, HE on secret shares + SPU 2PC; run 'compress secure-setup' once) | interactive (debugging: the client sees activations) | polynomial (CKKS)."),
     he_act_bits: Optional[int] = typer.Option(None, "--he-act-bits", help="= --backend-option act_bits=... (--backend he): fixed-point bits of the encrypted activations (default 8)."),
     he_weight_bits: Optional[int] = typer.Option(None, "--he-weight-bits", help="= --backend-option weight_bits=... (--backend he): fixed-point bits of the weights (default 8)."),
     tvm_tune: Optional[int] = typer.Option(None, "--tvm-tune", help="= --backend-option tune_trials=... (--backend tvm): MetaSchedule trials (batch 1) before writing the artifact."),
@@ -756,6 +756,22 @@ def he_calibrate(
             on_entry=lambda i, n, e: prog.step(i, n, f"parameter sets (N={e['poly_degree']} {e['coeff_modulus_bits']})"),
         )
     console.print(he_costs_table(entries, f"HE op costs (us, medians of {repeat}), cached in {path}"))
+
+
+@app.command("secure-setup")
+@handle_errors
+def secure_setup(
+    path: Optional[Path] = typer.Option(None, "--path", help="Where to create the parties' virtual environment (default: $GRAPHPRESS_CACHE/spu-venv, ~/.cache/graphpress/spu-venv)."),
+) -> None:
+    """Create the environment the secure HE protocol's two parties run in (SPU 0.9.5 needs numpy<2: its own venv)."""
+    from graphpress.backends.he.secure.launch import SPU_REQUIREMENTS, cache_dir, setup_venv
+
+    target = path or cache_dir() / "spu-venv"
+    with StageProgress() as prog:
+        prog.stage(f"pip install {' '.join(SPU_REQUIREMENTS)} into {target}")
+        exe = setup_venv(target)
+    hint = "" if path is None else f"; set GRAPHPRESS_SPU_PYTHON={exe} to use it"
+    console.print(f"secure protocol parties: {exe}{hint}")
 
 
 # ---------------------------------------------------------------------------- demo

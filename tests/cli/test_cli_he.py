@@ -46,7 +46,7 @@ def artifact(files, tmp_path_factory):
         mp.setenv("GRAPHPRESS_HE_COSTS", str(tmp_path_factory.mktemp("costs") / "c.json"))
         res = invoke(
             "run", files / "digits.pt", "--arch", ARCH, "--input-shape", "2x1x8x8", "--recipe", "fold-batchnorm",
-            "--calibration", files / "calib.pt", "--backend", "he", "--he-encoding", "coeff-dense", "-o", out,
+            "--calibration", files / "calib.pt", "--backend", "he", "--he-protocol", "interactive", "--he-encoding", "coeff-dense", "-o", out,
         )
     return out, res
 

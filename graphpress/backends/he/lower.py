@@ -118,7 +118,11 @@ class HEBackend:
         ``"coeff-circulant"`` (default: compact block-circulant layers, dense ones coefficient
         encoded), ``"coeff-dense"`` or ``"slot-dense"``.
     protocol : str
-        ``"interactive"`` (BFV, default) or ``"polynomial"`` (CKKS, fully encrypted).
+        ``"secure"`` (default: two processes, HE on secret shares + SPU 2PC, the client learns
+        only the output; needs ``compress secure-setup``), ``"interactive"`` (debugging: the
+        client sees every activation) or ``"polynomial"`` (CKKS, fully encrypted).
+    stat_bits : int
+        Statistical security of the secure protocol's noise flooding (at least 40).
     act_bits, weight_bits : int
         Fixed-point bits (interactive).
     percentile : float, optional
@@ -138,13 +142,14 @@ class HEBackend:
     def __init__(
         self,
         encoding: str = "coeff-circulant",
-        protocol: str = "interactive",
+        protocol: str = "secure",
         act_bits: int = 8,
         weight_bits: int = 8,
         percentile: float | None = None,
         poly_degree: int | None = None,
         check_seeds: Sequence[int] = (0,),
         measure_costs: bool = True,
+        stat_bits: int = 40,
     ):
         from graphpress.backends.he import require_tenseal
 
@@ -152,6 +157,11 @@ class HEBackend:
         if encoding not in ENCODINGS:
             raise BackendError(f"he: option 'encoding': unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
         self.protocol = get_protocol(protocol).name
+        if self.protocol == "secure" and encoding == "slot-dense":
+            raise BackendError("he: option 'encoding': the secure protocol runs coefficient encodings (coeff-circulant, coeff-dense), not slot-dense")
+        if int(stat_bits) < 40:
+            raise BackendError(f"he: option 'stat_bits': {stat_bits} is below 40 bits of statistical security; the flooding would not hide the weights")
+        self.stat_bits = int(stat_bits)
         self.encoding = encoding
         self.quant = QuantConfig(act_bits, weight_bits, percentile)
         self.poly_degree = poly_degree
@@ -166,6 +176,7 @@ class HEBackend:
             poly_degree=poly_degree,
             check_seeds=self.check_seeds,
             measure_costs=bool(measure_costs),
+            stat_bits=self.stat_bits,
         )
 
     # ------------------------------------------------------------------ interactive
@@ -180,6 +191,8 @@ class HEBackend:
         """
         if self.protocol == "polynomial":
             return self._lower_polynomial(graph, Path(folder), check=check)
+        if self.protocol == "secure":
+            return self._lower_secure(graph, Path(folder), check=check)
         folder = Path(folder)
         t0 = time.perf_counter()
         program, weights, client = build_program(graph, encoding=self.encoding, protocol=self.protocol, quant=self.quant, poly_degree=self.poly_degree)
@@ -255,6 +268,73 @@ class HEBackend:
     def runner(self, model_path: Path, **options: Any) -> Any:
         """An :class:`HERunner` (interactive) or :class:`PolynomialRunner` for a lowered folder."""
         return load_runner(Path(model_path), **options)
+
+    # ------------------------------------------------------------------ secure
+    def _lower_secure(self, graph: Graph, folder: Path, *, check: bool) -> LoweredModel:
+        """Compile the two-party program; with ``check``, run it between two processes on the
+        example inputs: the revealed integers must equal the fixed-point simulation."""
+        from graphpress.backends.he.secure import launch
+        from graphpress.backends.he.secure.compile import compile_secure
+        from graphpress.backends.he.secure.program import SERVER_FILE, simulate
+        from graphpress.backends.he.secure.program import PROGRAM_FILE as SECURE_FILE
+
+        t0 = time.perf_counter()
+        program, weights, client = build_program(graph, encoding=self.encoding, protocol="secure", quant=self.quant, poly_degree=self.poly_degree)
+        sp, arrays = compile_secure(program, weights, client, stat_bits=self.stat_bits, poly_degree=self.poly_degree)
+        folder.mkdir(parents=True, exist_ok=True)
+        sp.save(folder)
+        np.savez_compressed(folder / SERVER_FILE, **{k: v.astype(_int_dtype(v)) for k, v in arrays.items()})
+        head = {
+            "protocol": "secure",
+            "program": SECURE_FILE,
+            "server": SERVER_FILE,
+            "encoding": self.encoding,
+            "quant": program.quant,
+            "stat_bits": self.stat_bits,
+            "input_names": list(graph.input_names),
+            "output_names": list(graph.output_names),
+            "security": program.security,
+        }
+        (folder / PROGRAM_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+        files = [PROGRAM_FILE, SECURE_FILE, SERVER_FILE]
+        info: dict[str, Any] = {
+            "protocol": "secure",
+            "encoding": self.encoding,
+            "security": program.security,
+            "stat_bits": self.stat_bits,
+            "layers": [
+                {"name": s["name"], "kind": s["kind"], "b": s["b"], "poly_degree": s["params"]["poly_degree"],
+                 "coeff_modulus_bits": s["params"]["coeff_modulus_bits"], "plain_modulus": s["params"]["plain_modulus"], "flood_bits": s["flood_bits"]}
+                for s in sp.steps
+            ],
+            "ops": len(sp.ops),
+            "build_s": round(time.perf_counter() - t0, 3),
+        }
+        if not check:
+            return LoweredModel(backend=self.name, model_file=PROGRAM_FILE, files=files, check={"skipped": True}, info=info)
+        t0 = time.perf_counter()
+        label, inputs = check_sets(graph, ())[0]
+        x = inputs[0].detach().double().numpy()
+        run = launch.run(folder, x)
+        for i in range(x.shape[0]):
+            ref = simulate(sp, arrays, x[i])
+            for name in sp.output_names:
+                if not np.array_equal(run.output_ints[name][i], ref[f"{name}:int"]):
+                    raise BackendError(f"he secure: output {name!r} of sample {i}: the two-party result differs from the fixed-point simulation")
+        refs = graph.run(*inputs)
+        tests = [torch.from_numpy(np.asarray(run.outputs[n])) for n in sp.output_names]
+        diffs = compare_outputs(refs, tests, graph.output_names)
+        outs = [{**d.to_dict(), "top1_agreement": _agreement(r, t)} for d, r, t in zip(diffs, refs, tests)]
+        report = {
+            "passed": True,
+            "exact_integers": "the revealed output integers equal the numpy fixed-point simulation (two processes, every sample)",
+            "tolerance": "fixed-point: reported, not refused (max abs, SQNR, top-1 agreement vs the float graph)",
+            "runs": [{"inputs": label, "outputs": outs, "seconds": run.wall_s}],
+            "secure": run.summary(),
+            "check_s": round(time.perf_counter() - t0, 3),
+        }
+        info["secure_run"] = run.summary()
+        return LoweredModel(backend=self.name, model_file=PROGRAM_FILE, files=files, check=report, info=info)
 
     # ------------------------------------------------------------------ polynomial
     def _lower_polynomial(self, graph: Graph, folder: Path, *, check: bool) -> LoweredModel:
@@ -333,6 +413,31 @@ class PolynomialRunner:
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
 
+class SecureRunner:
+    """Two-party inference of a ``secure`` HE artifact: every call starts a client and a server
+    process (:func:`graphpress.backends.he.secure.launch.run`); ``last_run`` keeps the costs."""
+
+    def __init__(self, folder: Path, *, timeout: float = 300.0, **_options: Any):
+        from graphpress.backends.he.secure import launch
+        from graphpress.backends.he.secure.program import SecureProgram
+
+        self.folder = Path(folder)
+        head = json.loads((self.folder / PROGRAM_FILE).read_text(encoding="utf-8"))
+        self.program = SecureProgram.load(self.folder)
+        self.input_names = list(head.get("input_names", ["x"]))
+        self.output_names = list(self.program.output_names)
+        self.timeout = timeout
+        self._launch = launch
+        self.last_run: Any = None
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        if len(inputs) != 1:
+            raise BackendError(f"he secure: the protocol takes one input tensor, got {len(inputs)}")
+        x = inputs[0].detach().cpu().numpy() if isinstance(inputs[0], torch.Tensor) else np.asarray(inputs[0])
+        self.last_run = self._launch.run(self.folder, x.astype(np.float64), timeout=self.timeout)
+        return [np.asarray(self.last_run.outputs[n], dtype=np.float32) for n in self.output_names]
+
+
 def load_runner(path: Path, **options: Any) -> Any:
     """The runner for an HE artifact folder (or its ``he_program.json``), by protocol."""
     folder = path.parent if path.is_file() else path
@@ -342,9 +447,11 @@ def load_runner(path: Path, **options: Any) -> Any:
         raise BackendError(f"{folder / PROGRAM_FILE}: cannot read the HE program ({err})") from err
     if protocol == "polynomial":
         return PolynomialRunner(folder, **options)
+    if protocol == "secure":
+        return SecureRunner(folder, **options)
     options.pop("providers", None)
     options.pop("threads", None)
     return HERunner(folder, **options)
 
 
-__all__ = ["HEBackend", "PolynomialRunner", "cost_report", "load_runner", "write_program"]
+__all__ = ["HEBackend", "PolynomialRunner", "SecureRunner", "cost_report", "load_runner", "write_program"]

@@ -17,7 +17,9 @@ class HEOptions:
         ``"coeff-circulant"`` (compact block-circulant layers, dense ones coefficient encoded),
         ``"coeff-dense"`` or ``"slot-dense"`` (``--he-encoding``).
     protocol : str
-        ``"interactive"`` (BFV) or ``"polynomial"`` (CKKS, fully encrypted) (``--he-protocol``).
+        ``"secure"`` (default: two parties, HE on secret shares + SPU 2PC; the client learns only
+        the output), ``"interactive"`` (debugging: the client sees every activation) or
+        ``"polynomial"`` (CKKS, fully encrypted) (``--he-protocol``).
     act_bits, weight_bits : int
         Fixed-point bits of the encrypted activations and of the weights (interactive;
         ``--he-act-bits``, ``--he-weight-bits``).
@@ -28,6 +30,8 @@ class HEOptions:
         security).
     check_seeds : tuple of int
         Seeded random input sets encrypted by the check besides the example inputs.
+    stat_bits : int
+        Statistical security of the noise flooding of the ``secure`` protocol (at least 40).
     measure_costs : bool
         Measure the per-op costs the program's parameters need when the cache lacks them, so
         that ``he_cost.json`` has predictions.
@@ -35,7 +39,8 @@ class HEOptions:
 
     version: int = 1
     encoding: str = "coeff-circulant"
-    protocol: str = "interactive"
+    protocol: str = "secure"
+    stat_bits: int = 40
     act_bits: int = 8
     weight_bits: int = 8
     percentile: float | None = None

@@ -4,7 +4,17 @@ Two parties: the *client* owns the input and the secret key; the *server* owns t
 Both modes assume semi-honest (honest-but-curious) parties and 128-bit RLWE security of the
 parameters (:mod:`graphpress.backends.he.bfv` picks them from the HE standard's table).
 
-``interactive`` (BFV, this backend's default)
+``secure`` (BFV + SPU, this backend's default)
+    The two-party protocol of :mod:`graphpress.backends.he.secure`: the linear layers run under
+    BFV on additive secret shares, the server masks every result with fresh uniform values,
+    re-randomizes it with an encryption of zero under the client's public key and floods its
+    noise (40-bit statistical distance), and sends only the coefficients the client reads; the
+    nonlinearities run on the shares in SPU's Cheetah protocol. *Protected*: the client's input,
+    every activation and the output against the server; the weights, biases and scales and every
+    intermediate value against the client, which learns only the output. *Not protected*: the
+    architecture and shapes, the output itself (extraction by many queries), malicious behaviour.
+
+``interactive`` (BFV; a debugging mode: the client sees every activation)
     Per encrypted layer: the client quantizes its activation, encrypts it and sends it; the
     server multiplies by its plaintext integer weights (coefficient or slot encoding) and sends
     the ciphertext back; the client decrypts ``y_int = W_int x_int``, dequantizes, adds the bias,
@@ -73,12 +83,30 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
+    "secure": Protocol(
+        name="secure",
+        scheme="BFV + SPU (Cheetah 2PC)",
+        summary=(
+            "two processes: linear/conv layers run under BFV on additive secret shares (server masks, re-randomizes and "
+            "floods every result), ReLU / pooling / requantization run as two-party computation in SPU's Cheetah protocol; "
+            "the client learns only the output"
+        ),
+        server_learns="nothing about the input, the activations or the output beyond shapes, layer count and timing",
+        client_learns=(
+            "the output, and the public program: layer shapes, BFV parameters, the input quantizer; never an intermediate "
+            "value, a weight, a bias or a scale (uniformly masked shares, noise flooded to 40 bits of statistical distance)"
+        ),
+        not_protected=(
+            "the architecture and the layer shapes; the output itself (model extraction by many queries, as for any "
+            "prediction API); security holds against semi-honest parties only"
+        ),
+    ),
     "interactive": Protocol(
         name="interactive",
         scheme="BFV",
         summary=(
-            "linear/conv layers run on encrypted inputs on the server; the client decrypts each layer's output, "
-            "applies the nonlinearities in plaintext, re-quantizes and re-encrypts"
+            "DEBUGGING MODE, client sees activations: linear/conv layers run on encrypted inputs on the server; the client "
+            "decrypts each layer's output, applies the nonlinearities in plaintext, re-quantizes and re-encrypts"
         ),
         server_learns="nothing about the input or the activations beyond shapes, layer count and timing (fresh BFV ciphertexts only)",
         client_learns=(

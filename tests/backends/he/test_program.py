@@ -47,7 +47,7 @@ def digits():
 @pytest.fixture(scope="module")
 def digits_artifact(digits, tmp_path_factory):
     folder = tmp_path_factory.mktemp("he-digits")
-    lowered = get_backend("he").lower(digits["graph"], folder)
+    lowered = get_backend("he", protocol="interactive").lower(digits["graph"], folder)
     return folder, lowered
 
 
@@ -126,7 +126,7 @@ def test_runtime_loads_he_artifact(digits, tmp_path):
 
     graph = digits["graph"]
     out = tmp_path / "art"
-    res = export(graph, out, backend=get_backend("he", check_seeds=()), bench=False)
+    res = export(graph, out, backend=get_backend("he", protocol="interactive", check_seeds=()), bench=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "he" and manifest["lowering"]["info"]["protocol"] == "interactive"
     assert manifest["lowering"]["info"]["security"]["name"] == "interactive"
@@ -151,7 +151,7 @@ def test_circulant_graph_runs_on_compact_weights(digits, tmp_path):
     # the same graph under coeff-dense runs on the exact dense expansion
     dense_prog, _dense_w, _ = build_program(graph, encoding="coeff-dense")
     assert dense_prog.steps[2].weight_shape == [64, 512]
-    lowered = get_backend("he", encoding="coeff-circulant", check_seeds=()).lower(graph, tmp_path / "circ")
+    lowered = get_backend("he", protocol="interactive", encoding="coeff-circulant", check_seeds=()).lower(graph, tmp_path / "circ")
     runner = HERunner(tmp_path / "circ")
     x = digits["x_test"][:8].numpy()
     run = runner.run(x)
@@ -159,7 +159,7 @@ def test_circulant_graph_runs_on_compact_weights(digits, tmp_path):
     ref = graph.run(torch.from_numpy(x))[0].numpy()
     assert (run.outputs[0].argmax(1) == ref.argmax(1)).mean() >= 7 / 8
     fc1 = next(r for r in run.layers if r["name"] == "fc1")
-    get_backend("he", encoding="coeff-dense", check_seeds=()).lower(graph, tmp_path / "dense", check=False)
+    get_backend("he", protocol="interactive", encoding="coeff-dense", check_seeds=()).lower(graph, tmp_path / "dense", check=False)
     fc1_dense = next(r for r in HERunner(tmp_path / "dense").run(x).layers if r["name"] == "fc1")
     assert fc1["counts"]["plain_mults"] * 4 == fc1_dense["counts"]["plain_mults"]  # b times fewer products
     assert lowered.info["layers"][2]["b"] == 4
@@ -176,7 +176,7 @@ def test_slot_dense_encoding_runs_exactly(digits, tmp_path):
 
     torch.manual_seed(0)
     graph = Graph.capture(MLP().eval(), (torch.randn(4, 12),))
-    get_backend("he", encoding="slot-dense", check_seeds=()).lower(graph, tmp_path / "slot")
+    get_backend("he", protocol="interactive", encoding="slot-dense", check_seeds=()).lower(graph, tmp_path / "slot")
     runner = HERunner(tmp_path / "slot")
     x = np.random.default_rng(1).standard_normal((5, 12)).astype(np.float32)
     run = runner.run(x)
@@ -217,7 +217,7 @@ def test_grouped_conv_is_refused():
 def test_wrong_parameters_are_caught_naming_the_layer(digits, tmp_path):
     # an artifact whose plain modulus was edited below the layer's bound must not decrypt garbage
     folder = tmp_path / "bad"
-    get_backend("he", check_seeds=()).lower(digits["graph"], folder, check=False)
+    get_backend("he", protocol="interactive", check_seeds=()).lower(digits["graph"], folder, check=False)
     program = json.loads((folder / "he_program.json").read_text())
     from graphpress.backends.he.bfv import choose_params
 

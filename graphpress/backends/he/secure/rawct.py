@@ -25,10 +25,14 @@ _HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr_m
 
 
 def _decompress(blob: bytes, what: str) -> bytes:
+    """SEAL's members of a serialized object, uncompressed, after its 2-byte version."""
     magic, hsize, major, minor, mode, _, size = _HEADER.unpack_from(blob)
     if magic != _MAGIC or hsize != 16:
         raise BackendError(f"he secure: {what}: not a SEAL object (bad header)")
-    body = blob[16:size]
+    return bytes([major, minor]) + _body(blob[16:size], mode)
+
+
+def _body(body: bytes, mode: int) -> bytes:
     if mode == 0:
         return body
     if mode == 2:
@@ -39,7 +43,7 @@ def _decompress(blob: bytes, what: str) -> bytes:
         import zlib
 
         return zlib.decompress(body)
-    raise BackendError(f"he secure: {what}: unknown SEAL compression mode {mode}")
+    raise BackendError(f"he secure: unknown SEAL compression mode {mode}")
 
 
 def save_bytes(obj: Any, path: str) -> bytes:
@@ -61,7 +65,8 @@ def load_bytes(obj: Any, context: Any, blob: bytes, path: str, what: str) -> Any
 
 
 def coeffs(ct: Any, path: str) -> tuple[bytes, np.ndarray]:
-    """``(members before the data, coefficients (2, L, N) uint64)`` of a size-2 ciphertext."""
+    """``(SEAL version + members before the data, coefficients (2, L, N) uint64)`` of a size-2
+    ciphertext (the version differs between tenseal builds: 0.3.16 and 0.3.18 carry other SEALs)."""
     raw = _decompress(save_bytes(ct, path), "ciphertext")
     n, limbs = int(ct.poly_modulus_degree()), int(ct.coeff_modulus_size())
     count = 2 * limbs * n
@@ -73,8 +78,8 @@ def coeffs(ct: Any, path: str) -> tuple[bytes, np.ndarray]:
 
 def rebuild(seal: Any, context: Any, prefix: bytes, data: np.ndarray, path: str, what: str = "ciphertext") -> Any:
     """A ciphertext with the members ``prefix`` (from :func:`coeffs`) and coefficients ``data``."""
-    body = prefix + np.ascontiguousarray(data, dtype="<u8").tobytes()
-    blob = _HEADER.pack(_MAGIC, 16, 4, 1, 0, 0, 16 + len(body)) + body
+    body = prefix[2:] + np.ascontiguousarray(data, dtype="<u8").tobytes()
+    blob = _HEADER.pack(_MAGIC, 16, prefix[0], prefix[1], 0, 0, 16 + len(body)) + body
     return load_bytes(seal.Ciphertext(), context, blob, path, what)
 
 

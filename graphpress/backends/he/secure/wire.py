@@ -48,7 +48,8 @@ class Channel:
     def __init__(self, sock: socket.socket, timeout: float, peer: str):
         self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
         self.peer = peer
         self.sent = self.received = 0
         self.messages_sent = self.messages_received = 0
