@@ -432,7 +432,9 @@ def auto(
         if tuned is not None:
             extra["finetune"] = tuned
     he = backend == "he"
-    written = export(graph, out, backend=backend, backend_options={"poly_degree": poly_degree} if he else None, original=result.base,
+    # The search priced the HE linear layers (debugging kernels at poly_degree); the artifact runs the
+    # secure two-party protocol, whose noise flooding picks its own ring degree per layer.
+    written = export(graph, out, backend=backend, backend_options=None, original=result.base,
                      report=report, recipe={"name": "auto", "passes": passes}, overwrite=overwrite,
                      bench=(bench or require_speedup is not None) and not he,  # encrypted inference: seconds; 'compress bench' times it
                      on_stage=on_stage, on_step=on_step, threads=n, extra=extra, extra_files=files,
