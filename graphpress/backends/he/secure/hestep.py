@@ -322,7 +322,17 @@ class ServerStep(_Side):
         self.bias = np.zeros(shape.out_features, dtype=np.int64) if bias_int is None else np.asarray(bias_int, dtype=np.int64)
         self.outputs = _out_positions(shape, self.plan)
         self.primes = [int(m.value()) for m in ctx.context.first_context_data().parms().coeff_modulus()]
+        self._q = np.array(self.primes, dtype=np.uint64)[None, :, None]
+        self._pool: list[np.ndarray] = []
         self.n_inputs = self.plan.col_tiles * math.ceil(shape.rows / self.plan.per_ct) if shape.kind == "linear" else self.plan.tiles * self.plan.chan_groups
+
+    def refill(self) -> None:
+        """Offline (before the client's input exists): per response ciphertext, a public-key
+        encryption of zero whose ``c0`` already carries the flooding noise at the coefficients
+        the client will read. Online, the server adds one to each result: re-randomization and
+        flooding cost one vector addition."""
+        with self.ctx.counter.timed("server", "offline"):
+            self._pool = [self._fresh_zero(pos) for _, pos, _, _ in self.outputs]
 
     def respond(self, blobs: list[bytes], s_share: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         """``(responses, R)``: the packed ciphertexts for the client and the server's output share."""
@@ -343,6 +353,9 @@ class ServerStep(_Side):
         mask = self.rng.integers(0, t, size=y_s.shape, dtype=np.int64)
         addend = (y_s + shape.offset - mask) % t
         responses = []
+        zeros, self._pool = self._pool, []  # used once: a mask or a flood is never reused
+        if zeros and len(zeros) != len(self.outputs):
+            zeros = []
         per = plan.col_tiles if shape.kind == "linear" else plan.chan_groups
         for k, ((key, pos, where, r)) in enumerate(self.outputs):
             group = key[0] // plan.per_ct if shape.kind == "linear" else key[0]
@@ -352,7 +365,6 @@ class ServerStep(_Side):
             else:
                 pairs = [(ins[c], self.tiles[key[1], c]) for c in range(plan.chan_groups)]
             acc = self.kernel._accumulate(ctx, pairs)
-            ctx.add_inplace(acc, ctx.encrypt_zero_server())  # re-randomize c1 (circuit privacy)
             vals = addend[where] % t
             if shape.b > 1:
                 vals = vals * self.fwd[r] % t
@@ -360,10 +372,11 @@ class ServerStep(_Side):
             poly[pos] = vals
             ctx.add_plain_inplace(acc, ctx.plain_coeffs(poly))
             with ctx.counter.timed("server", "flood"):
+                # + Enc_pk(0) with flooded noise, prepared offline: re-randomizes c1 (else it is the
+                # client's seed polynomial times the weights) and hides the weight-dependent noise
                 prefix, data = rawct.coeffs(acc, self.path)
-                noise = rawct.big_uniform_mod(self.rng, pos.size, shape.flood_bits, self.primes)
-                for i, q in enumerate(self.primes):
-                    data[0, i, pos] = (data[0, i, pos] + noise[i]) % np.uint64(q)
+                data += zeros.pop(0) if zeros else self._fresh_zero(pos)
+                np.subtract(data, self._q, out=data, where=data >= self._q)
                 acc = rawct.rebuild(self.seal, ctx.context, prefix, data, self.path)
             with ctx.counter.timed("server", "mod_switch"):
                 while acc.coeff_modulus_size() > 1:
@@ -371,6 +384,15 @@ class ServerStep(_Side):
                 _, low = rawct.coeffs(acc, self.path)
             responses.append(_pack(np.concatenate([low[1, 0], low[0, 0, pos]]), self.nbytes))
         return responses, mask.reshape(shape.out_shape) if shape.kind == "linear" else mask
+
+    def _fresh_zero(self, pos: np.ndarray) -> np.ndarray:
+        """One flooded encryption of zero now (no offline pool was prepared)."""
+        ctx = self.ctx
+        _, data = rawct.coeffs(ctx.encrypt_zero_server(), self.path)
+        noise = rawct.big_uniform_mod(self.rng, pos.size, self.shape.flood_bits, self.primes)
+        for i, q in enumerate(self.primes):
+            data[0, i, pos] = (data[0, i, pos] + noise[i]) % np.uint64(q)
+        return data
 
 
 __all__ = ["ClientStep", "FRESH_NOISE", "ServerStep", "StepShape", "dense_weight", "noise_bound_bits", "plain_layer"]

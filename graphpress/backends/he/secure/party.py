@@ -205,6 +205,10 @@ def run_server(folder: Path, port: int, spu_addrs: list[str], timeout: float, se
     spu = SPUParty(1, spu_addrs, program, [s for k, s in schedule if k == "spu"], timeout)
     clock.stop(t, kind="setup", spu_link_s=spu.link_s, spu_compile_s=spu.compile_s)
     for n in range(samples):
+        t = clock.start()
+        for st in steps.values():  # offline: flooded encryptions of zero for this sample's responses
+            st.refill()
+        clock.stop(t, kind="offline", sample=n)
         env: dict[str, tuple] = {}
         for kind, item in schedule:
             t = clock.start()
