@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from graphpress.backends.he.program import build_program
-from graphpress.backends.he.secure import launch
+from graphpress.backends.he.secure import costmodel, launch
 from graphpress.backends.he.secure.compile import compile_secure
 from graphpress.backends.he.secure.program import simulate
 from graphpress.ir.graph import Graph
@@ -89,7 +89,12 @@ def build(graph: Graph, b: int, folder: Path) -> tuple[Any, dict[str, np.ndarray
     return sp, arrays, g
 
 
-def run_once(folder: Path, sp: Any, arrays: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
+def _ratios(pred: list[float | None], meas: list[float]) -> dict[str, Any]:
+    r = [p / m for p, m in zip(pred, meas) if p is not None and m > 0]
+    return {"ratios": [round(v, 3) for v in r], "within_25pct": sum(0.75 <= v <= 1.25 for v in r), "of": len(r)}
+
+
+def run_once(folder: Path, sp: Any, arrays: dict[str, np.ndarray], x: np.ndarray, pred: dict[str, Any]) -> dict[str, Any]:
     run = launch.run(folder, x[None], timeout=300)
     ref = simulate(sp, arrays, x)
     name = sp.output_names[0]
@@ -98,7 +103,15 @@ def run_once(folder: Path, sp: Any, arrays: dict[str, np.ndarray], x: np.ndarray
     he = [r for r in rows if r["kind"] == "he"]
     spu = [r for r in rows if r["kind"] == "spu"]
     first_spu = spu[0]["wall_s"] if spu else 0.0
+    offline = sum(r["wall_s"] for r in run.server["rows"] if r["kind"] == "offline")
+    layer_pred = [l["predicted_s"] for l in pred["layers"]]
+    seg_pred = [g["predicted_s"] for g in pred["segments"]]
     return {
+        "he_layer_ratio": _ratios(layer_pred, [r["wall_s"] for r in he]),
+        "spu_segment_ratio": _ratios(seg_pred[1:], [r["wall_s"] for r in spu][1:]),  # the first segment also pays SPU's first OT batch
+        "he_predicted_s": pred["he_s"],
+        "spu_predicted_s": pred["spu_s"],
+        "offline_s": offline,
         **run.summary(),
         "exact": bool(np.array_equal(run.output_ints[name][0], ref[f"{name}:int"])),
         "setup_s": setup["wall_s"],
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     launch.require_spu_python()
     blocks = [int(b) for b in a.blocks.split(",")]
+    print("calibrating SPU's per-element costs between two parties ...", flush=True)
+    spu_cal = launch.calibrate_spu()
     torch.manual_seed(0)
     model = load_resnet20()
     calib = photo_crops(256, seed=1)
@@ -143,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             "agreement_with_dense_float": float((fixed == float_top1).mean()),
             "poly_degrees": sorted({s["params"]["poly_degree"] for s in sp.steps}),
             "circulant_layers": sum(1 for s in sp.steps if s["b"] > 1),
+            "predicted": costmodel.predict(sp),
         }
         print(f"b={b}: built in {variants[b]['build_s']:.1f} s, fixed-point top-1 agreement with the dense float model {variants[b]['agreement_with_dense_float']:.3f}", flush=True)
     for rep in range(a.repeats):
         for b in blocks:
             v = variants[b]
-            r = run_once(v["folder"], v["sp"], v["arrays"], held[a.agreement + rep].numpy())
+            r = run_once(v["folder"], v["sp"], v["arrays"], held[a.agreement + rep].numpy(), v["predicted"])
             v["runs"].append(r)
             print(f"  rep {rep} b={b}: wall {r['wall_s']:.1f} s (setup {r['setup_s']:.1f}, HE {r['he_linear_s']:.2f}, SPU {r['spu_s']:.1f}), exact={r['exact']}", flush=True)
     rows = []
@@ -172,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             "he_linear_s": he_s,
             "he_linear_s_runs": [round(r["he_linear_s"], 4) for r in runs],
             "he_speedup_vs_dense": (base_he / he_s) if base_he else None,
+            "he_predicted_s": runs[0]["he_predicted_s"],
+            "he_predicted_over_measured": (runs[0]["he_predicted_s"] / he_s) if runs[0]["he_predicted_s"] else None,
+            "he_layers_within_25pct": f"{runs[-1]['he_layer_ratio']['within_25pct']}/{runs[-1]['he_layer_ratio']['of']}",
+            "he_layer_ratios": runs[-1]["he_layer_ratio"]["ratios"],
+            "spu_predicted_s": runs[0]["spu_predicted_s"],
+            "spu_predicted_over_measured": (runs[0]["spu_predicted_s"] / med("spu_s")) if runs[0]["spu_predicted_s"] else None,
+            "spu_segments_within_25pct": f"{runs[-1]['spu_segment_ratio']['within_25pct']}/{runs[-1]['spu_segment_ratio']['of']}",
+            "offline_s": med("offline_s"),
+            "counts": [{k: l[k] for k in ("name", "b", "inputs", "outputs", "products", "read", "poly_degree")} for l in v["predicted"]["layers"]],
             "server_he_s": med("server_he_s"),
             "spu_s": med("spu_s"),
             "bytes_client_to_server": int(med("he_bytes_client_to_server") + med("spu_bytes_client_to_server")),
@@ -188,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             "he_layers": runs[0]["he_bytes_per_layer"],
         })
     print()
+    print(f"{'b':>3} {'HE pred s':>10} {'HE meas s':>10} {'pred/meas':>10} {'layers +-25%':>13} {'SPU pred':>9} {'SPU meas':>9} {'segs +-25%':>11}")
+    for r in rows:
+        print(f"{r['b']:>3} {r['he_predicted_s'] or 0:>10.2f} {r['he_linear_s']:>10.2f} {r['he_predicted_over_measured'] or 0:>10.2f} {r['he_layers_within_25pct']:>13} "
+              f"{r['spu_predicted_s'] or 0:>9.1f} {r['spu_s']:>9.1f} {r['spu_segments_within_25pct']:>11}")
+    print()
     print(f"{'b':>3} {'wall s':>8} {'online s':>9} {'HE s':>7} {'HE x':>6} {'SPU s':>7} {'cli CPU':>8} {'srv CPU':>8} {'MB c->s':>9} {'MB s->c':>9} {'rounds':>7} {'agree':>6} exact")
     for r in rows:
         print(f"{r['b']:>3} {r['wall_s']:>8.1f} {r['online_s']:>9.1f} {r['he_linear_s']:>7.2f} {r['he_speedup_vs_dense'] or 0:>6.2f} {r['spu_s']:>7.1f} "
@@ -202,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": a.repeats,
         "agreement_crops": a.agreement,
         "rows": rows,
+        "spu_costs": {k: v for k, v in spu_cal.items() if k != "rows"},
+        "he_costs": costmodel._load().get("he", {}),
         "published": PUBLISHED,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -313,3 +313,25 @@ def test_backend_default_is_secure_and_runs_through_the_runtime(digits, tmp_path
     assert head["security"]["name"] == "secure" and "never an intermediate value, a weight" in head["security"]["client_learns"]
     assert sorted(lowered.files) == ["he_program.json", "secure_program.json", "secure_server.npz"]
     assert SecureProgram.load(tmp_path / "art").output_names == ["output"]
+
+
+# ---------------------------------------------------------------------------- cost model
+def test_cost_model_counts_and_prices_every_layer(digits, tmp_path, monkeypatch):
+    from graphpress.backends.he.secure import costmodel
+
+    monkeypatch.setenv("GRAPHPRESS_CACHE", str(tmp_path / "cache"))
+    sp, _ = _compile(digits["graph"], tmp_path / "p")
+    # SPU costs fitted from two sizes: slope per element, intercept per segment call
+    fit = costmodel.fit_spu([{"op": "relu", "n": 1000, "wall_s": 0.03}, {"op": "relu", "n": 5000, "wall_s": 0.07},
+                             {"op": "mul", "n": 1000, "wall_s": 0.025}, {"op": "mul", "n": 5000, "wall_s": 0.045}])
+    assert fit["per_element_s"]["relu"] == pytest.approx(1e-5) and fit["segment_s"] == pytest.approx(0.02)
+    costmodel.store_spu_costs(fit)
+    pred = costmodel.predict(sp)
+    assert [l["name"] for l in pred["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    conv2 = pred["layers"][1]
+    # conv2: 16 -> 32 channels on 8x8, stride 1: every output read once, exact multiply-accumulates
+    assert conv2["read"] == 32 * 8 * 8 and conv2["macs"] == 32 * 16 * 9 * 64 and conv2["inputs"] >= 1 and conv2["products"] >= conv2["outputs"]
+    assert all(l["predicted_s"] > 0 and l["predicted_bytes_up"] > 0 for l in pred["layers"])
+    first = pred["segments"][0]
+    assert first["elements"]["unwrap"] == 16 * 8 * 8 and first["elements"]["relu"] == 16 * 8 * 8
+    assert first["elements"]["mul"] == 16 * 64 and first["predicted_s"] == pytest.approx(0.02 + 1024 * 1e-5 + 1024 * 5e-6)  # unwrap: not calibrated here

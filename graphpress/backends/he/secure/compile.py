@@ -109,7 +109,8 @@ class _Compiler:
         else:
             x = self.rescale(v, np.full(v.shape, key[0]), what)
             out = self.new(v.shape, key[0], "q", nonneg=key[1] >= 0)
-            self.ops.append({"op": "clamp", "in": [x.name], "out": out.name, "lo": key[1], "hi": key[2]})
+            lo = None if (v.nonneg and key[1] <= 0) else key[1]  # after a relu: only the top can clip
+            self.ops.append({"op": "clamp", "in": [x.name], "out": out.name, "lo": lo, "hi": key[2]})
         out.qkey = key
         v.quantized[key] = out.name
         self._by_name[out.name] = out

@@ -279,4 +279,31 @@ def run(folder: str | Path, inputs: np.ndarray, *, timeout: float = 300.0, seed:
     return SecureRun(outputs, ints, client, server, spu, wall)
 
 
-__all__ = ["SPU_REQUIREMENTS", "SecureRun", "cache_dir", "require_spu_python", "run", "setup_venv", "spu_python"]
+def calibrate_spu(*, python: str | Path | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Time SPU's op kinds between two party processes and cache the fitted per-element costs
+    (:func:`graphpress.backends.he.secure.costmodel.fit_spu`); returns them."""
+    from graphpress.backends.he.secure import costmodel
+
+    exe = Path(python) if python else require_spu_python()
+    r0, r1 = _free_ports(2)
+    env = dict(os.environ, PYTHONPATH=str(_shim()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with tempfile.TemporaryDirectory(prefix="graphpress-spu-cal-") as tmp:
+        outs = [Path(tmp, f"{r}.json") for r in (0, 1)]
+        procs = [
+            subprocess.Popen([str(exe), "-m", "graphpress.backends.he.secure.party", "--role", f"spu-calibrate-{r}",
+                              "--spu", f"127.0.0.1:{r0},127.0.0.1:{r1}", "--out", str(outs[r]), "--timeout", str(timeout)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for r in (0, 1)
+        ]
+        errs = [p.communicate(timeout=timeout * 10)[1] for p in procs]
+        for r, p in enumerate(procs):
+            if p.returncode:
+                raise BackendError(_error_line(errs[r], f"calibration party {r}", p.returncode))
+        rows = json.loads(outs[0].read_text())["rows"]
+    costs = costmodel.fit_spu(rows)
+    costs["rows"] = rows
+    costmodel.store_spu_costs(costs)
+    return costs
+
+
+__all__ = ["SPU_REQUIREMENTS", "calibrate_spu", "SecureRun", "cache_dir", "require_spu_python", "run", "setup_venv", "spu_python"]

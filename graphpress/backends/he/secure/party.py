@@ -254,11 +254,64 @@ def run_server(folder: Path, port: int, spu_addrs: list[str], timeout: float, se
     return rec
 
 
+def run_spu_calibration(rank: int, spu_addrs: list[str], timeout: float, sizes: tuple[int, ...] = (4096, 16384)) -> dict[str, Any]:
+    """Both parties time each op kind of the cost model (:mod:`.costmodel`) on SPU at two sizes
+    (random shares: the cost does not depend on the values); rows ``{"op", "n", "wall_s"}``."""
+    from graphpress.backends.he.secure.nonlinear import SPUParty
+    from graphpress.backends.he.secure.program import Segment
+
+    step = {"index": 0, "name": "calibration", "kind": "linear", "b": 1, "out_features": 1, "in_features": 1, "kernel_size": [1, 1],
+            "stride": [1, 1], "padding": [0, 0], "in_shape": [1], "out_shape": [1], "flood_bits": 0,
+            "params": {"poly_degree": 4096, "coeff_modulus_bits": [60], "plain_modulus": (1 << 24) + 43}}
+    segments, shapes, consts, cases = [], {}, {}, []
+    for n in sizes:
+        c = max(1, n // 256)
+        sh = {"unwrap": [n], "relu": [n], "mul": [n], "shift": [n], "clamp": [n], "maxpool": [c, 16, 16]}
+        for op, shape in sh.items():
+            i = len(segments)
+            x, y = f"x{i}", f"y{i}"
+            shapes[x] = shape
+            if op == "unwrap":
+                seg_ops, inputs = [{"op": "reshape", "in": [x], "out": y, "shape": shape}], [(x, "he:0")]
+            elif op == "mul":
+                consts[f"k{i}"] = shape
+                seg_ops, inputs = [{"op": "mul", "in": [x], "out": y, "const": f"k{i}"}], [(x, "ring"), (f"const:k{i}", f"const:k{i}")]
+            elif op == "shift":
+                seg_ops, inputs = [{"op": "shift", "in": [x], "out": y, "bits": 16}], [(x, "split:16")]
+            elif op == "clamp":
+                seg_ops, inputs = [{"op": "clamp", "in": [x], "out": y, "lo": None, "hi": 255}], [(x, "ring")]
+            elif op == "maxpool":
+                seg_ops, inputs = [{"op": "maxpool", "in": [x], "out": y, "k": [2, 2]}], [(x, "ring")]
+            else:
+                seg_ops, inputs = [{"op": "relu", "in": [x], "out": y}], [(x, "ring")]
+            shapes[y] = [shape[0], shape[1] // 2, shape[2] // 2] if op == "maxpool" else shape
+            segments.append(Segment(i, seg_ops, inputs, [y]))
+            cases.append((op, int(np.prod(shape))))
+    program = SecureProgram([step], [], shapes, [1], [], 40, consts)
+    spu = SPUParty(rank, spu_addrs, program, segments, timeout)
+    rng = np.random.default_rng(rank)
+    rows = []
+    for seg, (op, n) in zip(segments, cases):
+        args = []
+        for name, source in seg.inputs:
+            shape = program.const_shapes[source[6:]] if source.startswith("const:") else shapes[name]
+            value = rng.integers(0, 1 << 62, size=shape, dtype=np.int64).astype(np.uint64)
+            args.extend(split_share(value, 16, rank) if source.startswith("split:") else [value])
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            spu.run(seg, args)
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"op": op, "n": n, "wall_s": best})
+    spu.close()
+    return {"role": f"spu-calibrate-{rank}", "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="graphpress.backends.he.secure.party")
-    ap.add_argument("--role", choices=("client", "server"), required=True)
-    ap.add_argument("--program", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--role", choices=("client", "server", "spu-calibrate-0", "spu-calibrate-1"), required=True)
+    ap.add_argument("--program", default="")
+    ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--spu", required=True, help="client and server SPU link addresses as this party sees them, comma separated")
     ap.add_argument("--inputs", help="client: .npy of float inputs (batch first)")
     ap.add_argument("--out", required=True, help="JSON record written here")
@@ -268,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = Path(a.program)
         addrs = a.spu.split(",")
-        if a.role == "client":
+        if a.role.startswith("spu-calibrate-"):
+            rec = run_spu_calibration(int(a.role[-1]), addrs, a.timeout)
+        elif a.role == "client":
             rec = run_client(folder, np.load(a.inputs), a.port, addrs, a.timeout)
         else:
             rec = run_server(folder, a.port, addrs, a.timeout, a.seed)

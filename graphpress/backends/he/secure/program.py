@@ -18,7 +18,7 @@ add      ``x + y``
 shift    ``floor((x + 2^(bits-1)) / 2^bits)`` (round half up), computed as
          ``floor((x + 2^(bits-1) + 2^52) / 2^bits) - 2^(52-bits)`` so that SPU's floor division
          only ever sees non-negative values (``|x| < 2^52`` is required)
-clamp    ``clip(x, lo, hi)``
+clamp    ``clip(x, lo, hi)`` (``lo`` null: the input is non-negative, only ``hi`` is compared)
 sum      sum over ``axes``
 sumpool  sum over non-overlapping ``k x k`` windows (average pooling; the ``1/k^2`` is in the scale)
 maxpool  max over non-overlapping ``k x k`` windows
@@ -111,7 +111,9 @@ def apply(op: dict[str, Any], args: list[Any], const: Any, xp: Any) -> Any:
         k = int(op["bits"])
         return (x + ((1 << (k - 1)) if k else 0) + (1 << _BIG)) // (1 << k) - (1 << (_BIG - k))
     if kind == "clamp":
-        return xp.minimum(xp.maximum(x, int(op["lo"])), int(op["hi"]))
+        if op.get("lo") is not None:  # None: the input is known non-negative (one comparison saved)
+            x = xp.maximum(x, int(op["lo"]))
+        return xp.minimum(x, int(op["hi"]))
     if kind == "sum":
         return xp.sum(x, axis=tuple(op["axes"]), keepdims=bool(op.get("keepdims", False)))
     if kind in ("sumpool", "maxpool"):
