@@ -100,7 +100,7 @@ def run_interactive(name: str, graph: Any, encoding: str, data: dict[str, Any], 
 
     folder = Path(tempfile.mkdtemp(prefix=f"he-digits-{name.replace(' ', '-').replace('=', '')}-"))
     t0 = time.perf_counter()
-    lowered = HEBackend(encoding=encoding, check_seeds=()).lower(graph, folder)
+    lowered = HEBackend(protocol="interactive", encoding=encoding, check_seeds=()).lower(graph, folder)
     lower_s = time.perf_counter() - t0
     runner = HERunner(folder, verify=True)
     program = runner.program

@@ -103,12 +103,12 @@ def run_once(folder: Path, sp: Any, arrays: dict[str, np.ndarray], x: np.ndarray
     he = [r for r in rows if r["kind"] == "he"]
     spu = [r for r in rows if r["kind"] == "spu"]
     first_spu = spu[0]["wall_s"] if spu else 0.0
-    offline = sum(r["wall_s"] for r in run.server["rows"] if r["kind"] == "offline")
+    offline = sum(r["wall_s"] for r in run.client["rows"] if r["kind"] == "offline")
     layer_pred = [l["predicted_s"] for l in pred["layers"]]
     seg_pred = [g["predicted_s"] for g in pred["segments"]]
     return {
         "he_layer_ratio": _ratios(layer_pred, [r["wall_s"] for r in he]),
-        "spu_segment_ratio": _ratios(seg_pred[1:], [r["wall_s"] for r in spu][1:]),  # the first segment also pays SPU's first OT batch
+        "spu_segment_ratio": _ratios(seg_pred, [r["wall_s"] for r in spu]),
         "he_predicted_s": pred["he_s"],
         "spu_predicted_s": pred["spu_s"],
         "offline_s": offline,

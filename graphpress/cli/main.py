@@ -380,6 +380,15 @@ def _print_he_lowering(folder: Path) -> None:
         console.print(he_layers_table(cost, f"encrypted layers, check run on {cost['inputs']} (batch {cost['batch']})"))
         if cost.get("total_predicted_s") is None:
             console.print("no cached per-op costs for some parameters: run 'compress he-calibrate' for predictions")
+    run_path = folder / "secure_check.json"
+    if program.get("protocol") == "secure" and run_path.is_file():
+        r = json.loads(run_path.read_text(encoding="utf-8"))
+        console.print(
+            f"secure check: {r['samples']} sample(s) between two processes in {r['wall_s']:.1f} s, outputs bit-exact vs the fixed-point "
+            f"simulation; client -> server {(r['he_bytes_client_to_server'] + r['spu_bytes_client_to_server']) / 1e6:.1f} MB, "
+            f"server -> client {(r['he_bytes_server_to_client'] + r['spu_bytes_server_to_client']) / 1e6:.1f} MB, {r['spu_rounds']} SPU rounds",
+            soft_wrap=True,
+        )
     sec = program.get("security", {})
     if sec:
         console.print(f"protocol {sec.get('name')} ({sec.get('scheme')}): the client learns {sec.get('client_learns')}", soft_wrap=True)

@@ -103,3 +103,18 @@ def test_he_option_errors(files, tmp_path):
     assert res.exit_code == 2 and "polynomial-activations" in res.output
     res = invoke("he-calibrate", "-N", "3000")
     assert res.exit_code == 2 and "--poly-degree 3000" in res.output
+
+
+def test_run_defaults_to_the_secure_two_party_protocol(files, tmp_path):
+    from graphpress.backends.he.secure.launch import require_spu_python
+
+    require_spu_python()  # the parties' environment: 'compress secure-setup' (the README's test command runs it)
+    out = tmp_path / "secure"
+    res = invoke("run", files / "digits.pt", "--arch", ARCH, "--input-shape", "2x1x8x8", "--recipe", "fold-batchnorm",
+                 "--calibration", files / "calib.pt", "--backend", "he", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "secure check: 2 sample(s) between two processes" in res.output and "bit-exact vs the fixed-point" in res.output
+    assert "protocol secure (BFV + SPU (Cheetah 2PC)): the client learns the output" in res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend_options"]["protocol"] == "secure" and manifest["backend_options"]["stat_bits"] == 40
+    assert {"secure_program.json", "secure_server.npz", "secure_check.json"} <= {p.name for p in out.iterdir()}

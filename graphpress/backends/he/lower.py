@@ -49,6 +49,7 @@ from graphpress.ir.compare import compare_outputs
 from graphpress.ir.graph import Graph
 
 POLY_GRAPH_FILE = "polynomial_graph.pt2"
+SECURE_RUN_FILE = "secure_check.json"
 POLY_EXAMPLE_FILE = "example_input.npy"
 
 
@@ -334,6 +335,10 @@ class HEBackend:
             "check_s": round(time.perf_counter() - t0, 3),
         }
         info["secure_run"] = run.summary()
+        record = {"inputs": label, "samples": int(x.shape[0]), "exact": True, **run.summary(),
+                  "layers": [r for r in run.client["rows"] if r["kind"] == "he" and r.get("sample") == 0]}
+        (folder / SECURE_RUN_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        files.append(SECURE_RUN_FILE)
         return LoweredModel(backend=self.name, model_file=PROGRAM_FILE, files=files, check=report, info=info)
 
     # ------------------------------------------------------------------ polynomial

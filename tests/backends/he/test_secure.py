@@ -311,7 +311,9 @@ def test_backend_default_is_secure_and_runs_through_the_runtime(digits, tmp_path
     assert lowered.check["secure"]["spu_bytes_server_to_client"] > 0
     head = json.loads((tmp_path / "art" / "he_program.json").read_text())
     assert head["security"]["name"] == "secure" and "never an intermediate value, a weight" in head["security"]["client_learns"]
-    assert sorted(lowered.files) == ["he_program.json", "secure_program.json", "secure_server.npz"]
+    assert sorted(lowered.files) == ["he_program.json", "secure_check.json", "secure_program.json", "secure_server.npz"]
+    check = json.loads((tmp_path / "art" / "secure_check.json").read_text())
+    assert check["exact"] and check["samples"] == 2 and [r["name"] for r in check["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
     assert SecureProgram.load(tmp_path / "art").output_names == ["output"]
 
 

@@ -19,8 +19,9 @@ Bytes are exact: an input ciphertext's serialized size (measured once per parame
 compressed) and ``(N + read) x ceil(log2 q_last / 8)`` per response.
 
 SPU part: per element of each op kind (``unwrap`` of an HE output, ``relu``, ``mul`` by a
-secret multiplier, ``shift`` with its split inputs, ``clamp``, ``maxpool`` per window element) and
-per segment call, fitted from two sizes run between two real parties
+secret multiplier, ``shift`` with its split inputs, ``clamp``, ``maxpool`` per window element),
+per segment call, and once per session the first call's OT setup, fitted from two sizes run
+between two real parties
 (``launch.calibrate_spu``); reshapes, slices, pads, additions and sums are local (free).
 
 :func:`predict` prices a :class:`~.program.SecureProgram`: per encrypted layer and per segment,
@@ -212,9 +213,12 @@ def store_spu_costs(costs: dict[str, Any]) -> None:
 def fit_spu(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-element seconds of each op kind and the fixed cost of a segment call, from
     calibration rows ``{"op", "n", "wall_s"}`` at two sizes per op (slope and intercept)."""
-    out: dict[str, Any] = {"per_element_s": {}, "segment_s": 0.0}
+    out: dict[str, Any] = {"per_element_s": {}, "segment_s": 0.0, "first_call_s": 0.0}
     fixed = []
-    for op in {r["op"] for r in rows}:
+    for r in rows:
+        if r["op"] == "_first_call":
+            out["first_call_s"] = float(r["wall_s"])
+    for op in {r["op"] for r in rows} - {"_first_call"}:
         pts = sorted((r["n"], r["wall_s"]) for r in rows if r["op"] == op)
         (n0, s0), (n1, s1) = pts[0], pts[-1]
         slope = (s1 - s0) / (n1 - n0) if n1 != n0 else s1 / n1
@@ -265,6 +269,7 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
             secs = None
             if spu:
                 secs = spu["segment_s"] + sum(n[k] * spu["per_element_s"].get(k, 0.0) for k in n)
+                secs += spu.get("first_call_s", 0.0) if not segments else 0.0  # the session's first call sets up OT
             segments.append({"segment": item.index, "ops": [o["op"] for o in item.ops], "elements": n, "predicted_s": secs})
     total_he = sum(r["predicted_s"] for r in layers) if all(r["predicted_s"] is not None for r in layers) else None
     total_spu = sum(r["predicted_s"] for r in segments) if spu else None

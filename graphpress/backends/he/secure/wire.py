@@ -31,6 +31,7 @@ TYPES = {
     "reveal": 6,
     "error": 7,
     "done": 8,
+    "ready": 9,
 }
 _NAMES = {v: k for k, v in TYPES.items()}
 
