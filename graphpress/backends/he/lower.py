@@ -1,6 +1,12 @@
 """The ``he`` backend: lower a graph to an HE program, check it encrypted, report its cost.
 
-``interactive`` protocol (BFV; :mod:`.program`, :mod:`.protocol`): the artifact folder gets
+``secure`` protocol (the default; :mod:`graphpress.backends.he.secure`): the artifact folder
+gets ``he_program.json`` (protocol, threat model, options), ``secure_program.json`` (the public
+two-party program), ``secure_server.npz`` (the server's integers) and ``secure_check.json``; the
+check runs the example inputs between a client and a server process and requires the revealed
+integers to equal the fixed-point simulation (:class:`SecureRunner` runs it later).
+
+``interactive`` protocol (BFV, a debugging mode; :mod:`.program`, :mod:`.protocol`): the artifact folder gets
 
 * ``he_program.json`` -- the steps (layer, kind, encoding, shapes, block size, scales,
   accumulator bound, BFV parameters), the protocol and its threat-model summary;
