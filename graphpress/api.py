@@ -1144,6 +1144,33 @@ def he_cached_costs() -> tuple[dict[str, dict[str, Any]], Path]:
     return costs.machine_entries(), Path(costs.cache_path())
 
 
+def secure_setup(path: str | Path | None = None) -> tuple[Path, Path]:
+    """Create (or complete) the environment the secure HE protocol's two parties run in.
+
+    SPU 0.9.5, the 2PC engine, pins ``numpy<2`` and ``jax<=0.4.34``; the parties run it in their
+    own venv with tenseal 0.3.16 and zstandard (``compress secure-setup``).
+
+    Parameters
+    ----------
+    path : path, optional
+        The venv folder (default ``$GRAPHPRESS_CACHE/spu-venv``, ``~/.cache/graphpress/spu-venv``).
+
+    Returns
+    -------
+    (Path, Path)
+        The venv folder and its python.
+
+    Raises
+    ------
+    BackendError
+        When pip cannot install the requirements or SPU does not import afterwards.
+    """
+    from graphpress.backends.he.secure.launch import cache_dir, setup_venv
+
+    target = Path(path) if path else cache_dir() / "spu-venv"
+    return target, setup_venv(target)
+
+
 def he_calibrate(
     degrees: Sequence[int] | None = None, *, repeat: int = 15, on_entry: Callable[[int, int, dict[str, Any]], None] | None = None
 ) -> tuple[dict[str, dict[str, Any]], Path]:
@@ -1377,6 +1404,7 @@ __all__ = [
     "load_model",
     "render_report",
     "resolve_backend",
+    "secure_setup",
     "supported_onnx_ops",
     "torch_threads",
     "tune_artifact",

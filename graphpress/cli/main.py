@@ -773,12 +773,11 @@ def secure_setup(
     path: Optional[Path] = typer.Option(None, "--path", help="Where to create the parties' virtual environment (default: $GRAPHPRESS_CACHE/spu-venv, ~/.cache/graphpress/spu-venv)."),
 ) -> None:
     """Create the environment the secure HE protocol's two parties run in (SPU 0.9.5 needs numpy<2: its own venv)."""
-    from graphpress.backends.he.secure.launch import SPU_REQUIREMENTS, cache_dir, setup_venv
+    from graphpress.api import secure_setup as setup
 
-    target = path or cache_dir() / "spu-venv"
     with StageProgress() as prog:
-        prog.stage(f"pip install {' '.join(SPU_REQUIREMENTS)} into {target}")
-        exe = setup_venv(target)
+        prog.stage("pip install spu==0.9.5 tenseal==0.3.16 zstandard into the parties' venv")
+        _target, exe = setup(path)
     hint = "" if path is None else f"; set GRAPHPRESS_SPU_PYTHON={exe} to use it"
     console.print(f"secure protocol parties: {exe}{hint}")
 
