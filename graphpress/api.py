@@ -1171,6 +1171,24 @@ def secure_setup(path: str | Path | None = None) -> tuple[Path, Path]:
     return target, setup_venv(target)
 
 
+def secure_cost_prediction(folder: str | Path, *, measure: bool = False) -> dict[str, Any]:
+    """The secure protocol's cost model for an artifact: per encrypted layer and SPU segment,
+    predicted seconds and bytes of one sample (:func:`graphpress.backends.he.secure.costmodel.predict`).
+
+    Parameters
+    ----------
+    folder : path
+        A secure HE artifact folder (``secure_program.json``).
+    measure : bool
+        Measure the per-operation HE costs this machine lacks (seconds per parameter set);
+        without, unpriced layers carry ``None``.
+    """
+    from graphpress.backends.he.secure.costmodel import predict
+    from graphpress.backends.he.secure.program import SecureProgram
+
+    return predict(SecureProgram.load(folder), measure=measure)
+
+
 def he_calibrate(
     degrees: Sequence[int] | None = None, *, repeat: int = 15, on_entry: Callable[[int, int, dict[str, Any]], None] | None = None
 ) -> tuple[dict[str, dict[str, Any]], Path]:
@@ -1404,6 +1422,7 @@ __all__ = [
     "load_model",
     "render_report",
     "resolve_backend",
+    "secure_cost_prediction",
     "secure_setup",
     "supported_onnx_ops",
     "torch_threads",

@@ -645,6 +645,50 @@ def bench_shapes(manifest: dict[str, Any], batch: int, dims: dict[str, int]) -> 
     return shapes
 
 
+def _bench_secure(artifact: Path, runner: Any, inputs: list[Any], batch: int, repeat: int) -> None:
+    """Two-party runs of a secure HE artifact: per encrypted layer median seconds and bytes (and
+    the cost model's prediction when this machine's costs are cached), SPU seconds, totals."""
+    import statistics
+
+    from rich.table import Table
+
+    from graphpress.api import secure_cost_prediction
+
+    runs = []
+    with StageProgress() as prog:
+        prog.stage("two-party inference", total=repeat)
+        for i in range(repeat):
+            runner(*inputs)
+            runs.append(runner.last_run)
+            prog.step(i + 1, repeat, "two-party inference")
+    pred = secure_cost_prediction(artifact)
+    by_layer = {r["name"]: r for r in pred["layers"]}
+    table = Table(title=f"{artifact} (he, secure two-party protocol, batch {batch}, median of {repeat} runs, sample 0)")
+    for col in ("layer", "b", "N", "in cts", "out cts", "products", "measured ms", "predicted ms", "KB up", "KB down"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    he_rows = [[r for r in run.client["rows"] if r["kind"] == "he" and r.get("sample") == 0] for run in runs]
+    for k, row in enumerate(he_rows[0]):
+        p = by_layer.get(row["name"], {})
+        meas = statistics.median(rows[k]["wall_s"] for rows in he_rows)
+        pms = f"{1e3 * p['predicted_s']:.1f}" if p.get("predicted_s") is not None else "-"
+        table.add_row(row["name"], str(row["b"]), str(p.get("poly_degree", "")), str(p.get("inputs", "")), str(p.get("outputs", "")),
+                      str(p.get("products", "")), f"{1e3 * meas:.1f}", pms, f"{row['bytes_up'] / 1e3:.0f}", f"{row['bytes_down'] / 1e3:.0f}")
+    console.print(table)
+    summ = [run.summary() for run in runs]
+    med = lambda k: statistics.median(s[k] for s in summ)  # noqa: E731
+    spu = statistics.median(sum(r["wall_s"] for r in run.client["rows"] if r["kind"] == "spu") for run in runs)
+    console.print(
+        f"per batch: wall {med('wall_s'):.1f} s (setup and offline included), SPU segments {spu:.1f} s"
+        + (f" (predicted {pred['spu_s'] * batch:.1f} s)" if pred.get("spu_s") else "")
+        + f"; client CPU {med('client_cpu_s'):.1f} s, server CPU {med('server_cpu_s'):.1f} s; "
+        f"client -> server {(med('he_bytes_client_to_server') + med('spu_bytes_client_to_server')) / 1e6:.1f} MB, "
+        f"server -> client {(med('he_bytes_server_to_client') + med('spu_bytes_server_to_client')) / 1e6:.1f} MB, {int(med('spu_rounds'))} SPU rounds",
+        soft_wrap=True,
+    )
+    if pred.get("he_s") is None:
+        console.print("no cached secure per-op costs for some parameters: benchmarks/he_resnet20.py measures them (or api.secure_cost_prediction(folder, measure=True))")
+
+
 def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat: int) -> None:
     """Encrypted inferences of an HE artifact: per-layer median measured vs predicted time and counts."""
     import statistics
@@ -652,6 +696,9 @@ def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat:
     from graphpress.cli.report import he_layers_table
 
     runner = model.runner
+    if getattr(runner, "last_run", False) is None:  # secure protocol: two processes per call
+        _bench_secure(artifact, runner, inputs, batch, repeat)
+        return
     if not hasattr(runner, "run"):  # polynomial protocol: one fully encrypted call per sample
         import time
 

@@ -118,3 +118,6 @@ def test_run_defaults_to_the_secure_two_party_protocol(files, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend_options"]["protocol"] == "secure" and manifest["backend_options"]["stat_bits"] == 40
     assert {"secure_program.json", "secure_server.npz", "secure_check.json"} <= {p.name for p in out.iterdir()}
+    res = invoke("bench", out, "--repeat", "1")
+    assert res.exit_code == 0, res.output
+    assert "(he, secure two-party" in res.output and "SPU segments" in res.output and "fc2" in res.output
