@@ -39,12 +39,17 @@ def cache_dir() -> Path:
 
 
 def spu_python() -> Path | None:
-    """The parties' interpreter, or None when it is not set up."""
+    """The parties' interpreter, or None when it is not set up: ``$GRAPHPRESS_SPU_PYTHON``, else
+    the venv in ``$GRAPHPRESS_CACHE``, else the one in the default cache (a cache redirected for
+    cost tables, as tests do, still finds the parties' environment)."""
     env = os.environ.get("GRAPHPRESS_SPU_PYTHON")
     if env:
         return Path(env)
-    p = cache_dir() / "spu-venv" / "bin" / "python"
-    return p if p.exists() else None
+    for root in (cache_dir(), Path.home() / ".cache" / "graphpress"):
+        p = root / "spu-venv" / "bin" / "python"
+        if p.exists():
+            return p
+    return None
 
 
 def require_spu_python() -> Path:
