@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +167,7 @@ class _Side:
         self.ctx = ctx
         self.seal = ctx.seal
         self._dir = tempfile.mkdtemp(prefix="graphpress-secure-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)  # also at interpreter exit
         self.path = os.path.join(self._dir, "obj")
         last = ctx.context.last_context_data()
         self.q_last = int(last.parms().coeff_modulus()[0].value())
