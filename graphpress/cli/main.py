@@ -288,7 +288,8 @@ def _run_stream(checkpoint: str, why: str, *, recipe: str, out: Path, overwrite:
     console.print(
         f"{len(s['units'])} units in {s['wall_s']} s; worst block SQNR {s['worst_block_sqnr_db']} dB; held-out KL {e2e['kl']:.4g}, "
         f"top-1 agreement {e2e['top1_agreement']:.3f}; ONNX Runtime check passed (max abs {ort['max_abs']:.3g}"
-        + (f", decode step after {ort['decode_step']['past']} cached tokens included" if "decode_step" in ort else "") + ")"
+        + (f", decode step after {ort['decode_step']['past']} cached tokens included" if "decode_step" in ort else "") + ")",
+        soft_wrap=True,  # one line whatever the numbers' widths (a hard wrap split it mid-phrase)
     )
     if bench:
         console.print(f"latency is not measured in streaming mode: run 'compress bench {result.folder}'")
