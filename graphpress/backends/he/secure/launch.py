@@ -13,6 +13,7 @@ the direction changes (rounds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import selectors
@@ -184,7 +185,8 @@ def _shim() -> Path:
     import graphpress
 
     pkg = Path(graphpress.__file__).resolve().parent
-    shim = Path(tempfile.gettempdir()) / f"graphpress-shim-{os.getuid()}-{abs(hash(str(pkg))) % 10**8}"
+    digest = hashlib.sha256(str(pkg).encode()).hexdigest()[:12]  # stable across processes (str hash is salted)
+    shim = Path(tempfile.gettempdir()) / f"graphpress-shim-{os.getuid()}-{digest}"
     shim.mkdir(exist_ok=True)
     link = shim / "graphpress"
     if not link.exists():
