@@ -139,6 +139,30 @@ def test_masks_are_fresh_for_every_run():
     assert np.mean(fresh[0] == fresh[1]) < 1e-3
 
 
+@pytest.mark.parametrize("kw", [CONV, CIRC], ids=["dense-conv", "circulant-linear"])
+def test_noise_bound_covers_the_measured_noise(kw):
+    """The flooding is sized from an analytic bound on the weight-dependent noise; measured with
+    the client's secret key (SEAL's invariant noise budget) on every response before flooding,
+    the real noise stays below it."""
+    import math
+
+    import tenseal.sealapi as seal
+
+    rng = np.random.default_rng(7)
+    w = rng.integers(-127, 128, (8, 4, 3, 3)) if kw["kind"] == "conv2d" else rng.integers(-127, 128, (4, 8, 4))
+    shape, client, server = _pair(kw, w, None)
+    x = rng.integers(0, shape.t, shape.in_shape)  # a share: uniform modulo t
+    cts = [server.ctx.to_ntt_inplace(rawct.load_bytes(seal.Ciphertext(), server.ctx.context, blob, server.path, "in")) for blob in client.encrypt(x)]
+    plan, per = server.plan, (server.plan.col_tiles if shape.kind == "linear" else server.plan.chan_groups)
+    bound = noise_bound_bits(w, shape, shape.t)
+    for key, _, _, _ in server.outputs:
+        acc = server.kernel._accumulate(server.ctx, [(cts[c], server.tiles[key[1], c]) for c in range(per)])
+        ct = rawct.load_bytes(seal.Ciphertext(), client.ctx.context, rawct.save_bytes(acc, server.path), client.path, "acc")
+        budget = client.ctx.noise_budget(ct)
+        measured = sum(shape.params.coeff_modulus_bits[:-1]) - math.log2(shape.t) - 1 - budget
+        assert budget > 0 and measured < bound
+
+
 def test_flooding_dominates_the_weight_dependent_noise():
     rng = np.random.default_rng(6)
     w = rng.integers(-127, 128, (8, 4, 3, 3))
