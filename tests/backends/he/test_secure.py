@@ -15,11 +15,9 @@ are uniform and indistinguishable.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -33,7 +31,7 @@ from graphpress.backends.he.kernels.coeff_dense import CoeffDense
 from graphpress.backends.he.program import build_program
 from graphpress.backends.he.secure import launch, rawct
 from graphpress.backends.he.secure.compile import compile_secure
-from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, dense_weight, noise_bound_bits, plain_layer
+from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, dense_weight, local_contexts, noise_bound_bits, plain_layer
 from graphpress.backends.he.secure.params import secure_params
 from graphpress.backends.he.secure.program import SERVER_FILE, SecureProgram, plan_segments, simulate
 from graphpress.backends.he.secure.wire import Channel
@@ -44,16 +42,10 @@ from graphpress.passes import make_pass
 
 # ---------------------------------------------------------------------------- one layer in process
 def _pair(shape_kw: dict, w: np.ndarray, bias: np.ndarray | None, seed: int = 1):
-    import tenseal.sealapi as seal
-
     probe = StepShape(**shape_kw, params=None, flood_bits=0)
     params, flood = secure_params(20, lambda t: noise_bound_bits(w, probe, t), what=shape_kw["name"])
     shape = StepShape(**shape_kw, params=params, flood_bits=flood)
-    cctx, sctx = BFVContext(params), BFVContext(params)
-    pk = seal.PublicKey()
-    cctx._keygen.create_public_key(pk)
-    blob = rawct.save_bytes(pk, os.path.join(cctx._dir, "pk"))
-    sctx._encryptor = seal.Encryptor(sctx.context, rawct.load_bytes(seal.PublicKey(), sctx.context, blob, os.path.join(sctx._dir, "pk"), "pk"))
+    cctx, sctx = local_contexts(params)
     return shape, ClientStep(shape, cctx), ServerStep(shape, sctx, w, bias, np.random.default_rng(seed))
 
 
@@ -286,7 +278,7 @@ def test_two_parties_reveal_exactly_the_fixed_point_output(digits, tmp_path, spu
 
 
 def _party(spu_python: str, role: str, folder, port: int, out, timeout: float = 3.0, extra=()):
-    env = dict(os.environ, PYTHONPATH=str(launch._shim()))
+    env = launch.party_env()
     cmd = [spu_python, "-m", "graphpress.backends.he.secure.party", "--role", role, "--program", str(folder), "--port", str(port),
            "--spu", "127.0.0.1:1,127.0.0.1:2", "--out", str(out), "--timeout", str(timeout), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)

@@ -160,6 +160,17 @@ class CoeffCirculant(Kernel):
         r = np.arange(b)[None, None, :]
         return r * plan.M + nu * plan.span + local_rows[None, :, None] * plan.q_t + plan.q_t - 1
 
+    @staticmethod
+    def linear_input_poly(plan: CoeffLinearPlan, xs: np.ndarray, cti: int, n: int) -> np.ndarray:
+        """The client's polynomial for column tile ``cti`` of the twisted vectors ``xs``
+        (``(vectors, q, b)``): tile block ``j`` of vector ``nu`` at ``u*M + nu*span + j``."""
+        u = np.arange(plan.b)
+        cols = np.arange(cti * plan.q_t, min(plan.q, (cti + 1) * plan.q_t))
+        idx = u[None, None, :] * plan.M + np.arange(xs.shape[0])[:, None, None] * plan.span + (cols - cti * plan.q_t)[None, :, None]
+        poly = np.zeros(n, dtype=np.int64)
+        poly[idx.reshape(-1)] = xs[:, cols, :].reshape(-1)
+        return poly
+
     def run_linear(self, ctx: Any, prep: Prepared, x_int: Any) -> np.ndarray:
         """``x (batch, n) -> W x + bias (batch, m)``: client encrypts, server multiplies, client decrypts."""
         x = as_int(x_int, "input", prep.what, (1, 2))
@@ -176,14 +187,7 @@ class CoeffCirculant(Kernel):
         for g0 in range(0, x.shape[0], plan.per_ct):
             xs = xt[g0 : g0 + plan.per_ct]
             nv = xs.shape[0]
-            # client: input tile j of vector nu at coefficient u*M + nu*span + j
-            inputs = []
-            for cti in range(plan.col_tiles):
-                cols = np.arange(cti * plan.q_t, min(q, (cti + 1) * plan.q_t))
-                idx = u[None, None, :] * plan.M + np.arange(nv)[:, None, None] * plan.span + (cols - cti * plan.q_t)[None, :, None]
-                poly = np.zeros(ctx.poly_degree, dtype=np.int64)
-                poly[idx.reshape(-1)] = xs[:, cols, :].reshape(-1)
-                inputs.append(ctx.to_ntt_inplace(ctx.upload_coeffs(poly)))
+            inputs = [ctx.to_ntt_inplace(ctx.upload_coeffs(self.linear_input_poly(plan, xs, cti, ctx.poly_degree))) for cti in range(plan.col_tiles)]
             # server: one product per tile, summed over column tiles
             for rt in range(plan.row_tiles):
                 acc = self._accumulate(ctx, [(inputs[cti], tiles[rt, cti]) for cti in range(plan.col_tiles)])
@@ -294,6 +298,33 @@ class CoeffCirculant(Kernel):
         base = local_outs[:, None, None, None] * plan.span + (plan.Q - 1) * plan.area
         return r * plan.M + base + (hh + plan.kh - 1) * plan.Wp + (ww + plan.kw - 1)
 
+    @staticmethod
+    def conv_inputs(plan: CoeffConvPlan, x: np.ndarray, fwd: np.ndarray, t: int) -> np.ndarray:
+        """Zero-padded (plus the last row tile's spare rows), twisted input blocks of a batch
+        ``(B, C_in, H, W)``, as ``(B, q, H', W', b)``."""
+        ph, pw = plan.padding
+        xp = np.zeros((x.shape[0], plan.q * plan.b, plan.Hp + plan.Ht, plan.Wp), dtype=np.int64)
+        xp[:, :, ph : ph + plan.height, pw : pw + plan.width] = x
+        return _twist(xp.reshape(x.shape[0], plan.q, plan.b, xp.shape[2], plan.Wp).transpose(0, 1, 3, 4, 2), fwd, t)
+
+    @staticmethod
+    def conv_input_poly(plan: CoeffConvPlan, xt: np.ndarray, tile: int, cg: int, n: int) -> np.ndarray:
+        """The client's polynomial for row tile ``tile`` and channel group ``cg`` of one image's
+        blocks ``xt`` (``(q, H', W', b)``): block ``j``, row ``h``, column ``w``, position ``u`` at
+        ``u*M + j*A + h*W' + w``."""
+        u, hh, ww = np.arange(plan.b), np.arange(plan.Ht), np.arange(plan.Wp)
+        chans = np.arange(cg * plan.Q, min(plan.q, (cg + 1) * plan.Q))
+        idx = (
+            u[None, None, None, :] * plan.M
+            + (chans - cg * plan.Q)[:, None, None, None] * plan.area
+            + hh[None, :, None, None] * plan.Wp
+            + ww[None, None, :, None]
+        )
+        h0 = tile * plan.rows
+        poly = np.zeros(n, dtype=np.int64)
+        poly[idx.reshape(-1)] = xt[chans, h0 : h0 + plan.Ht].reshape(-1)
+        return poly
+
     def run_conv(self, ctx: Any, prep: Prepared, x_int: Any) -> np.ndarray:
         """``x (batch, C_in, H, W) -> conv(x) + bias (batch, C_out, H_out, W_out)``, exact."""
         x = as_int(x_int, "input", prep.what, (3, 4))
@@ -304,29 +335,16 @@ class CoeffCirculant(Kernel):
         self.check_output(ctx, prep, x)
         plan, tiles, biases, inv, fwd = self._conv_layout(ctx, prep, int(x.shape[2]), int(x.shape[3]))
         b, p, q, t = plan.b, plan.p, plan.q, ctx.t
-        ph, pw_ = plan.padding
-        xp = np.zeros((x.shape[0], q * b, plan.Hp + plan.Ht, plan.Wp), dtype=np.int64)  # extra zero rows for the last tile
-        xp[:, :, ph : ph + plan.height, pw_ : pw_ + plan.width] = x
-        xt = _twist(xp.reshape(x.shape[0], q, b, xp.shape[2], plan.Wp).transpose(0, 1, 3, 4, 2), fwd, t)  # (B, q, H, W', b)
+        xt = self.conv_inputs(plan, x, fwd, t)  # (B, q, H', W', b)
         out1 = np.zeros((x.shape[0], p * b, plan.H1, plan.W1), dtype=np.int64)
         u = np.arange(b)
-        hh, ww = np.arange(plan.Ht), np.arange(plan.Wp)
         for n_img in range(x.shape[0]):
             for tile in range(plan.tiles):
                 h0 = tile * plan.rows
-                inputs = []
-                for cg in range(plan.chan_groups):
-                    chans = np.arange(cg * plan.Q, min(q, (cg + 1) * plan.Q))
-                    # client: block j, row h, col w, position u at u*M + j*A + h*W' + w; axes (j, h, w, u)
-                    idx = (
-                        u[None, None, None, :] * plan.M
-                        + (chans - cg * plan.Q)[:, None, None, None] * plan.area
-                        + hh[None, :, None, None] * plan.Wp
-                        + ww[None, None, :, None]
-                    )
-                    poly = np.zeros(ctx.poly_degree, dtype=np.int64)
-                    poly[idx.reshape(-1)] = xt[n_img, chans, h0 : h0 + plan.Ht].reshape(-1)
-                    inputs.append(ctx.to_ntt_inplace(ctx.upload_coeffs(poly)))
+                inputs = [
+                    ctx.to_ntt_inplace(ctx.upload_coeffs(self.conv_input_poly(plan, xt[n_img], tile, cg, ctx.poly_degree)))
+                    for cg in range(plan.chan_groups)
+                ]
                 rows = min(plan.rows, plan.H1 - h0)
                 for og in range(plan.out_groups):
                     acc = self._accumulate(ctx, [(inputs[cg], tiles[og, cg]) for cg in range(plan.chan_groups)])

@@ -45,7 +45,6 @@ import numpy as np
 
 from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, _out_positions
 from graphpress.backends.he.secure.program import SecureProgram, plan_segments
-from graphpress.errors import BackendError
 
 VERSION = 2
 #: Op kinds of a segment charged per element (the others are local to each party).
@@ -53,8 +52,9 @@ SPU_OPS = ("unwrap", "relu", "mul", "shift", "clamp", "maxpool")
 
 
 def cache_path() -> Path:
-    root = Path(os.environ.get("GRAPHPRESS_CACHE", Path.home() / ".cache" / "graphpress"))
-    return root / "secure_costs.json"
+    from graphpress.backends.he.secure.launch import cache_dir
+
+    return cache_dir() / "secure_costs.json"
 
 
 def _machine() -> str:
@@ -106,20 +106,12 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
     each phase is timed whole, the counted operations that scale with inputs or products are
     split off, and the rest of a phase is charged per response ciphertext (it is what scales
     with them: the addend, the zero, the switch, the packing, the rebuild and decryption)."""
-    import tenseal.sealapi as seal
-
-    from graphpress.backends.he.bfv import BFVContext
-    from graphpress.backends.he.secure import rawct
-    from graphpress.backends.he.secure.hestep import dense_weight, plain_layer
+    from graphpress.backends.he.secure.hestep import dense_weight, local_contexts, plain_layer
 
     t = int(params.plain_modulus)
     flood = max(8, sum(params.coeff_modulus_bits[:-1]) - t.bit_length() - 3)
     shape = StepShape(0, what, "conv2d", 1, 32, 32, (3, 3), (1, 1), (1, 1), (32, 16, 16), (32, 16, 16), params, flood)
-    cctx, sctx = BFVContext(params), BFVContext(params)
-    pk = seal.PublicKey()
-    cctx._keygen.create_public_key(pk)
-    blob = rawct.save_bytes(pk, os.path.join(cctx._dir, "pk"))
-    sctx._encryptor = seal.Encryptor(sctx.context, rawct.load_bytes(seal.PublicKey(), sctx.context, blob, os.path.join(sctx._dir, "pk"), "pk"))
+    cctx, sctx = local_contexts(params)
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (32, 32, 3, 3))
     client, server = ClientStep(shape, cctx), ServerStep(shape, sctx, w, None, rng)

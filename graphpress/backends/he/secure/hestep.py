@@ -194,37 +194,17 @@ class ClientStep(_Side):
         """Seeded symmetric encryptions of the input share ``a`` (per-sample ``in_shape``, mod t)."""
         s, plan, ctx, t = self.shape, self.plan, self.ctx, self.shape.t
         a = np.asarray(a, dtype=np.int64) % t
-        b, u = plan.b, np.arange(plan.b)
-        polys = []
+        n = ctx.poly_degree
         if s.kind == "linear":
-            x = _twist(a.reshape(s.rows, plan.q, b), self.fwd, t)
-            for g0 in range(0, s.rows, plan.per_ct):
-                xs = x[g0 : g0 + plan.per_ct]
-                for cti in range(plan.col_tiles):
-                    cols = np.arange(cti * plan.q_t, min(plan.q, (cti + 1) * plan.q_t))
-                    idx = u[None, None, :] * plan.M + np.arange(xs.shape[0])[:, None, None] * plan.span + (cols - cti * plan.q_t)[None, :, None]
-                    poly = np.zeros(ctx.poly_degree, dtype=np.int64)
-                    poly[idx.reshape(-1)] = xs[:, cols, :].reshape(-1)
-                    polys.append(poly)
+            x = _twist(a.reshape(s.rows, plan.q, plan.b), self.fwd, t)
+            polys = [
+                CoeffCirculant.linear_input_poly(plan, x[g0 : g0 + plan.per_ct], cti, n)
+                for g0 in range(0, s.rows, plan.per_ct)
+                for cti in range(plan.col_tiles)
+            ]
         else:
-            ph, pw = plan.padding
-            xp = np.zeros((plan.q * b, plan.Hp + plan.Ht, plan.Wp), dtype=np.int64)
-            xp[:, ph : ph + plan.height, pw : pw + plan.width] = a
-            xt = _twist(xp.reshape(plan.q, b, xp.shape[1], plan.Wp).transpose(0, 2, 3, 1), self.fwd, t)  # (q, H, W', b)
-            hh, ww = np.arange(plan.Ht), np.arange(plan.Wp)
-            for tile in range(plan.tiles):
-                h0 = tile * plan.rows
-                for cg in range(plan.chan_groups):
-                    chans = np.arange(cg * plan.Q, min(plan.q, (cg + 1) * plan.Q))
-                    idx = (
-                        u[None, None, None, :] * plan.M
-                        + (chans - cg * plan.Q)[:, None, None, None] * plan.area
-                        + hh[None, :, None, None] * plan.Wp
-                        + ww[None, None, :, None]
-                    )
-                    poly = np.zeros(ctx.poly_degree, dtype=np.int64)
-                    poly[idx.reshape(-1)] = xt[chans, h0 : h0 + plan.Ht].reshape(-1)
-                    polys.append(poly)
+            xt = CoeffCirculant.conv_inputs(plan, a[None], self.fwd, t)[0]
+            polys = [CoeffCirculant.conv_input_poly(plan, xt, tile, cg, n) for tile in range(plan.tiles) for cg in range(plan.chan_groups)]
         out = []
         for poly in polys:
             pt = ctx.plain_coeffs(poly, side="client")
@@ -248,13 +228,22 @@ class ClientStep(_Side):
             data[1, 0] = vals[:n]
             data[0, 0, pos] = vals[n:]
             ct = rawct.rebuild(self.seal, ctx.context, self._prefix, data, self.path, f"layer {s.name!r} response")
-            pt = ctx._decrypt(ct)
-            with ctx.counter.timed("client", "decode"):
-                have = pt.coeff_count()
-                got = np.fromiter((pt.data(int(i)) if i < have else 0 for i in pos), dtype=np.int64, count=pos.size)
-            share = (got % t) * self.inv[r] % t if s.b > 1 else got % t
+            got = ctx.decrypt_coeffs(ct, pos) % t
+            share = got * self.inv[r] % t if s.b > 1 else got
             y[where] = share
         return y.reshape(s.out_shape) if s.kind == "linear" else y
+
+
+def local_contexts(params: BFVParams) -> tuple[BFVContext, BFVContext]:
+    """A client and a server context in one process (calibration, tests): the server encrypts
+    zeros under the client's public key, passed through SEAL's serialization as on the wire."""
+    cctx, sctx = BFVContext(params), BFVContext(params)
+    pk = cctx.seal.PublicKey()
+    cctx._keygen.create_public_key(pk)
+    blob = rawct.save_bytes(pk, os.path.join(cctx._dir, "pk"))
+    pk_server = rawct.load_bytes(sctx.seal.PublicKey(), sctx.context, blob, os.path.join(sctx._dir, "pk"), "public key")
+    sctx._encryptor = sctx.seal.Encryptor(sctx.context, pk_server)
+    return cctx, sctx
 
 
 # ---------------------------------------------------------------------------- server
@@ -398,4 +387,4 @@ class ServerStep(_Side):
         return data
 
 
-__all__ = ["ClientStep", "FRESH_NOISE", "ServerStep", "StepShape", "dense_weight", "noise_bound_bits", "plain_layer"]
+__all__ = ["ClientStep", "FRESH_NOISE", "ServerStep", "StepShape", "dense_weight", "local_contexts", "noise_bound_bits", "plain_layer"]

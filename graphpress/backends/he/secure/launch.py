@@ -197,6 +197,14 @@ def _shim() -> Path:
     return shim
 
 
+def party_env() -> dict[str, str]:
+    """The parties' environment: this graphpress alone on ``PYTHONPATH``, one OpenMP thread
+    unless the caller set another count."""
+    env = dict(os.environ, PYTHONPATH=str(_shim()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env.pop("PYTHONHOME", None)
+    return env
+
+
 def _error_line(stderr: str, role: str, rc: int) -> str:
     lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
     if lines:
@@ -232,8 +240,7 @@ def run(folder: str | Path, inputs: np.ndarray, *, timeout: float = 300.0, seed:
     relays = [_Relay(p1, r1), _Relay(p0, r0)]  # client -> server's SPU, server -> client's SPU
     for r in relays:
         r.start()
-    env = dict(os.environ, PYTHONPATH=str(_shim()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("PYTHONHOME", None)
+    env = party_env()
     with tempfile.TemporaryDirectory(prefix="graphpress-secure-run-") as tmp:
         xin = Path(tmp, "inputs.npy")
         np.save(xin, np.asarray(inputs, dtype=np.float64))
@@ -293,7 +300,7 @@ def calibrate_spu(*, python: str | Path | None = None, timeout: float = 120.0) -
 
     exe = Path(python) if python else require_spu_python()
     r0, r1 = _free_ports(2)
-    env = dict(os.environ, PYTHONPATH=str(_shim()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = party_env()
     with tempfile.TemporaryDirectory(prefix="graphpress-spu-cal-") as tmp:
         outs = [Path(tmp, f"{r}.json") for r in (0, 1)]
         procs = [
@@ -313,4 +320,4 @@ def calibrate_spu(*, python: str | Path | None = None, timeout: float = 120.0) -
     return costs
 
 
-__all__ = ["SPU_REQUIREMENTS", "calibrate_spu", "SecureRun", "cache_dir", "require_spu_python", "run", "setup_venv", "spu_python"]
+__all__ = ["SPU_REQUIREMENTS", "calibrate_spu", "party_env", "SecureRun", "cache_dir", "require_spu_python", "run", "setup_venv", "spu_python"]

@@ -12,7 +12,6 @@ prime, the parameters' id) like any other.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
