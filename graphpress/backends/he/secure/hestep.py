@@ -349,14 +349,10 @@ class ServerStep(_Side):
         if zeros and len(zeros) != len(self.outputs):
             zeros = []
         per = plan.col_tiles if shape.kind == "linear" else plan.chan_groups
-        for k, ((key, pos, where, r)) in enumerate(self.outputs):
+        for k, (key, pos, where, r) in enumerate(self.outputs):
             group = key[0] // plan.per_ct if shape.kind == "linear" else key[0]
             ins = inputs[group * per : (group + 1) * per]
-            if shape.kind == "linear":
-                pairs = [(ins[c], self.tiles[key[1], c]) for c in range(plan.col_tiles)]
-            else:
-                pairs = [(ins[c], self.tiles[key[1], c]) for c in range(plan.chan_groups)]
-            acc = self.kernel._accumulate(ctx, pairs)
+            acc = self.kernel._accumulate(ctx, [(ins[c], self.tiles[key[1], c]) for c in range(per)])
             vals = addend[where] % t
             if shape.b > 1:
                 vals = vals * self.fwd[r] % t
@@ -367,7 +363,7 @@ class ServerStep(_Side):
                 # + Enc_pk(0) with flooded noise, prepared offline: re-randomizes c1 (else it is the
                 # client's seed polynomial times the weights) and hides the weight-dependent noise
                 prefix, data = rawct.coeffs(acc, self.path)
-                data += zeros.pop(0) if zeros else self._fresh_zero(pos)
+                data += zeros[k] if zeros else self._fresh_zero(pos)
                 np.subtract(data, self._q, out=data, where=data >= self._q)
                 acc = rawct.rebuild(self.seal, ctx.context, prefix, data, self.path)
             with ctx.counter.timed("server", "mod_switch"):
