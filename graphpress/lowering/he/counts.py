@@ -125,6 +125,16 @@ def _coeff_cost(products: int, inputs: int, outputs: int) -> float:
     return PRODUCT_WEIGHT * products + FORWARD_NTT_WEIGHT * inputs + INVERSE_NTT_WEIGHT * outputs + ADD_WEIGHT * adds
 
 
+def _plan_cost(weights: tuple[float, float, float] | None, products: int, inputs: int, outputs: int) -> float:
+    """The planner's objective: the server-side weighted cost, or ``weights = (product, input,
+    output)`` seconds per product, input ciphertext and response ciphertext when a protocol
+    measures its own (the secure protocol: a response costs ~30 products)."""
+    if weights is None:
+        return _coeff_cost(products, inputs, outputs)
+    wp, wi, wo = weights
+    return wp * products + wi * inputs + wo * outputs
+
+
 def _split(total: int, parts: int) -> int:
     """Tile size that splits ``total`` into ``parts`` near-equal tiles."""
     return math.ceil(total / parts)
@@ -164,10 +174,13 @@ class CoeffLinearPlan:
         return math.ceil(vectors / self.per_ct)
 
 
-def plan_coeff_linear(m: int, n: int, poly_degree: int, b: int = 1, what: str = "") -> CoeffLinearPlan:
+def plan_coeff_linear(
+    m: int, n: int, poly_degree: int, b: int = 1, what: str = "", weights: tuple[float, float, float] | None = None
+) -> CoeffLinearPlan:
     """Choose ``(p_t, q_t)`` with ``p_t * q_t <= N/b`` minimizing the weighted server cost of one
-    vector (products, NTTs, additions: :data:`PRODUCT_WEIGHT` ...; ties: fewer ciphertexts, then
-    the smaller span so that more vectors share a ciphertext).
+    vector (products, NTTs, additions: :data:`PRODUCT_WEIGHT` ...; or ``weights``, see
+    :func:`_plan_cost`; ties: fewer ciphertexts, then the smaller span so that more vectors share
+    a ciphertext).
 
     The tiling does not depend on the batch: the server encodes its weights once, and a batch of
     ``k`` vectors then needs ``ceil(k / per_ct)`` groups.
@@ -183,7 +196,7 @@ def plan_coeff_linear(m: int, n: int, poly_degree: int, b: int = 1, what: str = 
         p_t = _split(p, math.ceil(p / min(p, big_m // q_t)))
         plan = CoeffLinearPlan(poly_degree, b, p, q, p_t, q_t, big_m // (p_t * q_t))
         r, c = plan.row_tiles, plan.col_tiles
-        key = (_coeff_cost(r * c, c, r), r + c, plan.span, -q_t)
+        key = (_plan_cost(weights, r * c, c, r), r + c, plan.span, -q_t)
         if best_key is None or key < best_key:
             best, best_key = plan, key
     assert best is not None  # q_t = 1, p_t = 1 always fits (M >= 1)
@@ -294,9 +307,11 @@ def plan_coeff_conv(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     what: str = "",
+    weights: tuple[float, float, float] | None = None,
 ) -> CoeffConvPlan:
     """Choose (rows per tile, input blocks per ciphertext, output blocks per product) minimizing
-    the weighted server cost per image, subject to ``p_t * Q * (rows + kh - 1) * W' <= N/b``."""
+    the weighted server cost per image (or ``weights``, see :func:`_plan_cost`), subject to
+    ``p_t * Q * (rows + kh - 1) * W' <= N/b``."""
     _check_degree(poly_degree, what)
     _check_block(c_out, c_in, poly_degree, b, what)
     stride, padding = (int(stride[0]), int(stride[1])), (int(padding[0]), int(padding[1]))
@@ -325,7 +340,7 @@ def plan_coeff_conv(
             p_t = _split(p, math.ceil(p / min(p, big_m // (qq * area))))
             plan = CoeffConvPlan(poly_degree, b, p, q, kh, kw, h, w, stride, padding, rows, qq, p_t)
             t_, c_, r_ = plan.tiles, plan.chan_groups, plan.out_groups
-            key = (t_ * _coeff_cost(r_ * c_, c_, r_), t_ * (r_ + c_), -rows)
+            key = (t_ * _plan_cost(weights, r_ * c_, c_, r_), t_ * (r_ + c_), -rows)
             if best_key is None or key < best_key:
                 best, best_key = plan, key
     assert best is not None

@@ -92,6 +92,10 @@ class CoeffCirculant(Kernel):
     name = "coeff-circulant"
     compact = True
 
+    def __init__(self, plan_weights: tuple[float, float, float] | None = None):
+        #: the tiling's objective (:func:`graphpress.lowering.he.counts.plan_coeff_conv`); None: server work
+        self.plan_weights = plan_weights
+
     # ------------------------------------------------------------------ weight forms
     def _compact_linear(self, w: np.ndarray, what: str) -> np.ndarray:
         """The compact ``(p, q, b)`` form this kernel multiplies (dense kernels override)."""
@@ -121,7 +125,7 @@ class CoeffCirculant(Kernel):
                 raise BackendError(f"{where(what)}bias has {bias.size} values, the layer has {p * b} outputs")
             check_fits(bias, ctx.t, "bias", what)
         try:
-            plan = plan_coeff_linear(p * b, q * b, ctx.poly_degree, b, what)
+            plan = plan_coeff_linear(p * b, q * b, ctx.poly_degree, b, what, self.plan_weights)
         except ValueError as err:
             raise plan_error(err, what) from None
         prep = Prepared("linear", what, c, bias, p * b, q * b, row_abs_max(c, 0))
@@ -251,7 +255,7 @@ class CoeffCirculant(Kernel):
         c = prep.weight
         kh, kw, p, q, b = c.shape
         try:
-            plan = plan_coeff_conv(p * b, q * b, h, w, kh, kw, ctx.poly_degree, b, prep.stride, prep.padding, prep.what)
+            plan = plan_coeff_conv(p * b, q * b, h, w, kh, kw, ctx.poly_degree, b, prep.stride, prep.padding, prep.what, self.plan_weights)
         except ValueError as err:
             raise plan_error(err, prep.what) from None
         fwd, inv = _powers(ctx, b)

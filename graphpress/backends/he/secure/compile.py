@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from graphpress.backends.he.program import HEProgram
 from graphpress.backends.he.quant import plain_bits_for
-from graphpress.backends.he.secure.hestep import StepShape, noise_bound_bits
+from graphpress.backends.he.secure.hestep import PLAN_WEIGHTS, StepShape, noise_bound_bits
 from graphpress.backends.he.secure.params import STAT_BITS, secure_params
 from graphpress.backends.he.secure.program import SecureProgram
 from graphpress.errors import BackendError
@@ -273,10 +273,10 @@ class _Compiler:
         geom = dict(
             index=index, name=st.name, kind=st.kind, b=int(st.b if st.encoding == "coeff-circulant" else 1), out_features=st.out_features,
             in_features=st.in_features, kernel_size=list(st.kernel_size), stride=list(st.stride), padding=list(st.padding),
-            in_shape=list(xq.shape), out_shape=list(st.out_shape),
+            in_shape=list(xq.shape), out_shape=list(st.out_shape), plan_weights=None if PLAN_WEIGHTS is None else list(PLAN_WEIGHTS),
         )
         probe = StepShape.from_dict({**geom, "params": {"poly_degree": 4096, "coeff_modulus_bits": [30], "plain_modulus": 3}, "flood_bits": 0})
-        params, flood = secure_params(bits, lambda t: noise_bound_bits(w_int, probe, t), stat_bits=self.stat_bits, poly_degree=self.poly_degree, what=st.name)
+        params, flood = secure_params(bits, lambda t, n: noise_bound_bits(w_int, probe, t, n), stat_bits=self.stat_bits, poly_degree=self.poly_degree, what=st.name)
         self.steps.append({**geom, "params": params.to_dict(), "flood_bits": int(flood), "plain_bits": int(bits)})
         self.arrays[f"w{index}"] = np.asarray(w_int, dtype=np.int64)
         self.arrays[f"bias{index}"] = b_int

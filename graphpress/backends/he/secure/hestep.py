@@ -22,7 +22,7 @@ What each addition is for (semi-honest client):
 * ``Enc_pk(0)`` re-randomizes ``c1``: without it ``c1 = a_seed * W_poly`` and the client, who
   knows its own seed polynomial, would divide and read the weight polynomial;
 * the flooding noise (``2^flood_bits``, at least ``2^stat_bits`` times the bound on the
-  weight-dependent noise ``sum ||W_tile||_1 * (B_fresh + t)``) makes the decrypted noise
+  weight-dependent noise ``max_response sum ||W_tile||_1 * (B_fresh + 1)``) makes the decrypted noise
   statistically independent of ``W`` (distance ``<= 2^-stat_bits`` per coefficient);
 * sending only the read coefficients of ``c0`` keeps the cross terms of the coefficient
   encoding (other linear combinations of weights and inputs) on the server, and the
@@ -54,6 +54,11 @@ from graphpress.lowering.he.counts import plan_coeff_conv, plan_coeff_linear
 
 #: SEAL's clipped fresh-noise bound (6 sigma, sigma = 3.2) per coefficient.
 FRESH_NOISE = 19.2
+#: Relative cost of a product, an input ciphertext and a response ciphertext in this protocol
+#: (measured through the steps at N = 8192, two primes: 0.16, 2.5 and 4.5 ms): a response, with
+#: its inverse NTT, flooding, switch, packing and the client's decryption, is worth ~28 products,
+#: so the tiling packs more output channels per response than the server-only objective would.
+PLAN_WEIGHTS = (1.0, 15.0, 28.0)
 
 
 # ---------------------------------------------------------------------------- geometry (public)
@@ -74,13 +79,17 @@ class StepShape:
     out_shape: tuple[int, ...]
     params: BFVParams
     flood_bits: int
+    #: the tiling's objective, seconds-like weights per (product, input ciphertext, response
+    #: ciphertext); part of the program so that both parties derive the same tiling
+    plan_weights: tuple[float, float, float] | None = PLAN_WEIGHTS
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StepShape":
+        pw = d.get("plan_weights")
         return cls(
             int(d["index"]), str(d["name"]), str(d["kind"]), int(d["b"]), int(d["out_features"]), int(d["in_features"]),
             tuple(d["kernel_size"]), tuple(d["stride"]), tuple(d["padding"]), tuple(d["in_shape"]), tuple(d["out_shape"]),
-            BFVParams.from_dict(d["params"]), int(d["flood_bits"]),
+            BFVParams.from_dict(d["params"]), int(d["flood_bits"]), None if pw is None else tuple(float(v) for v in pw),
         )
 
     @property
@@ -92,13 +101,17 @@ class StepShape:
         return self.t // 2
 
     def plan(self) -> Any:
-        n, b = self.params.poly_degree, self.b
+        return self.plan_at(self.params.poly_degree)
+
+    def plan_at(self, n: int) -> Any:
+        """The layer's coefficient tiling at ``N = n`` (what both parties derive independently)."""
+        b = self.b
         try:
             if self.kind == "linear":
-                return plan_coeff_linear(self.out_features, self.in_features, n, b, self.name)
+                return plan_coeff_linear(self.out_features, self.in_features, n, b, self.name, self.plan_weights)
             return plan_coeff_conv(
                 self.out_features, self.in_features, self.in_shape[1], self.in_shape[2], *self.kernel_size, n, b,
-                self.stride, self.padding, self.name,
+                self.stride, self.padding, self.name, self.plan_weights,
             )
         except ValueError as err:
             raise BackendError(f"he secure: layer {self.name!r}: {err}") from None
@@ -109,8 +122,8 @@ class StepShape:
         return int(np.prod(self.in_shape[:-1])) if self.kind == "linear" else 1
 
 
-def _kernel(b: int) -> CoeffCirculant:
-    return CoeffCirculant() if b > 1 else CoeffDense()
+def _kernel(shape: StepShape) -> CoeffCirculant:
+    return CoeffCirculant(shape.plan_weights) if shape.b > 1 else CoeffDense(shape.plan_weights)
 
 
 def _out_positions(shape: StepShape, plan: Any) -> list[tuple[tuple[int, int], np.ndarray, tuple[np.ndarray, ...]]]:
@@ -148,6 +161,22 @@ def _out_positions(shape: StepShape, plan: Any) -> list[tuple[tuple[int, int], n
             full = np.broadcast_arrays(ch, ho, wo, np.arange(b)[None, :, None, None], idx)
             out.append(((tile, og), full[4].reshape(-1), (full[0].reshape(-1), full[1].reshape(-1), full[2].reshape(-1)), full[3].reshape(-1)))
     return out
+
+
+def input_polys(shape: StepShape, plan: Any, a: np.ndarray, fwd: np.ndarray, n: int) -> list[np.ndarray]:
+    """A share's polynomials in the layer's input layout (twisted for ``b > 1``), in the order the
+    ciphertexts travel: what the client encrypts, and what the server adds to them (its share)."""
+    t = shape.t
+    a = np.asarray(a, dtype=np.int64) % t
+    if shape.kind == "linear":
+        x = _twist(a.reshape(shape.rows, plan.q, plan.b), fwd, t)
+        return [
+            CoeffCirculant.linear_input_poly(plan, x[g0 : g0 + plan.per_ct], cti, n)
+            for g0 in range(0, shape.rows, plan.per_ct)
+            for cti in range(plan.col_tiles)
+        ]
+    xt = CoeffCirculant.conv_inputs(plan, a[None], fwd, t)[0]
+    return [CoeffCirculant.conv_input_poly(plan, xt, tile, cg, n) for tile in range(plan.tiles) for cg in range(plan.chan_groups)]
 
 
 def _pack(values: np.ndarray, nbytes: int) -> bytes:
@@ -192,19 +221,8 @@ class ClientStep(_Side):
 
     def encrypt(self, a: np.ndarray) -> list[bytes]:
         """Seeded symmetric encryptions of the input share ``a`` (per-sample ``in_shape``, mod t)."""
-        s, plan, ctx, t = self.shape, self.plan, self.ctx, self.shape.t
-        a = np.asarray(a, dtype=np.int64) % t
-        n = ctx.poly_degree
-        if s.kind == "linear":
-            x = _twist(a.reshape(s.rows, plan.q, plan.b), self.fwd, t)
-            polys = [
-                CoeffCirculant.linear_input_poly(plan, x[g0 : g0 + plan.per_ct], cti, n)
-                for g0 in range(0, s.rows, plan.per_ct)
-                for cti in range(plan.col_tiles)
-            ]
-        else:
-            xt = CoeffCirculant.conv_inputs(plan, a[None], self.fwd, t)[0]
-            polys = [CoeffCirculant.conv_input_poly(plan, xt, tile, cg, n) for tile in range(plan.tiles) for cg in range(plan.chan_groups)]
+        ctx = self.ctx
+        polys = input_polys(self.shape, self.plan, a, self.fwd, ctx.poly_degree)
         out = []
         for poly in polys:
             pt = ctx.plain_coeffs(poly, side="client")
@@ -274,18 +292,35 @@ def plain_layer(x: np.ndarray, w_dense: np.ndarray, shape: StepShape) -> np.ndar
     return np.tensordot(w_dense, win, axes=([1, 2, 3], [0, 3, 4]))
 
 
-def noise_bound_bits(w_int: np.ndarray, shape: StepShape, t: int) -> int:
-    """``log2`` of the bound on the weight-dependent noise of one output ciphertext:
-    ``sum_tiles ||W_tile||_1 * (B_fresh + t)`` with the plaintext coefficients centered mod ``t``
-    (twisted, for ``b > 1``: nearly uniform), bounded by the whole layer's sum."""
+def noise_bound_bits(w_int: np.ndarray, shape: StepShape, t: int, n: int | None = None) -> int:
+    """``log2`` of a bound on the weight-dependent noise of every response ciphertext at ``N = n``
+    (default: the shape's own), for plain modulus ``t``.
+
+    A fresh input ciphertext decrypts as ``(q/t) a + e'`` with ``|e'| <= B_fresh + 1/2`` (SEAL
+    scales messages by ``round(q a / t)``, not ``floor(q/t) a``: measured, the noise of a product
+    does not grow with ``a``), and the server's plaintext share adds another ``1/2``. A product
+    with the centered weight polynomial ``w`` gives ``(q/t) a w + e' w``: the wrap-around of
+    ``a w`` past ``t`` is a multiple of ``q`` and vanishes, so coefficient ``j`` of a response
+    ``sum_tiles Enc(a_c) w_c`` carries at most ``sum_c ||w_c||_1 (B_fresh + 1)``. The tiles summed
+    into one response hold exactly the weights of its output blocks (every input block, every
+    kernel tap, once), so the bound is the largest L1 norm of one output group's weights, centered
+    mod ``t`` after the twist for ``b > 1`` (there: nearly uniform)."""
     w = np.asarray(w_int, dtype=np.int64)
+    n = int(shape.params.poly_degree) if n is None else int(n)
     if shape.b > 1:
         psi = _root(t, 2 * shape.b)
         pw = np.array([pow(psi, u, t) for u in range(shape.b)], dtype=np.int64)
-        l1 = float(np.abs(centered(w % t * pw % t, t)).astype(np.float64).sum()) * shape.b
+        mags = np.abs(centered(w % t * pw % t, t)).astype(np.float64)
+        # compact (p, q, b) / (kh, kw, p, q, b): L1 per output block p
+        per_block = mags.sum(axis=(1, 2)) if shape.kind == "linear" else mags.sum(axis=(0, 1, 3, 4))
     else:
-        l1 = float(np.abs(w).astype(np.float64).sum())
-    return int(math.ceil(math.log2(max(l1, 1.0) * (FRESH_NOISE + t))))
+        mags = np.abs(w).astype(np.float64)
+        per_block = mags.sum(axis=tuple(range(1, mags.ndim)))  # (m, n) / (C_out, C_in, kh, kw): per output
+    plan = shape.plan_at(n)
+    group = plan.p_t
+    sums = np.add.reduceat(per_block, np.arange(0, per_block.size, group)) if per_block.size else np.zeros(1)
+    l1 = float(sums.max(initial=0.0))
+    return int(math.ceil(math.log2(max(l1, 1.0) * (FRESH_NOISE + 1))))
 
 
 def _root(t: int, order: int) -> int:
@@ -302,7 +337,7 @@ class ServerStep(_Side):
     def __init__(self, shape: StepShape, ctx: BFVContext, w_int: np.ndarray, bias_int: np.ndarray | None, rng: np.random.Generator):
         super().__init__(ctx)
         self.shape, self.rng = shape, rng
-        self.kernel = _kernel(shape.b)
+        self.kernel = _kernel(shape)
         what = shape.name
         if shape.kind == "linear":
             self.prep = self.kernel.prepare_linear(ctx, w_int, None, what)
@@ -310,62 +345,51 @@ class ServerStep(_Side):
         else:
             self.prep = self.kernel.prepare_conv(ctx, w_int, None, shape.stride, shape.padding, what, input_hw=shape.in_shape[1:])
             self.plan, self.tiles, _, self.inv, self.fwd = self.prep.layouts["conv", shape.in_shape[1], shape.in_shape[2]]
-        self.w_dense = dense_weight(w_int, shape.kind)
         self.bias = np.zeros(shape.out_features, dtype=np.int64) if bias_int is None else np.asarray(bias_int, dtype=np.int64)
         self.outputs = _out_positions(shape, self.plan)
         self.primes = [int(m.value()) for m in ctx.context.first_context_data().parms().coeff_modulus()]
-        self._q = np.array(self.primes, dtype=np.uint64)[None, :, None]
-        self._pool: list[np.ndarray] = []
+        self._pool: list[tuple[Any, np.ndarray]] = []
         self.n_inputs = self.plan.col_tiles * math.ceil(shape.rows / self.plan.per_ct) if shape.kind == "linear" else self.plan.tiles * self.plan.chan_groups
 
     def refill(self) -> None:
-        """Offline (before the client's input exists): per response ciphertext, a public-key
-        encryption of zero whose ``c0`` already carries the flooding noise at the coefficients
-        the client will read. Online, the server adds one to each result: re-randomization and
-        flooding cost one vector addition."""
+        """Offline (before the client's input exists): per response ciphertext, the server's mask
+        ``R`` at its coefficients and a public-key encryption of ``bias + off - R`` there whose
+        ``c0`` already carries the flooding noise. Online, the server adds one ciphertext to each
+        result: masking, re-randomization and flooding cost one addition."""
         with self.ctx.counter.timed("server", "offline"):
-            self._pool = [self._fresh_zero(pos) for _, pos, _, _ in self.outputs]
+            self._pool = [self._masked_zero(k) for k in range(len(self.outputs))]
 
     def respond(self, blobs: list[bytes], s_share: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         """``(responses, R)``: the packed ciphertexts for the client and the server's output share."""
         shape, ctx, plan, t = self.shape, self.ctx, self.plan, self.shape.t
         if len(blobs) != self.n_inputs:
             raise BackendError(f"he secure: layer {shape.name!r}: expected {self.n_inputs} input ciphertexts, got {len(blobs)}")
+        s_share = np.asarray(s_share, dtype=np.int64) % t
+        # the server's share joins the client's inside the ciphertexts (Enc(a) + s = Enc(X)), in the
+        # same layout: no plaintext W s on the server, and the product is W X directly
+        s_polys = input_polys(shape, plan, s_share, self.fwd, ctx.poly_degree) if s_share.any() else None
         inputs = []
         for k, blob in enumerate(blobs):
             ct = rawct.load_bytes(self.seal.Ciphertext(), ctx.context, blob, self.path, f"layer {shape.name!r} input {k}")
             if ct.size() != 2 or ct.parms_id() != ctx.context.first_parms_id():
                 raise BackendError(f"he secure: layer {shape.name!r} input {k}: not a fresh ciphertext at the layer's parameters")
+            if s_polys is not None and s_polys[k].any():
+                ctx.add_plain_inplace(ct, ctx.plain_coeffs(s_polys[k]))
             inputs.append(ctx.to_ntt_inplace(ct))
-        y_s = plain_layer(np.asarray(s_share, dtype=np.int64) % t, self.w_dense, shape)
-        if shape.kind == "linear":
-            y_s = y_s.reshape(shape.rows, shape.out_features) + self.bias[None, :]
-        else:
-            y_s = y_s + self.bias[:, None, None]
-        mask = self.rng.integers(0, t, size=y_s.shape, dtype=np.int64)
-        addend = (y_s + shape.offset - mask) % t
-        responses = []
-        zeros, self._pool = self._pool, []  # used once: a mask or a flood is never reused
-        if zeros and len(zeros) != len(self.outputs):
-            zeros = []
+        pool, self._pool = self._pool, []  # used once: a mask or a flood is never reused
+        if len(pool) != len(self.outputs):
+            pool = [self._masked_zero(k) for k in range(len(self.outputs))]
+        mask = np.zeros((shape.rows, shape.out_features) if shape.kind == "linear" else tuple(shape.out_shape), dtype=np.int64)
         per = plan.col_tiles if shape.kind == "linear" else plan.chan_groups
-        for k, (key, pos, where, r) in enumerate(self.outputs):
+        responses = []
+        for k, (key, pos, where, _r) in enumerate(self.outputs):
             group = key[0] // plan.per_ct if shape.kind == "linear" else key[0]
             ins = inputs[group * per : (group + 1) * per]
             acc = self.kernel._accumulate(ctx, [(ins[c], self.tiles[key[1], c]) for c in range(per)])
-            vals = addend[where] % t
-            if shape.b > 1:
-                vals = vals * self.fwd[r] % t
-            poly = np.zeros(ctx.poly_degree, dtype=np.int64)
-            poly[pos] = vals
-            ctx.add_plain_inplace(acc, ctx.plain_coeffs(poly))
+            zero, r_k = pool[k]
             with ctx.counter.timed("server", "flood"):
-                # + Enc_pk(0) with flooded noise, prepared offline: re-randomizes c1 (else it is the
-                # client's seed polynomial times the weights) and hides the weight-dependent noise
-                prefix, data = rawct.coeffs(acc, self.path)
-                data += zeros[k] if zeros else self._fresh_zero(pos)
-                np.subtract(data, self._q, out=data, where=data >= self._q)
-                acc = rawct.rebuild(self.seal, ctx.context, prefix, data, self.path)
+                ctx._evaluator.add_inplace(acc, zero)
+            mask[where] = r_k
             with ctx.counter.timed("server", "mod_switch"):
                 while acc.coeff_modulus_size() > 1:
                     ctx._evaluator.mod_switch_to_next_inplace(acc)
@@ -373,14 +397,25 @@ class ServerStep(_Side):
             responses.append(_pack(np.concatenate([low[1, 0], low[0, 0, pos]]), self.nbytes))
         return responses, mask.reshape(shape.out_shape) if shape.kind == "linear" else mask
 
-    def _fresh_zero(self, pos: np.ndarray) -> np.ndarray:
-        """One flooded encryption of zero now (no offline pool was prepared)."""
-        ctx = self.ctx
-        _, data = rawct.coeffs(ctx.encrypt_zero_server(), self.path)
-        noise = rawct.big_uniform_mod(self.rng, pos.size, self.shape.flood_bits, self.primes)
+    def _masked_zero(self, k: int) -> tuple[Any, np.ndarray]:
+        """``(Enc_pk(bias + off - R) with c0 flooded at the read coefficients, R)`` for response ``k``:
+        ``R`` fresh and uniform mod ``t`` (the server's output share at those outputs)."""
+        ctx, shape, t = self.ctx, self.shape, self.shape.t
+        _key, pos, where, r = self.outputs[k]
+        r_k = self.rng.integers(0, t, size=pos.size, dtype=np.int64)
+        feature = where[1] if shape.kind == "linear" else where[0]
+        vals = (self.bias[feature] + shape.offset - r_k) % t
+        if shape.b > 1:
+            vals = vals * self.fwd[r] % t
+        prefix, data = rawct.coeffs(ctx.encrypt_zero_server(), self.path)
+        noise = rawct.big_uniform_mod(self.rng, pos.size, shape.flood_bits, self.primes)
         for i, q in enumerate(self.primes):
             data[0, i, pos] = (data[0, i, pos] + noise[i]) % np.uint64(q)
-        return data
+        ct = rawct.rebuild(self.seal, ctx.context, prefix, data, self.path)
+        poly = np.zeros(ctx.poly_degree, dtype=np.int64)
+        poly[pos] = vals
+        ctx.add_plain_inplace(ct, ctx.plain_coeffs(poly))
+        return ct, r_k
 
 
 __all__ = ["ClientStep", "FRESH_NOISE", "ServerStep", "StepShape", "dense_weight", "local_contexts", "noise_bound_bits", "plain_layer"]

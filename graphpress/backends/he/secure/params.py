@@ -28,7 +28,7 @@ STAT_BITS = 40
 
 def secure_params(
     plain_bits: int,
-    noise_bits: Callable[[int], int],
+    noise_bits: Callable[[int, int], int],
     *,
     stat_bits: int = STAT_BITS,
     poly_degree: int | None = None,
@@ -36,19 +36,24 @@ def secure_params(
 ) -> tuple[BFVParams, int]:
     """``(params, flood_bits)`` for a layer whose results need ``t > 2^plain_bits``.
 
-    ``noise_bits(t)`` is the layer's weight-dependent noise bound for a candidate ``t``.
+    ``noise_bits(t, n)`` is the layer's weight-dependent noise bound for a candidate ``t`` and
+    ``N = n`` (the tiling, hence which weights share a response, depends on ``N``).
     """
     seal = _import_seal()
     if not 1 <= plain_bits < MAX_PRIME_BITS:
         raise BackendError(f"he secure: layer {what!r}: plain modulus of {plain_bits} bits is outside 1..{MAX_PRIME_BITS - 1}; lower the fixed-point bits")
     degrees = [poly_degree] if poly_degree else sorted(MAX_COEFF_BITS)
-    need = 0
+    need, unfit = 0, None
     for n in degrees:
         if n not in MAX_COEFF_BITS:
             raise BackendError(f"he secure: poly_degree {n} is not one of {sorted(MAX_COEFF_BITS)}")
         t = find_plain_modulus(plain_bits, n)
         tb = t.bit_length()
-        flood = noise_bits(t) + stat_bits
+        try:
+            flood = noise_bits(t, n) + stat_bits
+        except BackendError as err:  # the layer does not tile at this N (a row block exceeds N/b)
+            unfit = err
+            continue
         need = tb + flood + 3
         special = _special_bits(n)
         budget = MAX_COEFF_BITS[n] - special
@@ -60,6 +65,8 @@ def secure_params(
         params = BFVParams(n, bits, t)
         params.check(what)
         return params, flood
+    if unfit is not None and need == 0:
+        raise unfit
     raise BackendError(
         f"he secure: layer {what!r}: no 128-bit BFV parameters hold a {plain_bits}-bit result with {stat_bits}-bit noise flooding "
         f"(~{need} data bits at N={degrees[-1]}); lower the fixed-point bits or stat_bits"
