@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from graphpress.backends.he import rawct
 from graphpress.backends.he.counter import OpCounter
 from graphpress.errors import BackendError
 
@@ -440,7 +441,12 @@ class BFVContext:
         with self.counter.timed("client", "decode"):
             have = pt.coeff_count()
             idx = np.arange(self.poly_degree) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-            out = np.fromiter((pt[int(i)] if i < have else 0 for i in idx), dtype=np.int64, count=idx.size)
+            if idx.size > self.poly_degree // 8:  # many reads: one serialization beats one call per coefficient
+                full = np.zeros(self.poly_degree, dtype=np.int64)
+                full[:have] = rawct.plain_coeffs(pt, self._wire)
+                out = full[idx]
+            else:
+                out = np.fromiter((pt[int(i)] if i < have else 0 for i in idx), dtype=np.int64, count=idx.size)
         return centered(out, self.t)
 
     def decrypt_slots(self, ct: Any) -> np.ndarray:

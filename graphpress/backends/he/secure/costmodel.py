@@ -6,12 +6,12 @@ context's counter) and charged to what it scales with:
 
 ==============  ========================================================================
 ``input``       per input ciphertext: the client encodes, encrypts (seeded), serializes;
-                the server loads it and moves it to NTT form
+                the server loads it, adds its own share (a plaintext) and moves it to NTT form
 ``product``     per plaintext-ciphertext product (NTT form) and its accumulation
-``output``      per response ciphertext: back from NTT, the addend plaintext, the offline
-                zero added (raw coefficients), the switch to the last prime, the packing;
-                the client's rebuild, decryption and reading of its coefficients
-``plain_mac``   per multiply-accumulate of the server's plaintext ``W s`` (its own share)
+``output``      per response ciphertext: back from NTT, the offline masked zero added, the
+                switch to the last prime, the packing; the client's rebuild and decryption
+``read``        per coefficient the client reads one by one (at most ``N/8`` per response)
+``read_bulk``   per response read whole (more than ``N/8`` coefficients: one serialization)
 ``transfer``    per byte on the loopback channel (a 4 MB echo through a socket pair)
 ==============  ========================================================================
 
@@ -43,10 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from graphpress.backends.he import rawct
 from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, _out_positions
 from graphpress.backends.he.secure.program import SecureProgram, plan_segments
 
-VERSION = 2
+VERSION = 3
 #: Op kinds of a segment charged per element (the others are local to each party).
 SPU_OPS = ("unwrap", "relu", "mul", "shift", "clamp", "maxpool")
 
@@ -82,8 +83,9 @@ def params_key(params: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- counts
-def he_counts(shape: StepShape, zero_tiles: int = 0) -> dict[str, int]:
-    """Exact input / output ciphertexts, products, read coefficients and bytes of one layer."""
+def he_counts(shape: StepShape, zero_tiles: int = 0) -> dict[str, Any]:
+    """Exact input / output ciphertexts, products and read coefficients of one layer
+    (``reads``: per response ciphertext)."""
     plan = shape.plan()
     outs = _out_positions(shape, plan)
     if shape.kind == "linear":
@@ -91,12 +93,14 @@ def he_counts(shape: StepShape, zero_tiles: int = 0) -> dict[str, int]:
         n_in, products = plan.col_tiles * groups, groups * plan.row_tiles * plan.col_tiles
     else:
         n_in, products = plan.tiles * plan.chan_groups, plan.tiles * plan.out_groups * plan.chan_groups
-    read = int(sum(p.size for _, p, _, _ in outs))
-    if shape.kind == "linear":
-        macs = shape.rows * shape.out_features * shape.in_features
-    else:
-        macs = shape.out_features * shape.in_features * shape.kernel_size[0] * shape.kernel_size[1] * shape.out_shape[1] * shape.out_shape[2]
-    return {"inputs": n_in, "outputs": len(outs), "products": products - zero_tiles, "read": read, "macs": macs}
+    reads = [int(p.size) for _, p, _, _ in outs]
+    return {"inputs": n_in, "outputs": len(outs), "products": products - zero_tiles, "read": int(sum(reads)), "reads": reads}
+
+
+def read_seconds(reads: list[int], poly_degree: int, cost: dict[str, float]) -> float:
+    """The client's reading of its coefficients: one call each up to ``N/8`` per response, else
+    one serialization of the whole plaintext (:meth:`graphpress.backends.he.bfv.BFVContext.decrypt_coeffs`)."""
+    return sum(r * cost["read"] if r <= poly_degree // 8 else cost["read_bulk"] for r in reads)
 
 
 # ---------------------------------------------------------------------------- HE measurement
@@ -104,9 +108,10 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
     """Per-operation costs (seconds) and the input ciphertext's bytes for ``params``, from a
     synthetic 3x3 conv (32 -> 32 channels, 16 x 16) run through the real client and server steps:
     each phase is timed whole, the counted operations that scale with inputs or products are
-    split off, and the rest of a phase is charged per response ciphertext (it is what scales
-    with them: the addend, the zero, the switch, the packing, the rebuild and decryption)."""
-    from graphpress.backends.he.secure.hestep import dense_weight, local_contexts, plain_layer
+    split off, the client's reading of coefficients is timed apart, and the rest of a phase is
+    charged per response ciphertext (the inverse NTT, the masked zero, the switch, the packing,
+    the rebuild and decryption)."""
+    from graphpress.backends.he.secure.hestep import local_contexts
 
     t = int(params.plain_modulus)
     flood = max(8, sum(params.coeff_modulus_bits[:-1]) - t.bit_length() - 3)
@@ -115,15 +120,16 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (32, 32, 3, 3))
     client, server = ClientStep(shape, cctx), ServerStep(shape, sctx, w, None, rng)
-    x = rng.integers(0, 256, shape.in_shape)
+    x = rng.integers(0, t, shape.in_shape)
     s_share = rng.integers(0, t, shape.in_shape)
     c = he_counts(shape)
     c["products"] -= server.prep.skipped_products
-    macs = 32 * 32 * 9 * 16 * 16
+    n = int(params.poly_degree)
     best: dict[str, float] = {}
     for _ in range(3):  # best of three: the warm steady state
         server.refill()
         sctx.counter.reset()
+        cctx.counter.reset()
         t0 = time.perf_counter()
         blobs = client.encrypt(x)
         t1 = time.perf_counter()
@@ -131,16 +137,25 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
         t2 = time.perf_counter()
         client.decrypt(responses)
         t3 = time.perf_counter()
-        plain_layer(s_share, dense_weight(w, "conv2d"), shape)
-        t4 = time.perf_counter()
-        sec = sctx.counter.seconds
-        per_in_server = sec.get(("server", "ntt"), 0.0)
+        sec, csec = sctx.counter.seconds, cctx.counter.seconds
+        per_in_server = sec.get(("server", "ntt"), 0.0) + sec.get(("server", "encode"), 0.0) + sec.get(("server", "add_plain"), 0.0)
         prods = sec.get(("server", "mul_plain"), 0.0) + sec.get(("server", "add"), 0.0)
+        decode = csec.get(("client", "decode"), 0.0)
+        # the two ways of reading, timed on one decrypted response
+        probe = client.outputs[0][1]
+        ct = rawct.load_bytes(sctx.seal.Ciphertext(), cctx.context, rawct.save_bytes(cctx.encrypt_coeffs(np.zeros(1)), client.path), client.path, "probe")
+        r0 = time.perf_counter()
+        cctx.decrypt_coeffs(ct, probe[: n // 8])
+        r1 = time.perf_counter()
+        cctx.decrypt_coeffs(ct)
+        r2 = time.perf_counter()
+        dec_only = cctx.counter.seconds.get(("client", "decrypt"), 0.0) / max(cctx.counter.calls.get(("client", "decrypt"), 1), 1)
         per = {
             "input": (t1 - t0 + per_in_server) / c["inputs"],
             "product": prods / max(c["products"], 1),
-            "plain_mac": (t4 - t3) / macs,
-            "output": ((t2 - t1) - per_in_server - prods - (t4 - t3) + (t3 - t2)) / c["outputs"],
+            "output": ((t2 - t1) - per_in_server - prods + (t3 - t2) - decode) / c["outputs"],
+            "read": max(r1 - r0 - dec_only, 0.0) / max(min(probe.size, n // 8), 1),
+            "read_bulk": max(r2 - r1 - dec_only, 0.0),
         }
         for k, v in per.items():
             best[k] = min(best.get(k, math.inf), max(v, 0.0))
@@ -237,8 +252,9 @@ def _segment_elements(seg: Any, program: SecureProgram) -> dict[str, int]:
 def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None, measure: bool = True) -> dict[str, Any]:
     """Predicted seconds and bytes per encrypted layer and per segment of one sample.
 
-    HE layer seconds: ``inputs x input + products x product + outputs x output + macs x
-    plain_mac`` plus the bytes through the loopback channel; SPU segment seconds: ``segment + sum over op
+    HE layer seconds: ``inputs x input + products x product + outputs x output`` plus the
+    client's reading (:func:`read_seconds`) and the bytes through the loopback channel; SPU
+    segment seconds: ``segment + sum over op
     kinds of elements x per-element``. Rows the cache cannot price carry ``None``.
     """
     spu = spu_costs()
@@ -253,8 +269,9 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
             secs = None
             if cost:
                 secs = (c["inputs"] * cost["input"] + c["products"] * cost["product"] + c["outputs"] * cost["output"]
-                        + c["macs"] * cost["plain_mac"] + (up + down) * cost["transfer_s_per_byte"])
-            layers.append({"step": shape.index, "name": shape.name, "b": shape.b, **c, "poly_degree": shape.params.poly_degree,
+                        + read_seconds(c["reads"], shape.params.poly_degree, cost) + (up + down) * cost["transfer_s_per_byte"])
+            layers.append({"step": shape.index, "name": shape.name, "b": shape.b, **{k: v for k, v in c.items() if k != "reads"},
+                           "poly_degree": shape.params.poly_degree,
                            "predicted_s": secs, "predicted_bytes_up": up, "predicted_bytes_down": down})
         elif kind == "spu":
             n = _segment_elements(item, program)
@@ -268,4 +285,7 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
     return {"layers": layers, "segments": segments, "he_s": total_he, "spu_s": total_spu}
 
 
-__all__ = ["SPU_OPS", "cache_path", "fit_spu", "he_costs", "he_counts", "measure_he", "measure_transfer", "predict", "spu_costs", "store_spu_costs"]
+__all__ = [
+    "SPU_OPS", "cache_path", "fit_spu", "he_costs", "he_counts", "measure_he", "measure_transfer", "predict", "read_seconds", "spu_costs",
+    "store_spu_costs",
+]

@@ -73,7 +73,7 @@ class _Clock:
 def run_client(folder: Path, x: np.ndarray, port: int, spu_addrs: list[str], timeout: float) -> dict[str, Any]:
     import tenseal.sealapi as seal
 
-    from graphpress.backends.he.secure import rawct
+    from graphpress.backends.he import rawct
     from graphpress.backends.he.secure.hestep import ClientStep
     from graphpress.backends.he.secure.nonlinear import SPUParty
 
@@ -172,7 +172,7 @@ def _client_share(env: dict[str, tuple], name: str, source: str, program: Secure
 def run_server(folder: Path, port: int, spu_addrs: list[str], timeout: float, seed: int | None) -> dict[str, Any]:
     import tenseal.sealapi as seal
 
-    from graphpress.backends.he.secure import rawct
+    from graphpress.backends.he import rawct
     from graphpress.backends.he.secure.hestep import ServerStep, noise_bound_bits
     from graphpress.backends.he.secure.nonlinear import SPUParty
 

@@ -1,8 +1,10 @@
-"""Raw access to SEAL ciphertext coefficients (what ``tenseal.sealapi`` does not expose).
+"""Raw access to SEAL ciphertext and plaintext coefficients (what ``tenseal.sealapi`` does not expose).
 
 The secure protocol needs three things SEAL's Python binding cannot do: add flooding noise to
 ``c0``, send only the coefficients of ``c0`` the client reads (Cheetah's response packing), and
-let the client rebuild a ciphertext from those coefficients. A SEAL ciphertext serialized with
+let the client rebuild a ciphertext from those coefficients. Reading a whole plaintext is one
+more: the binding reads one coefficient per Python call (~0.3-0.6 us), so past about ``N/8``
+coefficients a serialization round trip (~0.4-0.5 ms at ``N = 4096-8192``) is cheaper. A SEAL ciphertext serialized with
 ``compr_mode = none`` is a 16-byte header, fixed members, then its ``2 x L x N`` coefficients
 as little-endian ``uint64`` (polynomial, RNS limb, coefficient); SEAL's own ``save`` compresses
 with zstd, so :func:`coeffs` decompresses (``zstandard``) and :func:`rebuild` writes an
@@ -27,7 +29,7 @@ def _decompress(blob: bytes, what: str) -> bytes:
     """SEAL's members of a serialized object, uncompressed, after its 2-byte version."""
     magic, hsize, major, minor, mode, _, size = _HEADER.unpack_from(blob)
     if magic != _MAGIC or hsize != 16:
-        raise BackendError(f"he secure: {what}: not a SEAL object (bad header)")
+        raise BackendError(f"he: {what}: not a SEAL object (bad header)")
     return bytes([major, minor]) + _body(blob[16:size], mode)
 
 
@@ -42,7 +44,7 @@ def _body(body: bytes, mode: int) -> bytes:
         import zlib
 
         return zlib.decompress(body)
-    raise BackendError(f"he secure: unknown SEAL compression mode {mode}")
+    raise BackendError(f"he: unknown SEAL compression mode {mode}")
 
 
 def save_bytes(obj: Any, path: str) -> bytes:
@@ -73,6 +75,16 @@ def coeffs(ct: Any, path: str) -> tuple[bytes, np.ndarray]:
         raise BackendError(f"he secure: expected a fresh size-2 ciphertext, got size {ct.size()}")
     prefix = raw[: len(raw) - 8 * count]
     return prefix, np.frombuffer(raw, dtype="<u8", offset=len(prefix)).reshape(2, limbs, n).copy()
+
+
+def plain_coeffs(pt: Any, path: str) -> np.ndarray:
+    """All ``coeff_count`` coefficients of a coefficient-form plaintext (uint64), read through
+    SEAL's serialization (its data array is the last member)."""
+    count = int(pt.coeff_count())
+    raw = _decompress(save_bytes(pt, path), "plaintext")
+    if len(raw) < 8 * count:
+        raise BackendError("he: plaintext serialization shorter than its coefficients")
+    return np.frombuffer(raw, dtype="<u8", offset=len(raw) - 8 * count)
 
 
 def rebuild(seal: Any, context: Any, prefix: bytes, data: np.ndarray, path: str, what: str = "ciphertext") -> Any:
@@ -116,4 +128,4 @@ def big_uniform_mod(rng: np.random.Generator, count: int, bits: int, primes: lis
     return out
 
 
-__all__ = ["big_uniform_mod", "coeffs", "load_bytes", "mulmod", "rebuild", "save_bytes"]
+__all__ = ["big_uniform_mod", "coeffs", "load_bytes", "mulmod", "plain_coeffs", "rebuild", "save_bytes"]
