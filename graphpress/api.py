@@ -1223,6 +1223,34 @@ def he_calibrate(
     return entries, Path(costs.cache_path())
 
 
+def he_calibrate_secure(
+    degrees: Sequence[int] | None = None, *, on_entry: Callable[[int, int, Any], None] | None = None
+) -> tuple[dict[str, dict[str, float]], Path]:
+    """Measure the secure protocol's per-operation costs on this machine (through its real client
+    and server steps, two data primes) and cache them for the ``he-secure`` cost model.
+
+    Parameters
+    ----------
+    degrees : sequence of int, optional
+        Ring degrees to measure (default 4096, 8192).
+    on_entry : callable, optional
+        ``on_entry(done, total, params)`` after each parameter set.
+
+    Returns
+    -------
+    (dict, Path)
+        Seconds per op (``input``, ``product``, ``output``, ``read``, ``read_bulk``) and bytes by
+        parameter set, and the cache file (its ``secure`` section).
+    """
+    from graphpress.backends.he import require_tenseal
+
+    require_tenseal()
+    from graphpress.backends.he.secure import costmodel
+
+    entries = costmodel.calibrate(tuple(degrees) if degrees else (4096, 8192), on_entry=on_entry)
+    return entries, Path(_he_op_costs().cache_path())
+
+
 def _he_op_costs() -> Any:
     from graphpress.lowering.he import op_costs as he_op_costs  # torch-, tenseal-free: the cache file and its format
 
@@ -1414,6 +1442,7 @@ __all__ = [
     "export",
     "finetune_trainable_modes",
     "he_calibrate",
+    "he_calibrate_secure",
     "he_cached_costs",
     "he_cost_report",
     "latency_warnings",

@@ -789,10 +789,23 @@ def he_calibrate(
     poly_degree: Optional[list[int]] = typer.Option(None, "--poly-degree", "-N", help="Ring degrees to measure (repeatable; default 4096, 8192, 16384)."),
     repeat: int = typer.Option(15, "--repeat", help="Timed repetitions per operation (medians)."),
     show: bool = typer.Option(False, "--show", help="Print the cached costs without measuring."),
+    secure: bool = typer.Option(False, "--secure", help="Measure the secure two-party protocol's steps instead (default N: 4096, 8192), for the 'he-secure' cost model."),
 ) -> None:
     """Measure per-operation BFV costs on this machine and cache them for the HE cost model."""
     from graphpress.api import he_cached_costs, he_calibrate
-    from graphpress.cli.report import he_costs_table
+    from graphpress.cli.report import he_costs_table, secure_costs_table
+
+    if secure and not show:
+        from graphpress.api import he_calibrate_secure
+
+        bad = [n for n in poly_degree or () if n not in (4096, 8192, 16384, 32768)]
+        if bad:
+            raise GraphpressError(f"--poly-degree {bad[0]}: the secure protocol measures 4096, 8192, 16384 or 32768")
+        with StageProgress() as prog:
+            prog.stage("measure the secure protocol's steps")
+            entries, path = he_calibrate_secure(poly_degree or None, on_entry=lambda i, n, p: prog.step(i, n, f"parameter sets (N={p.poly_degree})"))
+        console.print(secure_costs_table(entries, f"secure protocol op costs (us), cached in {path}"))
+        return
 
     if show:
         entries, path = he_cached_costs()

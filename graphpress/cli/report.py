@@ -365,6 +365,17 @@ def he_layers_table(cost: dict[str, Any], title: str) -> Table:
     return t
 
 
+def secure_costs_table(entries: dict[str, dict[str, float]], title: str) -> Table:
+    """The secure protocol's per-operation costs (microseconds) per parameter set."""
+    t = Table(title=title, title_justify="left", caption="read: per coefficient read one by one; read-all: one whole response", caption_justify="left")
+    for col in ("parameters", "input", "product", "response", "read", "read-all", "input KB"):
+        t.add_column(col, justify="left" if col == "parameters" else "right", no_wrap=True)
+    for key, e in sorted(entries.items()):
+        t.add_row(key, f"{1e6 * e['input']:.0f}", f"{1e6 * e['product']:.0f}", f"{1e6 * e['output']:.0f}", f"{1e6 * e['read']:.2f}",
+                  f"{1e6 * e['read_bulk']:.0f}", f"{e['input_bytes'] / 1024:.0f}")
+    return t
+
+
 def he_costs_table(entries: dict[str, dict[str, Any]], title: str) -> Table:
     """Cached per-operation HE costs (microseconds) per parameter set."""
     ops = ("upload_coeffs", "upload_slots", "download", "download_slots", "decode_coeff", "ntt", "intt", "mul_plain", "add", "add_plain", "rotate")

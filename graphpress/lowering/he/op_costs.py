@@ -126,17 +126,76 @@ def machine_entries(path: str | os.PathLike | None = None) -> dict[str, dict[str
     return read_cache(path).get("machines", {}).get(machine_key(), {}).get("entries", {})
 
 
+def _write(data: dict[str, Any], p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
 def write_entries(entries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike | None = None) -> Path:
     """Merge ``entries`` into this machine's part of the cache (atomic replace of the file)."""
     p = Path(path) if path is not None else cache_path()
     data = read_cache(p)
     machine = data["machines"].setdefault(machine_key(), {"entries": {}})
     machine.setdefault("entries", {}).update({k: dict(v) for k, v in entries.items()})
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return _write(data, p)
+
+
+# ---------------------------------------------------------------------------- secure protocol
+#: Version of the ``secure`` section (per-op costs of :mod:`graphpress.backends.he.secure`).
+SECURE_VERSION = 3
+
+
+def secure_section(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """This machine's secure-protocol costs: ``{"he": {params_key: seconds per op}, "transfer_s_per_byte", "spu"}``
+    (written by :mod:`graphpress.backends.he.secure.costmodel`; empty when missing or stale)."""
+    sec = read_cache(path).get("machines", {}).get(machine_key(), {}).get("secure", {})
+    return sec if sec.get("version") == SECURE_VERSION else {}
+
+
+def write_secure_section(section: Mapping[str, Any], path: str | os.PathLike | None = None) -> Path:
+    """Replace this machine's secure-protocol costs (atomic replace of the file)."""
+    p = Path(path) if path is not None else cache_path()
+    data = read_cache(p)
+    machine = data["machines"].setdefault(machine_key(), {"entries": {}})
+    machine["secure"] = {**section, "version": SECURE_VERSION}
+    return _write(data, p)
+
+
+def secure_params_key(poly_degree: int, coeff_modulus_bits: Any) -> str:
+    return f"N{int(poly_degree)}-" + "-".join(str(int(b)) for b in coeff_modulus_bits)
+
+
+def secure_entry(poly_degree: int, *, path: str | os.PathLike | None = None) -> dict[str, float] | None:
+    """Per-op seconds of the secure protocol at ``N`` for a search that knows no layer's primes
+    yet: the measured two-data-prime chain (what 8-bit layers get; the per-op costs depend on the
+    prime count, not the prime sizes), else any chain at ``N``; None when nothing is cached."""
+    sec = secure_section(path)
+    at_n = {k: v for k, v in sec.get("he", {}).items() if k.startswith(f"N{int(poly_degree)}-")}
+    if not at_n:
+        return None
+    key = min(at_n, key=lambda k: (abs(len(k.split("-")) - 4), k))  # N, two data primes, special prime
+    return {**at_n[key], "transfer_s_per_byte": float(sec.get("transfer_s_per_byte", 0.0))}
+
+
+def read_seconds(reads: list[int], poly_degree: int, cost: Mapping[str, float]) -> float:
+    """The client's reading of its coefficients: one call each up to ``N/8`` per response, else
+    one serialization of the whole plaintext (:meth:`graphpress.backends.he.bfv.BFVContext.decrypt_coeffs`)."""
+    return sum(r * cost["read"] if r <= poly_degree // 8 else cost["read_bulk"] for r in reads)
+
+
+def secure_layer_seconds(counts: Mapping[str, Any], poly_degree: int, cost: Mapping[str, float]) -> tuple[float, float, float]:
+    """``(seconds, bytes up, bytes down)`` of one layer of the secure protocol from
+    :func:`graphpress.lowering.he.counts.secure_counts` and a :func:`secure_entry`: per input
+    ciphertext, product and response, the reads, and every byte through the channel (seeded
+    inputs; responses: ``c1`` plus the read coefficients of ``c0`` at the last prime)."""
+    up = counts["inputs"] * cost["input_bytes"]
+    down = (counts["outputs"] * int(poly_degree) + sum(counts["reads"])) * cost["output_nbytes"]
+    secs = (counts["inputs"] * cost["input"] + counts["products"] * cost["product"] + counts["outputs"] * cost["output"]
+            + read_seconds(counts["reads"], poly_degree, cost) + (up + down) * cost.get("transfer_s_per_byte", 0.0))
+    return secs, up, down
 
 
 def find_entry(poly_degree: int, coeff_modulus_bits: Any = None, *, path: str | os.PathLike | None = None) -> dict[str, Any] | None:
@@ -227,6 +286,7 @@ __all__ = [
     "DEFAULT_PLAIN_BITS",
     "OPS",
     "REFERENCE_PLAIN_BITS",
+    "SECURE_VERSION",
     "cache_path",
     "entry_key",
     "find_entry",
@@ -234,9 +294,15 @@ __all__ = [
     "machine_entries",
     "machine_key",
     "read_cache",
+    "read_seconds",
+    "secure_entry",
+    "secure_layer_seconds",
+    "secure_params_key",
+    "secure_section",
     "slot_inverse_ntts",
     "tenseal_version",
     "total_seconds",
     "values_read",
     "write_entries",
+    "write_secure_section",
 ]

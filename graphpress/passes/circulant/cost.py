@@ -75,6 +75,18 @@ reference parameter chain (a 24-bit plaintext modulus). Unlike ``he-analytic`` i
 ciphertexts sent and received (which do not shrink with ``b`` as fast as the products do) in
 the machine's own proportions. Needs ``compress he-calibrate`` first (a one-line error says so).
 
+``he-secure`` -- predicted milliseconds of the layer in the secure two-party protocol
+(:mod:`graphpress.backends.he.secure`, the HE backend's default) on *this machine*: its exact
+ciphertext counts (:func:`graphpress.lowering.he.counts.secure_counts` on the protocol's own
+tiling, ``SECURE_PLAN_WEIGHTS``: input ciphertexts, products, responses and the coefficients
+read from each) times the per-operation seconds measured through the protocol's real client and
+server steps (:func:`graphpress.lowering.he.op_costs.secure_layer_seconds`: an input costs its
+encryption, upload, the server's share and NTT; a response its inverse NTT, masked flooded zero,
+switch, packing and decryption; plus every byte on the channel), at ``poly_degree`` with two
+data primes. What it predicts is what the benchmark measures (``benchmarks/he_resnet20.py``):
+per-ciphertext costs, not products, dominate, so it falls with ``b`` far slower than
+``he-analytic``. Needs ``compress he-calibrate --secure`` first (a one-line error says so).
+
 ``params`` -- compact parameters ``dense_params / b``.
 
 ``latency`` -- measured plaintext latency (microseconds, batch 1, this machine) of the layer's op:
@@ -256,6 +268,33 @@ def he_measured_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGRE
     return 1e3 * he_op_costs.total_seconds(terms)
 
 
+# ---------------------------------------------------------------------------- he-secure
+def he_secure_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGREE) -> float:
+    """Predicted milliseconds of the layer in the secure protocol at block size ``b`` (module docstring)."""
+    _check_b(layer, b)
+    n_deg = _check_degree(poly_degree)
+    cost = he_op_costs.secure_entry(n_deg)
+    if cost is None:
+        raise PassError(
+            f"cost model 'he-secure': no secure-protocol costs for N={n_deg} on this machine in {he_op_costs.cache_path()}; "
+            f"run `compress he-calibrate --secure -N {n_deg}`"
+        )
+    m, n = layer.out_features, layer.in_features
+    weights = he_counts.SECURE_PLAN_WEIGHTS
+    try:
+        if layer.kind == "linear":
+            plan = he_counts.plan_coeff_linear(m, n, n_deg, b, layer.name, weights)
+            counts = he_counts.secure_counts(plan, layer.out_positions)
+        else:
+            shape, stride, padding, _dilation = _conv_geometry(layer.node, layer)
+            kh, kw = layer.kernel
+            plan = he_counts.plan_coeff_conv(m, n, shape[2], shape[3], kh, kw, n_deg, b, _pair(stride), _pair(padding), layer.name, weights)
+            counts = he_counts.secure_counts(plan)
+    except ValueError as err:
+        raise PassError(f"cost model 'he-secure': layer {layer.name} at b={b}: {str(err).strip(chr(34))}") from None
+    return 1e3 * he_op_costs.secure_layer_seconds(counts, n_deg, cost)[0]
+
+
 # ---------------------------------------------------------------------------- params
 def params_cost(layer: Layer, b: int) -> float:
     """Compact parameter count ``dense_params / b``."""
@@ -347,6 +386,14 @@ register_cost_model(
     "milliseconds (predicted, this machine)",
     ("poly_degree",),
 )
+register_cost_model(
+    "he-secure",
+    he_secure_cost,
+    "the secure two-party protocol priced on this machine: its exact ciphertext counts x per-op seconds measured "
+    "through its steps (`compress he-calibrate --secure`)",
+    "milliseconds (predicted, this machine)",
+    ("poly_degree",),
+)
 register_cost_model("params", params_cost, "compact parameters dense_params / b", "parameters")
 register_cost_model(
     "latency",
@@ -364,6 +411,7 @@ __all__ = [
     "he_analytic_cost",
     "he_coefficient_counts",
     "he_measured_cost",
+    "he_secure_cost",
     "he_slots_cost",
     "he_slots_counts",
     "latency_cost",

@@ -151,3 +151,30 @@ def test_he_measured_cost_model_prices_counts(cache):
     assert conv2[0] > conv2[1] > conv2[2]
     # conv1 (C_in = 1) admits b = 1 only: the model prices it like any dense conv
     assert model(layers["conv1"], 1, poly_degree=4096) > 0
+
+
+SECURE = {"input": 2e-3, "product": 1e-4, "output": 2.5e-3, "read": 3e-7, "read_bulk": 4e-4, "input_bytes": 1e5, "output_nbytes": 6.0}
+
+
+def test_he_secure_cost_model_needs_the_cache(cache):
+    from graphpress.passes.circulant.cost import get_cost_model
+
+    with pytest.raises(PassError, match="compress he-calibrate --secure -N 8192"):
+        get_cost_model("he-secure")(_digits_layers()["fc1"], 1)
+
+
+def test_he_secure_cost_model_prices_the_protocols_counts(cache):
+    from graphpress.passes.circulant.cost import get_cost_model
+
+    he_op_costs.write_secure_section({"he": {"N8192-50-50-20": SECURE, "N8192-40-40-40-20": {**SECURE, "input": 1.0}}, "transfer_s_per_byte": 1e-9})
+    layers = _digits_layers()
+    model = get_cost_model("he-secure")
+    conv2 = [model(layers["conv2"], b) for b in (1, 2, 4, 8, 16)]
+    # exactly counts x seconds, with the two-data-prime entry (not the three-prime one)
+    plan = he_counts.plan_coeff_conv(32, 16, 8, 8, 3, 3, 8192, 4, (1, 1), (1, 1), "conv2", he_counts.SECURE_PLAN_WEIGHTS)
+    c = he_counts.secure_counts(plan)
+    want = c["inputs"] * 2e-3 + c["products"] * 1e-4 + c["outputs"] * 2.5e-3 + he_op_costs.read_seconds(c["reads"], 8192, SECURE)
+    up, down = c["inputs"] * 1e5, (c["outputs"] * 8192 + sum(c["reads"])) * 6.0
+    assert conv2[2] == pytest.approx(1e3 * (want + (up + down) * 1e-9), rel=1e-12)
+    # per-ciphertext costs dominate: it falls with b, and far slower than the products do
+    assert conv2[0] >= conv2[2] >= conv2[4] and conv2[0] / conv2[4] < 16

@@ -30,6 +30,7 @@ from graphpress.backends.he.bfv import BFVContext
 from graphpress.backends.he.kernels.coeff_dense import CoeffDense
 from graphpress.backends.he.program import build_program
 from graphpress.backends.he import rawct
+from graphpress.lowering.he import op_costs
 from graphpress.backends.he.secure import launch
 from graphpress.backends.he.secure.compile import compile_secure
 from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, dense_weight, local_contexts, noise_bound_bits, plain_layer
@@ -342,10 +343,25 @@ def test_backend_default_is_secure_and_runs_through_the_runtime(digits, tmp_path
 
 
 # ---------------------------------------------------------------------------- cost model
+@pytest.mark.parametrize("kw", [CONV, CIRC, CCONV, dict(CIRC, in_shape=(5, 32), out_shape=(5, 16))], ids=["conv-stride2", "circulant-linear", "circulant-conv", "linear-5-rows"])
+def test_analytic_counts_match_the_steps(kw):
+    """The search prices layers from lowering's counts (no SEAL there): they must be the steps' own."""
+    from graphpress.backends.he.secure.hestep import _out_positions
+    from graphpress.lowering.he.counts import secure_counts
+
+    rng = np.random.default_rng(2)
+    wshape = {"conv": (8, 4, 3, 3), "fc": (4, 8, 4), "cconv": (3, 3, 2, 2, 4)}[kw["name"]]
+    shape, client, server = _pair(kw, rng.integers(-127, 128, wshape), None)
+    c = secure_counts(shape.plan(), shape.rows)
+    assert c["reads"] == [p.size for _, p, _, _ in _out_positions(shape, shape.plan())]
+    assert c["inputs"] == server.n_inputs == len(client.encrypt(np.zeros(shape.in_shape, dtype=np.int64)))
+    assert c["outputs"] == len(server.outputs) and sum(c["reads"]) == int(np.prod(shape.out_shape))
+
+
 def test_cost_model_counts_and_prices_every_layer(digits, tmp_path, monkeypatch):
     from graphpress.backends.he.secure import costmodel
 
-    monkeypatch.setenv("GRAPHPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRAPHPRESS_HE_COSTS", str(tmp_path / "he_op_costs.json"))
     sp, _ = _compile(digits["graph"], tmp_path / "p")
     # SPU costs fitted from two sizes: slope per element, intercept per segment call
     fit = costmodel.fit_spu([{"op": "relu", "n": 1000, "wall_s": 0.03}, {"op": "relu", "n": 5000, "wall_s": 0.07},
@@ -359,7 +375,7 @@ def test_cost_model_counts_and_prices_every_layer(digits, tmp_path, monkeypatch)
     assert conv2["read"] == 32 * 8 * 8 and conv2["inputs"] >= 1 and conv2["products"] >= conv2["outputs"]
     # reading: one call per coefficient up to N/8 per response, else one bulk read
     cost = {"read": 1e-6, "read_bulk": 5e-4}
-    assert costmodel.read_seconds([100, 2000], 8192, cost) == pytest.approx(100e-6 + 5e-4)
+    assert op_costs.read_seconds([100, 2000], 8192, cost) == pytest.approx(100e-6 + 5e-4)
     assert all(l["predicted_s"] > 0 and l["predicted_bytes_up"] > 0 for l in pred["layers"])
     first = pred["segments"][0]
     assert first["elements"]["unwrap"] == 16 * 8 * 8 and first["elements"]["relu"] == 16 * 8 * 8

@@ -26,15 +26,15 @@ between two real parties
 
 :func:`predict` prices a :class:`~.program.SecureProgram`: per encrypted layer and per segment,
 predicted seconds and bytes, so the benchmark can set them against the measured ones.
-Cached in ``$GRAPHPRESS_CACHE/secure_costs.json`` (default ``~/.cache/graphpress``).
+Cached in the ``secure`` section of ``he_op_costs.json`` (:mod:`graphpress.lowering.he.op_costs`,
+``$GRAPHPRESS_HE_COSTS`` overrides the path), where the block-size search's ``he-secure`` cost
+model reads them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import socket
 import threading
 import time
@@ -44,63 +44,38 @@ from typing import Any
 import numpy as np
 
 from graphpress.backends.he import rawct
-from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape, _out_positions
+from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape
 from graphpress.backends.he.secure.program import SecureProgram, plan_segments
+from graphpress.lowering.he import op_costs
+from graphpress.lowering.he.counts import secure_counts
 
-VERSION = 3
 #: Op kinds of a segment charged per element (the others are local to each party).
 SPU_OPS = ("unwrap", "relu", "mul", "shift", "clamp", "maxpool")
 
 
 def cache_path() -> Path:
-    from graphpress.backends.he.secure.launch import cache_dir
-
-    return cache_dir() / "secure_costs.json"
-
-
-def _machine() -> str:
-    return f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}"
+    """The cache file: the ``secure`` section of :func:`graphpress.lowering.he.op_costs.cache_path`."""
+    return op_costs.cache_path()
 
 
 def _load() -> dict[str, Any]:
-    try:
-        d = json.loads(cache_path().read_text())
-        return d if d.get("version") == VERSION and d.get("machine") == _machine() else {}
-    except (OSError, ValueError):
-        return {}
+    return op_costs.secure_section()
 
 
 def _save(d: dict[str, Any]) -> None:
-    path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**d, "version": VERSION, "machine": _machine()}, indent=1) + "\n")
-    os.replace(tmp, path)
+    op_costs.write_secure_section(d)
 
 
 def params_key(params: Any) -> str:
-    return f"N{params.poly_degree}-" + "-".join(map(str, params.coeff_modulus_bits))
+    return op_costs.secure_params_key(params.poly_degree, params.coeff_modulus_bits)
 
 
 # ---------------------------------------------------------------------------- counts
 def he_counts(shape: StepShape, zero_tiles: int = 0) -> dict[str, Any]:
     """Exact input / output ciphertexts, products and read coefficients of one layer
-    (``reads``: per response ciphertext)."""
-    plan = shape.plan()
-    outs = _out_positions(shape, plan)
-    if shape.kind == "linear":
-        groups = math.ceil(shape.rows / plan.per_ct)
-        n_in, products = plan.col_tiles * groups, groups * plan.row_tiles * plan.col_tiles
-    else:
-        n_in, products = plan.tiles * plan.chan_groups, plan.tiles * plan.out_groups * plan.chan_groups
-    reads = [int(p.size) for _, p, _, _ in outs]
-    return {"inputs": n_in, "outputs": len(outs), "products": products - zero_tiles, "read": int(sum(reads)), "reads": reads}
-
-
-def read_seconds(reads: list[int], poly_degree: int, cost: dict[str, float]) -> float:
-    """The client's reading of its coefficients: one call each up to ``N/8`` per response, else
-    one serialization of the whole plaintext (:meth:`graphpress.backends.he.bfv.BFVContext.decrypt_coeffs`)."""
-    return sum(r * cost["read"] if r <= poly_degree // 8 else cost["read_bulk"] for r in reads)
+    (:func:`graphpress.lowering.he.counts.secure_counts`; ``reads``: per response ciphertext)."""
+    c = secure_counts(shape.plan(), shape.rows)
+    return {**c, "products": c["products"] - zero_tiles, "read": int(sum(c["reads"]))}
 
 
 # ---------------------------------------------------------------------------- HE measurement
@@ -207,6 +182,34 @@ def he_costs(params: Any, *, measure: bool = True) -> dict[str, float] | None:
     return None if got is None else {**got, "transfer_s_per_byte": d.get("transfer_s_per_byte", 0.0)}
 
 
+def reference_params(poly_degree: int, plain_bits: int = 22) -> Any:
+    """A two-data-prime chain at ``N`` (what 8-bit layers get; per-op costs depend on the prime
+    count, not on the primes' sizes): what :func:`calibrate` measures for the block-size search."""
+    from graphpress.backends.he.bfv import MAX_COEFF_BITS, MAX_PRIME_BITS, BFVParams, _avoid_plain_modulus, _import_seal, _special_bits, find_plain_modulus
+
+    n = int(poly_degree)
+    t = find_plain_modulus(plain_bits, n)
+    special = _special_bits(n)
+    size = min(MAX_PRIME_BITS - 10, (MAX_COEFF_BITS[n] - special) // 2)
+    bits = _avoid_plain_modulus(_import_seal(), n, (size, size, special), t)
+    return BFVParams(n, bits, t)
+
+
+def calibrate(degrees: tuple[int, ...] = (4096, 8192), *, on_entry: Any = None) -> dict[str, dict[str, float]]:
+    """Measure (again) and cache the secure protocol's per-op costs at each ``N`` (:func:`reference_params`)."""
+    d = _load()
+    out = {}
+    for i, n in enumerate(degrees):
+        params = reference_params(n)
+        out[params_key(params)] = measure_he(params)
+        if on_entry is not None:
+            on_entry(i + 1, len(degrees), params)
+    d.setdefault("he", {}).update(out)
+    d["transfer_s_per_byte"] = measure_transfer()
+    _save(d)
+    return out
+
+
 def spu_costs() -> dict[str, Any] | None:
     return _load().get("spu")
 
@@ -253,7 +256,7 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
     """Predicted seconds and bytes per encrypted layer and per segment of one sample.
 
     HE layer seconds: ``inputs x input + products x product + outputs x output`` plus the
-    client's reading (:func:`read_seconds`) and the bytes through the loopback channel; SPU
+    client's reading (:func:`graphpress.lowering.he.op_costs.read_seconds`) and the bytes through the loopback channel; SPU
     segment seconds: ``segment + sum over op
     kinds of elements x per-element``. Rows the cache cannot price carry ``None``.
     """
@@ -264,12 +267,9 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
             shape = program.step(int(item["step"]))
             c = he_counts(shape, (zero_tiles or {}).get(shape.index, 0))
             cost = he_costs(shape.params, measure=measure)
-            up = c["inputs"] * cost["input_bytes"] if cost else None
-            down = c["outputs"] * shape.params.poly_degree * cost["output_nbytes"] + c["read"] * cost["output_nbytes"] if cost else None
-            secs = None
+            secs = up = down = None
             if cost:
-                secs = (c["inputs"] * cost["input"] + c["products"] * cost["product"] + c["outputs"] * cost["output"]
-                        + read_seconds(c["reads"], shape.params.poly_degree, cost) + (up + down) * cost["transfer_s_per_byte"])
+                secs, up, down = op_costs.secure_layer_seconds(c, shape.params.poly_degree, cost)
             layers.append({"step": shape.index, "name": shape.name, "b": shape.b, **{k: v for k, v in c.items() if k != "reads"},
                            "poly_degree": shape.params.poly_degree,
                            "predicted_s": secs, "predicted_bytes_up": up, "predicted_bytes_down": down})
@@ -286,6 +286,5 @@ def predict(program: SecureProgram, *, zero_tiles: dict[int, int] | None = None,
 
 
 __all__ = [
-    "SPU_OPS", "cache_path", "fit_spu", "he_costs", "he_counts", "measure_he", "measure_transfer", "predict", "read_seconds", "spu_costs",
-    "store_spu_costs",
+    "SPU_OPS", "cache_path", "calibrate", "fit_spu", "he_costs", "he_counts", "measure_he", "measure_transfer", "predict", "reference_params", "spu_costs", "store_spu_costs",
 ]

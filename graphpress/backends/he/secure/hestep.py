@@ -45,21 +45,17 @@ from typing import Any
 
 import numpy as np
 
+from graphpress.backends.he import rawct
 from graphpress.backends.he.bfv import BFVContext, BFVParams, centered
 from graphpress.backends.he.kernels.coeff_circulant import CoeffCirculant, _powers, _twist
 from graphpress.backends.he.kernels.coeff_dense import CoeffDense
-from graphpress.backends.he import rawct
 from graphpress.errors import BackendError
-from graphpress.lowering.he.counts import plan_coeff_conv, plan_coeff_linear
+from graphpress.lowering.he.counts import SECURE_PLAN_WEIGHTS, plan_coeff_conv, plan_coeff_linear
 
 #: SEAL's clipped fresh-noise bound (6 sigma, sigma = 3.2) per coefficient.
 FRESH_NOISE = 19.2
-#: Weights of a product, an input ciphertext and a response ciphertext in the tiling objective.
-#: Measured through the steps (N = 8192, two primes) a ciphertext either way costs ~17 products
-#: (2.4 / 2.5 ms against 0.14 ms); on ResNet-20 (b = 1..16) the objectives (1, 8, 8),
-#: (1, 6, 12), (1, 12, 6), (1, 15, 28) and the server-only one came within 5% of each other in HE
-#: time, (1, 8, 8) the lowest for the dense model.
-PLAN_WEIGHTS = (1.0, 8.0, 8.0)
+#: The tiling objective of every secure layer (stored in the program: both parties plan alike).
+PLAN_WEIGHTS = SECURE_PLAN_WEIGHTS
 
 
 # ---------------------------------------------------------------------------- geometry (public)
