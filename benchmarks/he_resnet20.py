@@ -79,9 +79,20 @@ def _git() -> str:
         return "unknown"
 
 
-def build(graph: Graph, b: int, folder: Path) -> tuple[Any, dict[str, np.ndarray], Graph]:
-    # passes rewrite in place: every b starts from its own copy of the dense graph
-    g = graph if b == 1 else make_pass("block-circulant", {"block_size": b, "method": "fisher"})(graph.clone()).graph
+def variant_graph(graph: Graph, label: str) -> Graph:
+    """``"1"``: the dense graph; ``"K"``: ``block-circulant`` b = K; ``"s4"``: ``circulant-search``
+    with the ``he-secure`` cost model at the predicted cost of uniform b = 4."""
+    if label == "1":
+        return graph
+    # passes rewrite in place: every variant starts from its own copy of the dense graph
+    if label == "s4":
+        cfg = {"budget": "uniform:4", "cost_model": "he-secure", "method": "fisher", "candidates": (1, 2, 4, 8, 16)}
+        return make_pass("circulant-search", cfg)(graph.clone()).graph
+    return make_pass("block-circulant", {"block_size": int(label), "method": "fisher"})(graph.clone()).graph
+
+
+def build(graph: Graph, label: str, folder: Path) -> tuple[Any, dict[str, np.ndarray], Graph]:
+    g = variant_graph(graph, label)
     hp, w, client = build_program(g, encoding="coeff-circulant")
     sp, arrays = compile_secure(hp, w, client)
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--agreement", type=int, default=128, help="held-out crops for the fixed-point agreement")
-    ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
+    ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)) + ",s4", help="block sizes; s4: the he-secure search at uniform:4's cost")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
     if resnet20_checkpoint_path() is None:
         print("skip: ResNet-20 weights not found (../shared/models/resnet20_cifar10)")
         return 0
     launch.require_spu_python()
-    blocks = [int(b) for b in a.blocks.split(",")]
+    blocks = a.blocks.split(",")
+    bad = [b for b in blocks if b != "s4" and not b.isdigit()]
+    if bad:
+        raise SystemExit(f"--blocks: {bad[0]!r} is neither a block size nor s4")
     print("calibrating SPU's per-element costs between two parties ...", flush=True)
     spu_cal = launch.calibrate_spu()
     torch.manual_seed(0)
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "layer_blocks": sorted({int(s["b"]) for s in sp.steps}),
             "predicted": costmodel.predict(sp),
         }
-        if b > 1 and max(variants[b]["layer_blocks"]) != b:
+        if b != "s4" and int(b) > 1 and max(variants[b]["layer_blocks"]) != int(b):
             raise SystemExit(f"b={b}: the secure program's layers have block sizes {variants[b]['layer_blocks']}, not {b}")
         print(f"b={b}: built in {variants[b]['build_s']:.1f} s, fixed-point top-1 agreement with the dense float model {variants[b]['agreement_with_dense_float']:.3f}", flush=True)
     for rep in range(a.repeats):
@@ -178,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = v["runs"]
         med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
         he_s = med("he_linear_s")
-        base_he = he_s if b == 1 else base_he
+        base_he = he_s if b == "1" else base_he
         rows.append({
-            "b": b,
+            "b": int(b) if b != "s4" else "s4",
+            "ciphertexts": {"inputs": sum(l["inputs"] for l in v["predicted"]["layers"]), "responses": sum(l["outputs"] for l in v["predicted"]["layers"]),
+                            "products": sum(l["products"] for l in v["predicted"]["layers"])},
             "circulant_layers": v["circulant_layers"],
             "layer_blocks": v["layer_blocks"],
             "poly_degrees": v["poly_degrees"],
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "spu_rounds": int(med("spu_rounds")),
             "exact_all_runs": all(r["exact"] for r in runs),
             "agreement_with_dense_float": v["agreement_with_dense_float"],
-            "privcirnet_analytic_reduction": PRIVCIRNET_ANALYTIC.get(b),
+            "privcirnet_analytic_reduction": PRIVCIRNET_ANALYTIC.get(int(b)) if b != "s4" else None,
             "he_layers": runs[0]["he_bytes_per_layer"],
         })
     print()

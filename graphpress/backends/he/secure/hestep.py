@@ -6,20 +6,23 @@ server ``s`` (for the network's input, ``a`` is the client's quantized image and
 client encrypts ``a`` in the coefficient layout of :mod:`graphpress.backends.he.kernels` (dense:
 Cheetah's HomConv / matrix layout; block-circulant: the twisted ``Y = X^(N/b)`` layout, see
 :mod:`..kernels.coeff_circulant`) with seeded symmetric encryption, and sends it. The server
-computes, per output ciphertext,
+adds its share to each input ciphertext (a plaintext in the same layout: ``Enc(a) + s =
+Enc(X)``) and computes, per output ciphertext,
 
-    ct = sum_tiles Enc(a) * W_tile  +  Enc_pk(0)  +  (W s + bias + off - R)   (at the read positions)
+    ct = sum_tiles Enc(X) * W_tile  +  Z,    Z = Enc_pk(bias + off - R) with c0 flooded (made offline)
 
-with ``R`` fresh and uniform in ``Z_t`` (its share of the output), ``off = floor(t/2)`` (so that
-``Y + off`` lies in ``[0, t)`` for every ``|Y| < t/2``), then *floods* the noise of every
-coefficient the client will read with a uniform integer of ``flood_bits`` bits, switches the
-ciphertext down to its last prime, and sends ``c1`` and only those coefficients of ``c0``. The
-client decrypts ``Y + off - R (mod t)``: uniformly distributed whatever ``W`` and ``X`` are.
+with ``R`` fresh and uniform in ``Z_t`` at the read positions (its share of the output),
+``off = floor(t/2)`` (so that ``Y + off`` lies in ``[0, t)`` for every ``|Y| < t/2``) and the
+*flooding*, a uniform integer of ``flood_bits`` bits, in ``Z``'s ``c0`` at every coefficient
+the client will read. ``Z`` does not depend on the input, so the server makes it before the
+client's input exists; online a response costs one addition. The server switches the result to
+its last prime and sends ``c1`` and only the read coefficients of ``c0``. The client decrypts
+``Y + off - R (mod t)``: uniformly distributed whatever ``W`` and ``X`` are.
 
 What each addition is for (semi-honest client):
 
 * ``R`` hides the value ``W X`` itself (the client sees ``Y + off - R``, uniform in ``Z_t``);
-* ``Enc_pk(0)`` re-randomizes ``c1``: without it ``c1 = a_seed * W_poly`` and the client, who
+* ``Z`` is a fresh public-key encryption, so it re-randomizes ``c1``: without it ``c1 = a_seed * W_poly`` and the client, who
   knows its own seed polynomial, would divide and read the weight polynomial;
 * the flooding noise (``2^flood_bits``, at least ``2^stat_bits`` times the bound on the
   weight-dependent noise ``max_response sum ||W_tile||_1 * (B_fresh + 1)``) makes the decrypted noise
