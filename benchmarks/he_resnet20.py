@@ -3,7 +3,11 @@
 For each b, the real ResNet-20 (``../shared/models/resnet20_cifar10``, batch norms folded) is made
 block-circulant with ``block-circulant`` (``block_size=b``, Fisher projection, no fine-tuning;
 b = 1 is the dense model), built into the HE program and compiled into the secure program
-(:mod:`graphpress.backends.he.secure`). Each variant then classifies natural-photo crops in
+(:mod:`graphpress.backends.he.secure`); variant ``s4`` is ``circulant-search`` with the
+``he-secure`` cost model at the predicted cost of uniform b = 4 (needs ``compress he-calibrate
+--secure``). First the encrypted layers alone are timed in one process, interleaved over the
+variants (``--he-rounds``, medians: the HE speed-up without SPU's noise). Each variant then
+classifies natural-photo crops in
 the secure protocol: two processes (client, server) over loopback, HE linear layers with
 masking and 40-bit flooding, SPU Cheetah nonlinearities. The runs are interleaved (b = 1, 2,
 4, 8, 16, then again), one image per run (fresh processes, so every run pays its setup:
@@ -17,7 +21,7 @@ agreement of the fixed-point model with the dense float model is measured on hel
 
 Usage::
 
-    python benchmarks/he_resnet20.py [--repeats 2] [--agreement 128] [--out benchmarks/results/he_resnet20.json]
+    python benchmarks/he_resnet20.py [--repeats 2] [--agreement 128] [--he-rounds 7] [--blocks 1,2,4,8,16,s4] [--out ...]
 
 Needs the parties' environment (``compress secure-setup``) and the shared ResNet-20 weights.
 """
@@ -101,6 +105,48 @@ def build(graph: Graph, label: str, folder: Path) -> tuple[Any, dict[str, np.nda
     return sp, arrays, g
 
 
+class LocalLayers:
+    """Every encrypted layer of a secure program as an in-process client/server pair (keys made
+    once): :meth:`run` times one sample's HE layers alone -- encrypt, respond (with its offline
+    masked zeros made first, untimed), decrypt -- with random shares, no SPU, no sockets."""
+
+    def __init__(self, sp: Any, arrays: dict[str, np.ndarray], seed: int = 0):
+        from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, local_contexts
+
+        self.rng = np.random.default_rng(seed)
+        self.pairs = []
+        for i in range(len(sp.steps)):
+            shape = sp.step(i)
+            cctx, sctx = local_contexts(shape.params)
+            self.pairs.append((shape, ClientStep(shape, cctx), ServerStep(shape, sctx, arrays[f"w{i}"], arrays.get(f"bias{i}"), self.rng)))
+
+    def run(self) -> float:
+        total = 0.0
+        for shape, client, server in self.pairs:
+            server.refill()
+            a, s = self.rng.integers(0, shape.t, shape.in_shape), self.rng.integers(0, shape.t, shape.in_shape)
+            t0 = time.perf_counter()
+            client.decrypt(server.respond(client.encrypt(a), s)[0])
+            total += time.perf_counter() - t0
+        return total
+
+
+def he_interleaved(variants: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """HE-layer seconds per image of every variant, in process, ``rounds`` interleaved rounds
+    (A B C .. then reversed): medians, spread and the speed-up against the dense model."""
+    local = {b: LocalLayers(v["sp"], v["arrays"]) for b, v in variants.items()}
+    for lay in local.values():
+        lay.run()  # warm-up: NTT tables, first allocations
+    times: dict[str, list[float]] = {b: [] for b in local}
+    for r in range(rounds):
+        for b in (list(local) if r % 2 == 0 else list(reversed(local))):
+            times[b].append(local[b].run())
+    med = {b: float(np.median(v)) for b, v in times.items()}
+    base = med.get("1")
+    return {b: {"median_s": round(med[b], 4), "min_s": round(min(times[b]), 4), "max_s": round(max(times[b]), 4),
+                "speedup_vs_dense": round(base / med[b], 3) if base else None} for b in times}
+
+
 def _ratios(pred: list[float | None], meas: list[float]) -> dict[str, Any]:
     r = [p / m for p, m in zip(pred, meas) if p is not None and m > 0]
     return {"ratios": [round(v, 3) for v in r], "within_25pct": sum(0.75 <= v <= 1.25 for v in r), "of": len(r)}
@@ -140,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--agreement", type=int, default=128, help="held-out crops for the fixed-point agreement")
+    ap.add_argument("--he-rounds", type=int, default=7, help="interleaved rounds of the in-process HE-layer timing")
     ap.add_argument("--blocks", default=",".join(map(str, BLOCKS)) + ",s4", help="block sizes; s4: the he-secure search at uniform:4's cost")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
+    if a.repeats < 1 or a.he_rounds < 1:
+        raise SystemExit("--repeats and --he-rounds must be >= 1")
     if resnet20_checkpoint_path() is None:
         print("skip: ResNet-20 weights not found (../shared/models/resnet20_cifar10)")
         return 0
@@ -179,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         if b != "s4" and int(b) > 1 and max(variants[b]["layer_blocks"]) != int(b):
             raise SystemExit(f"b={b}: the secure program's layers have block sizes {variants[b]['layer_blocks']}, not {b}")
         print(f"b={b}: built in {variants[b]['build_s']:.1f} s, fixed-point top-1 agreement with the dense float model {variants[b]['agreement_with_dense_float']:.3f}", flush=True)
+    print(f"HE layers alone, in process, {a.he_rounds} interleaved rounds ...", flush=True)
+    he_only = he_interleaved(variants, a.he_rounds)
+    for b, r in he_only.items():
+        print(f"  b={b}: {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}), {r['speedup_vs_dense']}x vs dense", flush=True)
     for rep in range(a.repeats):
         for b in blocks:
             v = variants[b]
@@ -255,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "spu_costs": {k: v for k, v in spu_cal.items() if k != "rows"},
         "he_costs": costmodel._load().get("he", {}),
+        "he_layers_in_process": {"rounds": a.he_rounds, "what": "one sample's encrypted layers (client encrypt, server respond, client decrypt) "
+                                 "in one process, keys made once, offline zeros untimed; interleaved over the variants", "variants": he_only},
         "published": PUBLISHED,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
