@@ -11,7 +11,7 @@ Two variants at the same predicted cost in the secure protocol, both from the re
   sensitivity, ``reconstruct`` projection.
 
 Each is then distilled against the dense folded model (:func:`graphpress.train.distill`, KL at
-T = 2, Adam, every tensor trainable: compact circulant weights and biases) on natural-photo crops
+T = 2, Adam with a cosine learning-rate decay, every tensor trainable: compact circulant weights and biases) on natural-photo crops
 (:func:`graphpress.zoo.photos.photo_crops`, seed 11; 10% held out for early stopping), and its
 top-1 agreement with the dense model is measured after every epoch on 512 other crops (seed 2,
 never trained on). Variants run one after the other and merge into one JSON, so a run can be
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="cosine", choices=("constant", "cosine"))
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args(argv)
     if resnet20_checkpoint_path() is None:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "he_circulant_distill", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": torch.get_num_threads()},
         "setting": f"{a.crops} photo crops (seed 11, 10% early-stopping split), agreement on 512 held-out crops (seed 2); "
-                   f"KL T=2, Adam lr {a.lr}, batch 128, up to {a.epochs} epochs, patience {a.patience}, trainable all",
+                   f"KL T=2, Adam lr {a.lr} ({a.schedule}), batch 128, up to {a.epochs} epochs, patience {a.patience}, trainable all",
         "target_agreement": TARGET,
     })
     out.setdefault("variants", {})
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             history.append({"epoch": e, "train_loss": rec.get("train_loss"), "val_loss": rec.get("val_loss"), "agreement": agree()})
             print(f"  epoch {e}/{n}: val loss {rec.get('val_loss'):.4f}, agreement {history[-1]['agreement']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=128, patience=a.patience, val_fraction=0.1, trainable="all")
+        cfg = DistillConfig(epochs=a.epochs, lr=a.lr, batch_size=128, patience=a.patience, val_fraction=0.1, trainable="all", lr_schedule=a.schedule)
         res = distill(st, graph, train, cfg, on_epoch=on_epoch)
         after = agree()
         out["variants"][variant] = {

@@ -125,6 +125,7 @@ def run(
     finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Unlabelled inputs for recovery fine-tuning by distillation."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Maximum fine-tuning epochs (early stopping on a held-out split)."),
     finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Fine-tuning learning rate."),
+    finetune_schedule: str = typer.Option("constant", "--finetune-schedule", help="Fine-tuning learning-rate schedule: constant, or cosine (decays to 0 over --finetune-epochs)."),
     finetune_trainable: str = typer.Option(
         "auto",
         "--finetune-trainable",
@@ -167,6 +168,8 @@ def run(
     modes = finetune_trainable_modes()
     if finetune_trainable not in modes:
         raise GraphpressError(f"--finetune-trainable {finetune_trainable!r}: use one of {', '.join(modes)}")
+    if finetune_schedule not in ("constant", "cosine"):
+        raise GraphpressError(f"--finetune-schedule {finetune_schedule!r}: use constant or cosine")
     name = backend or check_recipe(recipe).backend or "onnxruntime"
     options = backend_options_from_flags(name, backend_option, ctx.params)
     if bench is None:
@@ -185,7 +188,7 @@ def run(
             baseline=baseline,
             calibration=calibration,
             finetune_inputs=finetune_data,
-            finetune={"epochs": finetune_epochs, "lr": finetune_lr, "trainable": finetune_trainable},
+            finetune={"epochs": finetune_epochs, "lr": finetune_lr, "trainable": finetune_trainable, "lr_schedule": finetune_schedule},
             kv_cache=kv_cache,
             require_speedup=require_speedup,
             **_progress_hooks(prog),

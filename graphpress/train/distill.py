@@ -67,6 +67,7 @@ from graphpress.ir.graph import ANNOTATION_KEY, Graph, TensorSpec, _flatten_outp
 
 LOSSES = ("auto", "kl", "mse")
 TRAINABLE = ("auto", "annotated", "all")
+SCHEDULES = ("constant", "cosine")
 NO_ANNOTATION = (
     "nothing to fine-tune: no node is annotated with trainable_inputs; "
     "use trainable='all' or 'auto' (CLI: --finetune-trainable all)"
@@ -102,6 +103,11 @@ class DistillConfig:
     trainable : str
         ``"auto"`` (annotated tensors when a pass annotated any, else all), ``"annotated"``
         (tensors behind ``trainable_inputs`` annotations) or ``"all"``.
+    lr_schedule : str
+        ``"constant"``, or ``"cosine"``: the learning rate falls from ``lr`` to 0 along a half
+        cosine over ``epochs`` (stepped per epoch). Adam at a constant rate keeps the weights
+        jittering around the optimum; the decay lets them settle (ResNet-20 at b = 4: see
+        ``benchmarks/he_circulant_distill.py``).
     """
 
     version: int = 1
@@ -115,6 +121,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     seed: int = 0
     trainable: str = "auto"
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         checks = [
@@ -127,6 +134,7 @@ class DistillConfig:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -518,6 +526,7 @@ def distill(
             for t in tensors:
                 t.requires_grad_(True)
             opt = torch.optim.Adam(tensors, lr=config.lr, weight_decay=config.weight_decay)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs, 1)) if config.lr_schedule == "cosine" else None
             checked = False
             for epoch in range(1, config.epochs + 1):
                 start = time.perf_counter()
@@ -547,6 +556,8 @@ def distill(
                     if on_epoch is not None:
                         on_epoch(epoch, config.epochs, history[-1])
                     break
+                if sched is not None:
+                    sched.step()
                 val = evaluate(val_idx)
                 history.append(_record(epoch, train_loss, val, start))
                 if on_epoch is not None:
