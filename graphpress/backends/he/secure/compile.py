@@ -273,7 +273,7 @@ class _Compiler:
         geom = dict(
             index=index, name=st.name, kind=st.kind, b=int(st.b if st.encoding == "coeff-circulant" else 1), out_features=st.out_features,
             in_features=st.in_features, kernel_size=list(st.kernel_size), stride=list(st.stride), padding=list(st.padding),
-            in_shape=list(xq.shape), out_shape=list(st.out_shape), plan_weights=None if PLAN_WEIGHTS is None else list(PLAN_WEIGHTS),
+            in_shape=list(xq.shape), out_shape=list(st.out_shape), plan_weights=list(PLAN_WEIGHTS),
         )
         probe = StepShape.from_dict({**geom, "params": {"poly_degree": 4096, "coeff_modulus_bits": [30], "plain_modulus": 3}, "flood_bits": 0})
         params, flood = secure_params(bits, lambda t, n: noise_bound_bits(w_int, probe, t, n), stat_bits=self.stat_bits, poly_degree=self.poly_degree, what=st.name)
