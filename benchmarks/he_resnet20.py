@@ -121,31 +121,42 @@ class LocalLayers:
             cctx, sctx = local_contexts(shape.params)
             self.pairs.append((shape, ClientStep(shape, cctx), ServerStep(shape, sctx, arrays[f"w{i}"], arrays.get(f"bias{i}"), self.rng)))
 
-    def run(self) -> float:
-        total = 0.0
+    def run(self) -> list[float]:
+        """Seconds of each encrypted layer."""
+        out = []
         for shape, client, server in self.pairs:
             server.refill()
             a, s = self.rng.integers(0, shape.t, shape.in_shape), self.rng.integers(0, shape.t, shape.in_shape)
             t0 = time.perf_counter()
             client.decrypt(server.respond(client.encrypt(a), s)[0])
-            total += time.perf_counter() - t0
-        return total
+            out.append(time.perf_counter() - t0)
+        return out
 
 
 def he_interleaved(variants: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
     """HE-layer seconds per image of every variant, in process, ``rounds`` interleaved rounds
-    (A B C .. then reversed): medians, spread and the speed-up against the dense model."""
+    (A B C .. then reversed): medians, spread and the speed-up against the dense model, and each
+    layer's median against the cost model's prediction (the same work: no processes, no SPU)."""
     local = {b: LocalLayers(v["sp"], v["arrays"]) for b, v in variants.items()}
     for lay in local.values():
         lay.run()  # warm-up: NTT tables, first allocations
-    times: dict[str, list[float]] = {b: [] for b in local}
+    times: dict[str, list[list[float]]] = {b: [] for b in local}
     for r in range(rounds):
         for b in (list(local) if r % 2 == 0 else list(reversed(local))):
             times[b].append(local[b].run())
-    med = {b: float(np.median(v)) for b, v in times.items()}
+    totals = {b: [sum(t) for t in v] for b, v in times.items()}
+    med = {b: float(np.median(v)) for b, v in totals.items()}
     base = med.get("1")
-    return {b: {"median_s": round(med[b], 4), "min_s": round(min(times[b]), 4), "max_s": round(max(times[b]), 4),
-                "speedup_vs_dense": round(base / med[b], 3) if base else None} for b in times}
+    out = {}
+    for b in times:
+        per_layer = np.median(np.array(times[b]), axis=0)
+        pred = [l["predicted_s"] for l in variants[b]["predicted"]["layers"]]
+        ratios = _ratios(pred, [float(v) for v in per_layer])
+        out[b] = {"median_s": round(med[b], 4), "min_s": round(min(totals[b]), 4), "max_s": round(max(totals[b]), 4),
+                  "speedup_vs_dense": round(base / med[b], 3) if base else None,
+                  "predicted_s": round(sum(pred), 4), "predicted_over_measured": round(sum(pred) / med[b], 3),
+                  "layers_within_25pct": f"{ratios['within_25pct']}/{ratios['of']}", "layer_ratios": ratios["ratios"]}
+    return out
 
 
 def _ratios(pred: list[float | None], meas: list[float]) -> dict[str, Any]:
@@ -232,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"HE layers alone, in process, {a.he_rounds} interleaved rounds ...", flush=True)
     he_only = he_interleaved(variants, a.he_rounds)
     for b, r in he_only.items():
-        print(f"  b={b}: {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}), {r['speedup_vs_dense']}x vs dense", flush=True)
+        print(f"  b={b}: {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}), {r['speedup_vs_dense']}x vs dense; "
+              f"predicted {r['predicted_s']:.3f} s ({r['predicted_over_measured']}), layers within 25%: {r['layers_within_25pct']}", flush=True)
     for rep in range(a.repeats):
         for b in blocks:
             v = variants[b]
