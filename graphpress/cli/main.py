@@ -690,7 +690,7 @@ def _bench_secure(artifact: Path, runner: Any, inputs: list[Any], batch: int, re
         soft_wrap=True,
     )
     if pred.get("he_s") is None:
-        console.print("no cached secure per-op costs for some parameters: benchmarks/he_resnet20.py measures them (or api.secure_cost_prediction(folder, measure=True))")
+        console.print("no cached secure per-op costs for some parameters: run 'compress he-calibrate --secure' (or api.secure_cost_prediction(folder, measure=True))")
 
 
 def _bench_he(artifact: Path, model: Any, inputs: list[Any], batch: int, repeat: int) -> None:

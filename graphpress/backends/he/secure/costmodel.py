@@ -170,7 +170,9 @@ def measure_transfer() -> float:
 
 
 def he_costs(params: Any, *, measure: bool = True) -> dict[str, float] | None:
-    """Cached per-operation costs for ``params`` (measured now when missing and ``measure``)."""
+    """Cached per-operation costs for ``params`` (measured now when missing and ``measure``;
+    otherwise, for a two-data-prime chain, the reference entry at the same ``N`` that
+    ``compress he-calibrate --secure`` measures: the costs depend on the prime count, not the sizes)."""
     d = _load()
     key = params_key(params)
     if key not in d.get("he", {}) and measure:
@@ -179,6 +181,8 @@ def he_costs(params: Any, *, measure: bool = True) -> dict[str, float] | None:
             d["transfer_s_per_byte"] = measure_transfer()
         _save(d)
     got = d.get("he", {}).get(key)
+    if got is None and len(params.coeff_modulus_bits) == 3:
+        return op_costs.secure_entry(params.poly_degree)
     return None if got is None else {**got, "transfer_s_per_byte": d.get("transfer_s_per_byte", 0.0)}
 
 
