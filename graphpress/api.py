@@ -1131,17 +1131,23 @@ def he_cost_report(program: Any, run: Any, *, label: str) -> dict[str, Any]:
     return cost_report(program, run, label=label)
 
 
-def he_cached_costs() -> tuple[dict[str, dict[str, Any]], Path]:
+def he_cached_costs(*, secure: bool = False) -> tuple[dict[str, dict[str, Any]], Path]:
     """This machine's cached per-operation HE costs and the cache file they come from.
+
+    Parameters
+    ----------
+    secure : bool
+        The secure protocol's costs (``compress he-calibrate --secure``) instead of the kernels'.
 
     Returns
     -------
     (dict, Path)
-        Entries by parameter set (empty when ``compress he-calibrate`` never ran here), and the
-        cache path (``$GRAPHPRESS_HE_COSTS`` or ``~/.cache/graphpress/he_op_costs.json``).
+        Entries by parameter set (empty when nothing was measured here), and the cache path
+        (``$GRAPHPRESS_HE_COSTS`` or ``~/.cache/graphpress/he_op_costs.json``).
     """
     costs = _he_op_costs()
-    return costs.machine_entries(), Path(costs.cache_path())
+    entries = costs.secure_section().get("he", {}) if secure else costs.machine_entries()
+    return entries, Path(costs.cache_path())
 
 
 def secure_setup(path: str | Path | None = None) -> tuple[Path, Path]:

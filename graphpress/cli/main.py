@@ -798,7 +798,13 @@ def he_calibrate(
     from graphpress.api import he_cached_costs, he_calibrate
     from graphpress.cli.report import he_costs_table, secure_costs_table
 
-    if secure and not show:
+    if secure and show:
+        entries, path = he_cached_costs(secure=True)
+        if not entries:
+            raise GraphpressError(f"{path}: no secure-protocol costs cached for this machine; run 'compress he-calibrate --secure'")
+        console.print(secure_costs_table(entries, f"cached secure protocol op costs (us), {path}"))
+        return
+    if secure:
         from graphpress.api import he_calibrate_secure
 
         bad = [n for n in poly_degree or () if n not in (4096, 8192, 16384, 32768)]

@@ -92,6 +92,20 @@ def test_he_calibrate_and_show(tmp_path):
     assert len(rows) == len(machine["entries"])
 
 
+def test_he_calibrate_secure_and_show(tmp_path):
+    res = invoke("he-calibrate", "--secure", "--show")
+    assert res.exit_code == 2 and "no secure-protocol costs cached" in res.output and "--secure'" in res.output
+    res = invoke("he-calibrate", "--secure", "-N", "4096")
+    assert res.exit_code == 0, res.output
+    (machine,) = json.loads((tmp_path / "he_op_costs.json").read_text())["machines"].values()
+    (key,) = machine["secure"]["he"]
+    assert key.startswith("N4096-") and len(key.split("-")) == 4  # two data primes and the special one
+    res = invoke("he-calibrate", "--secure", "--show")
+    assert res.exit_code == 0 and key in res.output and "read-all" in res.output
+    res = invoke("he-calibrate", "--secure", "-N", "2048")
+    assert res.exit_code == 2 and "--poly-degree 2048" in res.output
+
+
 def test_he_option_errors(files, tmp_path):
     common = ["run", files / "digits.pt", "--arch", ARCH, "--input-shape", "2x1x8x8"]
     res = invoke(*common, "--backend", "he", "--he-encoding", "coeff-sparse", "-o", tmp_path / "a")

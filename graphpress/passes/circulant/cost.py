@@ -240,6 +240,13 @@ def _pair(v: Any) -> tuple[int, int]:
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
+def _conv_dims(layer: Layer) -> tuple[int, int, int, int, tuple[int, int], tuple[int, int]]:
+    """``(H, W, kh, kw, stride, padding)`` of a conv layer's input and kernel, as the HE plans take them."""
+    shape, stride, padding, _dilation = _conv_geometry(layer.node, layer)
+    kh, kw = layer.kernel
+    return shape[2], shape[3], kh, kw, _pair(stride), _pair(padding)
+
+
 def he_measured_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGREE) -> float:
     """Predicted milliseconds of the coefficient-encoded layer at block size ``b`` (module docstring)."""
     _check_b(layer, b)
@@ -257,10 +264,8 @@ def he_measured_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGRE
             counts = he_counts.counts_linear(encoding, m, n, n_deg, b=b, vectors=layer.out_positions)
             values = he_op_costs.values_read("linear", m, layer.out_positions)
         else:
-            shape, stride, padding, _dilation = _conv_geometry(layer.node, layer)
-            kh, kw = layer.kernel
-            h, w, pad = shape[2], shape[3], _pair(padding)
-            counts = he_counts.counts_conv(encoding, m, n, h, w, kh, kw, n_deg, b, _pair(stride), pad, 1)
+            h, w, kh, kw, stride, pad = _conv_dims(layer)
+            counts = he_counts.counts_conv(encoding, m, n, h, w, kh, kw, n_deg, b, stride, pad, 1)
             values = he_op_costs.values_read("conv2d", m, 1, {"h": h, "w": w, "kh": kh, "kw": kw, "padding": pad})
         terms = he_op_costs.layer_terms(encoding, counts, entry["seconds"], values=values)
     except (ValueError, KeyError) as err:
@@ -286,9 +291,8 @@ def he_secure_cost(layer: Layer, b: int, poly_degree: int = DEFAULT_POLY_DEGREE)
             plan = he_counts.plan_coeff_linear(m, n, n_deg, b, layer.name, weights)
             counts = he_counts.secure_counts(plan, layer.out_positions)
         else:
-            shape, stride, padding, _dilation = _conv_geometry(layer.node, layer)
-            kh, kw = layer.kernel
-            plan = he_counts.plan_coeff_conv(m, n, shape[2], shape[3], kh, kw, n_deg, b, _pair(stride), _pair(padding), layer.name, weights)
+            h, w, kh, kw, stride, pad = _conv_dims(layer)
+            plan = he_counts.plan_coeff_conv(m, n, h, w, kh, kw, n_deg, b, stride, pad, layer.name, weights)
             counts = he_counts.secure_counts(plan)
     except ValueError as err:
         raise PassError(f"cost model 'he-secure': layer {layer.name} at b={b}: {str(err).strip(chr(34))}") from None

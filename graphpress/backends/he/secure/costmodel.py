@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-from graphpress.backends.he import rawct
 from graphpress.backends.he.secure.hestep import ClientStep, ServerStep, StepShape
 from graphpress.backends.he.secure.program import SecureProgram, plan_segments
 from graphpress.lowering.he import op_costs
@@ -100,6 +99,8 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
     c = he_counts(shape)
     c["products"] -= server.prep.skipped_products
     n = int(params.poly_degree)
+    probe = client.outputs[0][1]
+    ct = cctx.encrypt_coeffs(np.zeros(1))
     best: dict[str, float] = {}
     for _ in range(3):  # best of three: the warm steady state
         server.refill()
@@ -116,9 +117,7 @@ def measure_he(params: Any, *, what: str = "calibration") -> dict[str, float]:
         per_in_server = sec.get(("server", "ntt"), 0.0) + sec.get(("server", "encode"), 0.0) + sec.get(("server", "add_plain"), 0.0)
         prods = sec.get(("server", "mul_plain"), 0.0) + sec.get(("server", "add"), 0.0)
         decode = csec.get(("client", "decode"), 0.0)
-        # the two ways of reading, timed on one decrypted response
-        probe = client.outputs[0][1]
-        ct = rawct.load_bytes(sctx.seal.Ciphertext(), cctx.context, rawct.save_bytes(cctx.encrypt_coeffs(np.zeros(1)), client.path), client.path, "probe")
+        # the two ways of reading, timed on one ciphertext
         r0 = time.perf_counter()
         cctx.decrypt_coeffs(ct, probe[: n // 8])
         r1 = time.perf_counter()
@@ -187,16 +186,12 @@ def he_costs(params: Any, *, measure: bool = True) -> dict[str, float] | None:
 
 
 def reference_params(poly_degree: int, plain_bits: int = 22) -> Any:
-    """A two-data-prime chain at ``N`` (what 8-bit layers get; per-op costs depend on the prime
-    count, not on the primes' sizes): what :func:`calibrate` measures for the block-size search."""
-    from graphpress.backends.he.bfv import MAX_COEFF_BITS, MAX_PRIME_BITS, BFVParams, _avoid_plain_modulus, _import_seal, _special_bits, find_plain_modulus
+    """The chain the protocol gives an 8-bit layer at ``N`` (two data primes; per-op costs depend on
+    the prime count, not on the primes' sizes): what :func:`calibrate` measures for the block-size
+    search."""
+    from graphpress.backends.he.secure.params import secure_params
 
-    n = int(poly_degree)
-    t = find_plain_modulus(plain_bits, n)
-    special = _special_bits(n)
-    size = min(MAX_PRIME_BITS - 10, (MAX_COEFF_BITS[n] - special) // 2)
-    bits = _avoid_plain_modulus(_import_seal(), n, (size, size, special), t)
-    return BFVParams(n, bits, t)
+    return secure_params(plain_bits, lambda t, n: 20, poly_degree=int(poly_degree), what="calibration")[0]
 
 
 def calibrate(degrees: tuple[int, ...] = (4096, 8192), *, on_entry: Any = None) -> dict[str, dict[str, float]]:
